@@ -1,0 +1,227 @@
+"""One LSTM layer (one direction) over a whole sequence as a single autograd.Function.
+
+The time loop is shared by both backends; only the per-step gate math differs (`reference.py`
+in PyTorch, `triton_gates.py` fused). Per step: one GEMM h_{t−1}·W_hhᵀ added to the precomputed
+input projection, then one gate launch. The weight gradients are one GEMM each after the loop.
+
+B: batch  T: time  H: hidden size  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
+Packed sequences: at step k only the first ``batch_sizes[k]`` rows advance; the rest carry their
+state unchanged. A decreasing list is a forward pass over packed data, an increasing one the
+reverse direction over the time-flipped padded sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import reference
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# Triton decides at import time whether kernels run compiled or through its CPU interpreter.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+KERNEL_BACKENDS = ("reference", "triton")
+
+
+def _gate_ops(backend: str) -> tuple[Callable[..., None], Callable[..., None]]:
+    if backend == "reference":
+        return reference.gates_forward_into, reference.gates_backward_into
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+        from . import triton_gates
+
+        return triton_gates.gates_forward_into, triton_gates.gates_backward_into
+    raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gate math and the cell state run in fp32 (fp64 for fp64 inputs), whatever the input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Allocator for every buffer the layer writes; tests swap it for a NaN-filled one."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        gx: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        w_hh: Tensor,
+        w_hr: Tensor | None,
+        batch_sizes: tuple[int, ...] | None,
+        backend: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        gates_forward_into, _ = _gate_ops(backend)
+        T, B, G = gx.shape
+        H, P = G // 4, w_hh.shape[1]
+        dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
+
+        hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
+        cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
+        gates = empty(T, B, G, dtype=acc, device=dev)  # activated i, f, g, o, saved for backward
+        h_raw = None if w_hr is None else empty(T, B, H, dtype=dtype, device=dev)  # o·tanh(c)
+        pre = empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
+        hs[0] = h0
+        cs[0] = c0
+        w_hh_t = w_hh.t()
+
+        for k in range(T):
+            n = B if batch_sizes is None else batch_sizes[k]
+            torch.addmm(gx[k, :n], hs[k, :n], w_hh_t, out=pre[:n])  # [n, 4H]
+            h_out = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
+            gates_forward_into(pre[:n], cs[k, :n], gates[k, :n], cs[k + 1, :n], h_out)
+            if w_hr is not None:
+                torch.mm(h_raw[k, :n], w_hr.t(), out=hs[k + 1, :n])  # [n, P]
+            if n < B:
+                hs[k + 1, n:] = hs[k, n:]
+                cs[k + 1, n:] = cs[k, n:]
+                if w_hr is not None:
+                    h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
+
+        ctx.save_for_backward(hs, cs, gates, h_raw, w_hh, w_hr)
+        ctx.batch_sizes = batch_sizes
+        ctx.backend = backend
+        ctx.state_dtypes = (h0.dtype, c0.dtype)
+        return hs[1:], hs[T].clone(), cs[T].to(c0.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
+        _, gates_backward_into = _gate_ops(ctx.backend)
+        hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
+        batch_sizes = ctx.batch_sizes
+        T, B, G = gates.shape
+        P = hs.shape[-1]
+        dtype, acc, dev = hs.dtype, cs.dtype, hs.device
+
+        d_out = d_out.contiguous()  # e.g. the expanded (stride-0) gradient of out.sum()
+        d_pre = empty(T, B, G, dtype=dtype, device=dev)  # ∂L/∂pre-activations = ∂L/∂gx
+        d_h = d_hn.to(acc, copy=True)  # [B, P] ∂L/∂h through the recurrence
+        d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
+        d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
+
+        for k in reversed(range(T)):
+            n = B if batch_sizes is None else batch_sizes[k]
+            if w_hr is None:
+                gates_backward_into(
+                    d_h[:n], d_out[k, :n], d_c[:n], gates[k, :n], cs[k + 1, :n], cs[k, :n],
+                    d_pre[k, :n], d_c[:n],
+                )  # fmt: skip
+            else:
+                d_hp[k, :n] = d_h[:n] + d_out[k, :n]
+                d_h_raw = d_hp[k, :n] @ w_hr  # [n, H]
+                gates_backward_into(
+                    d_h_raw, None, d_c[:n], gates[k, :n], cs[k + 1, :n], cs[k, :n],
+                    d_pre[k, :n], d_c[:n],
+                )  # fmt: skip
+            d_h[:n] = d_pre[k, :n] @ w_hh  # [n, P]
+            if n < B:
+                d_pre[k, n:] = 0
+                if w_hr is not None:
+                    d_hp[k, n:] = 0
+
+        needs = ctx.needs_input_grad
+        d_w_hh = d_pre.view(-1, G).t() @ hs[:-1].reshape(-1, P) if needs[3] else None  # [4H, P]
+        d_w_hr = None
+        if w_hr is not None and needs[4]:
+            d_w_hr = d_hp.view(-1, P).t() @ h_raw.view(-1, h_raw.shape[-1])  # [P, H]
+        h_dtype, c_dtype = ctx.state_dtypes
+        return d_pre, d_h.to(h_dtype), d_c.to(c_dtype), d_w_hh, d_w_hr, None, None
+
+
+def lstm_layer(
+    gx: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    backend: str = "reference",
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Runs one LSTM layer in one direction over a sequence whose input projection is done.
+
+    Args:
+        gx: [T, B, 4H] input projection x_t·W_ihᵀ + b_ih + b_hh for every step, gates i, f, g, o.
+        h0: [B, P] initial hidden state (P = proj_size, or H without projection).
+        c0: [B, H] initial cell state.
+        w_hh: [4H, P] recurrent weights.
+        w_hr: [P, H] projection weights, or None.
+        batch_sizes: rows that advance at each step (packed sequences), or None for all B.
+        backend: ``"reference"`` (PyTorch) or ``"triton"`` (fused kernels).
+
+    Returns:
+        out [T, B, P] (h after every step; rows that did not advance carry their state),
+        h_n [B, P], c_n [B, H].
+
+    Example:
+        >>> T, B, H = 5, 3, 8
+        >>> gx, h0, c0 = torch.randn(T, B, 4 * H), torch.zeros(B, H), torch.zeros(B, H)
+        >>> out, h_n, c_n = lstm_layer(gx, h0, c0, torch.randn(4 * H, H))
+        >>> out.shape
+        torch.Size([5, 3, 8])
+    """
+    if gx.dim() != 3 or gx.shape[-1] % 4:
+        raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
+    T, B, G = gx.shape
+    H = G // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P)}
+    if w_hr is not None:
+        expected["w_hr"] = (P, H)
+    got = {"h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr}
+    for name, shape in expected.items():
+        if tuple(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
+    if batch_sizes is not None:
+        batch_sizes = tuple(int(n) for n in batch_sizes)
+        if len(batch_sizes) != T or any(not 0 <= n <= B for n in batch_sizes):
+            raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(batch_sizes)}")
+    _gate_ops(backend)  # an unknown or unavailable backend fails here, before any work
+    return LSTMLayerFunction.apply(gx, h0, c0, w_hh, w_hr, batch_sizes, backend)
+
+
+def gates_forward(pre: Tensor, c_prev: Tensor, backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
+    """The fused step alone: pre [B, 4H], c_prev [B, H] -> gates [B, 4H], c [B, H], h [B, H].
+
+    gates and c come back in fp32 (fp64 for fp64 inputs), h in the dtype of ``pre``.
+    """
+    forward_into, _ = _gate_ops(backend)
+    B, G = pre.shape
+    acc = accumulation_dtype(pre.dtype)
+    gates = empty(B, G, dtype=acc, device=pre.device)
+    c = empty(B, G // 4, dtype=acc, device=pre.device)
+    h = empty(B, G // 4, dtype=pre.dtype, device=pre.device)
+    forward_into(pre.contiguous(), c_prev.contiguous(), gates, c, h)
+    return gates, c, h
+
+
+def gates_backward(
+    dh: Tensor, dc: Tensor, gates: Tensor, c: Tensor, c_prev: Tensor, backend: str = "reference"
+) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`gates_forward`: -> dpre [B, 4H] (dtype of ``dh``), dc_prev [B, H]."""
+    _, backward_into = _gate_ops(backend)
+    B, G = gates.shape
+    d_pre = empty(B, G, dtype=dh.dtype, device=dh.device)
+    d_c_prev = empty(B, G // 4, dtype=c.dtype, device=dh.device)
+    backward_into(
+        dh.contiguous(), None, dc.contiguous(), gates.contiguous(), c.contiguous(),
+        c_prev.contiguous(), d_pre, d_c_prev,
+    )  # fmt: skip
+    return d_pre, d_c_prev

@@ -1,0 +1,507 @@
+"""`LSTM` and `LSTMCell`: drop-in replacements for `torch.nn.LSTM` / `torch.nn.LSTMCell`.
+
+Same constructor arguments, parameter names and shapes, gate order (i, f, g, o), two bias vectors,
+U(−1/√H, 1/√H) initialisation drawn in the same order (the same seed gives the same weights as torch),
+inputs and outputs. On purpose we differ in three places, all opt-in keywords: ``backend`` picks the
+implementation, ``forget_bias`` and ``chrono_t_max`` initialise the gate biases.
+
+B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  D: directions  L: layers
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from lstmlab.backends import check_backend_name, resolve_backend
+from lstmlab.kernels import lstm_layer
+
+
+def _check_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
+
+
+def _check_gate_init(bias: bool, forget_bias: float, chrono_t_max: float | None) -> None:
+    if not isinstance(forget_bias, numbers.Real) or isinstance(forget_bias, bool):
+        raise TypeError(f"forget_bias should be a real number, got: {type(forget_bias).__name__}")
+    if chrono_t_max is not None:
+        if not isinstance(chrono_t_max, numbers.Real) or isinstance(chrono_t_max, bool):
+            raise TypeError(f"chrono_t_max should be a number or None, got: {type(chrono_t_max).__name__}")
+        if chrono_t_max <= 2:
+            raise ValueError(
+                "chrono_t_max is the longest dependency to expect, in steps: it must be greater "
+                f"than 2 (biases are drawn as log U[1, chrono_t_max − 1]), got {chrono_t_max}"
+            )
+        if forget_bias != 0:
+            raise ValueError(
+                "forget_bias and chrono_t_max both set the forget-gate bias; pass one of them, "
+                f"got forget_bias={forget_bias} and chrono_t_max={chrono_t_max}"
+            )
+    if not bias and (forget_bias != 0 or chrono_t_max is not None):
+        raise ValueError("forget_bias and chrono_t_max initialise biases, which need bias=True")
+
+
+@torch.no_grad()
+def _init_gate_biases(
+    bias_ih: Tensor, bias_hh: Tensor, forget_bias: float, chrono_t_max: float | None
+) -> None:
+    """Forget bias (Jozefowicz et al. 2015) or chrono init (Tallec & Ollivier 2018), on bias_ih."""
+    H = bias_ih.shape[0] // 4
+    if chrono_t_max is not None:
+        # b_f ~ log U[1, T_max − 1], b_i = −b_f: characteristic forgetting times up to T_max.
+        b_f = torch.empty_like(bias_ih[:H]).uniform_(1, chrono_t_max - 1).log_()
+        bias_ih[H : 2 * H] = b_f
+        bias_ih[:H] = -b_f
+        bias_hh[: 2 * H] = 0
+    elif forget_bias != 0:
+        bias_ih[H : 2 * H] += forget_bias
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _check_same_device(x: Tensor, weight: Tensor, states: tuple[Tensor, ...]) -> None:
+    if x.device != weight.device:
+        raise RuntimeError(
+            "Input and parameter tensors are not at the same device, found input tensor at "
+            f"{x.device} and parameter tensor at {weight.device}"
+        )
+    for s in states:
+        if s.device != x.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{x.device} and hidden tensor at {s.device}"
+            )
+
+
+class LSTM(nn.Module):
+    r"""A multi-layer LSTM, computing for each element of the input sequence, in each layer:
+
+    .. math::
+        i_t = σ(W_{ii} x_t + b_{ii} + W_{hi} h_{t−1} + b_{hi}) \quad
+        f_t = σ(W_{if} x_t + b_{if} + W_{hf} h_{t−1} + b_{hf}) \\
+        g_t = \tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t−1} + b_{hg}) \quad
+        o_t = σ(W_{io} x_t + b_{io} + W_{ho} h_{t−1} + b_{ho}) \\
+        c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t \qquad h_t = o_t ⊙ \tanh(c_t)
+
+    and, with ``proj_size > 0``, h_t = W_{hr} (o_t ⊙ tanh(c_t)). The input projection of all steps
+    is one GEMM; the time loop of each layer and direction is one autograd.Function whose gate
+    math runs in fused Triton kernels (``backend="triton"``) or in PyTorch (``"reference"``).
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+        device, dtype: exactly as :class:`torch.nn.LSTM`.
+        backend: ``"auto"`` (Triton for CUDA tensors when Triton is importable, else reference),
+            ``"triton"`` or ``"reference"``. An explicit request that cannot run raises.
+        forget_bias: added to the forget-gate part of ``bias_ih`` after the default init
+            (1.0 is the usual choice; Jozefowicz et al. 2015). Default 0: torch's init.
+        chrono_t_max: chrono initialisation (Tallec & Ollivier 2018) for dependencies up to this
+            many steps: b_f ~ log U[1, T_max − 1], b_i = −b_f (on ``bias_ih``; ``bias_hh`` zeroed
+            there). Default None: torch's init.
+
+    Inputs: input, (h_0, c_0)
+        input [T, B, I], [B, T, I] with ``batch_first``, [T, I] unbatched, or a PackedSequence.
+        h_0 [D·L, B, P] and c_0 [D·L, B, H] ([D·L, P], [D·L, H] unbatched); zeros if omitted.
+
+    Outputs: output, (h_n, c_n)
+        output [T, B, D·P] ([B, T, D·P] with ``batch_first``; a PackedSequence if input was one),
+        h_n [D·L, B, P], c_n [D·L, B, H].
+
+    Example:
+        >>> rnn = LSTM(10, 20, num_layers=2)
+        >>> output, (h_n, c_n) = rnn(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+        forget_bias: float = 0.0,
+        chrono_t_max: float | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an "
+                f"element being zeroed, got {dropout!r}"
+            )
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)
+        _check_size("num_layers", num_layers)
+        for name, flag in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(flag).__name__}")
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError(
+                f"proj_size should be a positive integer or zero to disable projections, got {proj_size}"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+                f"hidden_size={hidden_size}"
+            )
+        _check_gate_init(bias, forget_bias, chrono_t_max)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=2,
+            )
+
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = check_backend_name(backend)
+        self.forget_bias = forget_bias
+        self.chrono_t_max = chrono_t_max
+        self.last_backend: str | None = None  # the backend the last forward actually ran
+
+        factory = {"device": device, "dtype": dtype}
+        num_directions = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        # Registration order is torch's, so reset_parameters() draws the same numbers for a seed.
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                suffix = f"l{layer}{'_reverse' if direction == 1 else ''}"
+                layer_input = input_size if layer == 0 else real_hidden * num_directions
+                G = 4 * hidden_size
+                params = {
+                    f"weight_ih_{suffix}": (G, layer_input),
+                    f"weight_hh_{suffix}": (G, real_hidden),
+                }
+                if bias:
+                    params[f"bias_ih_{suffix}"] = (G,)
+                    params[f"bias_hh_{suffix}"] = (G,)
+                if proj_size > 0:
+                    params[f"weight_hr_{suffix}"] = (proj_size, hidden_size)
+                for name, shape in params.items():
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+        if self.bias:
+            for layer in range(self.num_layers):
+                for suffix in self._direction_suffixes(layer):
+                    _init_gate_biases(
+                        getattr(self, f"bias_ih_{suffix}"),
+                        getattr(self, f"bias_hh_{suffix}"),
+                        self.forget_bias,
+                        self.chrono_t_max,
+                    )
+
+    def _direction_suffixes(self, layer: int) -> list[str]:
+        suffixes = [f"l{layer}"]
+        if self.bidirectional:
+            suffixes.append(f"l{layer}_reverse")
+        return suffixes
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for cuDNN's torch.nn.LSTM: lstmlab keeps no flat weight buffer."""
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        names = ["weight_ih", "weight_hh"]
+        if self.bias:
+            names += ["bias_ih", "bias_hh"]
+        if self.proj_size > 0:
+            names.append("weight_hr")
+        return [
+            [getattr(self, f"{name}_{suffix}") for name in names]
+            for layer in range(self.num_layers)
+            for suffix in self._direction_suffixes(layer)
+        ]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {
+            "num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+            "bidirectional": False, "proj_size": 0, "backend": "auto", "forget_bias": 0.0,
+            "chrono_t_max": None,
+        }  # fmt: skip
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)!r}"
+        return s
+
+    def _check_hidden(self, hx: object, is_batched: bool) -> tuple[Tensor, Tensor]:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise RuntimeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+        h0, c0 = hx
+        want = 3 if is_batched else 2
+        if h0.dim() != want or c0.dim() != want:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {want}-D but got "
+                f"({h0.dim()}-D, {c0.dim()}-D) tensors"
+            )
+        if not is_batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        return h0, c0
+
+    def forward(
+        self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = None
+        batch_sizes = None
+        if packed:
+            data, batch_sizes_t, sorted_indices, unsorted_indices = input
+            if data.dim() != 2:
+                raise ValueError(f"input must have 2 dimensions, got {data.dim()}")
+            batch_sizes = batch_sizes_t.tolist()
+            x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes_t))  # [T, B, I] sorted
+            is_batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            x = input if is_batched else input.unsqueeze(0 if self.batch_first else 1)
+            if self.batch_first:
+                x = x.transpose(0, 1)  # [T, B, I]
+
+        weight = self.weight_ih_l0
+        autocast_dtype = _autocast_dtype(x.device)
+        if x.dtype != weight.dtype and autocast_dtype is None:
+            raise ValueError(
+                f"LSTM input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+
+        B = x.shape[1]
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        if hx is None:
+            h0 = torch.zeros(self.num_layers * D, B, P, dtype=x.dtype, device=x.device)
+            c0 = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
+        else:
+            h0, c0 = self._check_hidden(hx, is_batched)
+            if sorted_indices is not None:
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+            for i, (state, size) in enumerate(((h0, P), (c0, H))):
+                expected = (self.num_layers * D, B, size)
+                if tuple(state.shape) != expected:
+                    raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(state.shape)}")
+            if autocast_dtype is None and (h0.dtype != x.dtype or c0.dtype != x.dtype):
+                raise RuntimeError(
+                    f"LSTM: h_0 and c_0 must have the input's dtype ({x.dtype}), got ({h0.dtype}, {c0.dtype})"
+                )
+        _check_same_device(x, weight, (h0, c0))
+
+        backend = resolve_backend(self.backend, x.device)
+        self.last_backend = backend
+        compute_dtype = autocast_dtype or x.dtype
+        x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
+
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, suffix in enumerate(self._direction_suffixes(layer)):
+                w_ih, w_hh, b_ih, b_hh, w_hr = (
+                    getattr(self, f"{name}_{suffix}", None)
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+                )
+                w_ih, w_hh = w_ih.to(compute_dtype), w_hh.to(compute_dtype)
+                bias = None if b_ih is None else (b_ih + b_hh).to(compute_dtype)
+                w_hr = None if w_hr is None else w_hr.to(compute_dtype)
+                gx = F.linear(layer_input, w_ih, bias)  # [T, B, 4H], all steps in one GEMM
+                steps = batch_sizes
+                if direction == 1:  # reverse: run forwards over the time-flipped sequence
+                    gx = gx.flip(0)
+                    steps = None if batch_sizes is None else batch_sizes[::-1]
+                idx = layer * D + direction
+                out, h, c = lstm_layer(gx, h0[idx], c0[idx], w_hh, w_hr, steps, backend)
+                outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)  # [T, B, D·P]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+
+        output = layer_input
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)  # [D·L, B, P], [D·L, B, H]
+        if packed:
+            lengths = (batch_sizes_t.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+            data = pack_padded_sequence(output, lengths).data
+            output = PackedSequence(data, batch_sizes_t, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+            return output, (h_n, c_n)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+
+class LSTMCell(nn.Module):
+    r"""One LSTM step, a drop-in replacement for :class:`torch.nn.LSTMCell`.
+
+    The same math as :class:`LSTM` for one time step (the layer function run with T = 1).
+
+    Args:
+        input_size, hidden_size, bias, device, dtype: exactly as :class:`torch.nn.LSTMCell`.
+        backend, forget_bias, chrono_t_max: as in :class:`LSTM`.
+
+    Inputs: input [B, I] or [I], (h_0 [B, H], c_0 [B, H]) (unbatched: [H]); zeros if omitted.
+    Outputs: (h_1, c_1), shaped like h_0 and c_0.
+
+    Example:
+        >>> cell = LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))
+        >>> h.shape
+        torch.Size([3, 20])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+        forget_bias: float = 0.0,
+        chrono_t_max: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        _check_gate_init(bias, forget_bias, chrono_t_max)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.backend = check_backend_name(backend)
+        self.forget_bias = forget_bias
+        self.chrono_t_max = chrono_t_max
+        self.last_backend: str | None = None
+        factory = {"device": device, "dtype": dtype}
+        G = 4 * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(G, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(G, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(G, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+        if self.bias:
+            _init_gate_biases(self.bias_ih, self.bias_hh, self.forget_bias, self.chrono_t_max)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)  # [B, I]
+        B, H = x.shape[0], self.hidden_size
+        autocast_dtype = _autocast_dtype(x.device)
+        if x.dtype != self.weight_ih.dtype and autocast_dtype is None:
+            raise RuntimeError(
+                f"LSTMCell input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+            )
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}"
+            )
+        if hx is None:
+            h0 = c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise RuntimeError(
+                    f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+                )
+            h0, c0 = hx
+            want = 2 if is_batched else 1
+            if h0.dim() != want or c0.dim() != want:
+                raise RuntimeError(
+                    f"LSTMCell: for {input.dim()}-D input, h_0 and c_0 should be {want}-D but got "
+                    f"({h0.dim()}-D, {c0.dim()}-D) tensors"
+                )
+            if not is_batched:
+                h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+            for i, state in enumerate((h0, c0)):
+                if state.shape[0] != B:
+                    raise RuntimeError(
+                        f"Input batch size {B} doesn't match hidden{i} batch size {state.shape[0]}"
+                    )
+                if state.shape[1] != H:
+                    raise RuntimeError(
+                        f"hidden{i} has inconsistent hidden_size: got {state.shape[1]}, expected {H}"
+                    )
+            if autocast_dtype is None and (h0.dtype != x.dtype or c0.dtype != x.dtype):
+                raise RuntimeError(
+                    f"LSTMCell: h_0 and c_0 must have the input's dtype ({x.dtype}), got "
+                    f"({h0.dtype}, {c0.dtype})"
+                )
+        _check_same_device(x, self.weight_ih, (h0, c0))
+
+        backend = resolve_backend(self.backend, x.device)
+        self.last_backend = backend
+        dtype = autocast_dtype or x.dtype
+        bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
+        gx = F.linear(x.to(dtype), self.weight_ih.to(dtype), bias).unsqueeze(0)  # [1, B, 4H]
+        w_hh = self.weight_hh.to(dtype)
+        _, h1, c1 = lstm_layer(gx, h0.to(dtype), c0.to(dtype), w_hh, None, None, backend)
+        if not is_batched:
+            h1, c1 = h1.squeeze(0), c1.squeeze(0)
+        return h1, c1
