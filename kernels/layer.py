@@ -99,7 +99,12 @@ class LSTMLayerFunction(torch.autograd.Function):
         ctx.batch_sizes = batch_sizes
         ctx.backend = backend
         ctx.state_dtypes = (h0.dtype, c0.dtype)
-        return hs[1:], hs[T].clone(), cs[T].to(c0.dtype)
+        out = hs[1:]  # [T, B, P]
+        if batch_sizes is not None and min(batch_sizes) < B:
+            out = out.clone()
+            for k, n in enumerate(batch_sizes):
+                out[k, n:] = 0  # rows that did not advance have no output at this step
+        return out, hs[T].clone(), cs[T].to(c0.dtype)
 
     @staticmethod
     @once_differentiable
@@ -167,7 +172,7 @@ def lstm_layer(
         backend: ``"reference"`` (PyTorch) or ``"triton"`` (fused kernels).
 
     Returns:
-        out [T, B, P] (h after every step; rows that did not advance carry their state),
+        out [T, B, P] (h after every step; zero in rows that did not advance at that step),
         h_n [B, P], c_n [B, H].
 
     Example:

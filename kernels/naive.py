@@ -42,7 +42,8 @@ def lstm_layer_naive(
     """One layer and direction over a sequence, same contract as :func:`lstmlab.kernels.lstm_layer`.
 
     gx [T, B, 4H], h0 [B, P], c0 [B, H]; at step k only the first ``batch_sizes[k]`` rows advance,
-    the others keep their state (packed sequences). Returns out [T, B, P], h_n [B, P], c_n [B, H].
+    the others keep their state and output zeros (packed sequences).
+    Returns out [T, B, P], h_n [B, P], c_n [B, H].
     """
     h, c = h0, c0
     outputs = []
@@ -51,5 +52,5 @@ def lstm_layer_naive(
         h_new, c_new = lstm_cell_naive(gx[k, :n], h[:n], c[:n], w_hh, w_hr)
         h = torch.cat([h_new, h[n:]])
         c = torch.cat([c_new, c[n:]])
-        outputs.append(h)
+        outputs.append(torch.cat([h_new, torch.zeros_like(h[n:])]))
     return torch.stack(outputs), h, c

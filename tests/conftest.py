@@ -1,0 +1,23 @@
+"""Test setup shared by every file.
+
+Without a GPU, Triton's kernels run through its CPU interpreter: TRITON_INTERPRET must be set
+before anything imports triton, so it is set here, before the tests import lstmlab.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)

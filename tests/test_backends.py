@@ -1,0 +1,99 @@
+"""Backend choice: one rule for `auto`, loud failure for impossible explicit requests."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lstmlab
+from lstmlab import backends
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+
+
+def test_reference_is_always_available():
+    assert lstmlab.resolve_backend("reference", "cpu") == "reference"
+    assert lstmlab.resolve_backend("reference", "cuda") == "reference"
+
+
+def test_auto_is_reference_on_cpu_even_with_the_interpreter():
+    assert lstmlab.resolve_backend("auto", "cpu") == "reference"
+
+
+def test_auto_is_triton_on_cuda_when_triton_imports(monkeypatch):
+    monkeypatch.setattr(backends, "HAS_TRITON", True)
+    assert lstmlab.resolve_backend("auto", "cuda") == "triton"
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
+    assert lstmlab.resolve_backend("auto", "cuda") == "reference"
+
+
+def test_explicit_triton_without_triton_raises(monkeypatch):
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match="backend='triton' was requested but the triton package is not"):
+        lstmlab.resolve_backend("triton", "cuda")
+    model = lstmlab.LSTM(2, 3, backend="triton")
+    with pytest.raises(RuntimeError, match="backend='triton' was requested"):
+        model(torch.randn(3, 1, 2))
+    assert model.last_backend is None  # nothing ran
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises():
+    result = run_python(
+        """
+        import torch, lstmlab
+        try:
+            lstmlab.LSTM(2, 3, backend="triton")(torch.randn(3, 1, 2))
+        except RuntimeError as e:
+            print("RAISED", e)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "RAISED backend='triton' was requested but the Triton kernels need CUDA tensors, got cpu"
+        in result.stdout
+    )
+
+
+def test_unknown_backend_name():
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \('auto', 'triton', 'reference'\), got 'tpu'"
+    ):
+        lstmlab.resolve_backend("tpu", "cpu")
+
+
+def test_import_works_without_triton_and_says_so():
+    result = run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch, lstmlab, lstmlab.kernels
+        assert lstmlab.kernels.HAS_TRITON is False
+        out, _ = lstmlab.LSTM(2, 3)(torch.randn(4, 1, 2))
+        print("OK", lstmlab.resolve_backend("auto", "cpu"), tuple(out.shape))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK reference (4, 1, 3)" in result.stdout
+
+
+def test_library_never_imports_hydra():
+    result = run_python(
+        """
+        import sys, lstmlab, lstmlab.kernels, lstmlab.modules, lstmlab.backends
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("hydra", "omegaconf")))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

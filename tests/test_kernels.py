@@ -1,0 +1,184 @@
+"""The layer Function and gate kernels against the textbook oracle, forward and every gradient.
+
+Triton runs through its CPU interpreter here (conftest sets TRITON_INTERPRET=1 without a GPU).
+"""
+
+import pytest
+import torch
+from _utils import rel_err
+from lstmlab.kernels import (
+    HAS_TRITON,
+    gates_backward,
+    gates_forward,
+    layer,
+    lstm_layer,
+    lstm_layer_naive,
+)
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (T, B, H, P or None, batch_sizes or None): odd sizes, packed prefixes shrinking and growing.
+CASES = [
+    (1, 1, 1, None, None),
+    (5, 3, 7, None, None),
+    (4, 5, 13, 6, None),
+    (5, 3, 7, None, [3, 3, 2, 1, 1]),
+    (5, 3, 7, None, [1, 1, 2, 3, 3]),
+    (6, 4, 5, 3, [4, 3, 3, 2, 1, 1]),
+]
+
+
+def make_inputs(T, B, H, P, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = P or H
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+    tensors = {
+        "gx": rand(T, B, 4 * H),
+        "h0": rand(B, R),
+        "c0": rand(B, H),
+        "w_hh": rand(4 * H, R) / H**0.5,
+        "w_hr": rand(R, H) / H**0.5 if P else None,
+    }
+    for t in tensors.values():
+        if t is not None:
+            t.requires_grad_(True)
+    return tensors
+
+
+def run_and_grad(fn, inputs, seed=1):
+    """Outputs of fn plus the gradient of a random projection of them w.r.t. every input."""
+    out, h_n, c_n = fn(**inputs)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum(
+        (t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype).to(t.device)).sum()
+        for t in (out, h_n, c_n)
+    )
+    leaves = [t for t in inputs.values() if t is not None]
+    return [out, h_n, c_n, *torch.autograd.grad(loss, leaves)]
+
+
+def names(inputs):
+    return ["out", "h_n", "c_n", *(f"d_{k}" for k, v in inputs.items() if v is not None)]
+
+
+@pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES)
+def test_reference_matches_naive_autograd(T, B, H, P, batch_sizes):
+    inputs = make_inputs(T, B, H, P)
+    expected = run_and_grad(lambda **kw: lstm_layer_naive(**kw, batch_sizes=batch_sizes), inputs)
+    actual = run_and_grad(lambda **kw: lstm_layer(**kw, batch_sizes=batch_sizes, backend="reference"), inputs)
+    for name, a, e in zip(names(inputs), actual, expected, strict=True):
+        assert rel_err(a, e) <= 1e-12, name
+
+
+@pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES[1:4])
+def test_reference_backward_passes_gradcheck(T, B, H, P, batch_sizes):
+    inputs = make_inputs(T, B, H, P)
+    keys = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*tensors):
+        kw = dict(zip(keys, tensors, strict=True))
+        return lstm_layer(**kw, batch_sizes=batch_sizes, backend="reference")
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in keys), eps=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the layer allocates starts as NaN: an element left unwritten shows up."""
+
+    def nan_empty(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(layer, "empty", nan_empty)
+
+
+@needs_triton
+@pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_layer_matches_reference(T, B, H, P, batch_sizes, dtype, poisoned_buffers):
+    inputs = make_inputs(T, B, H, P, dtype=dtype, device=DEVICE)
+    expected = run_and_grad(
+        lambda **kw: lstm_layer_naive(**kw, batch_sizes=batch_sizes),
+        make_inputs(T, B, H, P, dtype=torch.float64),
+    )
+    actual = run_and_grad(lambda **kw: lstm_layer(**kw, batch_sizes=batch_sizes, backend="triton"), inputs)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, e in zip(names(inputs), actual, expected, strict=True):
+        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) elements"
+        assert rel_err(a.cpu(), e) <= tol, name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_triton_layer_low_precision(dtype, tol, poisoned_buffers):
+    T, B, H = 6, 3, 11
+    inputs = make_inputs(T, B, H, None, dtype=dtype, device=DEVICE)
+    expected = run_and_grad(lstm_layer_naive, make_inputs(T, B, H, None, dtype=torch.float64))
+    actual = run_and_grad(lambda **kw: lstm_layer(**kw, backend="triton"), inputs)
+    for name, a, e in zip(names(inputs), actual, expected, strict=True):
+        assert a.dtype == dtype, name
+        # errors compound through the recurrence: a few ulps per step at these sizes
+        assert rel_err(a.cpu(), e) <= 4 * tol, name
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_gates_saturate_exactly(backend):
+    H = 4
+    big = torch.tensor([50.0, -50.0, 1e4, -1e4], dtype=torch.float32)
+    pre = big.repeat(4).reshape(1, 4 * H).to(DEVICE)  # every gate sees ±50 and ±1e4
+    gates, c, h = gates_forward(pre, torch.zeros(1, H, device=DEVICE), backend)
+    expected_sigmoid = torch.sigmoid(big)
+    expected_tanh = torch.tanh(big)
+    assert torch.isfinite(gates).all() and torch.isfinite(c).all() and torch.isfinite(h).all()
+    for k in (0, 1, 3):
+        torch.testing.assert_close(gates[0, k * H : (k + 1) * H].cpu(), expected_sigmoid, rtol=0, atol=0)
+    torch.testing.assert_close(gates[0, 2 * H : 3 * H].cpu(), expected_tanh, rtol=0, atol=0)
+    d_pre, d_c = gates_backward(
+        torch.ones(1, H, device=DEVICE),
+        torch.ones(1, H, device=DEVICE),
+        gates,
+        c,
+        torch.zeros(1, H, device=DEVICE),
+        backend,
+    )
+    assert torch.isfinite(d_pre).all() and torch.isfinite(d_c).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_gates_match_reference_on_strided_inputs(dtype):
+    B, H = 5, 9
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(B, 8 * H, generator=g).to(dtype).to(DEVICE)
+    pre = wide[:, ::2]  # non-contiguous [B, 4H]
+    c_prev = torch.randn(H, B, generator=g).to(DEVICE).t()  # transposed [B, H]
+    expected = gates_forward(pre, c_prev, "reference")
+    actual = gates_forward(pre, c_prev, "triton")
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6 if a.dtype == torch.float32 else 1e-2)
+    dh = torch.randn(B, H, generator=g).to(dtype).to(DEVICE)
+    dc = torch.randn(B, H, generator=g).to(DEVICE)
+    gates, c, _ = expected
+    for a, e in zip(
+        gates_backward(dh, dc, gates, c, c_prev, "triton"),
+        gates_backward(dh, dc, gates, c, c_prev, "reference"),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6 if a.dtype == torch.float32 else 1e-2)
+
+
+def test_lstm_layer_rejects_bad_shapes():
+    inputs = make_inputs(3, 2, 4, None)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 4\), got \(3, 4\)"):
+        lstm_layer(inputs["gx"], torch.zeros(3, 4, dtype=torch.float64), inputs["c0"], inputs["w_hh"])
+    with pytest.raises(ValueError, match=r"gx must be \[T, B, 4H\]"):
+        lstm_layer(inputs["gx"][0], inputs["h0"], inputs["c0"], inputs["w_hh"])
+    with pytest.raises(ValueError, match=r"batch_sizes must hold 3 sizes in \[0, 2\], got \[2, 3, 1\]"):
+        lstm_layer(**inputs, batch_sizes=[2, 3, 1])
+    with pytest.raises(ValueError, match="kernel backend must be one of"):
+        lstm_layer(**inputs, backend="cudnn")
