@@ -13,7 +13,7 @@ reverse direction over the time-flipped padded sequence.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -34,18 +34,6 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_BACKENDS = ("reference", "triton")
 
 
-def _gate_ops(backend: str) -> tuple[Callable[..., None], Callable[..., None]]:
-    if backend == "reference":
-        return reference.gates_forward_into, reference.gates_backward_into
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
-        from . import triton_gates
-
-        return triton_gates.gates_forward_into, triton_gates.gates_backward_into
-    raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gate math and the cell state run in fp32 (fp64 for fp64 inputs), whatever the input dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -54,6 +42,53 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Allocator for every buffer the layer writes; tests swap it for a NaN-filled one."""
     return torch.empty(*shape, dtype=dtype, device=device)
+
+
+class ReferenceSteps:
+    """Per-step gate math in PyTorch. Built from the saved gates [T, B, 4H] and cell states
+    cs [T + 1, B, H] when the backward starts, it precomputes every step's local derivatives."""
+
+    forward_into = staticmethod(reference.gates_forward_into)
+
+    def __init__(self, gates: Tensor, cs: Tensor) -> None:
+        H = cs.shape[-1]
+        self.coef, self.carry = reference.backward_coefficients(gates, cs[1:], cs[:-1])
+        self.f = gates[..., H : 2 * H]
+
+    def backward_into(self, k: int, n: int, dh: Tensor, dout: Tensor | None, dc: Tensor, dpre: Tensor):
+        """Step k, first n rows: dpre <- ∂L/∂pre-activations, dc <- ∂L/∂c_{k−1} (in place)."""
+        reference.gates_backward_into(
+            dh, dout, dc, self.coef[k, :n], self.carry[k, :n], self.f[k, :n], dpre, dc
+        )
+
+
+class TritonSteps:
+    """Per-step gate math in fused Triton kernels: one launch per step each way."""
+
+    def __init__(self, gates: Tensor, cs: Tensor) -> None:
+        self.gates, self.cs = gates, cs
+
+    @staticmethod
+    def forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
+        from . import triton_gates
+
+        triton_gates.gates_forward_into(pre, c_prev, gates, c, h)
+
+    def backward_into(self, k: int, n: int, dh: Tensor, dout: Tensor | None, dc: Tensor, dpre: Tensor):
+        from . import triton_gates
+
+        gates, c, c_prev = self.gates[k, :n], self.cs[k + 1, :n], self.cs[k, :n]
+        triton_gates.gates_backward_into(dh, dout, dc, gates, c, c_prev, dpre, dc)
+
+
+def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
+    if backend == "reference":
+        return ReferenceSteps
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+        return TritonSteps
+    raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
 class LSTMLayerFunction(torch.autograd.Function):
@@ -68,10 +103,11 @@ class LSTMLayerFunction(torch.autograd.Function):
         batch_sizes: tuple[int, ...] | None,
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        gates_forward_into, _ = _gate_ops(backend)
+        forward_into = _steps(backend).forward_into
         T, B, G = gx.shape
         H, P = G // 4, w_hh.shape[1]
         dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
+        sizes = batch_sizes or (B,) * T
 
         hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
         cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
@@ -82,11 +118,10 @@ class LSTMLayerFunction(torch.autograd.Function):
         cs[0] = c0
         w_hh_t = w_hh.t()
 
-        for k in range(T):
-            n = B if batch_sizes is None else batch_sizes[k]
+        for k, n in enumerate(sizes):
             torch.addmm(gx[k, :n], hs[k, :n], w_hh_t, out=pre[:n])  # [n, 4H]
             h_out = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
-            gates_forward_into(pre[:n], cs[k, :n], gates[k, :n], cs[k + 1, :n], h_out)
+            forward_into(pre[:n], cs[k, :n], gates[k, :n], cs[k + 1, :n], h_out)
             if w_hr is not None:
                 torch.mm(h_raw[k, :n], w_hr.t(), out=hs[k + 1, :n])  # [n, P]
             if n < B:
@@ -96,22 +131,21 @@ class LSTMLayerFunction(torch.autograd.Function):
                     h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
 
         ctx.save_for_backward(hs, cs, gates, h_raw, w_hh, w_hr)
-        ctx.batch_sizes = batch_sizes
+        ctx.sizes = sizes
         ctx.backend = backend
         ctx.state_dtypes = (h0.dtype, c0.dtype)
         out = hs[1:]  # [T, B, P]
-        if batch_sizes is not None and min(batch_sizes) < B:
+        if min(sizes) < B:
             out = out.clone()
-            for k, n in enumerate(batch_sizes):
+            for k, n in enumerate(sizes):
                 out[k, n:] = 0  # rows that did not advance have no output at this step
         return out, hs[T].clone(), cs[T].to(c0.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
-        _, gates_backward_into = _gate_ops(ctx.backend)
         hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
-        batch_sizes = ctx.batch_sizes
+        steps = _steps(ctx.backend)(gates, cs)
         T, B, G = gates.shape
         P = hs.shape[-1]
         dtype, acc, dev = hs.dtype, cs.dtype, hs.device
@@ -123,20 +157,16 @@ class LSTMLayerFunction(torch.autograd.Function):
         d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
 
         for k in reversed(range(T)):
-            n = B if batch_sizes is None else batch_sizes[k]
+            n = ctx.sizes[k]
             if w_hr is None:
-                gates_backward_into(
-                    d_h[:n], d_out[k, :n], d_c[:n], gates[k, :n], cs[k + 1, :n], cs[k, :n],
-                    d_pre[k, :n], d_c[:n],
-                )  # fmt: skip
+                steps.backward_into(k, n, d_h[:n], d_out[k, :n], d_c[:n], d_pre[k, :n])
             else:
-                d_hp[k, :n] = d_h[:n] + d_out[k, :n]
-                d_h_raw = d_hp[k, :n] @ w_hr  # [n, H]
-                gates_backward_into(
-                    d_h_raw, None, d_c[:n], gates[k, :n], cs[k + 1, :n], cs[k, :n],
-                    d_pre[k, :n], d_c[:n],
-                )  # fmt: skip
-            d_h[:n] = d_pre[k, :n] @ w_hh  # [n, P]
+                torch.add(d_h[:n], d_out[k, :n], out=d_hp[k, :n])
+                steps.backward_into(k, n, d_hp[k, :n] @ w_hr, None, d_c[:n], d_pre[k, :n])
+            if d_h.dtype == dtype:
+                torch.mm(d_pre[k, :n], w_hh, out=d_h[:n])  # [n, P]
+            else:  # low-precision GEMM, fp32 state
+                d_h[:n] = d_pre[k, :n] @ w_hh
             if n < B:
                 d_pre[k, n:] = 0
                 if w_hr is not None:
@@ -198,7 +228,7 @@ def lstm_layer(
         batch_sizes = tuple(int(n) for n in batch_sizes)
         if len(batch_sizes) != T or any(not 0 <= n <= B for n in batch_sizes):
             raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(batch_sizes)}")
-    _gate_ops(backend)  # an unknown or unavailable backend fails here, before any work
+    _steps(backend)  # an unknown or unavailable backend fails here, before any work
     return LSTMLayerFunction.apply(gx, h0, c0, w_hh, w_hr, batch_sizes, backend)
 
 
@@ -207,7 +237,7 @@ def gates_forward(pre: Tensor, c_prev: Tensor, backend: str = "reference") -> tu
 
     gates and c come back in fp32 (fp64 for fp64 inputs), h in the dtype of ``pre``.
     """
-    forward_into, _ = _gate_ops(backend)
+    forward_into = _steps(backend).forward_into
     B, G = pre.shape
     acc = accumulation_dtype(pre.dtype)
     gates = empty(B, G, dtype=acc, device=pre.device)
@@ -221,12 +251,9 @@ def gates_backward(
     dh: Tensor, dc: Tensor, gates: Tensor, c: Tensor, c_prev: Tensor, backend: str = "reference"
 ) -> tuple[Tensor, Tensor]:
     """Backward of :func:`gates_forward`: -> dpre [B, 4H] (dtype of ``dh``), dc_prev [B, H]."""
-    _, backward_into = _gate_ops(backend)
     B, G = gates.shape
+    steps = _steps(backend)(gates.contiguous()[None], torch.stack([c_prev, c]))
     d_pre = empty(B, G, dtype=dh.dtype, device=dh.device)
-    d_c_prev = empty(B, G // 4, dtype=c.dtype, device=dh.device)
-    backward_into(
-        dh.contiguous(), None, dc.contiguous(), gates.contiguous(), c.contiguous(),
-        c_prev.contiguous(), d_pre, d_c_prev,
-    )  # fmt: skip
-    return d_pre, d_c_prev
+    d_c = dc.to(c.dtype, copy=True)  # the step writes dc_prev over it
+    steps.backward_into(0, B, dh.contiguous(), None, d_c, d_pre)
+    return d_pre, d_c

@@ -1,7 +1,9 @@
 """The LSTM gate math in plain PyTorch with its backward written out: the `reference` backend.
 
-Same signatures as the Triton launchers in `triton_gates.py`: inputs are read, outputs are written
-into buffers the caller owns, so the layer loop in `layer.py` drives either one.
+Outputs are written into buffers the caller owns, as the Triton launchers in `triton_gates.py` do,
+so the layer loop in `layer.py` drives either one. The backward is split in two: what does not
+depend on the incoming gradients is computed for all steps at once before the time loop
+(`backward_coefficients`), leaving five small ops per step inside it (`gates_backward_into`).
 
 B: batch  H: hidden size  G = 4H: stacked gates (i, f, g, o)
 """
@@ -15,44 +17,49 @@ from torch import Tensor
 def gates_forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
     """pre [B, 4H], c_prev [B, H] -> gates [B, 4H] (activated i, f, g, o), c [B, H], h [B, H].
 
-    Math in the dtype of ``gates`` and ``c`` (fp32, or fp64 for fp64 inputs), cast on store to ``h``.
+    Math in the dtype of ``gates`` and ``c`` (fp32, or fp64 for fp64 inputs), cast on store.
     """
     H = c.shape[-1]
     torch.sigmoid(pre.to(gates.dtype), out=gates)
     torch.tanh(pre[:, 2 * H : 3 * H].to(gates.dtype), out=gates[:, 2 * H : 3 * H])
     i, f, g, o = gates.split(H, dim=1)
     torch.mul(f, c_prev, out=c)
-    c.addcmul_(i, g)  # c = f * c_prev + i * g
-    h.copy_(o * torch.tanh(c))
+    c.addcmul_(i, g)  # c = f ⊙ c_prev + i ⊙ g
+    torch.mul(o, torch.tanh(c), out=h)  # h = o ⊙ tanh(c)
+
+
+def backward_coefficients(gates: Tensor, c: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """Local derivatives of one or many steps: gates [..., 4H], c and c_prev [..., H] ->
+
+    coef [..., 4H]: ∂L/∂(i, f, g pre-activations) per unit of ∂L/∂c_t, and ∂L/∂(o pre-activation)
+        per unit of ∂L/∂h_t (σ' = σ(1 − σ), tanh' = 1 − tanh²);
+    carry [..., H]: ∂c_t-gradient per unit of ∂L/∂h_t, o ⊙ (1 − tanh²(c_t)).
+    """
+    i, f, g, o = gates.chunk(4, dim=-1)
+    tanh_c = torch.tanh(c)
+    coef = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=-1)
+    return coef, o * (1 - tanh_c * tanh_c)
 
 
 def gates_backward_into(
     dh: Tensor,
     dout: Tensor | None,
     dc: Tensor,
-    gates: Tensor,
-    c: Tensor,
-    c_prev: Tensor,
+    coef: Tensor,
+    carry: Tensor,
+    f: Tensor,
     dpre: Tensor,
     dc_prev: Tensor,
 ) -> None:
-    """Gradients through one step's gate math.
-
-    dh [B, H] (+ dout [B, H] when given) is ∂L/∂h_t, dc [B, H] is ∂L/∂c_t from step t+1;
-    writes dpre [B, 4H] = ∂L/∂(i, f, g, o pre-activations) and dc_prev [B, H] = ∂L/∂c_{t−1}.
-    ``dc_prev`` may be ``dc`` itself: every read happens before the write.
+    """One step: dh [B, H] (+ dout [B, H] when given) = ∂L/∂h_t, dc [B, H] = ∂L/∂c_t from step t+1,
+    and this step's ``backward_coefficients`` and forget gate f [B, H] ->
+    dpre [B, 4H] = ∂L/∂(i, f, g, o pre-activations), dc_prev [B, H] = ∂L/∂c_{t−1} (may alias dc).
     """
-    H = c.shape[-1]
-    i, f, g, o = gates.split(H, dim=1)
-    dh = dh.to(c.dtype) if dout is None else dh.to(c.dtype) + dout
-    tanh_c = torch.tanh(c)
-    dc_total = dc + dh * o * (1 - tanh_c * tanh_c)  # h = o·tanh(c)
-    d_i = dc_total * g * i * (1 - i)  # σ' = σ(1 − σ)
-    d_f = dc_total * c_prev * f * (1 - f)
-    d_g = dc_total * i * (1 - g * g)  # tanh' = 1 − tanh²
-    d_o = dh * tanh_c * o * (1 - o)
-    if dpre.dtype == c.dtype:
-        torch.cat([d_i, d_f, d_g, d_o], dim=1, out=dpre)
-    else:  # low-precision inputs: math in fp32, cast on store
-        dpre.copy_(torch.cat([d_i, d_f, d_g, d_o], dim=1))
+    B, H = dc.shape
+    if dout is not None:
+        dh = dh + dout
+    dc_total = torch.addcmul(dc, dh, carry)  # ∂L/∂c_t, both paths: into c_{t+1} and into h_t
+    dpre_gates = dpre.view(B, 4, H)
+    torch.mul(dc_total.unsqueeze(1), coef.view(B, 4, H)[:, :3], out=dpre_gates[:, :3])  # i, f, g
+    torch.mul(dh, coef[:, 3 * H :], out=dpre_gates[:, 3])  # o
     torch.mul(dc_total, f, out=dc_prev)
