@@ -1,0 +1,1 @@
+"""Hydra configs for lstmlab-train; installed as the package lstmlab.conf."""

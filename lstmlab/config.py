@@ -1,0 +1,247 @@
+"""Typed configuration schemas for the experiment runner.
+
+The dataclasses below are the single source of truth for what a run can be configured with.
+They are registered in Hydra's ConfigStore under ``schema/...``; the YAML files in ``conf/``
+only select a schema and override its defaults. A key that is not declared here fails at
+composition (``Key 'lr' not in 'TrainerConfig'``), an enum field fails with the allowed values,
+and :func:`validate` checks ranges before any data is made.
+
+This module imports nothing from Hydra at import time: the ConfigStore registration lives in
+:func:`register_configs`, which only the runner calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class _StrEnum(str, Enum):
+    """An enum whose str() is its value, so ``str(cfg.trainer.device) == "cpu"``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ModelKind(_StrEnum):
+    lstmlab = "lstmlab"
+    torch_lstm = "torch_lstm"
+    torch_gru = "torch_gru"
+    torch_rnn = "torch_rnn"
+
+
+class Backend(_StrEnum):
+    auto = "auto"
+    triton = "triton"
+    reference = "reference"
+
+
+class OptimName(_StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(_StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class Device(_StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(_StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LoggerKind(_StrEnum):
+    none = "none"
+    jsonl = "jsonl"
+    wandb = "wandb"
+
+
+@dataclass
+class ModelConfig:
+    """Options shared by every recurrent model (torch_lstm, torch_gru, torch_rnn)."""
+
+    kind: ModelKind = MISSING
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class LSTMLabModelConfig(ModelConfig):
+    """lstmlab.LSTM adds its backend choice and the forget-gate initialisation options."""
+
+    kind: ModelKind = ModelKind.lstmlab
+    backend: Backend = Backend.auto
+    forget_bias: float = 0.0
+    chrono_t_max: float | None = None
+
+
+@dataclass
+class TaskConfig:
+    """Options shared by every task. Data is generated from ``seed``; nothing is downloaded."""
+
+    name: str = MISSING
+    seq_len: int = 50
+    train_size: int | None = None  # None: a fresh batch every step (an endless stream)
+    val_size: int = 1000
+    test_size: int = 1000
+
+
+@dataclass
+class AddingTaskConfig(TaskConfig):
+    name: str = "adding"
+
+
+@dataclass
+class CopyTaskConfig(TaskConfig):
+    name: str = "copy"
+    seq_len: int = 20  # T: the number of blanks between the symbols and the delimiter, plus one
+    n_symbols: int = 8
+    copy_len: int = 10
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.adam
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: Schedule = Schedule.constant
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    epochs: int | None = None  # needs task.train_size; then steps = epochs * (train_size // batch)
+    batch_size: int = 64
+    grad_clip: float | None = 1.0
+    device: Device = Device.auto
+    precision: Precision = Precision.fp32
+    log_interval: int = 50
+    eval_interval: int = 200
+    ckpt_interval: int = 500
+    eval_batch_size: int = 500
+    resume: bool = False
+    num_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.jsonl
+    project: str = "lstmlab"
+    entity: str | None = None
+    mode: str = "offline"  # wandb mode; the WANDB_MODE environment variable takes precedence
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    name: str = "${model.kind}-${task.name}-s${seed}"
+
+
+# (ConfigStore group, name, schema): YAML files pick one in their defaults list, e.g.
+# conf/model/lstmlab.yaml starts with `defaults: [/schema/model/lstmlab@_here_]`.
+SCHEMAS: list[tuple[str, str, type]] = [
+    ("schema", "config", Config),
+    ("schema/model", "base", ModelConfig),
+    ("schema/model", "lstmlab", LSTMLabModelConfig),
+    ("schema/task", "adding", AddingTaskConfig),
+    ("schema/task", "copy", CopyTaskConfig),
+]
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (only the runner calls this)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, name, node in SCHEMAS:
+        cs.store(group=group, name=name, node=node)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config ``lstmlab-train OVERRIDES...`` would run, for notebooks and tests.
+
+    Hydra's ``hydra.*`` node is left out, so a preset's sweep (``hydra.mode=MULTIRUN``) does not
+    apply: this is always one run. Example: ``train(compose(["model=torch_gru"]), "out/")``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module("lstmlab.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its allowed range."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges that types alone cannot express; raise :class:`ConfigError`."""
+    m, t, o, tr = cfg.model, cfg.task, cfg.optim, cfg.trainer
+    _check(m.hidden_size > 0, "model.hidden_size", m.hidden_size, "a positive integer")
+    _check(m.num_layers > 0, "model.num_layers", m.num_layers, "a positive integer")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a float in [0, 1)")
+    if "chrono_t_max" in m and m.chrono_t_max is not None:
+        _check(m.chrono_t_max > 1, "model.chrono_t_max", m.chrono_t_max, "null or a number > 1")
+    _check(t.seq_len > 1, "task.seq_len", t.seq_len, "an integer > 1")
+    _check(t.val_size > 0, "task.val_size", t.val_size, "a positive integer")
+    _check(t.test_size > 0, "task.test_size", t.test_size, "a positive integer")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a finite number > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(tr.steps > 0, "trainer.steps", tr.steps, "a positive integer")
+    _check(tr.batch_size > 0, "trainer.batch_size", tr.batch_size, "a positive integer")
+    _check(tr.eval_batch_size > 0, "trainer.eval_batch_size", tr.eval_batch_size, "an int > 0")
+    for key in ("log_interval", "eval_interval", "ckpt_interval"):
+        _check(tr[key] > 0, f"trainer.{key}", tr[key], "a positive integer")
+    if tr.grad_clip is not None:
+        _check(tr.grad_clip > 0, "trainer.grad_clip", tr.grad_clip, "null or a number > 0")
+    if t.train_size is not None:
+        _check(
+            t.train_size >= tr.batch_size,
+            "task.train_size",
+            t.train_size,
+            f"null or an integer >= trainer.batch_size ({tr.batch_size})",
+        )
+    if tr.epochs is not None:
+        _check(tr.epochs > 0, "trainer.epochs", tr.epochs, "null or a positive integer")
+        _check(
+            t.train_size is not None,
+            "trainer.epochs",
+            tr.epochs,
+            "null unless task.train_size is set (an endless stream has no epochs)",
+        )
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain dicts, lists, strings and numbers (enums become strings)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,0 +1,153 @@
+"""Compare the runs of a sweep: ``lstmlab-report <sweep dir>`` writes ``report.md`` (each model's
+final test metric as mean ± std over seeds, its parameters and time per step, the task's trivial
+baseline) and ``report.png`` (validation learning curves, one line per model).
+
+Hydra calls :class:`ReportCallback` at the end of every multirun, so a sweep reports itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from lstmlab.loggers import read_jsonl
+
+log = logging.getLogger("lstmlab.report")
+
+
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished run under ``sweep_dir``: its summary plus ``curve`` (metrics.jsonl rows)."""
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("summary.json")):
+        run = json.loads(path.read_text())
+        metrics = path.with_name("metrics.jsonl")
+        run["curve"] = read_jsonl(metrics) if metrics.exists() else []
+        run["dir"] = str(path.parent)
+        runs.append(run)
+    return runs
+
+
+def _labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Name each run by its model, plus the overrides that vary across the sweep (not the seed):
+    runs that differ only in seed share a label and are averaged."""
+    keyed = [[o for o in r.get("overrides", []) if not o.startswith(("seed=", "model="))] for r in runs]
+    common = set.intersection(*(set(k) for k in keyed)) if keyed else set()
+    labels = []
+    for run, overrides in zip(runs, keyed, strict=True):
+        extra = [o for o in overrides if o not in common]
+        labels.append(" ".join([f"{run['model']} ({run['task']})", *extra]))
+    return labels
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """The comparison table, as Markdown."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for label, run in zip(_labels(runs), runs, strict=True):
+        groups[label].append(run)
+    lines = [
+        "| model | backend | test metric | test acc | baseline | parameters | ms/step | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, group in groups.items():
+        first = group[0]
+        metric = first["metric"]
+        arrow = "↑" if first["higher_is_better"] else "↓"
+        backends = ", ".join(sorted({str(r["backend"]) for r in group}))
+        values = [r["final"]["test"][metric] for r in group]
+        accs = [r["final"]["test"]["acc"] for r in group]
+        base = first["baseline"]
+        ms = [1e3 * r["time_per_step_s"] for r in group if r.get("time_per_step_s")]
+        lines.append(
+            f"| {label} | {backends} | {metric} {arrow} {_mean_std(values)} | {_mean_std(accs)} "
+            f"| {metric} {base[metric]:.4g}, acc {base['acc']:.3g} | {first['parameters']:,} "
+            f"| {_mean_std(ms) if ms else '-'} | {len(group)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
+    """Validation metric against step, one line per label (mean over seeds), baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for label, run in zip(_labels(runs), runs, strict=True):
+        by_label[label].append(run)
+    tasks = sorted({r["task"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for label, group in by_label.items():
+            if group[0]["task"] != task or not group[0]["curve"]:
+                continue
+            key = "val/" + group[0]["metric"]
+            per_step: dict[int, list[float]] = defaultdict(list)
+            for run in group:
+                for row in run["curve"]:
+                    if math.isfinite(row[key]):
+                        per_step[row["step"]].append(row[key])
+            steps = sorted(per_step)
+            ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], label=label)
+        first = next(r for r in runs if r["task"] == task)
+        metric = first["metric"]
+        ax.axhline(first["baseline"][metric], color="gray", ls="--", label="trivial baseline")
+        ax.set(xlabel="step", ylabel=f"validation {metric}", title=task, yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path) -> str:
+    """Write ``report.md`` and ``report.png`` into ``sweep_dir``; return the Markdown table."""
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no summary.json under {sweep_dir}: no run there has finished")
+    table = summarize(runs)
+    head = f"# lstmlab comparison: {len(runs)} runs in {sweep_dir}\n\n"
+    notes = (
+        "\nTest metric: mean ± std over seeds (↓ lower is better, ↑ higher is better), on the "
+        "held-out test split after the last step. Baseline: the trivial solution's score. "
+        "ms/step: training steps only, without evaluation.\n\n![learning curves](report.png)\n"
+    )
+    (sweep_dir / "report.md").write_text(head + table + notes)
+    plot_curves(runs, sweep_dir / "report.png")
+    return table
+
+
+class ReportCallback(Callback):
+    """Hydra callback (see conf/config.yaml): report a multirun when it ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = write_report(sweep_dir)
+        print(f"\n{table}\nreport: {sweep_dir / 'report.md'}, {sweep_dir / 'report.png'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lstmlab-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun directory (searched for summary.json)")
+    args = parser.parse_args(argv)
+    print(write_report(args.sweep_dir), end="")
+    print(f"report: {Path(args.sweep_dir) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

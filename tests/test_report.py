@@ -1,0 +1,77 @@
+"""The comparison report: from a multirun's run directories to report.md and report.png."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lstmlab.report import main, summarize, write_report
+
+
+def fake_run(model: str, seed: int, mse: float, ms: float = 2.0) -> dict:
+    return {
+        "model": model,
+        "backend": "native",
+        "task": "adding",
+        "metric": "mse",
+        "higher_is_better": False,
+        "parameters": 1234,
+        "time_per_step_s": ms / 1e3,
+        "final": {"test": {"mse": mse, "acc": 0.5}},
+        "baseline": {"mse": 1 / 6, "acc": 0.0784},
+        "overrides": [f"model={model}", f"seed={seed}", "trainer.steps=5"],
+        "curve": [{"step": 5, "val/mse": mse}],
+    }
+
+
+def test_summarize_averages_over_seeds_only():
+    runs = [fake_run("torch_gru", s, mse) for s, mse in enumerate([1.0, 2.0, 3.0])]
+    runs.append(fake_run("torch_rnn", 0, 0.25))
+    table = summarize(runs).splitlines()
+    assert len(table) == 4  # header, rule, one row per model
+    assert table[2].startswith("| torch_gru (adding) | native | mse ↓ 2 ± 1 | 0.5 ±")
+    assert table[2].endswith("| 1,234 | 2 ± 0 | 3 |")
+    assert "| mse 0.1667, acc 0.0784 |" in table[2]
+    assert table[3].startswith("| torch_rnn (adding) | native | mse ↓ 0.25 | 0.5 |")
+
+
+def test_summarize_keeps_swept_options_apart():
+    runs = [fake_run("torch_gru", 0, 1.0), fake_run("torch_gru", 0, 2.0)]
+    runs[1]["overrides"].append("model.hidden_size=8")
+    rows = summarize(runs).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| torch_gru (adding)",
+        "| torch_gru (adding) model.hidden_size=8",
+    ]
+
+
+def test_an_empty_directory_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no summary\.json under"):
+        write_report(tmp_path)
+
+
+def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, capsys):
+    """`lstmlab-train -m model=... seed=0,1,2`, at smoke size; the sweep reports itself."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lstmlab.train", "-m"]
+    cmd += ["model=lstmlab,torch_lstm,torch_gru,torch_rnn", "seed=0,1,2"]
+    cmd += ["experiment=smoke", "trainer.num_threads=1", "trainer.steps=10"]
+    cmd += [f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert sorted((s["model"], s["seed"]) for s in summaries) == sorted(
+        (m, s) for m in ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn") for s in (0, 1, 2)
+    )
+    report = (sweep / "report.md").read_text()
+    for model in ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {model} ("))
+        assert " ± " in row and row.endswith("| 3 |")
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lstmlab (adding) | reference |" in proc.stdout  # the table on the console
+
+    (sweep / "report.md").unlink()
+    main([str(sweep)])  # lstmlab-report <sweep dir> rewrites it
+    assert (sweep / "report.md").read_text() == report
+    assert "| torch_rnn (adding) |" in capsys.readouterr().out

@@ -1,0 +1,302 @@
+"""The training runner: every model trains, runs are reproducible and resumable, failures are
+loud, and the same code runs data-parallel under torchrun and on Hydra's submitit launcher."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lstmlab.train
+from lstmlab.config import compose
+from lstmlab.loggers import read_jsonl
+from lstmlab.tasks.adding import AddingTask
+from lstmlab.train import CKPT_NAME, NonFiniteLossError, train
+
+# Tiny runs on one thread each: the suite shares a 2-core machine.
+SMALL = ["experiment=smoke", "trainer.num_threads=1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lstmlab.train", *args]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their timings, which differ between any two runs."""
+    return [{k: v for k, v in row.items() if k != "wall_s"} for row in rows]
+
+
+@pytest.mark.parametrize("model", ["lstmlab", "torch_lstm", "torch_gru", "torch_rnn"])
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_each_model_trains_with_a_finite_decreasing_loss(model, task, tmp_path):
+    overrides = [f"model={model}", f"task={task}", "optim.lr=1e-2", "trainer.steps=30"]
+    summary = train(compose([*SMALL, *overrides, "trainer.eval_interval=5"]), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    losses = torch.tensor([row["train_loss"] for row in rows])  # means over 5 steps
+    assert [row["step"] for row in rows] == [5, 10, 15, 20, 25, 30]
+    assert torch.isfinite(losses).all()
+    assert losses[-2:].mean() < 0.9 * losses[0]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert summary["model"] == model and summary["task"] == task
+    assert summary["backend"] == ("reference" if model == "lstmlab" else "native")
+    assert summary["parameters"] > 0 and summary["time_per_step_s"] > 0
+    assert set(summary["final"]["test"]) == {summary["metric"], "acc"}
+    assert summary["baseline"][summary["metric"]] > 0
+    assert (tmp_path / CKPT_NAME).exists()
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+    cfg = compose([*SMALL, "model.num_layers=2", "model.dropout=0.2"])
+    a = train(cfg, tmp_path / "a")
+    b = train(cfg, tmp_path / "b")
+    c = train(compose([*SMALL, "model.num_layers=2", "model.dropout=0.2", "seed=1"]), tmp_path)
+    assert a["final"] == b["final"]
+    assert comparable(read_jsonl(tmp_path / "a/metrics.jsonl")) == comparable(
+        read_jsonl(tmp_path / "b/metrics.jsonl")
+    )
+    assert a["final"] != c["final"]
+
+
+def test_epochs_over_a_fixed_training_set(tmp_path):
+    cfg = compose([*SMALL, "task.train_size=64", "trainer.epochs=3", "trainer.eval_interval=4"])
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 3 * 64 // 16
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [4, 8, 12]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    # Two layers with dropout, so the restored RNG state matters as much as the weights.
+    overrides = [
+        *SMALL,
+        "model.num_layers=2",
+        "model.dropout=0.1",
+        "optim.schedule=cosine",
+        "trainer.steps=300",
+        "trainer.eval_interval=25",
+        "trainer.ckpt_interval=50",
+        "trainer.log_interval=25",
+    ]
+    through = train(compose(overrides), tmp_path / "through")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli(*overrides, f"hydra.run.dir={killed}"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / CKPT_NAME).exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(killed / CKPT_NAME, weights_only=True)
+    assert 50 <= state["step"] < 300
+    assert not (killed / "summary.json").exists()
+
+    resumed = train(compose([*overrides, "trainer.resume=true"]), killed)
+    assert resumed["resumed_from_step"] == state["step"]
+    assert resumed["final"] == through["final"]  # bitwise: floats compared with ==
+    assert comparable(read_jsonl(killed / "metrics.jsonl")) == comparable(
+        read_jsonl(tmp_path / "through/metrics.jsonl")
+    )
+    final_state = torch.load(killed / CKPT_NAME, weights_only=True)
+    through_state = torch.load(tmp_path / "through" / CKPT_NAME, weights_only=True)
+    for name, tensor in through_state["model"].items():
+        assert torch.equal(final_state["model"][name], tensor), name
+
+
+def test_checkpoint_holds_everything_and_loads_without_pickle(tmp_path):
+    train(compose([*SMALL, "optim=adamw"]), tmp_path)
+    state = torch.load(tmp_path / CKPT_NAME, weights_only=True)
+    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "step", "data"}
+    assert state["step"] == state["data"]["position"] == 20
+    assert state["rng"]["torch"].dtype == torch.uint8
+    assert state["config"]["optim"]["name"] == "adamw"  # plain containers, enums as strings
+    assert not (tmp_path / (CKPT_NAME + ".tmp")).exists()
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(compose(SMALL), tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume: .* different model"):
+        train(compose([*SMALL, "model.hidden_size=8", "trainer.resume=true"]), tmp_path)
+
+
+def poison_loss_at(monkeypatch, bad_call: int) -> None:
+    """Make AddingTask's training loss NaN from its ``bad_call``-th call on."""
+    calls = {"n": 0}
+    loss = AddingTask.loss
+
+    def poisoned(self, out, y):
+        calls["n"] += 1
+        value = loss(self, out, y)
+        return value * float("nan") if calls["n"] >= bad_call else value
+
+    monkeypatch.setattr(AddingTask, "loss", poisoned)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, bad_call=14)  # step 14 (1-based): evals use metrics(), not loss
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 14"):
+        train(compose(SMALL), tmp_path)
+    assert torch.load(tmp_path / CKPT_NAME, weights_only=True)["step"] == 10
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of an offline run's ``.wandb`` file (a LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, records, buf, pos = path.read_bytes(), 32768, [], b"", 7  # 7: file header
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        buf = chunk if kind in (1, 2) else buf + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+    return records
+
+
+def finished_records(run_file: Path, timeout: float = 30.0) -> list:
+    """The records once the exit record is on disk: wandb.finish() can return before wandb's
+    service process has flushed the file."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"no exit record in {run_file} after {timeout} s"
+        time.sleep(0.1)
+
+
+def items(updates) -> dict:
+    """A wandb record's key/value items as a dict (keys with "/" may come as nested_key)."""
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates}
+
+
+def test_wandb_offline_logs_config_metrics_and_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = train(compose([*SMALL, "logger=wandb"]), tmp_path)
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = finished_records(run_file)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds.count("history") == 2 and kinds[-1] == "exit"
+    assert records[-1].exit.exit_code == 0
+
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = items(run.config.update)
+    assert config["model"]["kind"] == "lstmlab" and config["trainer"]["steps"] == 20
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    rows = [items(h.item) for h in history]
+    assert [row["_step"] for row in rows] == [10, 20]
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["val/mse"] for row in rows] == [row["val/mse"] for row in metrics]
+    final = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "summary":
+            final.update(items(record.summary.update))
+    assert final["final/test/mse"] == summary["final"]["test"]["mse"]
+    assert final["parameters"] == summary["parameters"]
+
+
+def test_wandb_run_is_finished_when_training_fails(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    poison_loss_at(monkeypatch, bad_call=3)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(compose([*SMALL, "logger=wandb"]), tmp_path)
+    assert wandb.run is None
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = finished_records(run_file)
+    exits = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert [e.exit_code for e in exits] == [1]
+
+
+def test_ddp_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path):
+    overrides = [*SMALL, "model=torch_lstm", "trainer.device=cpu", "trainer.steps=10"]
+    single = train(compose(overrides), tmp_path / "single")
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "lstmlab.train", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Both ranks passed the bitwise parameter check before the final evaluation (else rc != 0),
+    # and two half batches give the full batch's gradient, up to summation order.
+    assert summary["world_size"] == 2
+    for split in ("val", "test"):
+        for key, value in single["final"][split].items():
+            assert summary["final"][split][key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1  # only rank 0 writes
+
+
+def test_ddp_ranks_that_diverge_are_caught(monkeypatch):
+    """_assert_in_sync compares every rank with rank 0; here with a one-process gloo group."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "0")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = torch.nn.Linear(3, 2)
+        lstmlab.train._assert_in_sync(model)  # one rank agrees with itself
+        original = dist.broadcast
+
+        def drifted(tensor, src):
+            original(tensor, src)
+            tensor.add_(1e-7)
+
+        monkeypatch.setattr(dist, "broadcast", drifted)
+        with pytest.raises(RuntimeError, match="DDP ranks diverged"):
+            lstmlab.train._assert_in_sync(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher",
+        reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)",
+    )
+    sweep = tmp_path / "sweep"
+    cmd = cli("-m", *SMALL, "hydra/launcher=submitit_local", "model=torch_rnn,torch_gru")
+    cmd += [f"hydra.sweep.dir={sweep}", "trainer.steps=10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = sorted(json.loads(p.read_text())["model"] for p in sweep.glob("*/summary.json"))
+    assert models == ["torch_gru", "torch_rnn"]
+    assert "torch_gru (adding)" in (sweep / "report.md").read_text()
