@@ -45,28 +45,43 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 class ReferenceSteps:
-    """Per-step gate math in PyTorch. Built from the saved gates [T, B, 4H] and cell states
-    cs [T + 1, B, H] when the backward starts, it precomputes every step's local derivatives."""
+    """Per-step gate math in PyTorch. For the backward it is built from the saved gates
+    [T, B, 4H], cell states cs [T + 1, B, H] and the gradient buffer d_pre [T, B, 4H], and
+    precomputes every step's local derivatives in a few large ops before the time loop."""
 
     forward_into = staticmethod(reference.gates_forward_into)
 
-    def __init__(self, gates: Tensor, cs: Tensor) -> None:
-        H = cs.shape[-1]
-        self.coef, self.carry = reference.backward_coefficients(gates, cs[1:], cs[:-1])
-        self.f = gates[..., H : 2 * H]
-
-    def backward_into(self, k: int, n: int, dh: Tensor, dout: Tensor | None, dc: Tensor, dpre: Tensor):
-        """Step k, first n rows: dpre <- ∂L/∂pre-activations, dc <- ∂L/∂c_{k−1} (in place)."""
-        reference.gates_backward_into(
-            dh, dout, dc, self.coef[k, :n], self.carry[k, :n], self.f[k, :n], dpre, dc
+    def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
+        T, B, G = gates.shape
+        H = G // 4
+        coef, carry = reference.backward_coefficients(gates, cs[1:], cs[:-1])
+        coef, d_pre = coef.view(T, B, 4, H), d_pre.view(T, B, 4, H)
+        # per-step views made once: slicing inside the time loop costs more than the math at small B
+        self.per_step = list(
+            zip(
+                coef[:, :, :3].unbind(0),  # [B, 3, H] i, f, g per unit of ∂L/∂c_t
+                coef[:, :, 3].unbind(0),  # [B, H] o per unit of ∂L/∂h_t
+                carry.unbind(0),  # [B, H]
+                gates.view(T, B, 4, H)[:, :, 1].unbind(0),  # [B, H] forget gate
+                d_pre[:, :, :3].unbind(0),  # [B, 3, H] out: ∂L/∂(i, f, g pre-activations)
+                d_pre[:, :, 3].unbind(0),  # [B, H] out: ∂L/∂(o pre-activation)
+                strict=True,
+            )
         )
+
+    def backward_step(self, k: int, n: int, dh: Tensor, dc: Tensor) -> None:
+        """Step k, first n rows: d_pre[k] <- ∂L/∂pre-activations, dc <- ∂L/∂c_{k−1} in place."""
+        step = self.per_step[k]
+        if n < dc.shape[0] or n < step[1].shape[0]:
+            step = tuple(t[:n] for t in step)
+        reference.gates_backward_into(dh, dc, *step, dc)
 
 
 class TritonSteps:
     """Per-step gate math in fused Triton kernels: one launch per step each way."""
 
-    def __init__(self, gates: Tensor, cs: Tensor) -> None:
-        self.gates, self.cs = gates, cs
+    def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
+        self.gates, self.cs, self.d_pre = gates, cs, d_pre
 
     @staticmethod
     def forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
@@ -74,11 +89,11 @@ class TritonSteps:
 
         triton_gates.gates_forward_into(pre, c_prev, gates, c, h)
 
-    def backward_into(self, k: int, n: int, dh: Tensor, dout: Tensor | None, dc: Tensor, dpre: Tensor):
+    def backward_step(self, k: int, n: int, dh: Tensor, dc: Tensor) -> None:
         from . import triton_gates
 
         gates, c, c_prev = self.gates[k, :n], self.cs[k + 1, :n], self.cs[k, :n]
-        triton_gates.gates_backward_into(dh, dout, dc, gates, c, c_prev, dpre, dc)
+        triton_gates.gates_backward_into(dh, dc, gates, c, c_prev, self.d_pre[k, :n], dc)
 
 
 def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
@@ -117,13 +132,28 @@ class LSTMLayerFunction(torch.autograd.Function):
         hs[0] = h0
         cs[0] = c0
         w_hh_t = w_hh.t()
+        # per-step views made once: slicing inside the time loop costs more than the math at small B
+        gx_k, hs_k, cs_k, gates_k = gx.unbind(0), hs.unbind(0), cs.unbind(0), gates.unbind(0)
+        h_raw_k = None if w_hr is None else h_raw.unbind(0)
 
         for k, n in enumerate(sizes):
-            torch.addmm(gx[k, :n], hs[k, :n], w_hh_t, out=pre[:n])  # [n, 4H]
-            h_out = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
-            forward_into(pre[:n], cs[k, :n], gates[k, :n], cs[k + 1, :n], h_out)
+            if n == B:
+                step_pre, h_prev, c_prev, step_gates, c = pre, hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
+                h = hs_k[k + 1] if w_hr is None else h_raw_k[k]
+                torch.addmm(gx_k[k], h_prev, w_hh_t, out=step_pre)  # [B, 4H]
+            else:
+                step_pre, h_prev, c_prev, step_gates, c = (
+                    pre[:n],
+                    hs[k, :n],
+                    cs[k, :n],
+                    gates[k, :n],
+                    cs[k + 1, :n],
+                )
+                h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
+                torch.addmm(gx[k, :n], h_prev, w_hh_t, out=step_pre)  # [n, 4H]
+            forward_into(step_pre, c_prev, step_gates, c, h)
             if w_hr is not None:
-                torch.mm(h_raw[k, :n], w_hr.t(), out=hs[k + 1, :n])  # [n, P]
+                torch.mm(h, w_hr.t(), out=hs[k + 1, :n])  # [n, P]
             if n < B:
                 hs[k + 1, n:] = hs[k, n:]
                 cs[k + 1, n:] = cs[k, n:]
@@ -145,32 +175,46 @@ class LSTMLayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
         hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
-        steps = _steps(ctx.backend)(gates, cs)
+        sizes = ctx.sizes
         T, B, G = gates.shape
         P = hs.shape[-1]
         dtype, acc, dev = hs.dtype, cs.dtype, hs.device
 
         d_out = d_out.contiguous()  # e.g. the expanded (stride-0) gradient of out.sum()
         d_pre = empty(T, B, G, dtype=dtype, device=dev)  # ∂L/∂pre-activations = ∂L/∂gx
-        d_h = d_hn.to(acc, copy=True)  # [B, P] ∂L/∂h through the recurrence
+        d_h = d_hn.to(acc, copy=True)  # [B, P] ∂L/∂h_k: through the recurrence plus output k
         d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
         d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
+        steps = _steps(ctx.backend)(gates, cs, d_pre)
+        d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
+        gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
 
+        d_h[: sizes[-1]] += d_out_k[T - 1][: sizes[-1]]
         for k in reversed(range(T)):
-            n = ctx.sizes[k]
+            n = sizes[k]
+            d_h_rows, d_c_rows = (d_h, d_c) if n == B else (d_h[:n], d_c[:n])
             if w_hr is None:
-                steps.backward_into(k, n, d_h[:n], d_out[k, :n], d_c[:n], d_pre[k, :n])
+                steps.backward_step(k, n, d_h_rows, d_c_rows)
             else:
-                torch.add(d_h[:n], d_out[k, :n], out=d_hp[k, :n])
-                steps.backward_into(k, n, d_hp[k, :n] @ w_hr, None, d_c[:n], d_pre[k, :n])
-            if d_h.dtype == dtype:
-                torch.mm(d_pre[k, :n], w_hh, out=d_h[:n])  # [n, P]
-            else:  # low-precision GEMM, fp32 state
-                d_h[:n] = d_pre[k, :n] @ w_hh
+                d_hp[k, :n] = d_h_rows
+                steps.backward_step(k, n, d_hp[k, :n] @ w_hr, d_c_rows)
+            d_pre_step = d_pre_k[k] if n == B else d_pre_k[k][:n]
             if n < B:
                 d_pre[k, n:] = 0
                 if w_hr is not None:
                     d_hp[k, n:] = 0
+            # ∂L/∂h_{k−1} = d_pre_k·W_hh + output gradient k−1: one GEMM when the same rows
+            # advance at both steps
+            n_prev = sizes[k - 1] if k > 0 else 0
+            out = d_h_rows if gemm_into_state else None
+            if n_prev == n:
+                rows = torch.addmm(d_out_k[k - 1][:n], d_pre_step, w_hh, out=out)
+            else:
+                rows = torch.mm(d_pre_step, w_hh, out=out)  # [n, P]
+            if not gemm_into_state:
+                d_h_rows.copy_(rows)
+            if n_prev != n and n_prev > 0:
+                d_h[:n_prev] += d_out_k[k - 1][:n_prev]
 
         needs = ctx.needs_input_grad
         d_w_hh = d_pre.view(-1, G).t() @ hs[:-1].reshape(-1, P) if needs[3] else None  # [4H, P]
@@ -252,8 +296,8 @@ def gates_backward(
 ) -> tuple[Tensor, Tensor]:
     """Backward of :func:`gates_forward`: -> dpre [B, 4H] (dtype of ``dh``), dc_prev [B, H]."""
     B, G = gates.shape
-    steps = _steps(backend)(gates.contiguous()[None], torch.stack([c_prev, c]))
     d_pre = empty(B, G, dtype=dh.dtype, device=dh.device)
+    steps = _steps(backend)(gates.contiguous()[None], torch.stack([c_prev, c]), d_pre[None])
     d_c = dc.to(c.dtype, copy=True)  # the step writes dc_prev over it
-    steps.backward_into(0, B, dh.contiguous(), None, d_c, d_pre)
+    steps.backward_step(0, B, dh.to(c.dtype), d_c)
     return d_pre, d_c

@@ -22,7 +22,7 @@ def gates_forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h:
     H = c.shape[-1]
     torch.sigmoid(pre.to(gates.dtype), out=gates)
     torch.tanh(pre[:, 2 * H : 3 * H].to(gates.dtype), out=gates[:, 2 * H : 3 * H])
-    i, f, g, o = gates.split(H, dim=1)
+    i, f, g, o = gates.chunk(4, dim=1)  # Tensor.split is a Python wrapper: slower per step
     torch.mul(f, c_prev, out=c)
     c.addcmul_(i, g)  # c = f ⊙ c_prev + i ⊙ g
     torch.mul(o, torch.tanh(c), out=h)  # h = o ⊙ tanh(c)
@@ -43,23 +43,21 @@ def backward_coefficients(gates: Tensor, c: Tensor, c_prev: Tensor) -> tuple[Ten
 
 def gates_backward_into(
     dh: Tensor,
-    dout: Tensor | None,
     dc: Tensor,
-    coef: Tensor,
+    coef_ifg: Tensor,
+    coef_o: Tensor,
     carry: Tensor,
     f: Tensor,
-    dpre: Tensor,
+    dpre_ifg: Tensor,
+    dpre_o: Tensor,
     dc_prev: Tensor,
 ) -> None:
-    """One step: dh [B, H] (+ dout [B, H] when given) = ∂L/∂h_t, dc [B, H] = ∂L/∂c_t from step t+1,
-    and this step's ``backward_coefficients`` and forget gate f [B, H] ->
-    dpre [B, 4H] = ∂L/∂(i, f, g, o pre-activations), dc_prev [B, H] = ∂L/∂c_{t−1} (may alias dc).
+    """One step: dh [B, H] = ∂L/∂h_t, dc [B, H] = ∂L/∂c_t from step t+1, and this step's
+    ``backward_coefficients`` (coef_ifg [B, 3, H], coef_o [B, H], carry [B, H]) and forget gate
+    f [B, H] -> dpre_ifg [B, 3, H], dpre_o [B, H]: ∂L/∂(i, f, g), ∂L/∂o pre-activations, and
+    dc_prev [B, H] = ∂L/∂c_{t−1} (may alias dc).
     """
-    B, H = dc.shape
-    if dout is not None:
-        dh = dh + dout
     dc_total = torch.addcmul(dc, dh, carry)  # ∂L/∂c_t, both paths: into c_{t+1} and into h_t
-    dpre_gates = dpre.view(B, 4, H)
-    torch.mul(dc_total.unsqueeze(1), coef.view(B, 4, H)[:, :3], out=dpre_gates[:, :3])  # i, f, g
-    torch.mul(dh, coef[:, 3 * H :], out=dpre_gates[:, 3])  # o
+    torch.mul(dc_total.unsqueeze(1), coef_ifg, out=dpre_ifg)
+    torch.mul(dh, coef_o, out=dpre_o)
     torch.mul(dc_total, f, out=dc_prev)

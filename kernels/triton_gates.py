@@ -73,7 +73,6 @@ def lstm_gates_fwd_kernel(
 @triton.jit
 def lstm_gates_bwd_kernel(
     p_dh,
-    p_dout,
     p_dc,
     p_gates,
     p_c,
@@ -82,14 +81,12 @@ def lstm_gates_bwd_kernel(
     p_dc_prev,
     H,
     stride_dh,
-    stride_dout,
     stride_dc,
     stride_gates,
     stride_c,
     stride_c_prev,
     stride_dpre,
     stride_dc_prev,
-    HAS_DOUT: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
@@ -107,8 +104,6 @@ def lstm_gates_bwd_kernel(
     b_c_prev = tl.load(p_c_prev + i_b * stride_c_prev + o_h, mask=m_h, other=0).to(acc_dtype)
     b_dc = tl.load(p_dc + i_b * stride_dc + o_h, mask=m_h, other=0).to(acc_dtype)
     b_dh = tl.load(p_dh + i_b * stride_dh + o_h, mask=m_h, other=0).to(acc_dtype)
-    if HAS_DOUT:
-        b_dh += tl.load(p_dout + i_b * stride_dout + o_h, mask=m_h, other=0).to(acc_dtype)
 
     b_tanh_c = _tanh(b_c)
     b_dc = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
@@ -159,29 +154,19 @@ def gates_forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h:
 
 
 def gates_backward_into(
-    dh: Tensor,
-    dout: Tensor | None,
-    dc: Tensor,
-    gates: Tensor,
-    c: Tensor,
-    c_prev: Tensor,
-    dpre: Tensor,
-    dc_prev: Tensor,
+    dh: Tensor, dc: Tensor, gates: Tensor, c: Tensor, c_prev: Tensor, dpre: Tensor, dc_prev: Tensor
 ) -> None:
-    """Writes dpre [B, 4H] and dc_prev [B, H] (which may alias dc) from dh (+ dout), dc [B, H]."""
+    """dh [B, H] = ∂L/∂h_t, dc [B, H] = ∂L/∂c_t from step t+1, saved gates [B, 4H], c_t and c_{t−1}
+    -> dpre [B, 4H], dc_prev [B, H] (may alias dc: each element is read before it is written)."""
     _rows(dh, dc, gates, c, c_prev, dpre, dc_prev)
-    has_dout = dout is not None
-    if has_dout:
-        _rows(dout)
     B, H = c.shape
     if B == 0:
         return
     BLOCK_H = _block_h(H)
     grid = (B, triton.cdiv(H, BLOCK_H))
-    dout_arg = dout if has_dout else dh  # never read when HAS_DOUT is False
     lstm_gates_bwd_kernel[grid](
-        dh, dout_arg, dc, gates, c, c_prev, dpre, dc_prev, H,
-        dh.stride(0), dout_arg.stride(0), dc.stride(0), gates.stride(0), c.stride(0),
+        dh, dc, gates, c, c_prev, dpre, dc_prev, H,
+        dh.stride(0), dc.stride(0), gates.stride(0), c.stride(0),
         c_prev.stride(0), dpre.stride(0), dc_prev.stride(0),
-        HAS_DOUT=has_dout, BLOCK_H=BLOCK_H,
+        BLOCK_H=BLOCK_H,
     )  # fmt: skip
