@@ -1,0 +1,787 @@
+"""Benchmark a whole LSTM layer: lstmlab against torch.nn.LSTM (cuDNN), torch.nn.GRU and a loop.
+
+Every implementation is first checked against ``torch.nn.LSTM`` in float64 on the same weights
+(the GRU against ``torch.nn.GRU`` in float64); a row whose check fails is marked FAILED and is
+not timed. All baselines are timed in the same process and the same run.
+
+    python scripts/bench_layer.py --quick                 # GPU preset, about 3 minutes on an H100
+    python scripts/bench_layer.py                         # full default matrix of the device
+    python scripts/bench_layer.py --batch 16 64 --hidden 128 256 --seq 100 --passes fwd+bwd
+
+Writes ``results.csv``, ``results.md`` and ``time_<dtype>_<pass>.png`` under ``--out``
+(default ``docs/benchmarks/<device-slug>-<YYYY-MM-DD>/``).
+"""
+
+# T: time  B: batch  I: input size  H: hidden  L: layers  G = 4H: stacked gates (i, f, g, o)
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+
+DTYPES: dict[str, tuple[torch.dtype, bool]] = {  # label -> (dtype, TF32 allowed)
+    "fp32": (torch.float32, False),
+    "fp32-tf32": (torch.float32, True),
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
+}
+# Norm-wise max relative error (benchlib.max_rel_err) allowed against float64, outputs and
+# gradients. Loose enough for rounding accumulated over 1024 steps, far below the O(1) error of
+# a wrong gate order, a missing bias or a dropped timestep.
+TOLERANCE = {"fp32": 1e-3, "fp32-tf32": 5e-2, "fp16": 5e-2, "bf16": 1e-1}
+PASSES = ("fwd", "fwd+bwd")
+BASELINE = "torch.nn.LSTM"
+IMPLS = ("torch.nn.LSTM", "torch.nn.GRU", "LSTMCell-loop", "lstmlab.LSTM", "lstmlab.lstm_layer")
+
+MATRIX = {
+    "cuda": {
+        "batch": [1, 8, 16, 64, 256],
+        "hidden": [128, 256, 512, 768, 1024],
+        "seq": [64, 256, 1024],
+        "dtypes": ["fp32", "fp32-tf32", "fp16", "bf16"],
+    },
+    "cuda-quick": {
+        "batch": [16, 64],
+        "hidden": [256, 768],
+        "seq": [256],
+        "dtypes": ["fp32", "fp16", "bf16"],
+    },
+    "cpu": {"batch": [16, 64], "hidden": [128, 256], "seq": [100], "dtypes": ["fp32"]},
+    "cpu-quick": {"batch": [8], "hidden": [64], "seq": [32], "dtypes": ["fp32"]},
+}
+
+COLUMNS = [
+    "impl",
+    "backend",
+    "input_proj",
+    "cudnn_path",
+    "layers",
+    "batch",
+    "hidden",
+    "input_size",
+    "seq_len",
+    "dtype",
+    "pass",
+    "status",
+    "max_rel_err",
+    "tol",
+    "reference",
+    "first_call_ms",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "us_per_step",
+    "tokens_per_s",
+    "peak_mem_mib",
+    "ratio_vs_baseline",
+    "kernels",
+    "note",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    layers: int
+    batch: int
+    hidden: int
+    input_size: int
+    seq_len: int
+    dtype: str
+    pass_: str
+
+    @property
+    def shape(self) -> str:
+        return f"L{self.layers} B{self.batch} H{self.hidden} I{self.input_size} T{self.seq_len}"
+
+
+@dataclass
+class Impl:
+    """One implementation on one config.
+
+    ``prepare`` turns the input x [T, B, I] into what ``forward`` takes (x itself, or the
+    precomputed gx [T, B, 4H] for rows that exclude the input projection) and stays connected
+    to x in autograd so the check can compare dx. ``forward`` returns (out, h_n[, c_n]).
+    """
+
+    name: str
+    input_proj: str
+    forward: Callable[[Tensor], tuple[Tensor, ...]]
+    params: list[Tensor]
+    w_hh: Tensor  # layer-0 recurrent weight, whose gradient is checked
+    backend: Callable[[], str]
+    prepare: Callable[[Tensor], Tensor] = lambda x: x
+    reference: str = "torch.nn.LSTM fp64"
+    note: str = ""
+    modules: list[nn.Module] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuDNN algorithm, as PyTorch's get_algo (aten/src/ATen/native/cudnn/RNN.cpp) would pick it
+
+
+def cudnn_expected_path(mode: str, cfg: Config, dtype: torch.dtype, forward: bool, props) -> str:
+    """PERSIST_STATIC_SMALL_H / PERSIST_STATIC / STANDARD for an unpacked, unidirectional RNN
+    without projection, following PyTorch's heuristic (cuDNN >= 8.2.1). ``props`` is
+    ``torch.cuda.get_device_properties`` (major, minor, multi_processor_count)."""
+    small_h = cfg.hidden <= (192 if forward else 128)
+    if dtype != torch.float64 and props.major >= 6 and small_h:
+        return "PERSIST_STATIC_SMALL_H"
+    if dtype == torch.float16:
+        common = (
+            cfg.layers == 1 and cfg.hidden <= 1024 and cfg.hidden % 128 == 0 and cfg.input_size % 128 == 0
+        )
+        if props.major == 7 and props.minor != 5:
+            b, t = cfg.batch, cfg.seq_len
+            dev_ok = ((b % 16 == 0 and b not in (80, 112)) or b == 8) and (
+                (t >= 40 and b <= 128) or (t >= 20 and b <= 96) or (t >= 10 and b <= 32)
+            )
+        elif props.major >= 8 and props.multi_processor_count >= 98 and props.minor != 6:
+            dev_ok = mode == "LSTM" and cfg.batch % 8 == 0 and cfg.batch <= 128
+        else:
+            dev_ok = False
+        if common and dev_ok:
+            return "PERSIST_STATIC"
+    return "STANDARD"
+
+
+def cudnn_path_label(mode: str, cfg: Config, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    dtype = DTYPES[cfg.dtype][0]
+    props = torch.cuda.get_device_properties(device)
+    label = f"fwd {cudnn_expected_path(mode, cfg, dtype, True, props)}"
+    if cfg.pass_ == "fwd+bwd":
+        label += f", bwd {cudnn_expected_path(mode, cfg, dtype, False, props)}"
+    label += " (expected path per PyTorch's heuristic"
+    if dtype == torch.bfloat16:
+        label += "; bf16 may not reach cuDNN at all, see kernels"
+    return label + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations
+
+
+class LSTMCellLoop(nn.Module):
+    """The "vanilla PyTorch" LSTM: a Python loop over time of ``nn.LSTMCell`` per layer."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        self.cells = nn.ModuleList()
+        for k in range(lstm.num_layers):
+            in_size = lstm.input_size if k == 0 else lstm.hidden_size
+            cell = nn.LSTMCell(in_size, lstm.hidden_size, device=lstm.weight_hh_l0.device)
+            with torch.no_grad():
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(cell, name).copy_(getattr(lstm, f"{name}_l{k}"))
+            self.cells.append(cell)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h_n, c_n = [], []
+        for cell in self.cells:
+            h = c = x.new_zeros(x.shape[1], cell.hidden_size)
+            outs = []
+            for x_t in x:  # (B, I)
+                h, c = cell(x_t, (h, c))
+                outs.append(h)
+            x = torch.stack(outs)  # (T, B, H)
+            h_n.append(h)
+            c_n.append(c)
+        return x, torch.stack(h_n), torch.stack(c_n)
+
+
+def lstm_forward(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    def fwd(x: Tensor) -> tuple[Tensor, ...]:
+        out, (h_n, c_n) = module(x)
+        return out, h_n, c_n
+
+    return fwd
+
+
+def gru_forward(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    def fwd(x: Tensor) -> tuple[Tensor, ...]:
+        out, h_n = module(x)
+        return out, h_n
+
+    return fwd
+
+
+def build_impls(
+    cfg: Config, device: torch.device, backends: list[str], wanted: set[str]
+) -> Iterator[tuple[str, Impl | Exception]]:
+    """Yields (label, Impl) in timing order, baseline first; a construction error is yielded
+    in place of the Impl so it becomes a FAILED row."""
+    from lstmlab.kernels import lstm_layer
+
+    import lstmlab
+
+    dtype = DTYPES[cfg.dtype][0]
+    torch.manual_seed(0)
+    master = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device)
+
+    if "torch.nn.LSTM" in wanted:
+        m = copy.deepcopy(master).to(dtype)
+        note = "cuDNN cannot exclude the input projection" if device.type == "cuda" else ""
+        yield (
+            "torch.nn.LSTM",
+            Impl(
+                "torch.nn.LSTM",
+                "included",
+                lstm_forward(m),
+                list(m.parameters()),
+                m.weight_hh_l0,
+                lambda: "cudnn" if device.type == "cuda" else "aten",
+                note=note,
+                modules=[m],
+            ),
+        )
+    if "torch.nn.GRU" in wanted:
+        torch.manual_seed(1)
+        gru = nn.GRU(cfg.input_size, cfg.hidden, cfg.layers, device=device).to(dtype)
+        yield (
+            "torch.nn.GRU",
+            Impl(
+                "torch.nn.GRU",
+                "included",
+                gru_forward(gru),
+                list(gru.parameters()),
+                gru.weight_hh_l0,
+                lambda: "cudnn" if device.type == "cuda" else "aten",
+                reference="torch.nn.GRU fp64 (a GRU is not an LSTM)",
+                note="GRU cell: 3 gates, not the same function",
+                modules=[gru],
+            ),
+        )
+    if "LSTMCell-loop" in wanted:
+        loop = LSTMCellLoop(master).to(dtype)
+        yield (
+            "LSTMCell-loop",
+            Impl(
+                "LSTMCell-loop",
+                "included",
+                loop.forward,
+                list(loop.parameters()),
+                loop.cells[0].weight_hh,
+                lambda: "eager",
+                note="Python loop over nn.LSTMCell",
+                modules=[loop],
+            ),
+        )
+    for backend in backends:
+        if "lstmlab.LSTM" in wanted:
+            try:
+                model = lstmlab.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend)
+                model.load_state_dict(master.state_dict())
+                model = model.to(dtype)
+            except Exception as exc:  # recorded as a FAILED row by the caller
+                yield f"lstmlab.LSTM[{backend}]", exc
+            else:
+                yield (
+                    f"lstmlab.LSTM[{backend}]",
+                    Impl(
+                        "lstmlab.LSTM",
+                        "included",
+                        lstm_forward(model),
+                        list(model.parameters()),
+                        model.weight_hh_l0,
+                        lambda model=model: str(model.last_backend),
+                        modules=[model],
+                    ),
+                )
+        if "lstmlab.lstm_layer" in wanted:
+            label = f"lstmlab.lstm_layer[{backend}]"
+            if cfg.layers != 1:
+                print(f"  {label}: skipped, excluding the input projection needs --layers 1")
+                continue
+            w = copy.deepcopy(master).to(dtype)  # holds W_ih, W_hh, biases for the kernel call
+            h0 = torch.zeros(cfg.batch, cfg.hidden, device=device, dtype=dtype)
+            c0 = torch.zeros_like(h0)
+
+            def project(x: Tensor, w: nn.LSTM = w) -> Tensor:
+                return nn.functional.linear(x, w.weight_ih_l0, w.bias_ih_l0 + w.bias_hh_l0)
+
+            def run_layer(gx: Tensor, w=w, h0=h0, c0=c0, backend=backend) -> tuple[Tensor, ...]:
+                return lstm_layer(gx, h0, c0, w.weight_hh_l0, backend=backend)
+
+            yield (
+                label,
+                Impl(
+                    "lstmlab.lstm_layer",
+                    "excluded",
+                    run_layer,
+                    [w.weight_hh_l0],
+                    w.weight_hh_l0,
+                    lambda backend=backend: backend,
+                    prepare=project,
+                    note="gx = x W_ih^T + b precomputed outside the timed region",
+                    modules=[w],
+                ),
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Check, then time
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def reference_outputs(
+    impl: Impl, cfg: Config, x: Tensor, gout: Tensor, backward: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(outputs, gradients) of the float64 reference on the same (already rounded) weights."""
+    if impl.name == "torch.nn.GRU":
+        ref = copy.deepcopy(impl.modules[0]).double()
+        forward = gru_forward(ref)
+    else:
+        ref = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=x.device, dtype=torch.float64)
+        ref.load_state_dict(reference_state(impl), strict=True)
+        forward = lstm_forward(ref)
+    with tf32(False):
+        x64 = x.detach().double().requires_grad_(backward)
+        outs = forward(x64)
+        grads: list[Tensor] = []
+        if backward:
+            outs[0].backward(gout.double())
+            grads = [x64.grad, ref.weight_hh_l0.grad]
+    return [o.detach() for o in outs], grads
+
+
+def reference_state(impl: Impl) -> dict[str, Tensor]:
+    """torch.nn.LSTM state dict (float64) of the weights ``impl`` actually computes with."""
+    module = impl.modules[0]
+    if isinstance(module, LSTMCellLoop):
+        state = {}
+        for k, cell in enumerate(module.cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                state[f"{name}_l{k}"] = getattr(cell, name)
+    else:
+        state = {k: v for k, v in module.state_dict().items() if k.split("_l")[0] in _LSTM_KEYS}
+    return {k: v.detach().double() for k, v in state.items()}
+
+
+_LSTM_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def check(
+    impl: Impl, cfg: Config, x: Tensor, gout: Tensor, fault: bool, device: torch.device
+) -> tuple[float, float]:
+    """Max relative error of outputs (and dx, dW_hh for fwd+bwd) against float64, and the wall
+    time in ms of this first call of the implementation (JIT / compile / cuDNN set-up)."""
+    backward = cfg.pass_ == "fwd+bwd"
+    ref_outs, ref_grads = reference_outputs(impl, cfg, x, gout, backward)
+    for m in impl.modules:
+        m.train(backward)
+    xr = x.detach().clone().requires_grad_(backward)
+    impl.w_hh.grad = None
+    benchlib.sync(device)
+    t0 = time.perf_counter()
+    outs = list(impl.forward(impl.prepare(xr)))
+    if fault:
+        outs[0] = outs[0] + 1.0
+    grads: list[Tensor] = []
+    if backward:
+        outs[0].backward(gout)
+        grads = [xr.grad, impl.w_hh.grad]
+    benchlib.sync(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    mine, refs = [*outs, *grads], [*ref_outs, *ref_grads]
+    refs = [r.reshape(m.shape) for r, m in zip(refs, mine, strict=True)]
+    return benchlib.max_rel_err(mine, refs), first_ms
+
+
+def check_one(
+    label: str,
+    impl: Impl,
+    cfg: Config,
+    device: torch.device,
+    args: argparse.Namespace,
+    x: Tensor,
+    gout: Tensor,
+) -> tuple[dict[str, object], Callable[[], None] | None, list[Tensor] | None]:
+    """Checks one implementation; returns its row and, when the check passed, the timed call
+    and the tensors whose gradients it resets."""
+    backward = cfg.pass_ == "fwd+bwd"
+    row: dict[str, object] = {
+        "impl": impl.name,
+        "input_proj": impl.input_proj,
+        "reference": impl.reference,
+        "note": impl.note,
+        "tol": TOLERANCE[cfg.dtype],
+    }
+    fault = impl.name in args.inject_fault or label in args.inject_fault
+    err, row["first_call_ms"] = check(impl, cfg, x, gout, fault, device)
+    row["backend"] = impl.backend()  # last_backend is known once a forward has run
+    row["max_rel_err"] = err
+    if not err <= TOLERANCE[cfg.dtype]:
+        row["status"] = "FAILED"
+        row["note"] = f"correctness check failed: err {err:.3g} > tol {TOLERANCE[cfg.dtype]}"
+        if fault:
+            row["note"] += " (fault injected by --inject-fault)"
+        return row, None, None
+
+    # Timed input: x itself, or gx precomputed outside the timed region.
+    with torch.no_grad():
+        inp = impl.prepare(x).detach()
+    inp.requires_grad_(backward)
+    for m in impl.modules:
+        m.train(backward)
+
+    if backward:
+
+        def fn() -> None:
+            impl.forward(inp)[0].backward(gout)
+
+        grad_to_none = [inp, *impl.params]
+    else:
+
+        def fn() -> None:
+            with torch.no_grad():
+                impl.forward(inp)
+
+        grad_to_none = None
+
+    return row, fn, grad_to_none
+
+
+def time_rows(
+    timed: list[tuple[dict[str, object], Callable[[], None], list[Tensor] | None]],
+    cfg: Config,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> None:
+    """Times every checked implementation of one config and fills its row.
+
+    CUDA: one ``do_bench`` per implementation. CPU: interleaved blocks (benchlib.time_interleaved)
+    so that load from other processes on a shared machine falls on every implementation alike.
+    """
+    if device.type == "cuda":
+        results = [
+            benchlib.time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, grad_to_none=grads)
+            for _, fn, grads in timed
+        ]
+    else:
+        results = benchlib.time_interleaved(
+            [(fn, grads) for _, fn, grads in timed], min_run_time_s=args.min_run_time * len(timed)
+        )
+    for (row, fn, grads), (med, p20, p80) in zip(timed, results, strict=True):
+        row |= {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "status": "ok"}
+        row["us_per_step"] = med * 1e3 / cfg.seq_len
+        row["tokens_per_s"] = cfg.batch * cfg.seq_len / (med * 1e-3)
+        row["peak_mem_mib"] = benchlib.peak_memory_mib(fn, device, grads)
+        if row["impl"] in ("torch.nn.LSTM", "torch.nn.GRU"):
+            row["kernels"] = benchlib.top_ops(fn, device)
+            if device.type == "cpu" and "mkldnn_rnn" in str(row["kernels"]):
+                row["backend"] = "onednn"  # torch's CPU LSTM dispatches to oneDNN's fused RNN
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small preset (GPU: fits 3 min on H100)")
+    p.add_argument("--batch", type=int, nargs="+")
+    p.add_argument("--hidden", type=int, nargs="+")
+    p.add_argument("--seq", type=int, nargs="+")
+    p.add_argument("--input-size", type=int, help="default: equal to the hidden size")
+    p.add_argument("--layers", type=int, nargs="+", default=[1])
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--backends", nargs="+", choices=["triton", "reference"], help="lstmlab backends")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per row (CPU)")
+    p.add_argument("--time-budget-s", type=float, help="start no new config after this")
+    p.add_argument(
+        "--inject-fault",
+        nargs="+",
+        default=[],
+        metavar="IMPL",
+        help="harness self-test: add 1.0 to this implementation's output (e.g. torch.nn.GRU,\n"
+        "lstmlab.LSTM[reference]) so its check fails and the row must read FAILED",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, help="results folder")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    preset = MATRIX[device.type + ("-quick" if args.quick else "")]
+    args.batch = args.batch or preset["batch"]
+    args.hidden = args.hidden or preset["hidden"]
+    args.seq = args.seq or preset["seq"]
+    args.dtypes = args.dtypes or preset["dtypes"]
+    if args.quick and device.type == "cuda":
+        args.warmup_ms, args.rep_ms = min(args.warmup_ms, 10.0), min(args.rep_ms, 50.0)
+    if device.type != "cuda" and "fp32-tf32" in args.dtypes:
+        p.error("fp32-tf32 needs a CUDA device")
+    return args
+
+
+def lstmlab_backends(args: argparse.Namespace, device: torch.device) -> tuple[list[str], str]:
+    """Backends to run on this device, and a printed reason for those left out."""
+    wanted = args.backends or ["triton", "reference"]
+    if device.type == "cuda":
+        return wanted, ""
+    reason = ""
+    if "triton" in wanted:
+        reason = (
+            "lstmlab backend 'triton' skipped on CPU: it runs there only under "
+            "TRITON_INTERPRET=1, an interpreter whose timings mean nothing"
+        )
+        print(reason)
+    return [b for b in wanted if b != "triton"], reason
+
+
+def configs(args: argparse.Namespace) -> list[Config]:
+    return [
+        Config(layers, b, h, args.input_size or h, t, dt, ps)
+        for dt, ps, layers, t, h, b in itertools.product(
+            args.dtypes, args.passes, args.layers, args.seq, args.hidden, args.batch
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = args.out or benchlib.default_out_dir(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = benchlib.environment(device)
+    backends, skip_reason = lstmlab_backends(args, device)
+    print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+
+    writer = benchlib.CsvWriter(out_dir / "results.csv", ["device", *COLUMNS])
+    rows: list[dict[str, object]] = []
+    cfgs = configs(args)
+    t_start = time.monotonic()
+    stopped_at = None
+    for n, cfg in enumerate(cfgs):
+        if args.time_budget_s is not None and time.monotonic() - t_start >= args.time_budget_s:
+            stopped_at = n
+            print(f"time budget of {args.time_budget_s:.0f} s spent: {len(cfgs) - n} configs not run")
+            break
+        print(f"[{n + 1}/{len(cfgs)}] {cfg.shape} {cfg.dtype} {cfg.pass_}", flush=True)
+        rows += run_config(cfg, device, backends, args, writer)
+    writer.close()
+    env["load_avg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    notes = md_notes(device, skip_reason, stopped_at, len(cfgs))
+    no_plots = benchlib.plotting_unavailable()
+    if no_plots:
+        print(f"WARNING: {no_plots}", file=sys.stderr)
+        notes.append(no_plots + ".")
+    write_markdown(out_dir / "results.md", env, rows, notes)
+    plots = [] if no_plots else write_plots(out_dir, rows, args, env["device"])
+    print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {len(plots)} plots")
+    return 0
+
+
+def run_config(
+    cfg: Config,
+    device: torch.device,
+    backends: list[str],
+    args: argparse.Namespace,
+    writer: benchlib.CsvWriter,
+) -> list[dict[str, object]]:
+    dtype, allow_tf32 = DTYPES[cfg.dtype]
+    rows = []
+    base = {
+        "device": str(device),
+        "layers": cfg.layers,
+        "batch": cfg.batch,
+        "hidden": cfg.hidden,
+        "input_size": cfg.input_size,
+        "seq_len": cfg.seq_len,
+        "dtype": cfg.dtype,
+        "pass": cfg.pass_,
+        "shape": cfg.shape,
+    }
+    with tf32(allow_tf32):
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        x = torch.randn(cfg.seq_len, cfg.batch, cfg.input_size, generator=gen)
+        gout = torch.randn(cfg.seq_len, cfg.batch, cfg.hidden, generator=gen)
+        x, gout = x.to(device, dtype), gout.to(device, dtype)
+        timed = []
+        for label, impl in build_impls(cfg, device, backends, set(args.impls)):
+            name, _, backend = label.partition("[")
+            row = dict(base) | {"impl": name, "backend": backend.rstrip("]")}
+            if isinstance(impl, Exception):
+                row |= {"status": "FAILED", "note": benchlib.describe_exception(impl)}
+            else:
+                if impl.name in ("torch.nn.LSTM", "torch.nn.GRU"):
+                    mode = "LSTM" if impl.name == "torch.nn.LSTM" else "GRU"
+                    row["cudnn_path"] = cudnn_path_label(mode, cfg, device)
+                try:
+                    checked, fn, grads = check_one(label, impl, cfg, device, args, x, gout)
+                    row |= checked
+                    if fn is not None:
+                        timed.append((row, fn, grads))
+                except Exception as exc:  # one broken implementation must not end the run
+                    row |= {"status": "FAILED", "note": benchlib.describe_exception(exc)}
+            rows.append(row)
+        try:
+            time_rows(timed, cfg, device, args)
+        except Exception as exc:  # e.g. out of memory while timing: the config's rows fail
+            note = benchlib.describe_exception(exc)
+            for row, _, _ in timed:
+                row |= {"status": "FAILED", "note": f"timing failed: {note}"}
+        del timed
+        benchlib.free_memory(device)
+    baseline = [r for r in rows if r["impl"] == BASELINE and r.get("status") == "ok"]
+    for row in rows:
+        if baseline and row.get("status") == "ok":
+            row["ratio_vs_baseline"] = float(row["median_ms"]) / float(baseline[0]["median_ms"])
+        benchlib.print_row(row)
+        writer.write(row)
+    return rows
+
+
+def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_cfgs: int) -> list[str]:
+    baseline = (
+        "cuDNN `torch.nn.LSTM`"
+        if device.type == "cuda"
+        else "`torch.nn.LSTM` (on CPU oneDNN's fused LSTM when `kernels` shows aten::mkldnn_rnn_layer)"
+    )
+    timer = (
+        "`triton.testing.do_bench` (CUDA events, warm-up, L2 flushed before each call)"
+        if device.type == "cuda"
+        else f"interleaved timing with {torch.get_num_threads()} torch thread(s): 15 round-robin "
+        "blocks per config (each implementation once per round, so load from other processes "
+        "hits all alike); median and quantiles over the rounds"
+    )
+    notes = [
+        f"Times: median [20 %, 80 %] in ms from {timer}. `first ms` = wall time of the "
+        "implementation's first call (the correctness check: forward, and backward for "
+        "fwd+bwd); Triton JIT and cuDNN set-up show there, once per process and dtype.",
+        "`fwd` = inference forward under `torch.no_grad()`, modules in eval mode; `fwd+bwd` = "
+        "forward plus `out.backward(grad)`, input requiring grad, grads reset each call.",
+        f"`ratio` = median / median of {baseline} on the same shape, dtype and pass (> 1: "
+        "slower than the baseline).",
+        "`err` = max over outputs (out, h_n, c_n; for fwd+bwd also dx and dW_hh of layer 0) of "
+        "max|y - y_ref| / max|y_ref|, against the float64 reference on the same weights; a row "
+        "above `tol` is FAILED and not timed.",
+        "`input proj excluded` rows call `lstmlab.kernels.lstm_layer` on a precomputed gx; "
+        "cuDNN cannot exclude the input projection, so the baseline always includes it.",
+        "`cudnn path`: the algorithm PyTorch's heuristic (aten/src/ATen/native/cudnn/RNN.cpp, "
+        "get_algo) is expected to pick, not observed; `kernels` lists what the profiler saw in "
+        "one call of the torch baselines (top CUDA kernels by GPU time; on CPU top ops by self "
+        "time, e.g. `aten::mkldnn_rnn_layer` = oneDNN's fused LSTM).",
+        "µs/step = median / T; tokens/s = B·T / median; peak MiB = CUDA memory allocated "
+        "above the pre-call level during one call (not measured on CPU).",
+    ]
+    if skip_reason:
+        notes.append(skip_reason + ".")
+    if stopped_at is not None:
+        notes.append(f"Time budget spent: {n_cfgs - stopped_at} of {n_cfgs} configs not run.")
+    return notes
+
+
+def write_markdown(path: Path, env: dict[str, str], rows: list[dict[str, object]], notes: list[str]) -> None:
+    columns = [
+        ("impl", "impl"),
+        ("backend", "backend"),
+        ("input proj", "input_proj"),
+        ("shape", "shape"),
+        ("dtype", "dtype"),
+        ("pass", "pass"),
+        ("status", "status"),
+        ("median ms", "median_ms"),
+        ("p20 ms", "p20_ms"),
+        ("p80 ms", "p80_ms"),
+        ("µs/step", "us_per_step"),
+        ("tokens/s", "tokens_per_s"),
+        ("ratio", "ratio_vs_baseline"),
+        ("err", "max_rel_err"),
+        ("peak MiB", "peak_mem_mib"),
+        ("first ms", "first_call_ms"),
+        ("cudnn path", "cudnn_path"),
+        ("kernels", "kernels"),
+        ("note", "note"),
+    ]
+    text = benchlib.markdown_header("lstmlab layer benchmark", env, notes)
+    text += "\n" + benchlib.markdown_table(rows, columns) + "\n"
+    path.write_text(text)
+
+
+def write_plots(
+    out_dir: Path, rows: list[dict[str, object]], args: argparse.Namespace, device_name: str
+) -> list[Path]:
+    """Per (dtype, pass): median time vs batch and vs hidden, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    t_fix = max(args.seq)
+    h_fix = sorted(args.hidden)[len(args.hidden) // 2]
+    b_fix = 16 if 16 in args.batch else sorted(args.batch)[len(args.batch) // 2]
+    l_fix = args.layers[0]
+    paths = []
+    for dt, ps in itertools.product(args.dtypes, args.passes):
+        sel = [r for r in ok if r["dtype"] == dt and r["pass"] == ps and r["layers"] == l_fix]
+        sel = [r for r in sel if r["seq_len"] == t_fix]
+        if not sel:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, x_key, fixed_key, fixed in (
+            (axes[0], "batch", "hidden", h_fix),
+            (axes[1], "hidden", "batch", b_fix),
+        ):
+            lines: dict[str, list[tuple[float, float]]] = {}
+            for r in sel:
+                if r[fixed_key] != fixed:
+                    continue
+                label = f"{r['impl']} [{r['backend']}]"
+                if r["input_proj"] == "excluded":
+                    label += " (no input proj)"
+                lines.setdefault(label, []).append((r[x_key], r["median_ms"]))
+            for label, pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(x_key)
+            ax.set_ylabel("median time (ms)")
+            ax.set_title(f"{fixed_key} = {fixed}, T = {t_fix}, L = {l_fix}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"{device_name}, {dt}, {ps}")
+        fig.tight_layout()
+        path = out_dir / f"time_{dt}_{ps.replace('+', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Shared pieces of the benchmark scripts: machine header, timing, error metric, output files.
+
+Imported by ``bench_layer.py`` and ``bench_kernel.py`` (both put this folder on ``sys.path``
+when run as scripts; the tests do the same).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and versions
+
+
+def _run(cmd: Sequence[str]) -> str | None:
+    """Stdout of a short command, or None when it is missing or fails."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """Short commit of the working tree, marked when it has uncommitted changes."""
+    sha = _run(["git", "rev-parse", "--short", "HEAD"])
+    if sha is None:
+        return "unknown (no git metadata, or no commit yet: uncommitted working tree)"
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    if not dirty:
+        return sha
+    paths = [line.split(maxsplit=1)[-1] for line in dirty.splitlines()]
+    shown = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+    return f"{sha} + uncommitted changes to {shown}"
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_model()}"
+
+
+def device_slug(device: torch.device) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``; CPUs get a ``cpu-`` prefix."""
+    name = device_name(device).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def default_out_dir(device: torch.device) -> Path:
+    date = datetime.date.today().isoformat()
+    return REPO_ROOT / "docs" / "benchmarks" / f"{device_slug(device)}-{date}"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Everything a reader needs to reproduce or discount a number, in print order."""
+    import triton  # the GPU image and the CPU CI both have it
+
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        env |= {
+            "gpu_sms": str(props.multi_processor_count),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": f"{props.total_memory / 2**30:.1f}",
+            "driver": driver.splitlines()[0] if driver else "unknown (nvidia-smi unavailable)",
+            "cuda": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version()),
+        }
+    else:
+        env |= {
+            "cpu_model": cpu_model(),
+            "cpu_count": str(os.cpu_count()),
+            "torch_threads": str(torch.get_num_threads()),
+            "load_avg_1_5_15": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "load_warning": load_warning(),
+            "cudnn": "n/a (CPU run)",
+        }
+    return env
+
+
+def load_warning() -> str:
+    """Other processes on the cores make torch's OpenMP threads stall (ms per parallel op)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5:
+        return f"BUSY: 1-min load {load:.2f} on {cores} cores before this run; CPU times are suspect"
+    return "none (machine idle before the run)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_run_time_s: float = 1.0,
+    grad_to_none: list[torch.Tensor] | None = None,
+) -> tuple[float, float, float]:
+    """(median, 20 %, 80 %) in ms of steady-state calls of ``fn``.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed before each call).
+    CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with all of torch's threads (the
+    Timer defaults to one thread); quantiles are taken over its measured blocks.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=list(QUANTILES)
+        )
+        return float(med), float(p20), float(p80)
+
+    from torch.utils.benchmark import Timer
+
+    def call() -> None:
+        if grad_to_none is not None:
+            for t in grad_to_none:
+                t.grad = None
+        fn()
+
+    timer = Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time_s)
+    times = torch.tensor(m.times, dtype=torch.float64) * 1e3
+    med, p20, p80 = torch.quantile(times, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return med, p20, p80
+
+
+def time_interleaved(
+    calls: list[tuple[Callable[[], object], list[torch.Tensor] | None]],
+    *,
+    min_run_time_s: float = 1.0,
+    rounds: int = 15,
+) -> list[tuple[float, float, float]]:
+    """(median, 20 %, 80 %) in ms per call for each ``(fn, grad_to_none)``, measured in
+    ``rounds`` round-robin blocks (CPU).
+
+    Each round runs every function for about ``min_run_time_s / rounds / len(calls)`` seconds,
+    one after the other, so a burst of load from other processes hits them all rather than
+    whichever happened to be timed at that moment. Quantiles are over the per-round averages.
+    """
+    import time
+
+    def run(fn: Callable[[], object], grads: list[torch.Tensor] | None, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for t in grads or []:
+                t.grad = None
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    block_s = min_run_time_s / rounds / max(len(calls), 1)
+    per_call = [run(fn, grads, 1) for fn, grads in calls]  # warm-up and first estimate
+    counts = [max(1, round(block_s / max(t, 1e-9))) for t in per_call]
+    samples: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for k, (fn, grads) in enumerate(calls):
+            samples[k].append(run(fn, grads, counts[k]) * 1e3)
+    qs = torch.tensor(QUANTILES, dtype=torch.float64)
+    out = []
+    for times in samples:
+        med, p20, p80 = torch.quantile(torch.tensor(times, dtype=torch.float64), qs).tolist()
+        out.append((med, p20, p80))
+    return out
+
+
+def peak_memory_mib(
+    fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor] | None = None
+) -> float:
+    """Peak memory allocated by one call above what was allocated before it (CUDA only),
+    gradients reset first so that they count as new allocations.
+
+    The CPU allocator keeps no peak statistic, so CPU rows report NaN.
+    """
+    if device.type != "cuda":
+        return math.nan
+    for t in grad_to_none or []:
+        t.grad = None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def top_ops(fn: Callable[[], object], device: torch.device, n: int = 3) -> str:
+    """What one call of ``fn`` actually ran: the ``n`` CUDA kernels with the most GPU time, or on
+    the CPU the ``n`` ops with the most self CPU time (e.g. ``aten::mkldnn_rnn_layer``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    totals: dict[str, float] = {}
+    if device.type == "cuda":
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                totals[evt.name] = totals.get(evt.name, 0.0) + evt.time_range.elapsed_us()
+    else:
+        for avg in prof.key_averages():
+            totals[avg.key] = avg.self_cpu_time_total
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+    return "; ".join(name[:80] for name, _ in ranked)
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+
+
+def max_rel_err(outputs: Iterable[torch.Tensor], refs: Iterable[torch.Tensor]) -> float:
+    """max over tensor pairs of  max|out - ref| / max|ref|  (norm-wise, robust to ref ≈ 0)."""
+    worst = 0.0
+    for out, ref in zip(outputs, refs, strict=True):
+        out64, ref64 = out.detach().double().reshape(-1), ref.detach().double().reshape(-1)
+        if out64.shape != ref64.shape:
+            raise ValueError(f"shape mismatch: {tuple(out.shape)} vs {tuple(ref.shape)}")
+        if not torch.isfinite(out64).all():
+            return math.inf
+        scale = ref64.abs().max().clamp_min(1e-30)
+        worst = max(worst, ((out64 - ref64).abs().max() / scale).item())
+    return worst
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line for the FAILED row; the full traceback goes to stderr."""
+    traceback.print_exception(exc, file=sys.stderr)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+class CsvWriter:
+    """Appends one row at a time and flushes, so a run killed by a time-out keeps its rows."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.path = path
+        self.columns = list(columns)
+        self._fh = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.columns)
+        self._writer.writeheader()
+        self._fh.flush()
+
+    def write(self, row: dict[str, object]) -> None:
+        self._writer.writerow({k: fmt_cell(row.get(k, ""), digits=6) for k in self.columns})
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def fmt_cell(value: object, digits: int = 4) -> str:
+    """Floats to ``digits`` significant digits (CSV 6, Markdown 4); NaN as an empty cell."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits - 1}e}"
+    return str(value)
+
+
+def plotting_unavailable() -> str | None:
+    """Why no PNG can be drawn here (a bare GPU image may lack matplotlib), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "PNG plots not written: matplotlib is not installed (pip install matplotlib)"
+    return None
+
+
+def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]]) -> str:
+    """``columns`` = (header, key) pairs; ``key`` may name a row key or a callable's output."""
+    lines = [
+        "| " + " | ".join(h for h, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        cells = [fmt_cell(row.get(key, "")).replace("|", "/") for _, key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_header(title: str, env: dict[str, str], notes: Sequence[str]) -> str:
+    lines = [f"# {title}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env.items()]
+    lines.append("")
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def print_row(row: dict[str, object]) -> None:
+    if row.get("status") == "ok":
+        msg = (
+            f"{row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]"
+            f"  err {row['max_rel_err']:.2e}"
+        )
+    else:
+        msg = f"{row.get('status')}: {row.get('note', '')}"
+    label = " ".join(
+        str(row[k]) for k in ("impl", "backend", "pass", "dtype", "shape") if k in row and row[k] != ""
+    )
+    print(f"  {label:70s} {msg}", flush=True)

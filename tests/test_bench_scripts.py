@@ -1,0 +1,248 @@
+"""Smoke tests of the benchmark scripts at tiny sizes on the CPU: files, columns, finite timings,
+and a deliberately broken implementation reported FAILED instead of timed."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_kernel  # noqa: E402
+import bench_layer  # noqa: E402
+import profile_layer  # noqa: E402
+
+TINY_LAYER = ["--device", "cpu", "--batch", "2", "--hidden", "8", "--seq", "3"]
+TINY_LAYER += ["--min-run-time", "0.01", "--threads", "1"]
+TINY_KERNEL = ["--device", "cpu", "--batch", "4", "--hidden", "8", "--copy-mib", "1"]
+TINY_KERNEL += ["--min-run-time", "0.01", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts' --threads sets torch's global thread count; give the next test its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def assert_timed(row: dict[str, str]) -> None:
+    med, p20, p80 = (float(row[k]) for k in ("median_ms", "p20_ms", "p80_ms"))
+    assert all(math.isfinite(v) and v > 0 for v in (med, p20, p80)), row
+    assert p20 <= med <= p80, row
+    assert float(row["max_rel_err"]) <= float(row["tol"]), row
+
+
+def assert_failed_untimed(row: dict[str, str]) -> None:
+    assert row["status"] == "FAILED", row
+    assert row["median_ms"] == "" and row["p20_ms"] == "" and row["p80_ms"] == "", row
+    assert "correctness check failed" in row["note"], row
+
+
+def test_bench_layer_smoke(tmp_path: Path) -> None:
+    argv = [*TINY_LAYER, "--inject-fault", "torch.nn.GRU", "lstmlab.lstm_layer[reference]"]
+    assert bench_layer.main([*argv, "--out", str(tmp_path)]) == 0
+
+    header, rows = read_rows(tmp_path / "results.csv")
+    assert header == ["device", *bench_layer.COLUMNS]
+    assert (tmp_path / "results.md").read_text().count("FAILED") >= 4
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "time_fp32_fwd.png",
+        "time_fp32_fwd_bwd.png",
+    ]
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
+    for pass_ in ("fwd", "fwd+bwd"):
+        by_impl = {r["impl"]: r for r in rows if r["pass"] == pass_}
+        assert sorted(by_impl) == sorted(bench_layer.IMPLS)
+        assert by_impl["lstmlab.LSTM"]["backend"] == "reference"  # model.last_backend
+        assert by_impl["lstmlab.lstm_layer"]["input_proj"] == "excluded"
+        for impl in ("torch.nn.LSTM", "LSTMCell-loop", "lstmlab.LSTM"):
+            assert_timed(by_impl[impl])
+        baseline = by_impl["torch.nn.LSTM"]
+        assert baseline["backend"] in ("aten", "onednn")
+        assert baseline["kernels"], "the profiled ops of the baseline are recorded"
+        assert float(baseline["ratio_vs_baseline"]) == 1.0
+        loop = by_impl["LSTMCell-loop"]
+        ratio = float(loop["median_ms"]) / float(baseline["median_ms"])
+        assert float(loop["ratio_vs_baseline"]) == pytest.approx(ratio, rel=1e-3)
+        assert_failed_untimed(by_impl["torch.nn.GRU"])
+        assert_failed_untimed(by_impl["lstmlab.lstm_layer"])
+
+
+def test_bench_layer_two_layers_and_tokens(tmp_path: Path) -> None:
+    argv = [*TINY_LAYER, "--layers", "2", "--passes", "fwd", "--impls", "torch.nn.LSTM"]
+    argv += ["LSTMCell-loop", "lstmlab.LSTM", "lstmlab.lstm_layer", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results.csv")
+    # lstm_layer excludes the input projection of one layer only: no row for two layers.
+    assert sorted(r["impl"] for r in rows) == ["LSTMCell-loop", "lstmlab.LSTM", "torch.nn.LSTM"]
+    for r in rows:
+        assert_timed(r)
+        assert r["layers"] == "2"
+        tokens = 2 * 3 / (float(r["median_ms"]) * 1e-3)
+        assert float(r["tokens_per_s"]) == pytest.approx(tokens, rel=1e-3)
+        assert float(r["us_per_step"]) == pytest.approx(float(r["median_ms"]) * 1e3 / 3, rel=1e-3)
+
+
+def test_bench_layer_cpu_skips_triton_with_reason(tmp_path: Path, capsys) -> None:
+    argv = [*TINY_LAYER, "--passes", "fwd", "--impls", "lstmlab.LSTM", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    assert "'triton' skipped on CPU" in capsys.readouterr().out
+    _, rows = read_rows(tmp_path / "results.csv")
+    assert [r["backend"] for r in rows] == ["reference"]
+    assert "'triton' skipped on CPU" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "hidden", "batch", "layers", "forward", "expected"),
+    [
+        ("LSTM", torch.float16, 128, 16, 1, True, "PERSIST_STATIC_SMALL_H"),
+        ("LSTM", torch.float16, 192, 16, 1, False, "STANDARD"),  # bwd small-H needs H <= 128
+        ("LSTM", torch.float16, 256, 16, 1, True, "PERSIST_STATIC"),
+        ("LSTM", torch.float16, 1024, 64, 1, False, "PERSIST_STATIC"),
+        ("LSTM", torch.float16, 256, 256, 1, True, "STANDARD"),  # batch > 128
+        ("LSTM", torch.float16, 256, 1, 1, True, "STANDARD"),  # batch not a multiple of 8
+        ("LSTM", torch.float16, 256, 16, 2, True, "STANDARD"),  # two layers
+        ("GRU", torch.float16, 256, 16, 1, True, "STANDARD"),  # GRU never persistent
+        ("LSTM", torch.bfloat16, 256, 16, 1, True, "STANDARD"),  # fp16 only
+        ("LSTM", torch.float32, 768, 16, 1, True, "STANDARD"),
+        ("LSTM", torch.float32, 128, 16, 1, True, "PERSIST_STATIC_SMALL_H"),
+    ],
+)
+def test_cudnn_expected_path_on_hopper(mode, dtype, hidden, batch, layers, forward, expected):
+    h100 = SimpleNamespace(major=9, minor=0, multi_processor_count=132)
+    cfg = bench_layer.Config(layers, batch, hidden, hidden, 256, "fp16", "fwd")
+    assert bench_layer.cudnn_expected_path(mode, cfg, dtype, forward, h100) == expected
+
+
+def test_bench_kernel_smoke(tmp_path: Path) -> None:
+    assert bench_kernel.main([*TINY_KERNEL, "--impls", "eager", "--out", str(tmp_path)]) == 0
+    header, rows = read_rows(tmp_path / "results_kernel.csv")
+    assert header == bench_kernel.COLUMNS
+    assert [(r["impl"], r["pass"]) for r in rows] == [("eager", "fwd"), ("eager", "bwd")]
+    for r in rows:
+        assert_timed(r)
+        assert r["status"] == "ok"
+        assert float(r["gb_per_s"]) > 0 and float(r["pct_of_copy_bw"]) > 0
+    # fwd: pre [4, 32] + c_prev [4, 8] read, gates [4, 32] + c [4, 8] + h [4, 8] written, fp32
+    assert int(rows[0]["bytes"]) == 4 * 4 * (32 + 8 + 32 + 8 + 8)
+    # bwd: dh, dc, gates, c, c_prev read, dpre, dc_prev written
+    assert int(rows[1]["bytes"]) == 4 * 4 * (8 + 8 + 32 + 8 + 8 + 32 + 8)
+    assert "copy_bandwidth" in (tmp_path / "results_kernel.md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "kernel_bw_fp32_bwd.png",
+        "kernel_bw_fp32_fwd.png",
+    ]
+
+
+def test_bench_kernel_broken_implementation_is_not_timed(tmp_path: Path) -> None:
+    argv = [*TINY_KERNEL, "--impls", "eager", "--inject-fault", "eager", "--out", str(tmp_path)]
+    assert bench_kernel.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results_kernel.csv")
+    assert len(rows) == 2
+    for r in rows:
+        assert_failed_untimed(r)
+
+
+@pytest.mark.slow
+def test_bench_kernel_torch_compile_row(tmp_path: Path) -> None:
+    """torch.compile needs a C compiler on the CPU: timed when one exists, else FAILED with the
+    reason; never a crash of the whole run."""
+    argv = [*TINY_KERNEL, "--passes", "fwd", "--impls", "eager", "torch.compile"]
+    assert bench_kernel.main([*argv, "--out", str(tmp_path)]) == 0
+    _, rows = read_rows(tmp_path / "results_kernel.csv")
+    row = next(r for r in rows if r["impl"] == "torch.compile")
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("g++"):
+        assert row["status"] == "ok", row
+        assert_timed(row)
+    else:
+        assert row["status"] == "FAILED" and row["note"], row
+
+
+def test_bench_layer_time_budget_stops_before_the_next_config(tmp_path: Path) -> None:
+    argv = [*TINY_LAYER, "--time-budget-s", "0", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results.csv")
+    assert rows == []
+    assert "Time budget spent: 2 of 2 configs not run" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
+def test_gpu_check_runs_every_step_and_fails_at_the_end(tmp_path: Path) -> None:
+    """A broken interpreter fails every step; each is logged, none stops the next, exit is 1."""
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "false", "GPU_CHECK_SKIP_INSTALL": "1"}
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    summary = (tmp_path / "summary.log").read_text()
+    steps = ["environment", "install", "pytest_cuda", "bench_layer", "bench_kernel"]
+    for step in steps:
+        assert f"=== [{step}] rc=1" in summary
+        assert (tmp_path / f"{step}.log").exists()
+    assert "FAILED steps: " + " ".join(f"{s}(rc=1)" for s in steps) in summary
+
+
+def test_profile_layer_names_lstmlab_ops(tmp_path: Path) -> None:
+    argv = ["--device", "cpu", "--batch", "2", "--hidden", "8", "--seq", "3", "--steps", "1"]
+    assert profile_layer.main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile_lstmlab.txt").read_text()
+    assert text.startswith("lstmlab.LSTM (backend reference) B2 H8 T3, 1 fwd+bwd steps, 1 threads")
+    assert "LSTMLayerFunction" in text
+    assert not list(tmp_path.glob("trace_*.json"))
+
+
+@pytest.mark.cuda
+def test_bench_layer_on_gpu(tmp_path: Path) -> None:
+    """The GPU-only paths: do_bench timing, triton backend rows, cuDNN path, kernels, peak memory."""
+    argv = ["--device", "cuda", "--batch", "8", "--hidden", "128", "--seq", "16"]
+    argv += ["--dtypes", "fp32", "fp16", "--warmup-ms", "2", "--rep-ms", "10", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results.csv")
+    assert len(rows) == 2 * 2 * 7  # dtypes × passes × (LSTM, GRU, loop, 2 × lstmlab.LSTM, 2 × lstm_layer)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert_timed(r)
+        assert float(r["peak_mem_mib"]) >= 0
+    triton = [r for r in rows if r["impl"] == "lstmlab.LSTM" and r["backend"] == "triton"]
+    assert len(triton) == 4
+    baseline = [r for r in rows if r["impl"] == "torch.nn.LSTM"]
+    assert all(r["cudnn_path"].startswith("fwd PERSIST_STATIC_SMALL_H") for r in baseline)
+    assert all(r["kernels"] for r in baseline)
+
+
+@pytest.mark.cuda
+def test_bench_kernel_on_gpu(tmp_path: Path) -> None:
+    argv = ["--device", "cuda", "--batch", "16", "--hidden", "256", "--dtypes", "bf16"]
+    argv += ["--impls", "eager", "triton", "--copy-mib", "64", "--rep-ms", "10", "--out", str(tmp_path)]
+    assert bench_kernel.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results_kernel.csv")
+    assert [(r["impl"], r["pass"]) for r in rows] == [
+        ("eager", "fwd"),
+        ("triton", "fwd"),
+        ("eager", "bwd"),
+        ("triton", "bwd"),
+    ]
+    for r in rows:
+        assert_timed(r)
+        assert float(r["gb_per_s"]) > 0
