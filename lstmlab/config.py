@@ -115,6 +115,70 @@ class CopyTaskConfig(TaskConfig):
     copy_len: int = 10
 
 
+# ---- memory tasks (issue 4): generated data, exact trivial baselines and optima in lstmlab.tasks.
+
+
+@dataclass
+class TemporalOrderTaskConfig(TaskConfig):
+    name: str = "temporal_order"
+    seq_len: int = 110  # the longest sequence; 110 gives the paper's windows (others scale them)
+    n_relevant: int = 2  # 2: experiment 6a, 4 classes; 3: experiment 6b, 8 classes
+
+
+@dataclass
+class ReberTaskConfig(TaskConfig):
+    name: str = "reber"
+    seq_len: int = 60  # embedded Reber strings are cut here (longer ones are rare)
+
+
+@dataclass
+class HMMTaggingTaskConfig(TaskConfig):
+    name: str = "hmm_tagging"
+    seq_len: int = 40
+    resolve_distance: int = 4  # steps from an ambiguous word to the token that resolves it
+    p_ambiguous: float = 0.2
+    noise: float = 0.05  # the resolving token names the wrong branch with this probability
+
+
+# ---- end of memory tasks
+
+
+# ---- data set tasks (issue 5): fixed splits from installed packages, see lstmlab.tasks.dataset.
+# train_size, val_size and test_size do not apply to them: the data set fixes its splits.
+
+
+@dataclass
+class MNIST1DTaskConfig(TaskConfig):
+    name: str = "mnist1d"
+    seq_len: int = 40
+    val_fraction: float = 0.1  # of the generator's 4,000 training examples
+
+
+@dataclass
+class DigitsTaskConfig(TaskConfig):
+    name: str = "digits"
+    seq_len: int = 8  # 8 rows of 8 pixels, or 64 pixels one at a time
+
+
+@dataclass
+class ForecastTaskConfig(TaskConfig):
+    name: str = "forecast"
+    series: str = "sunspots"  # sunspots | co2 | nile (statsmodels.datasets)
+    seq_len: int = 33  # context: the observations the network sees before each origin
+    horizon: int | None = None  # longest lead; None: the series' season
+
+
+@dataclass
+class CharLMTaskConfig(TaskConfig):
+    name: str = "charlm"
+    seq_len: int = 128  # characters per training sequence
+    max_train_chars: int | None = None  # None: the whole training split
+    eval_chars: int = 65536  # characters of the val and test splits that are scored
+
+
+# ---- end of data set tasks
+
+
 @dataclass
 class OptimConfig:
     name: OptimName = OptimName.adam
@@ -169,6 +233,13 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("schema/model", "lstmlab", LSTMLabModelConfig),
     ("schema/task", "adding", AddingTaskConfig),
     ("schema/task", "copy", CopyTaskConfig),
+    ("schema/task", "temporal_order", TemporalOrderTaskConfig),  # memory tasks (issue 4)
+    ("schema/task", "reber", ReberTaskConfig),
+    ("schema/task", "hmm_tagging", HMMTaggingTaskConfig),
+    ("schema/task", "mnist1d", MNIST1DTaskConfig),
+    ("schema/task", "digits", DigitsTaskConfig),
+    ("schema/task", "forecast", ForecastTaskConfig),
+    ("schema/task", "charlm", CharLMTaskConfig),
 ]
 
 

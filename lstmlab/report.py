@@ -39,7 +39,10 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 def _labels(runs: list[dict[str, Any]]) -> list[str]:
     """Name each run by its model, plus the overrides that vary across the sweep (not the seed):
     runs that differ only in seed share a label and are averaged."""
-    keyed = [[o for o in r.get("overrides", []) if not o.startswith(("seed=", "model="))] for r in runs]
+    keyed = [
+        [o for o in r.get("overrides", []) if not o.startswith("seed=") and o != f"model={r['model']}"]
+        for r in runs
+    ]  # a model preset that is not just its kind (model=lstmlab_chrono) names its own row
     common = set.intersection(*(set(k) for k in keyed)) if keyed else set()
     labels = []
     for run, overrides in zip(runs, keyed, strict=True):
@@ -69,12 +72,14 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         arrow = "↑" if first["higher_is_better"] else "↓"
         backends = ", ".join(sorted({str(r["backend"]) for r in group}))
         values = [r["final"]["test"][metric] for r in group]
-        accs = [r["final"]["test"]["acc"] for r in group]
+        accs = [r["final"]["test"]["acc"] for r in group if "acc" in r["final"]["test"]]
         base = first["baseline"]
+        base_acc = f", acc {base['acc']:.3g}" if "acc" in base and metric != "acc" else ""
         ms = [1e3 * r["time_per_step_s"] for r in group if r.get("time_per_step_s")]
         lines.append(
-            f"| {label} | {backends} | {metric} {arrow} {_mean_std(values)} | {_mean_std(accs)} "
-            f"| {metric} {base[metric]:.4g}, acc {base['acc']:.3g} | {first['parameters']:,} "
+            f"| {label} | {backends} | {metric} {arrow} {_mean_std(values)} "
+            f"| {_mean_std(accs) if accs else '-'} | {metric} {base[metric]:.4g}"
+            f"{base_acc} | {first['parameters']:,} "
             f"| {_mean_std(ms) if ms else '-'} | {len(group)} |"
         )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import resource
@@ -86,14 +87,19 @@ def _train(cfg: DictConfig, out_dir: Path, overrides: list[str], ddp: DistInfo) 
     # draws exactly the batches the uninterrupted run would have drawn.
     torch.manual_seed(cfg.seed)  # model init and dropout
     task = make_task(**_task_options(cfg.task))
-    val = task.sample(cfg.task.val_size, _gen(cfg.seed, "val"))
-    test = task.sample(cfg.task.test_size, _gen(cfg.seed, "test"))
-    train_set = None
-    if cfg.task.train_size is not None:
-        train_set = task.sample(cfg.task.train_size, _gen(cfg.seed, "train_set"))
+    if task.fixed_splits:  # a data set brings its own splits; the seed orders the batches
+        if cfg.task.train_size is not None:
+            raise ConfigError(f"task.train_size must be null: task {task.name!r} has fixed splits")
+        train_set, val, test = task.split("train"), task.split("val"), task.split("test")
+    else:
+        val = task.sample(cfg.task.val_size, _gen(cfg.seed, "val"))
+        test = task.sample(cfg.task.test_size, _gen(cfg.seed, "test"))
+        train_set = None
+        if cfg.task.train_size is not None:
+            train_set = task.sample(cfg.task.train_size, _gen(cfg.seed, "train_set"))
     total_steps = tr.steps
     if tr.epochs is not None:
-        total_steps = tr.epochs * (cfg.task.train_size // tr.batch_size)
+        total_steps = tr.epochs * (len(train_set[0]) // tr.batch_size)
 
     # ---- model
     lstmlab_options = {}
@@ -267,7 +273,7 @@ def _train(cfg: DictConfig, out_dir: Path, overrides: list[str], ddp: DistInfo) 
         base = summary["baseline"][task.metric]
         log.info(
             "done: test %s %.4g (baseline %.4g), test acc %.3f, %.1f ms/step, backend %s",
-            task.metric, final_test[task.metric], base, final_test["acc"],
+            task.metric, final_test[task.metric], base, final_test.get("acc", math.nan),
             1e3 * (per_step or 0.0), model.backend,
         )  # fmt: skip
         return summary

@@ -13,7 +13,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the tensors here are small, and on a shared 2-core machine OpenMP regions stall
+# whenever another process holds a core.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,7 +14,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def test_registry_names_tasks_and_rejects_unknown():
     assert {"adding", "copy"} <= set(TASKS)
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; known tasks: adding, copy"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; known tasks: adding, .*copy"):
         make_task("nope", seq_len=10)
 
 
@@ -75,7 +75,7 @@ def test_copy_baseline_is_blanks_then_uniform_guesses():
     assert task.metrics(perfect, y)["acc"] == 1.0
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(n for n, cls in TASKS.items() if not cls.fixed_splits))
 def test_sampling_is_a_function_of_the_generator_seed(name):
     task = make_task(name, seq_len=12)
     a, b = task.sample(8, gen(3)), task.sample(8, gen(3))

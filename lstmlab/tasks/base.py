@@ -36,11 +36,14 @@ class Task:
         output_size: O, outputs per prediction.
         per_step: True if the model predicts at every step (outputs ``(N, T, O)``), False if it
             predicts once from the last step (outputs ``(N, O)``).
+        fixed_splits: True for a fixed data set (see ``lstmlab.tasks.dataset``): the runner takes
+            its train/val/test sets from :meth:`split` instead of sampling them from the seed.
     """
 
     name: ClassVar[str]
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
+    fixed_splits: ClassVar[bool] = False
     input_size: int | None = None
     vocab_size: int | None = None
     output_size: int
@@ -57,6 +60,10 @@ class Task:
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` examples ``(x, y)`` drawn with ``generator`` (on the CPU)."""
         raise NotImplementedError
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The fixed ``"train"``, ``"val"`` or ``"test"`` set of a data set task."""
+        raise NotImplementedError(f"task {self.name!r} generates its data; it has no fixed splits")
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The scalar training loss (mean over the batch) of model outputs ``out``."""
