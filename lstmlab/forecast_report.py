@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lstmlab.report import collect_runs
+from lstmlab.loggers import collect_runs
 from lstmlab.tasks import make_task
 from lstmlab.tasks.forecast import ForecastTask, classical_results
 

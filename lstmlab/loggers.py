@@ -91,6 +91,19 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished run under ``sweep_dir``: its summary plus ``curve`` (metrics.jsonl rows)
+    and ``dir``. Reports read sweeps through this; it needs no Hydra."""
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("summary.json")):
+        run = json.loads(path.read_text())
+        metrics = path.with_name("metrics.jsonl")
+        run["curve"] = read_jsonl(metrics) if metrics.exists() else []
+        run["dir"] = str(path.parent)
+        runs.append(run)
+    return runs
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"val": {"mse": 1}}`` -> ``{"val/mse": 1}``."""
     out: dict[str, Any] = {}

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lstmlab.loggers import read_jsonl
+from lstmlab.loggers import collect_runs
 from lstmlab.models import SequenceModel
 from lstmlab.probes import decades_per_step, grad_norm_curve
 from lstmlab.tasks import derive_seed, make_task
@@ -36,19 +36,6 @@ BAI_2018 = {
     "adding": {"T": 600, "torch_lstm": "0.164", "torch_gru": "5.3e-5", "torch_rnn": "0.177"},
     "copy": {"T": 1000, "torch_lstm": "≈ baseline", "torch_gru": "≈ baseline", "torch_rnn": "≈ baseline"},
 }
-
-
-def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every finished run under ``sweep_dir``: its summary, ``curve`` (metrics.jsonl) and ``dir``.
-    (lstmlab.report has the same, but it imports Hydra for its callback; this module does not.)"""
-    runs = []
-    for path in sorted(Path(sweep_dir).rglob("summary.json")):
-        run = json.loads(path.read_text())
-        metrics = path.with_name("metrics.jsonl")
-        run["curve"] = read_jsonl(metrics) if metrics.exists() else []
-        run["dir"] = str(path.parent)
-        runs.append(run)
-    return runs
 
 
 def stamp(command: str) -> str:

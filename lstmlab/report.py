@@ -8,7 +8,6 @@ Hydra calls :class:`ReportCallback` at the end of every multirun, so a sweep rep
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -19,21 +18,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lstmlab.loggers import read_jsonl
+from lstmlab.loggers import collect_runs
 
 log = logging.getLogger("lstmlab.report")
-
-
-def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every finished run under ``sweep_dir``: its summary plus ``curve`` (metrics.jsonl rows)."""
-    runs = []
-    for path in sorted(Path(sweep_dir).rglob("summary.json")):
-        run = json.loads(path.read_text())
-        metrics = path.with_name("metrics.jsonl")
-        run["curve"] = read_jsonl(metrics) if metrics.exists() else []
-        run["dir"] = str(path.parent)
-        runs.append(run)
-    return runs
 
 
 def _labels(runs: list[dict[str, Any]]) -> list[str]:

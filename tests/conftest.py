@@ -18,6 +18,13 @@ if not HAS_CUDA:
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever the test before it set."""
+    torch.set_num_threads(1)
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -19,14 +19,6 @@ from lstmlab.train import train
 SMALL = ["experiment=single", "trainer.num_threads=1", "logger=none", "model.hidden_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rows(x: torch.Tensor) -> set[bytes]:
     return {r.numpy().tobytes() for r in x.flatten(1)}
 

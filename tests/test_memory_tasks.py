@@ -13,15 +13,6 @@ from lstmlab.tasks.hmm_tagging import HMM
 from lstmlab.tasks.reber import IGNORE, SYMBOLS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are small: one thread is many times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

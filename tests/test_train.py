@@ -23,14 +23,6 @@ from lstmlab.train import CKPT_NAME, NonFiniteLossError, train
 SMALL = ["experiment=smoke", "trainer.num_threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lstmlab.train", *args]
 
