@@ -57,8 +57,10 @@ def stamp(command: str) -> str:
     )
 
 
-def label(cfg: dict[str, Any]) -> str:
-    """A row name from a run's model config: kind, init variant, direction."""
+def label(cfg: dict[str, Any], chrono_per_task: bool = False) -> str:
+    """A row name from a run's model config: kind, init variant, direction. With
+    ``chrono_per_task``, chrono for the task's own length reads "T_max=T": across a sweep over T
+    it is one init, so one row."""
     m = cfg["model"]
     name = {
         "lstmlab": "lstmlab.LSTM",
@@ -69,7 +71,8 @@ def label(cfg: dict[str, Any]) -> str:
     if m.get("forget_bias"):
         name += f", forget bias {m['forget_bias']:g}"
     if m.get("chrono_t_max"):
-        name += f", chrono T_max={m['chrono_t_max']:g}"
+        same = chrono_per_task and m["chrono_t_max"] == cfg["task"]["seq_len"]
+        name += ", chrono T_max=T" if same else f", chrono T_max={m['chrono_t_max']:g}"
     return ("Bi-" + name) if m.get("bidirectional") else name
 
 
@@ -311,7 +314,7 @@ def horizon(runs: list[dict[str, Any]], out: Path, command: str) -> str:
     by_cell: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         cfg = run["config"]
-        by_cell[(run["task"], cfg["task"]["seq_len"], label(cfg))].append(run)
+        by_cell[(run["task"], cfg["task"]["seq_len"], label(cfg, chrono_per_task=True))].append(run)
     tables = []
     raw: dict[str, Any] = {}
     for task in sorted({t for t, _, _ in by_cell}):
