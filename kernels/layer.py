@@ -27,6 +27,8 @@ try:
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
+if HAS_TRITON:  # outside the try: an error in our kernels must not read as "no Triton"
+    from . import triton_gates
 
 # Triton decides at import time whether kernels run compiled or through its CPU interpreter.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -85,13 +87,9 @@ class TritonSteps:
 
     @staticmethod
     def forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
-        from . import triton_gates
-
         triton_gates.gates_forward_into(pre, c_prev, gates, c, h)
 
     def backward_step(self, k: int, n: int, dh: Tensor, dc: Tensor) -> None:
-        from . import triton_gates
-
         gates, c, c_prev = self.gates[k, :n], self.cs[k + 1, :n], self.cs[k, :n]
         triton_gates.gates_backward_into(dh, dc, gates, c, c_prev, self.d_pre[k, :n], dc)
 
