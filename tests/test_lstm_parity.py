@@ -238,3 +238,12 @@ def test_cpu_autocast_runs_in_the_autocast_dtype_and_trains_fp32_weights():
     out.float().sum().backward()
     assert model.weight_hh_l1.grad.dtype == torch.float32
     assert torch.isfinite(model.weight_hh_l1.grad).all()
+
+
+@pytest.mark.parametrize("module", ["lstmlab.modules", "lstmlab.kernels.layer"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0, result
