@@ -219,19 +219,8 @@ def copy_bandwidth(device: torch.device, mib: int, args: argparse.Namespace) -> 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small preset")
-    p.add_argument("--batch", type=int, nargs="+")
-    p.add_argument("--hidden", type=int, nargs="+")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p = benchlib.common_parser(__doc__, dtypes=DTYPES, passes=PASSES, impls=IMPLS, min_run_time=0.5)
     p.add_argument("--copy-mib", type=int, help="size of the copy_ bandwidth probe")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
-    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per row (CPU)")
-    p.add_argument("--time-budget-s", type=float, help="start no new config after this")
     p.add_argument(
         "--inject-fault",
         nargs="+",
@@ -239,17 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=IMPLS,
         help="harness self-test: add 1.0 to this implementation's first output; its row must read FAILED",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, help="results folder")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    preset = MATRIX[device.type + ("-quick" if args.quick else "")]
-    args.batch = args.batch or preset["batch"]
-    args.hidden = args.hidden or preset["hidden"]
-    args.dtypes = args.dtypes or preset["dtypes"]
-    args.copy_mib = args.copy_mib or preset["copy_mib"]
-    if args.quick and device.type == "cuda":
-        args.warmup_ms, args.rep_ms = min(args.warmup_ms, 10.0), min(args.rep_ms, 50.0)
+    benchlib.apply_preset(args, MATRIX)
     return args
 
 

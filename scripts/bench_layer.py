@@ -502,22 +502,11 @@ def time_rows(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small preset (GPU: fits 3 min on H100)")
-    p.add_argument("--batch", type=int, nargs="+")
-    p.add_argument("--hidden", type=int, nargs="+")
+    p = benchlib.common_parser(__doc__, dtypes=DTYPES, passes=PASSES, impls=IMPLS, min_run_time=1.0)
     p.add_argument("--seq", type=int, nargs="+")
     p.add_argument("--input-size", type=int, help="default: equal to the hidden size")
     p.add_argument("--layers", type=int, nargs="+", default=[1])
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--backends", nargs="+", choices=["triton", "reference"], help="lstmlab backends")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per row (CPU)")
-    p.add_argument("--time-budget-s", type=float, help="start no new config after this")
     p.add_argument(
         "--inject-fault",
         nargs="+",
@@ -526,18 +515,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="harness self-test: add 1.0 to this implementation's output (e.g. torch.nn.GRU,\n"
         "lstmlab.LSTM[reference]) so its check fails and the row must read FAILED",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, help="results folder")
     args = p.parse_args(argv)
-
-    device = torch.device(args.device)
-    preset = MATRIX[device.type + ("-quick" if args.quick else "")]
-    args.batch = args.batch or preset["batch"]
-    args.hidden = args.hidden or preset["hidden"]
-    args.seq = args.seq or preset["seq"]
-    args.dtypes = args.dtypes or preset["dtypes"]
-    if args.quick and device.type == "cuda":
-        args.warmup_ms, args.rep_ms = min(args.warmup_ms, 10.0), min(args.rep_ms, 50.0)
+    device = benchlib.apply_preset(args, MATRIX)
     if device.type != "cuda" and "fp32-tf32" in args.dtypes:
         p.error("fp32-tf32 needs a CUDA device")
     return args

@@ -6,6 +6,7 @@ when run as scripts; the tests do the same).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import math
@@ -23,6 +24,47 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUANTILES = (0.5, 0.2, 0.8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line shared by both scripts
+
+
+def common_parser(
+    description: str,
+    *,
+    dtypes: Sequence[str],
+    passes: Sequence[str],
+    impls: Sequence[str],
+    min_run_time: float,
+) -> argparse.ArgumentParser:
+    """The options every benchmark takes; a script adds its own and calls :func:`apply_preset`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small preset (GPU: fits 3 min on one H100)")
+    p.add_argument("--batch", type=int, nargs="+")
+    p.add_argument("--hidden", type=int, nargs="+")
+    p.add_argument("--dtypes", nargs="+", choices=list(dtypes))
+    p.add_argument("--passes", nargs="+", choices=passes, default=list(passes))
+    p.add_argument("--impls", nargs="+", choices=impls, default=list(impls))
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
+    p.add_argument("--min-run-time", type=float, default=min_run_time, help="seconds per row (CPU)")
+    p.add_argument("--time-budget-s", type=float, help="start no new config after this")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, help="results folder")
+    return p
+
+
+def apply_preset(args: argparse.Namespace, matrix: dict[str, dict[str, object]]) -> torch.device:
+    """Fills every option left unset from the device's preset (``--quick``: the small one)."""
+    device = torch.device(args.device)
+    for key, value in matrix[device.type + ("-quick" if args.quick else "")].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick and device.type == "cuda":
+        args.warmup_ms, args.rep_ms = min(args.warmup_ms, 10.0), min(args.rep_ms, 50.0)
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
