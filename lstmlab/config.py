@@ -12,8 +12,9 @@ This module imports nothing from Hydra at import time: the ConfigStore registrat
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -241,6 +242,45 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("schema/task", "forecast", ForecastTaskConfig),
     ("schema/task", "charlm", CharLMTaskConfig),
 ]
+
+
+def _section_keys() -> dict[str, set[str]]:
+    """Every key a section can take, over all the schemas of its group."""
+    keys: dict[str, set[str]] = {f.name: set() for f in fields(Config)}
+    for group, _, node in SCHEMAS:
+        if group.startswith("schema/"):
+            keys[group.removeprefix("schema/")] |= {f.name for f in fields(node)}
+    for name, node in (("optim", OptimConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+        keys[name] = {f.name for f in fields(node)}
+    return keys
+
+
+def unknown_override_keys(overrides: list[str]) -> list[str]:
+    """One message per command-line override whose key no schema declares, naming the keys that
+    section takes (Hydra would name the key only). Group choices (``model=torch_gru``),
+    ``hydra.*``, flags and explicit additions (``+key=…``, ``~key``) are left to Hydra."""
+    sections = _section_keys()
+    top_level = sorted({*sections, "experiment", "hydra"})
+    problems = []
+    for arg in overrides:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if "/" in key or "@" in key or key.startswith("hydra."):
+            continue
+        section, _, rest = key.partition(".")
+        if section not in sections and section not in top_level:
+            problems.append(f"unknown key {key!r}: the top-level keys are {', '.join(top_level)}")
+            continue
+        leaf = rest.split(".", 1)[0]
+        if rest and sections.get(section) and leaf not in sections[section]:
+            hint = [f"{s}.{leaf}" for s, names in sections.items() if leaf in names]
+            hint += [f"{section}.{m}" for m in difflib.get_close_matches(leaf, sections[section], n=1)]
+            problems.append(
+                f"unknown key {key!r}: {section} takes {', '.join(sorted(sections[section]))}"
+                + (f" (did you mean {' or '.join(hint)}?)" if hint else "")
+            )
+    return problems
 
 
 def register_configs() -> None:

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lstmlab.config import ConfigError, register_configs, to_plain, validate
+from lstmlab.config import ConfigError, register_configs, to_plain, unknown_override_keys, validate
 from lstmlab.loggers import JsonlLogger, NullLogger, WandbLogger
 from lstmlab.models import SequenceModel, count_parameters
 from lstmlab.tasks import Task, derive_seed, make_task
@@ -507,10 +508,19 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lstmlab.conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     summary = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     return summary["final"]["val"][summary["metric"]]  # what a sweeper optimises
+
+
+def main() -> None:
+    """``lstmlab-train``: a misspelt key fails here with the keys its section takes, then Hydra."""
+    problems = unknown_override_keys(sys.argv[1:])
+    if problems:
+        print("\n".join(f"lstmlab-train: {p}" for p in problems), file=sys.stderr)
+        raise SystemExit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -104,3 +104,27 @@ def test_cli_reports_a_bad_value_and_exits_nonzero(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "model.hidden_size=-1 is not allowed: a positive integer" in proc.stderr
+
+
+def test_a_misspelt_key_names_the_keys_its_section_takes():
+    from lstmlab.config import unknown_override_keys
+
+    valid = [
+        "model=torch_gru", "task=copy", "experiment=single", "seed=3", "trainer.steps=5",
+        "task.n_relevant=3", "logger.tags=[a]", "hydra.run.dir=out", "hydra/launcher=submitit_local",
+        "+extra=1", "~logger", "-m", "--cfg", "job",
+    ]  # fmt: skip
+    assert unknown_override_keys(valid) == []
+    (typo,) = unknown_override_keys(["trainer.lr=3"])
+    assert "unknown key 'trainer.lr': trainer takes batch_size," in typo
+    assert "(did you mean optim.lr?)" in typo
+    (section,) = unknown_override_keys(["trainr.steps=3"])
+    assert "the top-level keys are experiment, hydra, logger, model" in section
+
+
+def test_cli_rejects_a_misspelt_key_before_hydra_runs(tmp_path):
+    cmd = [sys.executable, "-m", "lstmlab.train", "experiment=single", "model.hiden_size=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "did you mean model.hidden_size?" in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written for a rejected command"
