@@ -20,6 +20,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lstmlab.backends import BACKENDS
+from lstmlab.models import MODEL_KINDS
+
 
 class _StrEnum(str, Enum):
     """An enum whose str() is its value, so ``str(cfg.trainer.device) == "cpu"``."""
@@ -28,17 +31,9 @@ class _StrEnum(str, Enum):
         return self.value
 
 
-class ModelKind(_StrEnum):
-    lstmlab = "lstmlab"
-    torch_lstm = "torch_lstm"
-    torch_gru = "torch_gru"
-    torch_rnn = "torch_rnn"
-
-
-class Backend(_StrEnum):
-    auto = "auto"
-    triton = "triton"
-    reference = "reference"
+# The library's own lists, so a model kind or backend added there is accepted here too.
+ModelKind = _StrEnum("ModelKind", [(kind, kind) for kind in MODEL_KINDS])
+Backend = _StrEnum("Backend", [(name, name) for name in BACKENDS])
 
 
 class OptimName(_StrEnum):
