@@ -1,6 +1,7 @@
 """lstmlab.kernels: the LSTM recurrence as one autograd.Function per layer, with the gate math in
 PyTorch (`reference`) or fused Triton kernels (`triton`), and the textbook oracle (`naive`)."""
 
+from .gemm import CPU_GEMM_ENGINES, cpu_gemm_engine, get_cpu_gemm_engine, set_cpu_gemm_engine
 from .layer import (
     HAS_TRITON,
     KERNEL_BACKENDS,
@@ -10,18 +11,24 @@ from .layer import (
     gates_backward,
     gates_forward,
     lstm_layer,
+    lstm_layer_from_input,
 )
 from .naive import lstm_cell_naive, lstm_layer_naive
 
 __all__ = [
+    "CPU_GEMM_ENGINES",
     "HAS_TRITON",
     "KERNEL_BACKENDS",
     "TRITON_INTERPRET",
     "LSTMLayerFunction",
     "accumulation_dtype",
+    "cpu_gemm_engine",
     "gates_backward",
     "gates_forward",
+    "get_cpu_gemm_engine",
     "lstm_cell_naive",
     "lstm_layer",
+    "lstm_layer_from_input",
     "lstm_layer_naive",
+    "set_cpu_gemm_engine",
 ]

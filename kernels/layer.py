@@ -2,7 +2,9 @@
 
 The time loop is shared by both backends; only the per-step gate math differs (`reference.py`
 in PyTorch, `triton_gates.py` fused). Per step: one GEMM h_{t−1}·W_hhᵀ added to the precomputed
-input projection, then one gate launch. The weight gradients are one GEMM each after the loop.
+input projection, then one gate launch. The input projection of all steps is one GEMM before the
+loop; after it, ∂L/∂x is one GEMM and ∂L/∂W_ih, ∂L/∂W_hh one more, together. Every product goes
+through `gemm.py`, which picks the engine (oneDNN for fp32 on CPU).
 
 B: batch  T: time  H: hidden size  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
 Packed sequences: at step k only the first ``batch_sizes[k]`` rows advance; the rest carry their
@@ -12,14 +14,17 @@ reverse direction over the time-flipped padded sequence.
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import gemm, reference
 
 try:
     import triton  # noqa: F401
@@ -46,6 +51,36 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+class _Workspace(threading.local):  # one per thread: concurrent calls never share a buffer
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+_workspace = _Workspace()
+WORKSPACE_MAX_BYTES = 256 << 20  # larger temporaries are allocated afresh and not kept
+
+
+def scratch(name: str, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A buffer for temporaries that live within one call, kept for the next call on this thread.
+
+    CPU only: fresh CPU memory is page-faulted in on its first write, about 1 ms per 6.5 MB on the
+    machine we measured, a quarter of the backward's element-wise work at B=16, H=256, T=100.
+    (CUDA's caching allocator already reuses memory.) Tests swap it for a NaN-filled allocator.
+    """
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return empty(*shape, dtype=dtype, device=device)
+    buffer = _workspace.buffers.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspace.buffers[(name, dtype)] = empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def clear_workspace() -> None:
+    """Frees the CPU scratch buffers this thread keeps between calls (see :func:`scratch`)."""
+    _workspace.buffers.clear()
+
+
 class ReferenceSteps:
     """Per-step gate math in PyTorch. For the backward it is built from the saved gates
     [T, B, 4H], cell states cs [T + 1, B, H] and the gradient buffer d_pre [T, B, 4H], and
@@ -56,7 +91,10 @@ class ReferenceSteps:
     def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
         T, B, G = gates.shape
         H = G // 4
-        coef, carry = reference.backward_coefficients(gates, cs[1:], cs[:-1])
+        dtype, device = gates.dtype, gates.device
+        coef = scratch("coef", T, B, G, dtype=dtype, device=device)
+        carry = scratch("carry", T, B, H, dtype=dtype, device=device)
+        reference.backward_coefficients(gates, cs[1:], cs[:-1], coef, carry)
         coef, d_pre = coef.view(T, B, 4, H), d_pre.view(T, B, 4, H)
         # per-step views made once: slicing inside the time loop costs more than the math at small B
         self.per_step = list(
@@ -108,7 +146,9 @@ class LSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        gx: Tensor,
+        x: Tensor,
+        w_ih: Tensor | None,
+        bias: Tensor | None,
         h0: Tensor,
         c0: Tensor,
         w_hh: Tensor,
@@ -116,7 +156,12 @@ class LSTMLayerFunction(torch.autograd.Function):
         batch_sizes: tuple[int, ...] | None,
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is None, x is the
+        input projection gx [T, B, 4H] itself."""
         forward_into = _steps(backend).forward_into
+        gx = x
+        if w_ih is not None:  # all steps' input projections in one GEMM
+            gx = gemm.linear(x.reshape(-1, x.shape[-1]), w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
         T, B, G = gx.shape
         H, P = G // 4, w_hh.shape[1]
         dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
@@ -129,7 +174,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         pre = empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
         hs[0] = h0
         cs[0] = c0
-        w_hh_t = w_hh.t()
+        recurrent = gemm.StepWeight(w_hh, B)  # h_{k−1}·W_hhᵀ
+        projection = None if w_hr is None else gemm.StepWeight(w_hr, B)  # o·tanh(c)·W_hrᵀ
         # per-step views made once: slicing inside the time loop costs more than the math at small B
         gx_k, hs_k, cs_k, gates_k = gx.unbind(0), hs.unbind(0), cs.unbind(0), gates.unbind(0)
         h_raw_k = None if w_hr is None else h_raw.unbind(0)
@@ -138,7 +184,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             if n == B:
                 step_pre, h_prev, c_prev, step_gates, c = pre, hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
                 h = hs_k[k + 1] if w_hr is None else h_raw_k[k]
-                torch.addmm(gx_k[k], h_prev, w_hh_t, out=step_pre)  # [B, 4H]
+                recurrent.addmm(gx_k[k], h_prev, out=step_pre)  # [B, 4H]
             else:
                 step_pre, h_prev, c_prev, step_gates, c = (
                     pre[:n],
@@ -148,17 +194,18 @@ class LSTMLayerFunction(torch.autograd.Function):
                     cs[k + 1, :n],
                 )
                 h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
-                torch.addmm(gx[k, :n], h_prev, w_hh_t, out=step_pre)  # [n, 4H]
+                recurrent.addmm(gx[k, :n], h_prev, out=step_pre)  # [n, 4H]
             forward_into(step_pre, c_prev, step_gates, c, h)
             if w_hr is not None:
-                torch.mm(h, w_hr.t(), out=hs[k + 1, :n])  # [n, P]
+                projection.mm(h, out=hs[k + 1, :n])  # [n, P]
             if n < B:
                 hs[k + 1, n:] = hs[k, n:]
                 cs[k + 1, n:] = cs[k, n:]
                 if w_hr is not None:
                     h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
 
-        ctx.save_for_backward(hs, cs, gates, h_raw, w_hh, w_hr)
+        ctx.save_for_backward(x if w_ih is not None else None, w_ih, hs, cs, gates, h_raw, w_hh, w_hr)
+        ctx.has_bias = bias is not None
         ctx.sizes = sizes
         ctx.backend = backend
         ctx.state_dtypes = (h0.dtype, c0.dtype)
@@ -172,20 +219,24 @@ class LSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
-        hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
+        x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
         sizes = ctx.sizes
         T, B, G = gates.shape
         P = hs.shape[-1]
         dtype, acc, dev = hs.dtype, cs.dtype, hs.device
 
         d_out = d_out.contiguous()  # e.g. the expanded (stride-0) gradient of out.sum()
-        d_pre = empty(T, B, G, dtype=dtype, device=dev)  # ∂L/∂pre-activations = ∂L/∂gx
+        # ∂L/∂pre-activations [T, B, 4H]: the gradient of gx when the caller gave gx, else used up here
+        allocate = empty if w_ih is None else partial(scratch, "d_pre")
+        d_pre = allocate(T, B, G, dtype=dtype, device=dev)
         d_h = d_hn.to(acc, copy=True)  # [B, P] ∂L/∂h_k: through the recurrence plus output k
         d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
         d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
         steps = _steps(ctx.backend)(gates, cs, d_pre)
         d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
         gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
+        recurrent = gemm.StepWeight(w_hh.t(), B)  # d_pre_k·W_hh
+        projection = None if w_hr is None else gemm.StepWeight(w_hr.t(), B)  # ∂L/∂h_t·W_hr
 
         d_h[: sizes[-1]] += d_out_k[T - 1][: sizes[-1]]
         for k in reversed(range(T)):
@@ -195,7 +246,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 steps.backward_step(k, n, d_h_rows, d_c_rows)
             else:
                 d_hp[k, :n] = d_h_rows
-                steps.backward_step(k, n, d_hp[k, :n] @ w_hr, d_c_rows)
+                steps.backward_step(k, n, projection.mm(d_hp[k, :n]), d_c_rows)
             d_pre_step = d_pre_k[k] if n == B else d_pre_k[k][:n]
             if n < B:
                 d_pre[k, n:] = 0
@@ -206,21 +257,65 @@ class LSTMLayerFunction(torch.autograd.Function):
             n_prev = sizes[k - 1] if k > 0 else 0
             out = d_h_rows if gemm_into_state else None
             if n_prev == n:
-                rows = torch.addmm(d_out_k[k - 1][:n], d_pre_step, w_hh, out=out)
+                rows = recurrent.addmm(d_out_k[k - 1][:n], d_pre_step, out=out)
             else:
-                rows = torch.mm(d_pre_step, w_hh, out=out)  # [n, P]
+                rows = recurrent.mm(d_pre_step, out=out)  # [n, P]
             if not gemm_into_state:
                 d_h_rows.copy_(rows)
             if n_prev != n and n_prev > 0:
                 d_h[:n_prev] += d_out_k[k - 1][:n_prev]
 
-        needs = ctx.needs_input_grad
-        d_w_hh = d_pre.view(-1, G).t() @ hs[:-1].reshape(-1, P) if needs[3] else None  # [4H, P]
-        d_w_hr = None
-        if w_hr is not None and needs[4]:
-            d_w_hr = d_hp.view(-1, P).t() @ h_raw.view(-1, h_raw.shape[-1])  # [P, H]
+        needs_x, needs_w_ih, needs_bias, _, _, needs_w_hh, needs_w_hr = ctx.needs_input_grad[:7]
+        d_pre_rows, h_prev_rows = d_pre.view(-1, G), hs[:-1].reshape(-1, P)  # [T·B, 4H], [T·B, P]
+        d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
+        if w_ih is None:
+            d_x = d_pre
+        else:
+            x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I]
+            if needs_x:
+                d_x = gemm.mm(d_pre_rows, w_ih).view(x.shape)  # [T, B, I]
+            if needs_bias and ctx.has_bias:
+                d_bias = d_pre_rows.sum(0)  # [4H]
+            if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
+                x_h = scratch("x_h", T * B, x_rows.shape[1] + P, dtype=dtype, device=dev)
+                d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
+                d_w_ih, d_w_hh = d_w[:, : x.shape[-1]], d_w[:, x.shape[-1] :]
+            elif needs_w_ih:
+                d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
+        if needs_w_hh and d_w_hh is None:
+            d_w_hh = gemm.mm_tn(d_pre_rows, h_prev_rows)  # [4H, P]
+        if w_hr is not None and needs_w_hr:
+            d_w_hr = gemm.mm_tn(d_hp.view(-1, P), h_raw.view(-1, h_raw.shape[-1]))  # [P, H]
         h_dtype, c_dtype = ctx.state_dtypes
-        return d_pre, d_h.to(h_dtype), d_c.to(c_dtype), d_w_hh, d_w_hr, None, None
+        return d_x, d_w_ih, d_bias, d_h.to(h_dtype), d_c.to(c_dtype), d_w_hh, d_w_hr, None, None
+
+
+def _check_layer_args(
+    T: int,
+    B: int,
+    G: int,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Sequence[int] | None,
+    backend: str,
+) -> tuple[int, ...] | None:
+    H = G // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P)}
+    if w_hr is not None:
+        expected["w_hr"] = (P, H)
+    got = {"h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr}
+    for name, shape in expected.items():
+        if tuple(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
+    if batch_sizes is not None:
+        batch_sizes = tuple(int(n) for n in batch_sizes)
+        if len(batch_sizes) != T or any(not 0 <= n <= B for n in batch_sizes):
+            raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(batch_sizes)}")
+    _steps(backend)  # an unknown or unavailable backend fails here, before any work
+    return batch_sizes
 
 
 def lstm_layer(
@@ -257,21 +352,53 @@ def lstm_layer(
     if gx.dim() != 3 or gx.shape[-1] % 4:
         raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
     T, B, G = gx.shape
-    H = G // 4
-    P = H if w_hr is None else w_hr.shape[0]
-    expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P)}
-    if w_hr is not None:
-        expected["w_hr"] = (P, H)
-    got = {"h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr}
-    for name, shape in expected.items():
-        if tuple(got[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
-    if batch_sizes is not None:
-        batch_sizes = tuple(int(n) for n in batch_sizes)
-        if len(batch_sizes) != T or any(not 0 <= n <= B for n in batch_sizes):
-            raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(batch_sizes)}")
-    _steps(backend)  # an unknown or unavailable backend fails here, before any work
-    return LSTMLayerFunction.apply(gx, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    return LSTMLayerFunction.apply(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, backend)
+
+
+def lstm_layer_from_input(
+    x: Tensor,
+    w_ih: Tensor,
+    bias: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    backend: str = "reference",
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Runs one LSTM layer in one direction over the inputs x, input projection included.
+
+    The same function as ``lstm_layer(F.linear(x, w_ih, bias), ...)``; doing the projection inside
+    the layer lets its backward compute ∂L/∂W_ih and ∂L/∂W_hh in one product, reading ∂L/∂gates once.
+
+    Args:
+        x: [T, B, I] inputs.
+        w_ih: [4H, I] input weights.
+        bias: [4H] (b_ih + b_hh), or None.
+        h0, c0, w_hh, w_hr, batch_sizes, backend: as in :func:`lstm_layer`.
+
+    Returns:
+        out [T, B, P], h_n [B, P], c_n [B, H], as :func:`lstm_layer`.
+
+    Example:
+        >>> T, B, I, H = 5, 3, 4, 8
+        >>> x, h0, c0 = torch.randn(T, B, I), torch.zeros(B, H), torch.zeros(B, H)
+        >>> w_ih, w_hh = torch.randn(4 * H, I), torch.randn(4 * H, H)
+        >>> out, h_n, c_n = lstm_layer_from_input(x, w_ih, None, h0, c0, w_hh)
+        >>> out.shape
+        torch.Size([5, 3, 8])
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
+    T, B, I = x.shape
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4 or w_ih.shape[1] != I:
+        raise ValueError(f"w_ih must be [4H, {I}], got shape {tuple(w_ih.shape)}")
+    G = w_ih.shape[0]
+    if bias is not None and tuple(bias.shape) != (G,):
+        raise ValueError(f"bias must have shape ({G},), got {tuple(bias.shape)}")
+    batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    return LSTMLayerFunction.apply(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend)
 
 
 def gates_forward(pre: Tensor, c_prev: Tensor, backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:

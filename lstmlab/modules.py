@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmlab.backends import check_backend_name, resolve_backend
-from lstmlab.kernels import lstm_layer
+from lstmlab.kernels import lstm_layer_from_input
 
 
 def _check_size(name: str, value: object) -> None:
@@ -346,13 +346,14 @@ class LSTM(nn.Module):
                 w_ih, w_hh = w_ih.to(compute_dtype), w_hh.to(compute_dtype)
                 bias = None if b_ih is None else (b_ih + b_hh).to(compute_dtype)
                 w_hr = None if w_hr is None else w_hr.to(compute_dtype)
-                gx = F.linear(layer_input, w_ih, bias)  # [T, B, 4H], all steps in one GEMM
-                steps = batch_sizes
+                x_dir, steps = layer_input, batch_sizes
                 if direction == 1:  # reverse: run forwards over the time-flipped sequence
-                    gx = gx.flip(0)
+                    x_dir = layer_input.flip(0)
                     steps = None if batch_sizes is None else batch_sizes[::-1]
                 idx = layer * D + direction
-                out, h, c = lstm_layer(gx, h0[idx], c0[idx], w_hh, w_hr, steps, backend)
+                out, h, c = lstm_layer_from_input(
+                    x_dir, w_ih, bias, h0[idx], c0[idx], w_hh, w_hr, steps, backend
+                )
                 outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
                 h_n.append(h)
                 c_n.append(c)
@@ -499,9 +500,10 @@ class LSTMCell(nn.Module):
         self.last_backend = backend
         dtype = autocast_dtype or x.dtype
         bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
-        gx = F.linear(x.to(dtype), self.weight_ih.to(dtype), bias).unsqueeze(0)  # [1, B, 4H]
-        w_hh = self.weight_hh.to(dtype)
-        _, h1, c1 = lstm_layer(gx, h0.to(dtype), c0.to(dtype), w_hh, None, None, backend)
+        w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
+        x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer
+        h0, c0 = h0.to(dtype), c0.to(dtype)
+        _, h1, c1 = lstm_layer_from_input(x, w_ih, bias, h0, c0, w_hh, None, None, backend)
         if not is_batched:
             h1, c1 = h1.squeeze(0), c1.squeeze(0)
         return h1, c1

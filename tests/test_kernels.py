@@ -93,7 +93,11 @@ def poisoned_buffers(monkeypatch):
     def nan_empty(*shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
+    def nan_scratch(name, *shape, dtype, device):  # fresh, so a stale value cannot hide a gap
+        return nan_empty(*shape, dtype=dtype, device=device)
+
     monkeypatch.setattr(layer, "empty", nan_empty)
+    monkeypatch.setattr(layer, "scratch", nan_scratch)
 
 
 @needs_triton
