@@ -87,6 +87,9 @@ class ReferenceSteps:
     precomputes every step's local derivatives in a few large ops before the time loop."""
 
     forward_into = staticmethod(reference.gates_forward_into)
+    # the step's pre-activations may be written into its gates slot and activated there: on CPU one
+    # sigmoid then covers all four gates, and the layer needs no separate gates buffer
+    activates_in_place = True
 
     def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
         T, B, G = gates.shape
@@ -119,6 +122,8 @@ class ReferenceSteps:
 
 class TritonSteps:
     """Per-step gate math in fused Triton kernels: one launch per step each way."""
+
+    activates_in_place = False
 
     def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
         self.gates, self.cs, self.d_pre = gates, cs, d_pre
@@ -158,7 +163,8 @@ class LSTMLayerFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is None, x is the
         input projection gx [T, B, 4H] itself."""
-        forward_into = _steps(backend).forward_into
+        steps = _steps(backend)
+        forward_into = steps.forward_into
         gx = x
         if w_ih is not None:  # all steps' input projections in one GEMM
             gx = gemm.linear(x.reshape(-1, x.shape[-1]), w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
@@ -169,9 +175,12 @@ class LSTMLayerFunction(torch.autograd.Function):
 
         hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
         cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
-        gates = empty(T, B, G, dtype=acc, device=dev)  # activated i, f, g, o, saved for backward
+        # activated i, f, g, o [T, B, 4H], saved for backward. Activated in place, each step's
+        # pre-activations are written into its slot; our own input projection then is the buffer.
+        in_place = steps.activates_in_place and dtype == acc
+        gates = gx if in_place and w_ih is not None else empty(T, B, G, dtype=acc, device=dev)
         h_raw = None if w_hr is None else empty(T, B, H, dtype=dtype, device=dev)  # o·tanh(c)
-        pre = empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
+        pre = None if in_place else empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
         hs[0] = h0
         cs[0] = c0
         recurrent = gemm.StepWeight(w_hh, B)  # h_{k−1}·W_hhᵀ
@@ -182,17 +191,13 @@ class LSTMLayerFunction(torch.autograd.Function):
 
         for k, n in enumerate(sizes):
             if n == B:
-                step_pre, h_prev, c_prev, step_gates, c = pre, hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
+                h_prev, c_prev, step_gates, c = hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
+                step_pre = step_gates if in_place else pre
                 h = hs_k[k + 1] if w_hr is None else h_raw_k[k]
                 recurrent.addmm(gx_k[k], h_prev, out=step_pre)  # [B, 4H]
             else:
-                step_pre, h_prev, c_prev, step_gates, c = (
-                    pre[:n],
-                    hs[k, :n],
-                    cs[k, :n],
-                    gates[k, :n],
-                    cs[k + 1, :n],
-                )
+                h_prev, c_prev, step_gates, c = hs[k, :n], cs[k, :n], gates[k, :n], cs[k + 1, :n]
+                step_pre = step_gates if in_place else pre[:n]
                 h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
                 recurrent.addmm(gx[k, :n], h_prev, out=step_pre)  # [n, 4H]
             forward_into(step_pre, c_prev, step_gates, c, h)

@@ -3,7 +3,8 @@
 Outputs are written into buffers the caller owns, as the Triton launchers in `triton_gates.py` do,
 so the layer loop in `layer.py` drives either one. The backward is split in two: what does not
 depend on the incoming gradients is computed for all steps at once before the time loop
-(`backward_coefficients`), leaving five small ops per step inside it (`gates_backward_into`).
+(`backward_coefficients`), leaving four small ops per step inside it (`gates_backward_into`).
+On CPU, tanh is computed as 2σ(2x) − 1 (`tanh_into`): PyTorch's CPU tanh costs ten sigmoids.
 
 B: batch  H: hidden size  G = 4H: stacked gates (i, f, g, o)
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+_ONE = torch.ones(())  # 0-dim: takes the other operand's dtype
 
 
 def tanh_into(x: Tensor, out: Tensor) -> Tensor:
@@ -24,19 +27,22 @@ def tanh_into(x: Tensor, out: Tensor) -> Tensor:
     return out.sigmoid_().add_(out).sub_(_ONE)
 
 
-_ONE = torch.ones(())  # 0-dim: takes the other operand's dtype
-
-
 def gates_forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
     """pre [B, 4H], c_prev [B, H] -> gates [B, 4H] (activated i, f, g, o), c [B, H], h [B, H].
 
-    Math in the dtype of ``gates`` and ``c`` (fp32, or fp64 for fp64 inputs), cast on store.
+    ``pre`` may be ``gates`` itself: the gates are then activated in place. Math in the dtype of
+    ``gates`` and ``c`` (fp32, or fp64 for fp64 inputs), cast on store.
     """
     H = c.shape[-1]
     i, f, g, o = gates.chunk(4, dim=1)  # Tensor.split is a Python wrapper: slower per step
-    pre = pre if pre.dtype == gates.dtype else pre.to(gates.dtype)
-    torch.sigmoid(pre, out=gates)
-    tanh_into(pre[:, 2 * H : 3 * H], out=g)
+    if pre.data_ptr() != gates.data_ptr():
+        pre = pre if pre.dtype == gates.dtype else pre.to(gates.dtype)
+        torch.sigmoid(pre, out=gates)
+        tanh_into(pre[:, 2 * H : 3 * H], out=g)
+    else:  # in place, one sigmoid for all four gates: g's pre-activation doubled, tanh(x) = 2σ(2x) − 1
+        torch.add(g, g, out=g)
+        gates.sigmoid_()
+        g.add_(g).sub_(_ONE)
     torch.mul(f, c_prev, out=c)
     c.addcmul_(i, g)  # c = f ⊙ c_prev + i ⊙ g
     torch.mul(o, tanh_into(c, out=torch.empty_like(c)), out=h)  # h = o ⊙ tanh(c)

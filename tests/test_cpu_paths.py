@@ -1,5 +1,6 @@
-"""The CPU fast paths of the reference backend: oneDNN GEMMs (`kernels/gemm.py`), tanh through
-sigmoid, the input projection inside the layer, and the scratch buffers kept between calls.
+"""The CPU paths of the reference backend: oneDNN GEMMs (`kernels/gemm.py`), tanh through
+sigmoid, gates activated in place, the input projection inside the layer, and the scratch buffers
+kept between calls.
 
 Every fp32 check compares with a float64 truth, under both GEMM engines, so a wrong product on
 either engine fails whatever the other one does.
@@ -263,3 +264,27 @@ def test_threads_do_not_share_scratch_buffers():
     for got, want in zip(results, expected, strict=True):
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-7), (torch.float64, 1e-15)])
+def test_gates_activated_in_place_equal_separate_buffers(dtype, tol):
+    """The layer writes each step's pre-activations into its gates slot and activates them there;
+    that path must compute what separate buffers compute, saturated gates included."""
+    g = torch.Generator().manual_seed(0)
+    B, H = 5, 6
+    pre = torch.randn(B, 4 * H, generator=g, dtype=dtype) * 4
+    pre[0] = torch.linspace(-80, 80, 4 * H, dtype=dtype)
+    c_prev = torch.randn(B, H, generator=g, dtype=dtype)
+    results = []
+    for in_place in (False, True):
+        gates, c, h = torch.empty_like(pre), torch.empty_like(c_prev), torch.empty_like(c_prev)
+        if in_place:
+            gates.copy_(pre)
+        reference.gates_forward_into(gates if in_place else pre, c_prev, gates, c, h)
+        results.append((gates, c, h))
+    i, f, gg, o = pre.chunk(4, dim=1)
+    c_true = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(gg)
+    for gates, c, h in results:
+        assert (gates[:, 2 * H : 3 * H] - torch.tanh(gg)).abs().max() <= tol
+        assert (c - c_true).abs().max() <= 4 * tol
+        assert (h - torch.sigmoid(o) * torch.tanh(c_true)).abs().max() <= 4 * tol
