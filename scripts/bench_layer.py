@@ -128,6 +128,15 @@ class Impl:
     reference: str = "torch.nn.LSTM fp64"
     note: str = ""
     modules: list[nn.Module] = field(default_factory=list)
+    cpu_gemm: str | None = None  # lstmlab's CPU GEMM engine for this row (kernels/gemm.py)
+
+    def engine(self) -> contextlib.AbstractContextManager:
+        """The context every call of this implementation (checked or timed) runs in."""
+        if self.cpu_gemm is None:
+            return contextlib.nullcontext()
+        from lstmlab.kernels import cpu_gemm_engine
+
+        return cpu_gemm_engine(self.cpu_gemm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +214,11 @@ class LSTMCellLoop(nn.Module):
         return x, torch.stack(h_n), torch.stack(c_n)
 
 
+def with_engine(backend: str, engine: str | None) -> str:
+    """Backend column of an lstmlab row: ``reference/auto`` on CPU, where the GEMM engine counts."""
+    return backend if engine is None else f"{backend}/{engine}"
+
+
 def lstm_forward(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, ...]]:
     def fwd(x: Tensor) -> tuple[Tensor, ...]:
         out, (h_n, c_n) = module(x)
@@ -222,10 +236,11 @@ def gru_forward(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, ...]]:
 
 
 def build_impls(
-    cfg: Config, device: torch.device, backends: list[str], wanted: set[str]
+    cfg: Config, device: torch.device, backends: list[str], wanted: set[str], cpu_gemms: list[str]
 ) -> Iterator[tuple[str, Impl | Exception]]:
     """Yields (label, Impl) in timing order, baseline first; a construction error is yielded
-    in place of the Impl so it becomes a FAILED row."""
+    in place of the Impl so it becomes a FAILED row. On CPU each lstmlab row is repeated for
+    every GEMM engine in ``cpu_gemms``."""
     from lstmlab.kernels import lstm_layer
 
     import lstmlab
@@ -282,29 +297,32 @@ def build_impls(
                 modules=[loop],
             ),
         )
-    for backend in backends:
+    engines: list[str | None] = list(cpu_gemms) if device.type == "cpu" else [None]
+    for backend, engine in itertools.product(backends, engines):
+        tag = with_engine(backend, engine)
         if "lstmlab.LSTM" in wanted:
             try:
                 model = lstmlab.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend)
                 model.load_state_dict(master.state_dict())
                 model = model.to(dtype)
             except Exception as exc:  # recorded as a FAILED row by the caller
-                yield f"lstmlab.LSTM[{backend}]", exc
+                yield f"lstmlab.LSTM[{tag}]", exc
             else:
                 yield (
-                    f"lstmlab.LSTM[{backend}]",
+                    f"lstmlab.LSTM[{tag}]",
                     Impl(
                         "lstmlab.LSTM",
                         "included",
                         lstm_forward(model),
                         list(model.parameters()),
                         model.weight_hh_l0,
-                        lambda model=model: str(model.last_backend),
+                        lambda model=model, engine=engine: with_engine(str(model.last_backend), engine),
                         modules=[model],
+                        cpu_gemm=engine,
                     ),
                 )
         if "lstmlab.lstm_layer" in wanted:
-            label = f"lstmlab.lstm_layer[{backend}]"
+            label = f"lstmlab.lstm_layer[{tag}]"
             if cfg.layers != 1:
                 print(f"  {label}: skipped, excluding the input projection needs --layers 1")
                 continue
@@ -326,10 +344,11 @@ def build_impls(
                     run_layer,
                     [w.weight_hh_l0],
                     w.weight_hh_l0,
-                    lambda backend=backend: backend,
+                    lambda backend=backend, engine=engine: with_engine(backend, engine),
                     prepare=project,
                     note="gx = x W_ih^T + b precomputed outside the timed region",
                     modules=[w],
+                    cpu_gemm=engine,
                 ),
             )
 
@@ -398,13 +417,14 @@ def check(
     impl.w_hh.grad = None
     benchlib.sync(device)
     t0 = time.perf_counter()
-    outs = list(impl.forward(impl.prepare(xr)))
-    if fault:
-        outs[0] = outs[0] + 1.0
-    grads: list[Tensor] = []
-    if backward:
-        outs[0].backward(gout)
-        grads = [xr.grad, impl.w_hh.grad]
+    with impl.engine():
+        outs = list(impl.forward(impl.prepare(xr)))
+        if fault:
+            outs[0] = outs[0] + 1.0
+        grads: list[Tensor] = []
+        if backward:
+            outs[0].backward(gout)
+            grads = [xr.grad, impl.w_hh.grad]
     benchlib.sync(device)
     first_ms = (time.perf_counter() - t0) * 1e3
     mine, refs = [*outs, *grads], [*ref_outs, *ref_grads]
@@ -452,13 +472,14 @@ def check_one(
     if backward:
 
         def fn() -> None:
-            impl.forward(inp)[0].backward(gout)
+            with impl.engine():
+                impl.forward(inp)[0].backward(gout)
 
         grad_to_none = [inp, *impl.params]
     else:
 
         def fn() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), impl.engine():
                 impl.forward(inp)
 
         grad_to_none = None
@@ -507,6 +528,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, help="default: equal to the hidden size")
     p.add_argument("--layers", type=int, nargs="+", default=[1])
     p.add_argument("--backends", nargs="+", choices=["triton", "reference"], help="lstmlab backends")
+    p.add_argument(
+        "--cpu-gemm",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "blas", "onednn"],
+        help="CPU only: lstmlab's GEMM engines, one row each (see lstmlab/kernels/gemm.py)",
+    )
     p.add_argument(
         "--inject-fault",
         nargs="+",
@@ -609,7 +637,7 @@ def run_config(
         gout = torch.randn(cfg.seq_len, cfg.batch, cfg.hidden, generator=gen)
         x, gout = x.to(device, dtype), gout.to(device, dtype)
         timed = []
-        for label, impl in build_impls(cfg, device, backends, set(args.impls)):
+        for label, impl in build_impls(cfg, device, backends, set(args.impls), args.cpu_gemm):
             name, _, backend = label.partition("[")
             row = dict(base) | {"impl": name, "backend": backend.rstrip("]")}
             if isinstance(impl, Exception):
@@ -676,6 +704,12 @@ def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_c
         "µs/step = median / T; tokens/s = B·T / median; peak MiB = CUDA memory allocated "
         "above the pre-call level during one call (not measured on CPU).",
     ]
+    if device.type == "cpu":
+        notes.append(
+            "lstmlab `backend` on CPU reads `<backend>/<GEMM engine>` (`--cpu-gemm`): `blas` = every "
+            "product in torch.mm (MKL in PyPI wheels), `auto` = products of ≥ 2^20 multiply-adds in "
+            "oneDNN, `onednn` = all of them (lstmlab/kernels/gemm.py)."
+        )
     if skip_reason:
         notes.append(skip_reason + ".")
     if stopped_at is not None:

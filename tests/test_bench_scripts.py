@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lstmlab.kernels import gemm
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -54,7 +55,7 @@ def assert_failed_untimed(row: dict[str, str]) -> None:
 
 
 def test_bench_layer_smoke(tmp_path: Path) -> None:
-    argv = [*TINY_LAYER, "--inject-fault", "torch.nn.GRU", "lstmlab.lstm_layer[reference]"]
+    argv = [*TINY_LAYER, "--inject-fault", "torch.nn.GRU", "lstmlab.lstm_layer[reference/auto]"]
     assert bench_layer.main([*argv, "--out", str(tmp_path)]) == 0
 
     header, rows = read_rows(tmp_path / "results.csv")
@@ -68,7 +69,7 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
     for pass_ in ("fwd", "fwd+bwd"):
         by_impl = {r["impl"]: r for r in rows if r["pass"] == pass_}
         assert sorted(by_impl) == sorted(bench_layer.IMPLS)
-        assert by_impl["lstmlab.LSTM"]["backend"] == "reference"  # model.last_backend
+        assert by_impl["lstmlab.LSTM"]["backend"] == "reference/auto"  # last_backend/GEMM engine
         assert by_impl["lstmlab.lstm_layer"]["input_proj"] == "excluded"
         for impl in ("torch.nn.LSTM", "LSTMCell-loop", "lstmlab.LSTM"):
             assert_timed(by_impl[impl])
@@ -81,6 +82,22 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
         assert float(loop["ratio_vs_baseline"]) == pytest.approx(ratio, rel=1e-3)
         assert_failed_untimed(by_impl["torch.nn.GRU"])
         assert_failed_untimed(by_impl["lstmlab.lstm_layer"])
+
+
+@pytest.mark.skipif(gemm.onednn_unavailable_reason() is not None, reason="oneDNN GEMM unavailable")
+def test_bench_layer_one_row_per_cpu_gemm_engine(tmp_path: Path) -> None:
+    argv = [*TINY_LAYER, "--passes", "fwd+bwd", "--impls", "torch.nn.LSTM", "lstmlab.LSTM"]
+    argv += ["lstmlab.lstm_layer", "--cpu-gemm", "blas", "onednn", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results.csv")
+    assert sorted((r["impl"], r["backend"]) for r in rows if r["impl"] != "torch.nn.LSTM") == [
+        ("lstmlab.LSTM", "reference/blas"),
+        ("lstmlab.LSTM", "reference/onednn"),
+        ("lstmlab.lstm_layer", "reference/blas"),
+        ("lstmlab.lstm_layer", "reference/onednn"),
+    ]
+    for r in rows:
+        assert_timed(r)
 
 
 def test_bench_layer_two_layers_and_tokens(tmp_path: Path) -> None:
@@ -103,7 +120,7 @@ def test_bench_layer_cpu_skips_triton_with_reason(tmp_path: Path, capsys) -> Non
     assert bench_layer.main(argv) == 0
     assert "'triton' skipped on CPU" in capsys.readouterr().out
     _, rows = read_rows(tmp_path / "results.csv")
-    assert [r["backend"] for r in rows] == ["reference"]
+    assert [r["backend"] for r in rows] == ["reference/auto"]
     assert "'triton' skipped on CPU" in (tmp_path / "results.md").read_text()
 
 
