@@ -115,6 +115,16 @@ def _probe() -> str:
     return ""
 
 
+def describe_cpu_gemm() -> str:
+    """The engine fp32 CPU products use now, in words, for run summaries and benchmark headers."""
+    if _engine != "auto":
+        return _engine
+    reason = onednn_unavailable_reason()
+    if reason is None:
+        return f"auto: oneDNN from {ONEDNN_MIN_MACS} multiply-adds, torch.mm below"
+    return f"auto: torch.mm ({reason})"
+
+
 def uses_onednn(like: Tensor, m: int, n: int, k: int) -> bool:
     """Whether an [M, K]·[K, N] product of tensors like ``like`` runs on oneDNN."""
     if like.device.type != "cpu" or like.dtype != torch.float32 or _engine == "blas":

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lstmlab.config import ConfigError, register_configs, to_plain, unknown_override_keys, validate
+from lstmlab.kernels.gemm import describe_cpu_gemm
 from lstmlab.loggers import JsonlLogger, NullLogger, WandbLogger
 from lstmlab.models import SequenceModel, count_parameters
 from lstmlab.tasks import Task, derive_seed, make_task
@@ -244,6 +245,7 @@ def _train(cfg: DictConfig, out_dir: Path, overrides: list[str], ddp: DistInfo) 
             "name": cfg.name,
             "model": str(mc.kind),
             "backend": model.backend,
+            "cpu_gemm": describe_cpu_gemm() if device.type == "cpu" and mc.kind == "lstmlab" else None,
             "task": task.name,
             "metric": task.metric,
             "higher_is_better": task.higher_is_better,

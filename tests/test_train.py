@@ -46,6 +46,10 @@ def test_each_model_trains_with_a_finite_decreasing_loss(model, task, tmp_path):
     assert written == json.loads(json.dumps(summary))
     assert summary["model"] == model and summary["task"] == task
     assert summary["backend"] == ("reference" if model == "lstmlab" else "native")
+    if model == "lstmlab":
+        assert summary["cpu_gemm"].startswith("auto: ")  # the GEMM engine that ran, in words
+    else:
+        assert summary["cpu_gemm"] is None
     assert summary["parameters"] > 0 and summary["time_per_step_s"] > 0
     assert set(summary["final"]["test"]) == {summary["metric"], "acc"}
     assert summary["baseline"][summary["metric"]] > 0
