@@ -19,8 +19,8 @@ gradients (aᵀ·b) pass it transposed views, which it copies, and still beat MK
 The engine for fp32 CPU products is one process-wide setting, ``LSTMLAB_CPU_GEMM`` in the
 environment or :func:`cpu_gemm_engine`:
 
-- ``auto`` (default): oneDNN for products of at least ``ONEDNN_MIN_MACS`` multiply-adds when the
-  probe passes, else the BLAS;
+- ``auto`` (default): oneDNN for products of at least ``ONEDNN_MIN_MACS`` multiply-adds and
+  ``ONEDNN_MIN_ROWS`` rows when the probe passes, else the BLAS;
 - ``blas``: always ``torch.mm`` and friends;
 - ``onednn``: oneDNN for every fp32 CPU product, whatever its size (tests use it at tiny sizes);
   raises if the probe fails.
@@ -42,8 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CPU_GEMM_ENGINES = ("auto", "blas", "onednn")
-# Below 1M multiply-adds (B=16, H=128 per step) both engines take the same time.
+# Measured on the AMD EPYC above, one thread: below 1M multiply-adds (B=16, H=128 per step) both
+# engines take the same time, and for a few rows (B=1: a matrix-vector product) MKL is faster
+# (5 µs against 13 µs for [1, 128]·[128, 512]).
 ONEDNN_MIN_MACS = 1 << 20
+ONEDNN_MIN_ROWS = 16
+# Packing a weight into oneDNN's blocked layout costs 90–150 µs for H = 128–256 and saves 4–17 µs
+# per product: worth it for a time loop of at least this many steps, not for an LSTMCell call.
+PACK_MIN_STEPS = 32
 
 
 def _check_engine(engine: object) -> str:
@@ -129,7 +135,7 @@ def uses_onednn(like: Tensor, m: int, n: int, k: int) -> bool:
     """Whether an [M, K]·[K, N] product of tensors like ``like`` runs on oneDNN."""
     if like.device.type != "cpu" or like.dtype != torch.float32 or _engine == "blas":
         return False
-    if _engine == "auto" and m * n * k < ONEDNN_MIN_MACS:
+    if _engine == "auto" and (m * n * k < ONEDNN_MIN_MACS or m < ONEDNN_MIN_ROWS):
         return False
     reason = onednn_unavailable_reason()
     if reason is None:
@@ -178,23 +184,26 @@ def mm_tn(a: Tensor, b: Tensor) -> Tensor:
 
 
 class StepWeight:
-    """The weight b [N, K] of many small products a·bᵀ inside a time loop, a having at most ``rows``
-    rows; packed for oneDNN once, when its products go there."""
+    """The weight b [N, K] of the products a·bᵀ of a time loop of ``steps`` steps, a having at most
+    ``rows`` rows. When they go to oneDNN, b is prepared once: packed into oneDNN's layout for
+    loops of at least ``PACK_MIN_STEPS`` steps, else only made contiguous."""
 
-    def __init__(self, b: Tensor, rows: int) -> None:
+    def __init__(self, b: Tensor, rows: int, steps: int) -> None:
         self.b = b
         N, K = b.shape
-        self.b_packed = _onednn_pack(b, rows) if uses_onednn(b, rows, N, K) else None
+        self.b_onednn = None
+        if uses_onednn(b, rows, N, K):
+            self.b_onednn = _onednn_pack(b, rows) if steps >= PACK_MIN_STEPS else b.contiguous()
 
     def addmm(self, c: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
         """c + a·bᵀ [M, N] for a [M, K], c [M, N]; into ``out`` when given."""
-        if self.b_packed is None:
+        if self.b_onednn is None:
             return torch.addmm(c, a, self.b.t(), out=out)
-        return torch.add(c, _onednn_linear(a, self.b_packed), out=out)
+        return torch.add(c, _onednn_linear(a, self.b_onednn), out=out)
 
     def mm(self, a: Tensor, out: Tensor | None = None) -> Tensor:
         """a·bᵀ [M, N], into ``out`` when given."""
-        if self.b_packed is None:
+        if self.b_onednn is None:
             return torch.mm(a, self.b.t(), out=out)
-        product = _onednn_linear(a, self.b_packed)
+        product = _onednn_linear(a, self.b_onednn)
         return product if out is None else out.copy_(product)

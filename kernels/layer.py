@@ -183,8 +183,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         pre = None if in_place else empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
         hs[0] = h0
         cs[0] = c0
-        recurrent = gemm.StepWeight(w_hh, B)  # h_{k−1}·W_hhᵀ
-        projection = None if w_hr is None else gemm.StepWeight(w_hr, B)  # o·tanh(c)·W_hrᵀ
+        recurrent = gemm.StepWeight(w_hh, B, T)  # h_{k−1}·W_hhᵀ
+        projection = None if w_hr is None else gemm.StepWeight(w_hr, B, T)  # o·tanh(c)·W_hrᵀ
         # per-step views made once: slicing inside the time loop costs more than the math at small B
         gx_k, hs_k, cs_k, gates_k = gx.unbind(0), hs.unbind(0), cs.unbind(0), gates.unbind(0)
         h_raw_k = None if w_hr is None else h_raw.unbind(0)
@@ -240,8 +240,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         steps = _steps(ctx.backend)(gates, cs, d_pre)
         d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
         gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
-        recurrent = gemm.StepWeight(w_hh.t(), B)  # d_pre_k·W_hh
-        projection = None if w_hr is None else gemm.StepWeight(w_hr.t(), B)  # ∂L/∂h_t·W_hr
+        recurrent = gemm.StepWeight(w_hh.t(), B, T)  # d_pre_k·W_hh
+        projection = None if w_hr is None else gemm.StepWeight(w_hr.t(), B, T)  # ∂L/∂h_t·W_hr
 
         d_h[: sizes[-1]] += d_out_k[T - 1][: sizes[-1]]
         for k in reversed(range(T)):

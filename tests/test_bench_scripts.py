@@ -224,7 +224,9 @@ def test_profile_layer_names_lstmlab_ops(tmp_path: Path) -> None:
     argv = ["--device", "cpu", "--batch", "2", "--hidden", "8", "--seq", "3", "--steps", "1"]
     assert profile_layer.main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "profile_lstmlab.txt").read_text()
-    assert text.startswith("lstmlab.LSTM (backend reference, CPU GEMMs auto) B2 H8 T3, 1 fwd+bwd steps, 1 threads")
+    assert text.startswith(
+        "lstmlab.LSTM (backend reference, CPU GEMMs auto) B2 H8 T3, 1 fwd+bwd steps, 1 threads"
+    )
     assert "LSTMLayerFunction" in text
     assert not list(tmp_path.glob("trace_*.json"))
 

@@ -44,7 +44,8 @@ FP32_TOL = 2e-5  # fp32 products of length ≤ 40, chained through a short recur
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 7, 3), (33, 17, 12), (64, 40, 128)])
-def test_products_match_float64(engine, M, K, N):
+@pytest.mark.parametrize("steps", [1, 100], ids=["weight-as-is", "weight-packed"])
+def test_products_match_float64(engine, M, K, N, steps):
     g = torch.Generator().manual_seed(0)
     a, b_nt, b_nn, bias = (torch.randn(*s, generator=g) for s in ((M, K), (N, K), (K, N), (N,)))
     a_tn, b_tn = torch.randn(K, M, generator=g), torch.randn(K, N, generator=g)
@@ -54,8 +55,10 @@ def test_products_match_float64(engine, M, K, N):
         for name, t in dict(a=a, b_nt=b_nt, b_nn=b_nn, bias=bias, a_tn=a_tn, b_tn=b_tn, c=c).items()
     }
     with cpu_gemm_engine(engine):
-        weight = gemm.StepWeight(b_nt, rows=M)
-        assert (weight.b_packed is not None) == (engine == "onednn")
+        weight = gemm.StepWeight(b_nt, rows=M, steps=steps)
+        assert (weight.b_onednn is not None) == (engine == "onednn")
+        if weight.b_onednn is not None and steps < gemm.PACK_MIN_STEPS:
+            assert weight.b_onednn.is_contiguous() and weight.b_onednn.shape == (N, K)  # not packed
         out = torch.empty(M, N)
         results = {
             "linear": (gemm.linear(a, b_nt, bias), d["a"] @ d["b_nt"].t() + d["bias"]),
@@ -81,6 +84,7 @@ def test_engine_choice_rules():
         assert not gemm.uses_onednn(x.double(), 4096, 4096, 4096)  # fp64 stays on the BLAS
         assert not gemm.uses_onednn(x.half(), 4096, 4096, 4096)
         assert not gemm.uses_onednn(x, 16, 128, 128)  # below ONEDNN_MIN_MACS
+        assert not gemm.uses_onednn(x, 1, 4096, 4096)  # a matrix-vector product: below ONEDNN_MIN_ROWS
         if gemm.onednn_unavailable_reason() is None:
             assert gemm.uses_onednn(x, 64, 256, 1024)
     with pytest.raises(ValueError, match=r"must be one of \('auto', 'blas', 'onednn'\), got 'mkl'"):
