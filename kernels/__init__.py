@@ -1,5 +1,6 @@
 """lstmlab.kernels: the LSTM recurrence as one autograd.Function per layer, with the gate math in
-PyTorch (`reference`) or fused Triton kernels (`triton`), and the textbook oracle (`naive`)."""
+PyTorch (`reference`) or fused Triton kernels (`triton`), every matrix product on the engine
+`gemm` picks (oneDNN for fp32 on CPU), and the textbook oracle (`naive`)."""
 
 from .gemm import CPU_GEMM_ENGINES, cpu_gemm_engine, get_cpu_gemm_engine, set_cpu_gemm_engine
 from .layer import (

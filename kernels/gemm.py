@@ -52,13 +52,15 @@ ONEDNN_MIN_ROWS = 16
 PACK_MIN_STEPS = 32
 
 
-def _check_engine(engine: object) -> str:
+def _check_engine(engine: object, what: str = "the CPU GEMM engine") -> str:
     if engine not in CPU_GEMM_ENGINES:
-        raise ValueError(f"the CPU GEMM engine must be one of {CPU_GEMM_ENGINES}, got {engine!r}")
+        raise ValueError(f"{what} must be one of {CPU_GEMM_ENGINES}, got {engine!r}")
     return engine  # type: ignore[return-value]
 
 
-_engine = _check_engine(os.environ.get("LSTMLAB_CPU_GEMM", "auto"))
+_engine = _check_engine(
+    os.environ.get("LSTMLAB_CPU_GEMM", "auto"), "the environment variable LSTMLAB_CPU_GEMM"
+)
 _probe_result: str | None = None  # "" once the probe passed, else why it failed; None: not yet run
 
 

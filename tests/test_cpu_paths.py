@@ -6,6 +6,9 @@ Every fp32 check compares with a float64 truth, under both GEMM engines, so a wr
 either engine fails whatever the other one does.
 """
 
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -90,6 +93,21 @@ def test_engine_choice_rules():
     with pytest.raises(ValueError, match=r"must be one of \('auto', 'blas', 'onednn'\), got 'mkl'"):
         gemm.set_cpu_gemm_engine("mkl")
     assert gemm.get_cpu_gemm_engine() == "auto"
+
+
+@pytest.mark.parametrize("value,accepted", [("blas", True), ("MKL", False)])
+def test_the_environment_variable_sets_the_engine_or_fails_at_import(value, accepted):
+    env = {**os.environ, "LSTMLAB_CPU_GEMM": value}
+    code = "import lstmlab.kernels as k; print(k.get_cpu_gemm_engine())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    if accepted:
+        assert result.returncode == 0 and result.stdout.strip() == value, result.stderr
+    else:
+        assert result.returncode != 0
+        expected = (
+            "the environment variable LSTMLAB_CPU_GEMM must be one of ('auto', 'blas', 'onednn'), got 'MKL'"
+        )
+        assert expected in result.stderr
 
 
 @pytest.fixture
