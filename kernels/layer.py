@@ -165,9 +165,10 @@ class LSTMLayerFunction(torch.autograd.Function):
         input projection gx [T, B, 4H] itself."""
         steps = _steps(backend)
         forward_into = steps.forward_into
-        gx = x
+        gx, x_rows = x, None
         if w_ih is not None:  # all steps' input projections in one GEMM
-            gx = gemm.linear(x.reshape(-1, x.shape[-1]), w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
+            x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I], saved: a copy when x is strided
+            gx = gemm.linear(x_rows, w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
         T, B, G = gx.shape
         H, P = G // 4, w_hh.shape[1]
         dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
@@ -209,7 +210,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 if w_hr is not None:
                     h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
 
-        ctx.save_for_backward(x if w_ih is not None else None, w_ih, hs, cs, gates, h_raw, w_hh, w_hr)
+        ctx.save_for_backward(x_rows, w_ih, hs, cs, gates, h_raw, w_hh, w_hr)
         ctx.has_bias = bias is not None
         ctx.sizes = sizes
         ctx.backend = backend
@@ -224,7 +225,7 @@ class LSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
-        x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
+        x_rows, w_ih, hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
         sizes = ctx.sizes
         T, B, G = gates.shape
         P = hs.shape[-1]
@@ -276,15 +277,15 @@ class LSTMLayerFunction(torch.autograd.Function):
         if w_ih is None:
             d_x = d_pre
         else:
-            x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I]
+            I = x_rows.shape[1]
             if needs_x:
-                d_x = gemm.mm(d_pre_rows, w_ih).view(x.shape)  # [T, B, I]
+                d_x = gemm.mm(d_pre_rows, w_ih).view(T, B, I)  # [T, B, I]
             if needs_bias and ctx.has_bias:
                 d_bias = d_pre_rows.sum(0)  # [4H]
             if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
-                x_h = scratch("x_h", T * B, x_rows.shape[1] + P, dtype=dtype, device=dev)
+                x_h = scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
                 d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
-                d_w_ih, d_w_hh = d_w[:, : x.shape[-1]], d_w[:, x.shape[-1] :]
+                d_w_ih, d_w_hh = d_w[:, :I], d_w[:, I:]
             elif needs_w_ih:
                 d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
         if needs_w_hh and d_w_hh is None:
