@@ -129,7 +129,7 @@ def describe_cpu_gemm() -> str:
         return _engine
     reason = onednn_unavailable_reason()
     if reason is None:
-        return f"auto: oneDNN from {ONEDNN_MIN_MACS} multiply-adds, torch.mm below"
+        return f"auto: oneDNN from {ONEDNN_MIN_MACS} multiply-adds and {ONEDNN_MIN_ROWS} rows, torch.mm below"
     return f"auto: torch.mm ({reason})"
 
 

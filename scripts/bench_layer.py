@@ -33,6 +33,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
+from lstmlab.kernels import gemm
+from lstmlab.kernels.gemm import CPU_GEMM_ENGINES
 
 DTYPES: dict[str, tuple[torch.dtype, bool]] = {  # label -> (dtype, TF32 allowed)
     "fp32": (torch.float32, False),
@@ -134,9 +136,7 @@ class Impl:
         """The context every call of this implementation (checked or timed) runs in."""
         if self.cpu_gemm is None:
             return contextlib.nullcontext()
-        from lstmlab.kernels import cpu_gemm_engine
-
-        return cpu_gemm_engine(self.cpu_gemm)
+        return gemm.cpu_gemm_engine(self.cpu_gemm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +532,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu-gemm",
         nargs="+",
         default=["auto"],
-        choices=["auto", "blas", "onednn"],
+        choices=CPU_GEMM_ENGINES,
         help="CPU only: lstmlab's GEMM engines, one row each (see lstmlab/kernels/gemm.py)",
     )
     p.add_argument(
@@ -707,8 +707,9 @@ def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_c
     if device.type == "cpu":
         notes.append(
             "lstmlab `backend` on CPU reads `<backend>/<GEMM engine>` (`--cpu-gemm`): `blas` = every "
-            "product in torch.mm (MKL in PyPI wheels), `auto` = products of ≥ 2^20 multiply-adds in "
-            "oneDNN, `onednn` = all of them (lstmlab/kernels/gemm.py)."
+            f"product in torch.mm (MKL in PyPI wheels), `auto` = products of ≥ {gemm.ONEDNN_MIN_MACS} "
+            f"multiply-adds and ≥ {gemm.ONEDNN_MIN_ROWS} rows in oneDNN, `onednn` = all of them "
+            "(lstmlab/kernels/gemm.py)."
         )
     if skip_reason:
         notes.append(skip_reason + ".")

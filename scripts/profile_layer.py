@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lstmlab.kernels import cpu_gemm_engine
+from lstmlab.kernels import CPU_GEMM_ENGINES, cpu_gemm_engine
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impl", choices=["lstmlab", "torch"], default="lstmlab")
     p.add_argument("--backend", default="reference", help="lstmlab backend")
-    p.add_argument("--cpu-gemm", choices=["auto", "blas", "onednn"], default="auto", help="lstmlab CPU GEMMs")
+    p.add_argument("--cpu-gemm", choices=CPU_GEMM_ENGINES, default="auto", help="lstmlab CPU GEMMs")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq", type=int, default=100)
@@ -60,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         out, _ = model(x)
         out.backward(gout)
 
-    for _ in range(2):  # warm-up
-        with cpu_gemm_engine(args.cpu_gemm):
-            step()
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof, cpu_gemm_engine(args.cpu_gemm):
-        for _ in range(args.steps):
-            with record_function("train_step"):
-                step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    with cpu_gemm_engine(args.cpu_gemm):
+        for _ in range(2):  # warm-up
+            step()
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                with record_function("train_step"):
+                    step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=args.top)
