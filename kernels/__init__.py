@@ -1,4 +1,5 @@
-"""lstmlab.kernels: the LSTM recurrence as one autograd.Function per layer, with the gate math in
+"""lstmlab.kernels: the LSTM recurrence as one registered operator per layer and direction (forward
+and backward, `torch.ops.lstmlab.lstm_layer_fwd` / `lstm_layer_bwd`), with the gate math in
 PyTorch (`reference`) or fused Triton kernels (`triton`), every matrix product on the engine
 `gemm` picks (oneDNN for fp32 on CPU), and the textbook oracle (`naive`)."""
 
@@ -7,13 +8,14 @@ from .layer import (
     HAS_TRITON,
     KERNEL_BACKENDS,
     TRITON_INTERPRET,
-    LSTMLayerFunction,
     accumulation_dtype,
     clear_workspace,
     gates_backward,
     gates_forward,
     lstm_layer,
+    lstm_layer_bwd,
     lstm_layer_from_input,
+    lstm_layer_fwd,
 )
 from .naive import lstm_cell_naive, lstm_layer_naive
 
@@ -22,7 +24,6 @@ __all__ = [
     "HAS_TRITON",
     "KERNEL_BACKENDS",
     "TRITON_INTERPRET",
-    "LSTMLayerFunction",
     "accumulation_dtype",
     "clear_workspace",
     "cpu_gemm_engine",
@@ -31,7 +32,9 @@ __all__ = [
     "get_cpu_gemm_engine",
     "lstm_cell_naive",
     "lstm_layer",
+    "lstm_layer_bwd",
     "lstm_layer_from_input",
+    "lstm_layer_fwd",
     "lstm_layer_naive",
     "set_cpu_gemm_engine",
 ]

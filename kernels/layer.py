@@ -22,7 +22,6 @@ from functools import partial
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import gemm, reference
 
@@ -147,153 +146,299 @@ def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
     raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
-class LSTMLayerFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        w_ih: Tensor | None,
-        bias: Tensor | None,
-        h0: Tensor,
-        c0: Tensor,
-        w_hh: Tensor,
-        w_hr: Tensor | None,
-        batch_sizes: tuple[int, ...] | None,
-        backend: str,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is None, x is the
-        input projection gx [T, B, 4H] itself."""
-        steps = _steps(backend)
-        forward_into = steps.forward_into
-        gx, x_rows = x, None
-        if w_ih is not None:  # all steps' input projections in one GEMM
-            x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I], saved: a copy when x is strided
-            gx = gemm.linear(x_rows, w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
-        T, B, G = gx.shape
-        H, P = G // 4, w_hh.shape[1]
-        dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
-        sizes = batch_sizes or (B,) * T
+# ---- the time loops: plain functions on real tensors, called by the registered ops below ----
 
-        hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
-        cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
-        # activated i, f, g, o [T, B, 4H], saved for backward. Activated in place, each step's
-        # pre-activations are written into its slot; our own input projection then is the buffer.
-        in_place = steps.activates_in_place and dtype == acc
-        gates = gx if in_place and w_ih is not None else empty(T, B, G, dtype=acc, device=dev)
-        h_raw = None if w_hr is None else empty(T, B, H, dtype=dtype, device=dev)  # o·tanh(c)
-        pre = None if in_place else empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
-        hs[0] = h0
-        cs[0] = c0
-        recurrent = gemm.StepWeight(w_hh, B, T)  # h_{k−1}·W_hhᵀ
-        projection = None if w_hr is None else gemm.StepWeight(w_hr, B, T)  # o·tanh(c)·W_hrᵀ
-        # per-step views made once: slicing inside the time loop costs more than the math at small B
-        gx_k, hs_k, cs_k, gates_k = gx.unbind(0), hs.unbind(0), cs.unbind(0), gates.unbind(0)
-        h_raw_k = None if w_hr is None else h_raw.unbind(0)
 
-        for k, n in enumerate(sizes):
-            if n == B:
-                h_prev, c_prev, step_gates, c = hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
-                step_pre = step_gates if in_place else pre
-                h = hs_k[k + 1] if w_hr is None else h_raw_k[k]
-                recurrent.addmm(gx_k[k], h_prev, out=step_pre)  # [B, 4H]
-            else:
-                h_prev, c_prev, step_gates, c = hs[k, :n], cs[k, :n], gates[k, :n], cs[k + 1, :n]
-                step_pre = step_gates if in_place else pre[:n]
-                h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
-                recurrent.addmm(gx[k, :n], h_prev, out=step_pre)  # [n, 4H]
-            forward_into(step_pre, c_prev, step_gates, c, h)
-            if w_hr is not None:
-                projection.mm(h, out=hs[k + 1, :n])  # [n, P]
-            if n < B:
-                hs[k + 1, n:] = hs[k, n:]
-                cs[k + 1, n:] = cs[k, n:]
-                if w_hr is not None:
-                    h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
+def _sizes(batch_sizes: Tensor | None, T: int, B: int) -> tuple[int, ...]:
+    """Rows that advance at each step, as Python ints (the loops slice with them)."""
+    if batch_sizes is None:
+        return (B,) * T
+    sizes = tuple(batch_sizes.tolist())
+    if len(sizes) != T or any(not 0 <= n <= B for n in sizes):
+        raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(sizes)}")
+    return sizes
 
-        ctx.save_for_backward(x_rows, w_ih, hs, cs, gates, h_raw, w_hh, w_hr)
-        ctx.has_bias = bias is not None
-        ctx.sizes = sizes
-        ctx.backend = backend
-        ctx.state_dtypes = (h0.dtype, c0.dtype)
-        out = hs[1:]  # [T, B, P]
-        if min(sizes) < B:
-            out = out.clone()
-            for k, n in enumerate(sizes):
-                out[k, n:] = 0  # rows that did not advance have no output at this step
-        return out, hs[T].clone(), cs[T].to(c0.dtype)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
-        x_rows, w_ih, hs, cs, gates, h_raw, w_hh, w_hr = ctx.saved_tensors
-        sizes = ctx.sizes
-        T, B, G = gates.shape
-        P = hs.shape[-1]
-        dtype, acc, dev = hs.dtype, cs.dtype, hs.device
+def _layer_forward(
+    x: Tensor,
+    w_ih: Tensor | None,
+    bias: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward time loop. x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is
+    None, x is the input projection gx [T, B, 4H] itself.
 
-        d_out = d_out.contiguous()  # e.g. the expanded (stride-0) gradient of out.sum()
-        # ∂L/∂pre-activations [T, B, 4H]: the gradient of gx when the caller gave gx, else used up here
-        allocate = empty if w_ih is None else partial(scratch, "d_pre")
-        d_pre = allocate(T, B, G, dtype=dtype, device=dev)
-        d_h = d_hn.to(acc, copy=True)  # [B, P] ∂L/∂h_k: through the recurrence plus output k
-        d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
-        d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
-        steps = _steps(ctx.backend)(gates, cs, d_pre)
-        d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
-        gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
-        recurrent = gemm.StepWeight(w_hh.t(), B, T)  # d_pre_k·W_hh
-        projection = None if w_hr is None else gemm.StepWeight(w_hr.t(), B, T)  # ∂L/∂h_t·W_hr
+    Returns hs [T + 1, B, P] (hs[k] = h before step k, so out = hs[1:], h_n = hs[T]), out_packed
+    [T, B, P] (the output with rows that did not advance zeroed; [0] when not packed), c_n [B, H],
+    and for the backward cs [T + 1, B, H], gates [T, B, 4H] (activated) and h_raw [T, B, H] (o·tanh(c)
+    before the projection; [0] without one). No output aliases an input or another output.
+    """
+    steps = _steps(backend)
+    forward_into = steps.forward_into
+    gx = x
+    if w_ih is not None:  # all steps' input projections in one GEMM
+        gx = gemm.linear(x.reshape(-1, x.shape[-1]), w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
+    T, B, G = gx.shape
+    H, P = G // 4, w_hh.shape[1]
+    dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
+    sizes = _sizes(batch_sizes, T, B)
 
-        d_h[: sizes[-1]] += d_out_k[T - 1][: sizes[-1]]
-        for k in reversed(range(T)):
-            n = sizes[k]
-            d_h_rows, d_c_rows = (d_h, d_c) if n == B else (d_h[:n], d_c[:n])
-            if w_hr is None:
-                steps.backward_step(k, n, d_h_rows, d_c_rows)
-            else:
-                d_hp[k, :n] = d_h_rows
-                steps.backward_step(k, n, projection.mm(d_hp[k, :n]), d_c_rows)
-            d_pre_step = d_pre_k[k] if n == B else d_pre_k[k][:n]
-            if n < B:
-                d_pre[k, n:] = 0
-                if w_hr is not None:
-                    d_hp[k, n:] = 0
-            # ∂L/∂h_{k−1} = d_pre_k·W_hh + output gradient k−1: one GEMM when the same rows
-            # advance at both steps
-            n_prev = sizes[k - 1] if k > 0 else 0
-            out = d_h_rows if gemm_into_state else None
-            if n_prev == n:
-                rows = recurrent.addmm(d_out_k[k - 1][:n], d_pre_step, out=out)
-            else:
-                rows = recurrent.mm(d_pre_step, out=out)  # [n, P]
-            if not gemm_into_state:
-                d_h_rows.copy_(rows)
-            if n_prev != n and n_prev > 0:
-                d_h[:n_prev] += d_out_k[k - 1][:n_prev]
+    hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
+    cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
+    # activated i, f, g, o [T, B, 4H], saved for backward. Activated in place, each step's
+    # pre-activations are written into its slot; our own input projection then is the buffer.
+    in_place = steps.activates_in_place and dtype == acc
+    gates = gx if in_place and w_ih is not None else empty(T, B, G, dtype=acc, device=dev)
+    h_raw = empty(T, B, H, dtype=dtype, device=dev) if w_hr is not None else gx.new_empty(0)  # o·tanh(c)
+    pre = None if in_place else empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
+    hs[0] = h0
+    cs[0] = c0
+    recurrent = gemm.StepWeight(w_hh, B, T)  # h_{k−1}·W_hhᵀ
+    projection = None if w_hr is None else gemm.StepWeight(w_hr, B, T)  # o·tanh(c)·W_hrᵀ
+    # per-step views made once: slicing inside the time loop costs more than the math at small B
+    gx_k, hs_k, cs_k, gates_k = gx.unbind(0), hs.unbind(0), cs.unbind(0), gates.unbind(0)
+    h_raw_k = None if w_hr is None else h_raw.unbind(0)
 
-        needs_x, needs_w_ih, needs_bias, _, _, needs_w_hh, needs_w_hr = ctx.needs_input_grad[:7]
-        d_pre_rows, h_prev_rows = d_pre.view(-1, G), hs[:-1].reshape(-1, P)  # [T·B, 4H], [T·B, P]
-        d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
-        if w_ih is None:
-            d_x = d_pre
+    for k, n in enumerate(sizes):
+        if n == B:
+            h_prev, c_prev, step_gates, c = hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
+            step_pre = step_gates if in_place else pre
+            h = hs_k[k + 1] if w_hr is None else h_raw_k[k]
+            recurrent.addmm(gx_k[k], h_prev, out=step_pre)  # [B, 4H]
         else:
-            I = x_rows.shape[1]
-            if needs_x:
-                d_x = gemm.mm(d_pre_rows, w_ih).view(T, B, I)  # [T, B, I]
-            if needs_bias and ctx.has_bias:
-                d_bias = d_pre_rows.sum(0)  # [4H]
-            if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
-                x_h = scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
-                d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
-                d_w_ih, d_w_hh = d_w[:, :I], d_w[:, I:]
-            elif needs_w_ih:
-                d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
-        if needs_w_hh and d_w_hh is None:
-            d_w_hh = gemm.mm_tn(d_pre_rows, h_prev_rows)  # [4H, P]
-        if w_hr is not None and needs_w_hr:
-            d_w_hr = gemm.mm_tn(d_hp.view(-1, P), h_raw.view(-1, h_raw.shape[-1]))  # [P, H]
-        h_dtype, c_dtype = ctx.state_dtypes
-        return d_x, d_w_ih, d_bias, d_h.to(h_dtype), d_c.to(c_dtype), d_w_hh, d_w_hr, None, None
+            h_prev, c_prev, step_gates, c = hs[k, :n], cs[k, :n], gates[k, :n], cs[k + 1, :n]
+            step_pre = step_gates if in_place else pre[:n]
+            h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
+            recurrent.addmm(gx[k, :n], h_prev, out=step_pre)  # [n, 4H]
+        forward_into(step_pre, c_prev, step_gates, c, h)
+        if w_hr is not None:
+            projection.mm(h, out=hs[k + 1, :n])  # [n, P]
+        if n < B:
+            hs[k + 1, n:] = hs[k, n:]
+            cs[k + 1, n:] = cs[k, n:]
+            gates[k, n:] = 0  # never read; written so that every output of the op is defined
+            if w_hr is not None:
+                h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
+
+    out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
+    if batch_sizes is not None:
+        out_packed = hs[1:].clone()
+        for k, n in enumerate(sizes):
+            out_packed[k, n:] = 0  # rows that did not advance have no output at this step
+    c_n = cs[T].to(c0.dtype, copy=True)
+    return hs, out_packed, c_n, cs, gates, h_raw
+
+
+def _layer_backward(
+    d_hs: Tensor,
+    d_out_packed: Tensor,
+    d_cn: Tensor,
+    x: Tensor,
+    w_ih: Tensor | None,
+    hs: Tensor,
+    cs: Tensor,
+    gates: Tensor,
+    h_raw: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    backend: str,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """The backward time loop. d_hs [T + 1, B, P] is the gradient of ``hs`` (of out = hs[1:] and
+    h_n = hs[T]), d_out_packed [T, B, P] that of ``out_packed`` (packed input only), d_cn [B, H].
+    ``needs`` says which of (x, w_ih, bias, w_hh, w_hr) want a gradient.
+
+    Returns d_x (∂L/∂gx [T, B, 4H] when w_ih is None), d_w_ih, d_bias, d_h0, d_c0, d_w_hh, d_w_hr;
+    None where not needed.
+    """
+    T, B, G = gates.shape
+    P = hs.shape[-1]
+    dtype, acc, dev = hs.dtype, cs.dtype, hs.device
+    sizes = _sizes(batch_sizes, T, B)
+    if batch_sizes is None:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
+        d_out, d_h = d_hs[1:].contiguous(), torch.zeros(B, P, dtype=acc, device=dev)
+    else:  # out is out_packed; hs is seen only as h_n = hs[T]
+        d_out, d_h = d_out_packed.contiguous(), d_hs[T].to(acc, copy=True)
+    # ∂L/∂pre-activations [T, B, 4H]: the gradient of gx when the caller gave gx, else used up here
+    allocate = empty if w_ih is None else partial(scratch, "d_pre")
+    d_pre = allocate(T, B, G, dtype=dtype, device=dev)
+    d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
+    d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
+    steps = _steps(backend)(gates, cs, d_pre)
+    d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
+    gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
+    recurrent = gemm.StepWeight(w_hh.t(), B, T)  # d_pre_k·W_hh
+    projection = None if w_hr is None else gemm.StepWeight(w_hr.t(), B, T)  # ∂L/∂h_t·W_hr
+
+    d_h[: sizes[-1]] += d_out_k[T - 1][: sizes[-1]]
+    for k in reversed(range(T)):
+        n = sizes[k]
+        d_h_rows, d_c_rows = (d_h, d_c) if n == B else (d_h[:n], d_c[:n])
+        if w_hr is None:
+            steps.backward_step(k, n, d_h_rows, d_c_rows)
+        else:
+            d_hp[k, :n] = d_h_rows
+            steps.backward_step(k, n, projection.mm(d_hp[k, :n]), d_c_rows)
+        d_pre_step = d_pre_k[k] if n == B else d_pre_k[k][:n]
+        if n < B:
+            d_pre[k, n:] = 0
+            if w_hr is not None:
+                d_hp[k, n:] = 0
+        # ∂L/∂h_{k−1} = d_pre_k·W_hh + output gradient k−1: one GEMM when the same rows
+        # advance at both steps
+        n_prev = sizes[k - 1] if k > 0 else 0
+        out = d_h_rows if gemm_into_state else None
+        if n_prev == n:
+            rows = recurrent.addmm(d_out_k[k - 1][:n], d_pre_step, out=out)
+        else:
+            rows = recurrent.mm(d_pre_step, out=out)  # [n, P]
+        if not gemm_into_state:
+            d_h_rows.copy_(rows)
+        if n_prev != n and n_prev > 0:
+            d_h[:n_prev] += d_out_k[k - 1][:n_prev]
+
+    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
+    d_pre_rows, h_prev_rows = d_pre.view(-1, G), hs[:-1].reshape(-1, P)  # [T·B, 4H], [T·B, P]
+    d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
+    if w_ih is None:
+        d_x = d_pre
+    else:
+        x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I]
+        I = x_rows.shape[1]
+        if needs_x:
+            d_x = gemm.mm(d_pre_rows, w_ih).view(T, B, I)  # [T, B, I]
+        if needs_bias:
+            d_bias = d_pre_rows.sum(0)  # [4H]
+        if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
+            x_h = scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
+            d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
+            d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
+        elif needs_w_ih:
+            d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
+    if needs_w_hh and d_w_hh is None:
+        d_w_hh = gemm.mm_tn(d_pre_rows, h_prev_rows)  # [4H, P]
+    if w_hr is not None and needs_w_hr:
+        d_w_hr = gemm.mm_tn(d_hp.view(-1, P), h_raw.view(-1, h_raw.shape[-1]))  # [P, H]
+    return d_x, d_w_ih, d_bias, d_h.to(hs.dtype), d_c, d_w_hh, d_w_hr
+
+
+# ---- the registered operators: what torch.compile, torch.export and CUDA graphs see ----
+# The layer is one opaque op each way, with a fake (shape-only) implementation for tracing and its
+# autograd registered, so compilers never trace into the Python time loop above.
+
+
+@torch.library.custom_op("lstmlab::lstm_layer_fwd", mutates_args=())
+def lstm_layer_fwd(
+    x: Tensor,
+    w_ih: Tensor | None,
+    bias: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`_layer_forward`: -> hs, out_packed, c_n, and cs, gates, h_raw for the backward."""
+    return _layer_forward(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend)
+
+
+@lstm_layer_fwd.register_fake
+def _(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend):
+    T, B = x.shape[0], x.shape[1]
+    G = x.shape[2] if w_ih is None else w_ih.shape[0]
+    H, P = G // 4, w_hh.shape[1]
+    dtype, acc = x.dtype, accumulation_dtype(x.dtype)
+    hs = x.new_empty(T + 1, B, P)
+    out_packed = x.new_empty(0) if batch_sizes is None else x.new_empty(T, B, P)
+    c_n = c0.new_empty(B, H)
+    cs = x.new_empty(T + 1, B, H, dtype=acc)
+    gates = x.new_empty(T, B, G, dtype=acc)
+    h_raw = x.new_empty(0, dtype=dtype) if w_hr is None else x.new_empty(T, B, H, dtype=dtype)
+    return hs, out_packed, c_n, cs, gates, h_raw
+
+
+@torch.library.custom_op("lstmlab::lstm_layer_bwd", mutates_args=())
+def lstm_layer_bwd(
+    d_hs: Tensor,
+    d_out_packed: Tensor,
+    d_cn: Tensor,
+    x: Tensor,
+    w_ih: Tensor | None,
+    hs: Tensor,
+    cs: Tensor,
+    gates: Tensor,
+    h_raw: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`_layer_backward`; a gradient that is not needed comes back as an empty tensor."""
+    grads = _layer_backward(
+        d_hs, d_out_packed, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, batch_sizes, backend, needs
+    )
+    return tuple(hs.new_empty(0) if g is None else g for g in grads)  # distinct: outputs may not alias
+
+
+@lstm_layer_bwd.register_fake
+def _(d_hs, d_out_packed, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, batch_sizes, backend, needs):
+    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
+    G, B = gates.shape[2], gates.shape[1]
+    gx_mode = w_ih is None
+    return (
+        x.new_empty(x.shape) if gx_mode or needs_x else hs.new_empty(0),
+        w_ih.new_empty(w_ih.shape) if not gx_mode and needs_w_ih else hs.new_empty(0),
+        hs.new_empty(G) if not gx_mode and needs_bias else hs.new_empty(0),
+        hs.new_empty(B, hs.shape[2]),
+        cs.new_empty(B, cs.shape[2]),
+        w_hh.new_empty(w_hh.shape) if needs_w_hh else hs.new_empty(0),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None and needs_w_hr else hs.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend = inputs
+    hs, _, _, cs, gates, h_raw = output
+    ctx.mark_non_differentiable(cs, gates, h_raw)
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, gates, h_raw)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+    ctx.state_dtypes = (h0.dtype, c0.dtype)
+
+
+def _backward(ctx, d_hs, d_out_packed, d_cn, _d_cs, _d_gates, _d_h_raw):
+    x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, gates, h_raw = ctx.saved_tensors
+    needs_x, needs_w_ih, needs_bias, _, _, needs_w_hh, needs_w_hr = ctx.needs_input_grad[:7]
+    needs = [needs_x, needs_w_ih, needs_bias and ctx.has_bias, needs_w_hh, needs_w_hr]
+    grads = torch.ops.lstmlab.lstm_layer_bwd(
+        d_hs, d_out_packed, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, batch_sizes, ctx.backend, needs
+    )
+    d_x, d_w_ih, d_bias, d_h0, d_c0, d_w_hh, d_w_hr = grads  # empty where not needed
+    returned = (needs_x or w_ih is None, needs_w_ih, needs[2], needs_w_hh, needs_w_hr)
+    d_x, d_w_ih, d_bias, d_w_hh, d_w_hr = (
+        g if want else None for g, want in zip((d_x, d_w_ih, d_bias, d_w_hh, d_w_hr), returned, strict=True)
+    )
+    h_dtype, c_dtype = ctx.state_dtypes
+    return d_x, d_w_ih, d_bias, d_h0.to(h_dtype), d_c0.to(c_dtype), d_w_hh, d_w_hr, None, None
+
+
+lstm_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run_layer(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend) -> tuple[Tensor, Tensor, Tensor]:
+    hs, out_packed, c_n, *_ = torch.ops.lstmlab.lstm_layer_fwd(
+        x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend
+    )
+    out = hs[1:] if batch_sizes is None else out_packed  # [T, B, P]
+    return out, hs[-1], c_n
 
 
 def _check_layer_args(
@@ -304,9 +449,11 @@ def _check_layer_args(
     c0: Tensor,
     w_hh: Tensor,
     w_hr: Tensor | None,
-    batch_sizes: Sequence[int] | None,
+    batch_sizes: Sequence[int] | Tensor | None,
     backend: str,
-) -> tuple[int, ...] | None:
+) -> Tensor | None:
+    """Checks every shape before any work; returns ``batch_sizes`` as an int64 CPU tensor (or None),
+    the form the op takes: its values are read only by the op itself, so tracing never reads data."""
     H = G // 4
     P = H if w_hr is None else w_hr.shape[0]
     expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P)}
@@ -316,12 +463,20 @@ def _check_layer_args(
     for name, shape in expected.items():
         if tuple(got[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
-    if batch_sizes is not None:
-        batch_sizes = tuple(int(n) for n in batch_sizes)
-        if len(batch_sizes) != T or any(not 0 <= n <= B for n in batch_sizes):
-            raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(batch_sizes)}")
     _steps(backend)  # an unknown or unavailable backend fails here, before any work
-    return batch_sizes
+    if batch_sizes is None:
+        return None
+    if isinstance(batch_sizes, Tensor):
+        if batch_sizes.dim() != 1 or batch_sizes.shape[0] != T or batch_sizes.is_floating_point():
+            raise ValueError(
+                f"batch_sizes must be a 1-D integer tensor of {T} sizes, got {batch_sizes.dtype} "
+                f"of shape {tuple(batch_sizes.shape)}"
+            )
+        return batch_sizes.to("cpu", torch.int64)  # values are checked by the op
+    sizes = [int(n) for n in batch_sizes]
+    if len(sizes) != T or any(not 0 <= n <= B for n in sizes):
+        raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {sizes}")
+    return torch.tensor(sizes, dtype=torch.int64)
 
 
 def lstm_layer(
@@ -330,7 +485,7 @@ def lstm_layer(
     c0: Tensor,
     w_hh: Tensor,
     w_hr: Tensor | None = None,
-    batch_sizes: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] | Tensor | None = None,
     backend: str = "reference",
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Runs one LSTM layer in one direction over a sequence whose input projection is done.
@@ -341,7 +496,8 @@ def lstm_layer(
         c0: [B, H] initial cell state.
         w_hh: [4H, P] recurrent weights.
         w_hr: [P, H] projection weights, or None.
-        batch_sizes: rows that advance at each step (packed sequences), or None for all B.
+        batch_sizes: rows that advance at each step (packed sequences): a list of T ints or an
+            integer tensor [T] (as ``PackedSequence.batch_sizes``), or None for all B.
         backend: ``"reference"`` (PyTorch) or ``"triton"`` (fused kernels).
 
     Returns:
@@ -359,7 +515,7 @@ def lstm_layer(
         raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
     T, B, G = gx.shape
     batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, w_hr, batch_sizes, backend)
-    return LSTMLayerFunction.apply(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    return _run_layer(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, backend)
 
 
 def lstm_layer_from_input(
@@ -370,7 +526,7 @@ def lstm_layer_from_input(
     c0: Tensor,
     w_hh: Tensor,
     w_hr: Tensor | None = None,
-    batch_sizes: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] | Tensor | None = None,
     backend: str = "reference",
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Runs one LSTM layer in one direction over the inputs x, input projection included.
@@ -404,7 +560,7 @@ def lstm_layer_from_input(
     if bias is not None and tuple(bias.shape) != (G,):
         raise ValueError(f"bias must have shape ({G},), got {tuple(bias.shape)}")
     batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, w_hr, batch_sizes, backend)
-    return LSTMLayerFunction.apply(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    return _run_layer(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend)
 
 
 def gates_forward(pre: Tensor, c_prev: Tensor, backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:

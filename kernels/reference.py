@@ -30,12 +30,12 @@ def tanh_into(x: Tensor, out: Tensor) -> Tensor:
 def gates_forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
     """pre [B, 4H], c_prev [B, H] -> gates [B, 4H] (activated i, f, g, o), c [B, H], h [B, H].
 
-    ``pre`` may be ``gates`` itself: the gates are then activated in place. Math in the dtype of
-    ``gates`` and ``c`` (fp32, or fp64 for fp64 inputs), cast on store.
+    ``pre`` may be ``gates`` itself (the same tensor object): the gates are then activated in place.
+    Math in the dtype of ``gates`` and ``c`` (fp32, or fp64 for fp64 inputs), cast on store.
     """
     H = c.shape[-1]
     i, f, g, o = gates.chunk(4, dim=1)  # Tensor.split is a Python wrapper: slower per step
-    if pre.data_ptr() != gates.data_ptr():
+    if pre is not gates:
         pre = pre if pre.dtype == gates.dtype else pre.to(gates.dtype)
         torch.sigmoid(pre, out=gates)
         tanh_into(pre[:, 2 * H : 3 * H], out=g)

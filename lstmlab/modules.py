@@ -17,10 +17,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from lstmlab.backends import check_backend_name, resolve_backend
 from lstmlab.kernels import lstm_layer_from_input
+from lstmlab.kernels.packed import pack_padded, pad_packed
 
 
 def _check_size(name: str, value: object) -> None:
@@ -84,6 +85,16 @@ def _check_same_device(x: Tensor, weight: Tensor, states: tuple[Tensor, ...]) ->
                 "Input and hidden tensors are not at the same device, found input tensor at "
                 f"{x.device} and hidden tensor at {s.device}"
             )
+
+
+def _packed_batch(sorted_indices: Tensor | None, hx: object) -> int | None:
+    """The batch of a packed input when a tensor's shape tells it (so compiled graphs keep a static
+    size), else None: then only the packed data's batch_sizes[0] does."""
+    if sorted_indices is not None:
+        return sorted_indices.shape[0]
+    if isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], Tensor) and hx[0].dim() == 3:
+        return hx[0].shape[1]
+    return None
 
 
 class LSTM(nn.Module):
@@ -285,8 +296,8 @@ class LSTM(nn.Module):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
                 raise ValueError(f"input must have 2 dimensions, got {data.dim()}")
-            batch_sizes = batch_sizes_t.tolist()
-            x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes_t))  # [T, B, I] sorted
+            batch_sizes = batch_sizes_t  # [T] int64 on the CPU: the op reads its values, tracing never does
+            x = pad_packed(data, batch_sizes_t, _packed_batch(sorted_indices, hx))  # [T, B, I] sorted
             is_batched = True
         else:
             if input.dim() not in (2, 3):
@@ -349,7 +360,7 @@ class LSTM(nn.Module):
                 x_dir, steps = layer_input, batch_sizes
                 if direction == 1:  # reverse: run forwards over the time-flipped sequence
                     x_dir = layer_input.flip(0)
-                    steps = None if batch_sizes is None else batch_sizes[::-1]
+                    steps = None if batch_sizes is None else batch_sizes.flip(0)
                 idx = layer * D + direction
                 out, h, c = lstm_layer_from_input(
                     x_dir, w_ih, bias, h0[idx], c0[idx], w_hh, w_hr, steps, backend
@@ -364,8 +375,7 @@ class LSTM(nn.Module):
         output = layer_input
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)  # [D·L, B, P], [D·L, B, H]
         if packed:
-            lengths = (batch_sizes_t.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
-            data = pack_padded_sequence(output, lengths).data
+            data = pack_padded(output, batch_sizes_t, data.shape[0])  # [N, D·P]
             output = PackedSequence(data, batch_sizes_t, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
