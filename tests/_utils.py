@@ -10,3 +10,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tests run: the Triton kernels on the GPU when there is one, else on the CPU
+    through Triton's interpreter (conftest turns it on only without a GPU); the reference on the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

@@ -80,9 +80,19 @@ def test_triton_matches_cudnn(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast_runs_in_the_autocast_dtype(dtype):
+    """Under autocast: the autocast dtype, values and gradients of the fp32 run to that dtype's
+    precision, fp32 weight gradients."""
+    torch.manual_seed(0)
     model = lstmlab.LSTM(16, 32, device="cuda")
+    x = torch.randn(5, 3, 16, device="cuda")
+    expected, _ = model(x)
+    expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
     with torch.autocast("cuda", dtype=dtype):
-        out, (h, c) = model(torch.randn(5, 3, 16, device="cuda"))
+        out, (h, c) = model(x)
     assert out.dtype == h.dtype == c.dtype == dtype
-    out.float().sum().backward()
-    assert model.weight_hh_l0.grad is not None and model.weight_hh_l0.grad.dtype == torch.float32
+    assert rel_err(out, expected) <= 4 * TOL[dtype]
+    grads = torch.autograd.grad(out.float().sum(), list(model.parameters()))
+    names = [name for name, _ in model.named_parameters()]
+    for name, g, want in zip(names, grads, expected_grads, strict=True):
+        assert g.dtype == torch.float32, name
+        assert rel_err(g, want) <= 4 * TOL[dtype], name

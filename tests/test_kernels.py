@@ -65,8 +65,23 @@ def names(inputs):
     return ["out", "h_n", "c_n", *(f"d_{k}" for k, v in inputs.items() if v is not None)]
 
 
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the layer allocates starts as NaN, scratch buffers too (the reference backend
+    reuses them between calls): an element left unwritten shows up."""
+
+    def nan_empty(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    def nan_scratch(name, *shape, dtype, device):  # fresh, so a stale value cannot hide a gap
+        return nan_empty(*shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(layer, "empty", nan_empty)
+    monkeypatch.setattr(layer, "scratch", nan_scratch)
+
+
 @pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES)
-def test_reference_matches_naive_autograd(T, B, H, P, batch_sizes):
+def test_reference_matches_naive_autograd(T, B, H, P, batch_sizes, poisoned_buffers):
     inputs = make_inputs(T, B, H, P)
     expected = run_and_grad(lambda **kw: lstm_layer_naive(**kw, batch_sizes=batch_sizes), inputs)
     actual = run_and_grad(lambda **kw: lstm_layer(**kw, batch_sizes=batch_sizes, backend="reference"), inputs)
@@ -84,20 +99,6 @@ def test_reference_backward_passes_gradcheck(T, B, H, P, batch_sizes):
         return lstm_layer(**kw, batch_sizes=batch_sizes, backend="reference")
 
     assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in keys), eps=1e-6, atol=1e-7)
-
-
-@pytest.fixture
-def poisoned_buffers(monkeypatch):
-    """Every buffer the layer allocates starts as NaN: an element left unwritten shows up."""
-
-    def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    def nan_scratch(name, *shape, dtype, device):  # fresh, so a stale value cannot hide a gap
-        return nan_empty(*shape, dtype=dtype, device=device)
-
-    monkeypatch.setattr(layer, "empty", nan_empty)
-    monkeypatch.setattr(layer, "scratch", nan_scratch)
 
 
 @needs_triton
@@ -131,25 +132,35 @@ def test_triton_layer_low_precision(dtype, tol, poisoned_buffers):
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 def test_gates_saturate_exactly(backend):
+    """At saturating pre-activations the gates hit their limits exactly (0, 1, ±1, all finite) and
+    the step's gradients equal autograd's through torch's own sigmoid and tanh."""
     H = 4
     big = torch.tensor([50.0, -50.0, 1e4, -1e4], dtype=torch.float32)
     pre = big.repeat(4).reshape(1, 4 * H).to(DEVICE)  # every gate sees ±50 and ±1e4
-    gates, c, h = gates_forward(pre, torch.zeros(1, H, device=DEVICE), backend)
-    expected_sigmoid = torch.sigmoid(big)
-    expected_tanh = torch.tanh(big)
+    c_prev = torch.tensor([[0.5, -2.0, 1e4, -3.0]], device=DEVICE)
+    gates, c, h = gates_forward(pre, c_prev, backend)
     assert torch.isfinite(gates).all() and torch.isfinite(c).all() and torch.isfinite(h).all()
+    # the limits, exactly: σ(50) = σ(1e4) = 1, σ(−1e4) = 0, tanh(±50) = ±1
     for k in (0, 1, 3):
-        torch.testing.assert_close(gates[0, k * H : (k + 1) * H].cpu(), expected_sigmoid, rtol=0, atol=0)
-    torch.testing.assert_close(gates[0, 2 * H : 3 * H].cpu(), expected_tanh, rtol=0, atol=0)
-    d_pre, d_c = gates_backward(
-        torch.ones(1, H, device=DEVICE),
-        torch.ones(1, H, device=DEVICE),
-        gates,
-        c,
-        torch.zeros(1, H, device=DEVICE),
-        backend,
-    )
+        assert gates[0, k * H : (k + 1) * H][[0, 2, 3]].tolist() == [1.0, 1.0, 0.0]
+    assert gates[0, 2 * H : 3 * H].tolist() == [1.0, -1.0, 1.0, -1.0]
+    # σ(−50) ≈ 1.9e-22: a GPU's exp differs from the CPU's in the last bits (2e-28 seen on an H200)
+    near_zero = gates[0, [1, H + 1, 3 * H + 1]].cpu()
+    torch.testing.assert_close(near_zero, torch.sigmoid(big[1]).expand(3), rtol=1e-5, atol=0)
+
+    # expected gradients: autograd through torch.sigmoid / torch.tanh on the same step
+    pre_ref = pre.detach().cpu().double().requires_grad_()
+    c_prev_ref = c_prev.cpu().double().requires_grad_()
+    i, f, g, o = pre_ref.chunk(4, dim=1)
+    c_ref = torch.sigmoid(f) * c_prev_ref + torch.sigmoid(i) * torch.tanh(g)
+    h_ref = torch.sigmoid(o) * torch.tanh(c_ref)
+    dh = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    dc = torch.tensor([[-1.0, 0.25, 2.0, 1.0]])
+    expected = torch.autograd.grad((h_ref * dh).sum() + (c_ref * dc).sum(), [pre_ref, c_prev_ref])
+    d_pre, d_c = gates_backward(dh.to(DEVICE), dc.to(DEVICE), gates, c, c_prev, backend)
     assert torch.isfinite(d_pre).all() and torch.isfinite(d_c).all()
+    for actual, want in zip((d_pre, d_c), expected, strict=True):
+        torch.testing.assert_close(actual.cpu(), want.float(), rtol=1e-5, atol=1e-30)
 
 
 @needs_triton
