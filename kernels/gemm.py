@@ -159,7 +159,7 @@ def _warn_fallback(reason: str) -> None:
 
 
 def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, K], w [N, K] -> x·wᵀ + bias [M, N]. Not differentiable: for use inside autograd.Functions."""
+    """x [M, K], w [N, K] -> x·wᵀ + bias [M, N]. Not differentiable: for use inside the layer's ops."""
     if uses_onednn(x, x.shape[0], w.shape[0], x.shape[1]):
         return _onednn_linear(x, w, bias)
     return F.linear(x, w, bias)

@@ -1,4 +1,10 @@
-"""One LSTM layer (one direction) over a whole sequence as a single autograd.Function.
+"""One LSTM layer (one direction) over a whole sequence as one registered operator each way.
+
+`lstmlab::lstm_layer_fwd` and `lstmlab::lstm_layer_bwd` are ``torch.library.custom_op``s with fake
+(shape-only) implementations, and the backward is registered as the forward's autograd formula: so
+torch.compile, torch.export and CUDA-graph capture see two opaque operators and never trace into
+the Python time loop they run (tracing it returned wrong numbers). The public functions at the end
+of this file call them.
 
 The time loop is shared by both backends; only the per-step gate math differs (`reference.py`
 in PyTorch, `triton_gates.py` fused). Per step: one GEMM h_{t−1}·W_hhᵀ added to the precomputed

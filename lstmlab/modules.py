@@ -108,8 +108,8 @@ class LSTM(nn.Module):
         c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t \qquad h_t = o_t ⊙ \tanh(c_t)
 
     and, with ``proj_size > 0``, h_t = W_{hr} (o_t ⊙ tanh(c_t)). The input projection of all steps
-    is one GEMM; the time loop of each layer and direction is one autograd.Function whose gate
-    math runs in fused Triton kernels (``backend="triton"``) or in PyTorch (``"reference"``).
+    is one GEMM; the time loop of each layer and direction is one registered operator (forward and
+    backward, safe under torch.compile, torch.export and CUDA graphs) whose gate math runs in fused Triton kernels (``backend="triton"``) or in PyTorch (``"reference"``).
 
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,

@@ -227,7 +227,7 @@ def test_profile_layer_names_lstmlab_ops(tmp_path: Path) -> None:
     assert text.startswith(
         "lstmlab.LSTM (backend reference, CPU GEMMs auto) B2 H8 T3, 1 fwd+bwd steps, 1 threads"
     )
-    assert "LSTMLayerFunction" in text
+    assert "lstmlab::lstm_layer_fwd" in text and "lstmlab::lstm_layer_bwd" in text
     assert not list(tmp_path.glob("trace_*.json"))
 
 
