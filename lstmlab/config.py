@@ -1,10 +1,12 @@
 """Typed configuration schemas for the experiment runner.
 
-The dataclasses below are the single source of truth for what a run can be configured with.
-They are registered in Hydra's ConfigStore under ``schema/...``; the YAML files in ``conf/``
-only select a schema and override its defaults. A key that is not declared here fails at
-composition (``Key 'lr' not in 'TrainerConfig'``), an enum field fails with the allowed values,
-and :func:`validate` checks ranges before any data is made.
+The dataclasses below are the single source of truth for what a run can be configured with and
+for every default. They are registered in Hydra's ConfigStore under ``schema/...``; the YAML
+files in ``conf/`` only select a schema and hold a preset's deviations from it
+(``tests/test_config.py`` checks that no YAML restates a default). A key that is not declared here
+fails at composition (``Key 'lr' not in 'TrainerConfig'``), an enum field fails with the allowed
+values, and :func:`validate` checks ranges; :func:`check_runnable` adds what depends on the
+machine (CUDA, Triton). The runner calls both before any data or run folder is made.
 
 This module imports nothing from Hydra at import time: the ConfigStore registration lives in
 :func:`register_configs`, which only the runner calls.
@@ -18,9 +20,10 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from lstmlab.backends import BACKENDS
+from lstmlab.backends import BACKENDS, triton_unavailable_reason
 from lstmlab.models import MODEL_KINDS
 
 
@@ -60,6 +63,9 @@ class Precision(_StrEnum):
     fp16 = "fp16"
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+
+
 class LoggerKind(_StrEnum):
     none = "none"
     jsonl = "jsonl"
@@ -68,23 +74,21 @@ class LoggerKind(_StrEnum):
 
 @dataclass
 class ModelConfig:
-    """Options shared by every recurrent model (torch_lstm, torch_gru, torch_rnn)."""
+    """Every model kind takes every key, so one command line can sweep all four kinds. The last
+    three are lstmlab.LSTM's own (``LSTMLAB_KEYS``); a torch model ignores them, and the runner
+    logs one note when one of them is set away from its default for a torch model."""
 
     kind: ModelKind = MISSING
     hidden_size: int = 128
     num_layers: int = 1
     bidirectional: bool = False
-    dropout: float = 0.0
+    dropout: float = 0.0  # between layers; with one layer the module warns that it does nothing
+    backend: Backend = Backend.auto  # the backend that ran is summary.json's "backend"
+    forget_bias: float = 0.0  # added to the forget-gate bias at init
+    chrono_t_max: float | None = None  # chrono init (Tallec & Ollivier 2018): dependencies up to ~T
 
 
-@dataclass
-class LSTMLabModelConfig(ModelConfig):
-    """lstmlab.LSTM adds its backend choice and the forget-gate initialisation options."""
-
-    kind: ModelKind = ModelKind.lstmlab
-    backend: Backend = Backend.auto
-    forget_bias: float = 0.0
-    chrono_t_max: float | None = None
+LSTMLAB_KEYS = ("backend", "forget_bias", "chrono_t_max")
 
 
 @dataclass
@@ -96,6 +100,9 @@ class TaskConfig:
     train_size: int | None = None  # None: a fresh batch every step (an endless stream)
     val_size: int = 1000
     test_size: int = 1000
+
+
+RUNNER_TASK_KEYS = ("train_size", "val_size", "test_size")  # the runner's, not the task's
 
 
 @dataclass
@@ -197,8 +204,10 @@ class TrainerConfig:
     eval_interval: int = 200
     ckpt_interval: int = 500
     eval_batch_size: int = 500
-    resume: bool = False
+    resume: bool = False  # continue from <run dir>/checkpoints/last.pt
+    overwrite: bool = False  # replace a finished or partial run in the run directory
     num_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune: torch.compile's mode
 
 
 @dataclass
@@ -222,11 +231,10 @@ class Config:
 
 
 # (ConfigStore group, name, schema): YAML files pick one in their defaults list, e.g.
-# conf/model/lstmlab.yaml starts with `defaults: [/schema/model/lstmlab@_here_]`.
+# conf/model/lstmlab.yaml starts with `defaults: [/schema/model/base@_here_]`.
 SCHEMAS: list[tuple[str, str, type]] = [
     ("schema", "config", Config),
     ("schema/model", "base", ModelConfig),
-    ("schema/model", "lstmlab", LSTMLabModelConfig),
     ("schema/task", "adding", AddingTaskConfig),
     ("schema/task", "copy", CopyTaskConfig),
     ("schema/task", "temporal_order", TemporalOrderTaskConfig),  # memory tasks (issue 4)
@@ -316,8 +324,14 @@ def validate(cfg: DictConfig) -> None:
     _check(m.hidden_size > 0, "model.hidden_size", m.hidden_size, "a positive integer")
     _check(m.num_layers > 0, "model.num_layers", m.num_layers, "a positive integer")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a float in [0, 1)")
-    if "chrono_t_max" in m and m.chrono_t_max is not None:
-        _check(m.chrono_t_max > 1, "model.chrono_t_max", m.chrono_t_max, "null or a number > 1")
+    if m.chrono_t_max is not None:  # lstmlab.LSTM draws log U[1, chrono_t_max - 1]
+        _check(m.chrono_t_max > 2, "model.chrono_t_max", m.chrono_t_max, "null or a number > 2")
+        _check(
+            m.forget_bias == 0,
+            "model.forget_bias",
+            m.forget_bias,
+            "0 when model.chrono_t_max is set (both set the forget-gate bias)",
+        )
     _check(t.seq_len > 1, "task.seq_len", t.seq_len, "an integer > 1")
     _check(t.val_size > 0, "task.val_size", t.val_size, "a positive integer")
     _check(t.test_size > 0, "task.test_size", t.test_size, "a positive integer")
@@ -331,6 +345,12 @@ def validate(cfg: DictConfig) -> None:
         _check(tr[key] > 0, f"trainer.{key}", tr[key], "a positive integer")
     if tr.grad_clip is not None:
         _check(tr.grad_clip > 0, "trainer.grad_clip", tr.grad_clip, "null or a number > 0")
+    if tr.num_threads is not None:
+        _check(tr.num_threads > 0, "trainer.num_threads", tr.num_threads, "null or a positive integer")
+    _check(tr.compile in COMPILE_MODES, "trainer.compile", tr.compile, " | ".join(COMPILE_MODES))
+    _check(
+        not (tr.resume and tr.overwrite), "trainer.overwrite", tr.overwrite, "false when trainer.resume=true"
+    )
     if t.train_size is not None:
         _check(
             t.train_size >= tr.batch_size,
@@ -346,6 +366,38 @@ def validate(cfg: DictConfig) -> None:
             tr.epochs,
             "null unless task.train_size is set (an endless stream has no epochs)",
         )
+
+
+def run_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The device ``trainer.device`` means on this machine (``auto``: CUDA when visible)."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        _check(
+            torch.cuda.is_available(), "trainer.device", requested, "auto or cpu: no CUDA device is visible"
+        )
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def check_runnable(cfg: DictConfig, world_size: int = 1, local_rank: int = 0) -> torch.device:
+    """:func:`validate`, then what depends on this machine: the device, the precision and an
+    explicit Triton backend (lstmlab.backends decides, as the module would). Returns the device."""
+    validate(cfg)
+    tr, m = cfg.trainer, cfg.model
+    device = run_device(str(tr.device), local_rank)
+    precision = str(tr.precision)
+    _check(precision == "fp32" or device.type == "cuda", "trainer.precision", precision, "fp32 on a CPU")
+    _check(
+        tr.batch_size % world_size == 0,
+        "trainer.batch_size",
+        tr.batch_size,
+        f"a multiple of the {world_size} torchrun processes",
+    )
+    if str(m.kind) == "lstmlab" and str(m.backend) == "triton":
+        reason = triton_unavailable_reason(device)
+        _check(reason is None, "model.backend", "triton", f"auto or reference here: {reason}")
+    return device
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

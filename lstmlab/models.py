@@ -9,6 +9,8 @@ only the recurrence. This module takes plain keyword arguments and never imports
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -30,12 +32,8 @@ def build_rnn(
     ``lstmlab_options`` (backend, forget_bias, chrono_t_max) go to lstmlab.LSTM only; passing
     them for a torch kind is an error rather than silently ignored.
     """
-    common = dict(
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        dropout=dropout if num_layers > 1 else 0.0,  # torch warns about dropout on one layer
-        batch_first=True,
-    )
+    # dropout with one layer does nothing; the modules say so with a warning, passed on here.
+    common = dict(num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, batch_first=True)
     if kind == "lstmlab":
         from lstmlab import LSTM
 
@@ -99,13 +97,18 @@ class SequenceModel(nn.Module):
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), output_size)
         self._last_device: torch.device | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, state: Any = None, *, return_state: bool = False) -> Any:
+        """Outputs ``(B, T, O)`` (per step) or ``(B, O)`` (last step) for inputs ``(B, T, D)`` or
+        token ids ``(B, T)``. ``state`` is the recurrent module's initial state (``h_0``, or
+        ``(h_0, c_0)`` for an LSTM; None: zeros); with ``return_state`` the final state comes
+        back too, as ``(outputs, state)``, for generating one step at a time."""
         self._last_device = x.device
         h = self.encoder(x)  # (B, T, H)
-        out = self.rnn(h)[0]  # (B, T, H * directions)
+        out, final = self.rnn(h, state)  # (B, T, H * directions)
         if not self.per_step:
             out = out[:, -1]  # (B, H * directions)
-        return self.head(out)  # (B, T, O) or (B, O)
+        y = self.head(out)  # (B, T, O) or (B, O)
+        return (y, final) if return_state else y
 
     @property
     def backend(self) -> str | None:

@@ -27,18 +27,31 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from lstmlab.config import ConfigError, register_configs, to_plain, unknown_override_keys, validate
+from lstmlab.build import (
+    CKPT_NAME,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_task,
+    ignored_model_keys,
+)
+from lstmlab.config import (
+    ConfigError,
+    check_runnable,
+    compose,
+    register_configs,
+    to_plain,
+    unknown_override_keys,
+)
 from lstmlab.kernels.gemm import describe_cpu_gemm
 from lstmlab.loggers import JsonlLogger, NullLogger, WandbLogger
 from lstmlab.models import SequenceModel, count_parameters
-from lstmlab.tasks import Task, derive_seed, make_task
+from lstmlab.tasks import Task, derive_seed
 
 log = logging.getLogger("lstmlab.train")
-
-CKPT_NAME = "checkpoints/last.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,37 +71,68 @@ class DistInfo:
 
 def train(cfg: DictConfig, out_dir: str | Path = ".", overrides: list[str] | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.task``; write metrics, checkpoints and ``summary.json`` into
-    ``out_dir`` and return the summary (a dict of plain values)."""
-    validate(cfg)
-    tr = cfg.trainer
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
-    ddp = _init_distributed(tr.device)
+    ``out_dir`` and return the summary (a dict of plain values). The config is checked in full
+    (:func:`lstmlab.config.check_runnable`) before any data is made or anything is written."""
+    ddp = _dist_info()
+    device = check_runnable(cfg, ddp.world, ddp.local_rank)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    if ddp.world > 1:
+        _join_process_group(device)
     try:
-        return _train(cfg, Path(out_dir), overrides or [], ddp)
+        run = setup(cfg, Path(out_dir), ddp, device)
+        failed = True
+        try:
+            fit(run)
+            summary = summarize(run, overrides or [])
+            failed = False
+        finally:
+            run.logger.close(failed=failed)
+        return summary
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: DictConfig, out_dir: Path, overrides: list[str], ddp: DistInfo) -> dict:
-    tr, mc = cfg.trainer, cfg.model
-    device = _pick_device(str(tr.device), ddp)
-    precision = str(tr.precision)
-    if precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"trainer.precision={precision!r} needs a CUDA device; on CPU use fp32")
-    if tr.batch_size % ddp.world:
-        raise ConfigError(f"trainer.batch_size={tr.batch_size} must divide by {ddp.world} ranks")
-    if ddp.world > 1:  # every rank writes into rank 0's directory (Hydra's may differ by a second)
-        shared = [str(out_dir.resolve())]
-        dist.broadcast_object_list(shared, src=0)
-        out_dir = Path(shared[0])
-    ckpt_path = out_dir / CKPT_NAME
+@dataclass
+class Run:
+    """What :func:`setup` builds and :func:`fit` and :func:`summarize` use, passed explicitly."""
 
-    # ---- seed and data: every batch is a function of (seed, split, step), so a resumed run
-    # draws exactly the batches the uninterrupted run would have drawn.
+    cfg: DictConfig
+    out_dir: Path
+    ddp: DistInfo
+    device: torch.device
+    task: Task
+    train_set: tuple[Tensor, Tensor] | None  # None: a fresh batch every step
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    total_steps: int
+    model: SequenceModel  # the parameters; evaluation calls it
+    net: nn.Module  # what the training loop calls: the model, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    logger: NullLogger
+    step: int = 0  # optimizer steps taken, over every session of this run
+    prior_wall: float = 0.0  # wall and training seconds of the sessions before a resume
+    prior_train: float = 0.0
+    resumed_from: int | None = None
+    t_start: float = 0.0  # this session's clock
+    train_s: float = 0.0  # seconds in training steps (not evals), this session
+    steps_run: int = 0
+    train_loss: float = math.nan  # mean loss since the last check
+
+
+def setup(cfg: DictConfig, out_dir: Path, ddp: DistInfo, device: torch.device) -> Run:
+    """Run folder -> seed -> data -> model -> optimizer -> resume -> logger."""
+    tr = cfg.trainer
+    out_dir = _claim_run_dir(out_dir, tr, ddp)
+
+    # Every batch is a function of (seed, split, step), so a resumed run draws exactly the
+    # batches the uninterrupted run would have drawn.
     torch.manual_seed(cfg.seed)  # model init and dropout
-    task = make_task(**_task_options(cfg.task))
+    task = build_task(cfg.task)
     if task.fixed_splits:  # a data set brings its own splits; the seed orders the batches
         if cfg.task.train_size is not None:
             raise ConfigError(f"task.train_size must be null: task {task.name!r} has fixed splits")
@@ -103,185 +147,152 @@ def _train(cfg: DictConfig, out_dir: Path, overrides: list[str], ddp: DistInfo) 
     if tr.epochs is not None:
         total_steps = tr.epochs * (len(train_set[0]) // tr.batch_size)
 
-    # ---- model
-    lstmlab_options = {}
-    if str(mc.kind) == "lstmlab":
-        lstmlab_options = dict(
-            backend=str(mc.backend), forget_bias=mc.forget_bias, chrono_t_max=mc.chrono_t_max
-        )
-    model = SequenceModel(
-        str(mc.kind),
-        task.output_size,
-        input_size=task.input_size,
-        vocab_size=task.vocab_size,
-        per_step=task.per_step,
-        hidden_size=mc.hidden_size,
-        num_layers=mc.num_layers,
-        bidirectional=mc.bidirectional,
-        dropout=mc.dropout,
-        **lstmlab_options,
-    ).to(device)
-    n_params = count_parameters(model)
+    model = build_model(cfg.model, task).to(device)
+    for note in ignored_model_keys(cfg.model):
+        log.warning("note: %s applies to model=lstmlab only; %s ignores it", note, cfg.model.kind)
     net: nn.Module = model
     if ddp.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if tr.compile != "none":  # the torch baselines too, so that a comparison stays fair
+        net = torch.compile(net, mode=None if tr.compile == "default" else tr.compile)
 
-    # ---- optimizer, schedule, loss scaling (fp16 only)
-    optimizer = _make_optimizer(cfg.optim, model.parameters())
-    scheduler = _make_scheduler(cfg.optim, optimizer, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = _autocast(device, precision)
-
-    step, prior_wall, prior_train = 0, 0.0, 0.0
-    if tr.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        _check_resumable(state["config"], to_plain(cfg))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        step, prior_wall, prior_train = state["step"], state["wall_s"], state["train_s"]
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    elif tr.resume:
-        log.info("trainer.resume=true but %s does not exist: starting from step 0", ckpt_path)
-    resumed_from = step if step else None
-
-    logger = _make_logger(cfg, out_dir, ddp, resumed_from) if ddp.is_main else NullLogger()
-    log.info(
-        "%s (%d parameters) on %s: %s, T=%d, %d steps of batch %d on %s x%d",
-        mc.kind, n_params, device, task.name, task.total_len, total_steps, tr.batch_size,
-        device.type, ddp.world,
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
+    precision = str(tr.precision)
+    run = Run(
+        cfg, out_dir, ddp, device, task, train_set, val, test, total_steps, model, net,
+        optimizer, scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        autocast=_autocast(device, precision),
+        logger=NullLogger(),
     )  # fmt: skip
+    if tr.resume:
+        _load_checkpoint(run)
+    if ddp.is_main:
+        run.logger = _make_logger(cfg, out_dir, run.resumed_from)
+    log.info("output: %s", out_dir.resolve())
+    log.info(
+        "%s (%d parameters) on %s: %s, T=%d, %d steps of batch %d on %s x%d, compile %s",
+        cfg.model.kind, count_parameters(model), device, task.name, task.total_len, total_steps,
+        tr.batch_size, device.type, ddp.world, tr.compile,
+    )  # fmt: skip
+    return run
 
-    def save_checkpoint() -> None:
-        if ddp.is_main:
-            _atomic_save(
+
+def fit(run: Run) -> None:
+    """The training loop: batch, forward, loss, backward, clip, step; then, on their cadences,
+    check the losses, evaluate, log and checkpoint."""
+    tr, task, model = run.cfg.trainer, run.task, run.model
+    run.t_start = time.perf_counter()
+    pending: list[Tensor] = []  # losses not yet checked: a sync per step would stall a GPU
+    logged = (run.step, 0.0)  # (step, train_s) at the last progress line
+    run.net.train()
+    while run.step < run.total_steps:
+        t0 = time.perf_counter()
+        x, y = _train_batch(task, run.cfg.seed, run.step, tr.batch_size, run.train_set, run.ddp)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        with run.autocast:
+            out = run.net(x)  # (B, T, O) or (B, O)
+            loss = task.loss(out, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if tr.grad_clip is not None:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        pending.append(loss.detach().float())
+        run.step += 1
+        run.steps_run += 1
+        run.train_s += time.perf_counter() - t0
+
+        step, last = run.step, run.step == run.total_steps
+        do_eval = step % tr.eval_interval == 0 or last
+        do_ckpt = step % tr.ckpt_interval == 0 or last
+        do_log = step % tr.log_interval == 0 or last
+        if do_log or do_eval or do_ckpt:
+            # Check every loss before anything is logged or saved: a checkpoint is only ever
+            # written from a model whose losses were all finite.
+            run.train_loss = _check_finite(pending, step, run.ddp)
+            pending.clear()
+        val_metrics: dict[str, float] = {}  # this step's evaluation, or none
+        if do_eval and run.ddp.is_main:
+            val_metrics = evaluate(model, task, run.val, tr.eval_batch_size, run.device, run.autocast)
+            run.logger.log(
                 {
                     "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _get_rng_state(),
-                    "data": {"position": step},  # the next batch is batch number `step`
-                    "config": to_plain(cfg),
-                    "wall_s": prior_wall + time.perf_counter() - t_start,
-                    "train_s": prior_train + train_s,
-                },
-                ckpt_path,
+                    "train_loss": run.train_loss,
+                    **{f"val/{k}": v for k, v in val_metrics.items()},
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "wall_s": run.prior_wall + time.perf_counter() - run.t_start,
+                }
             )
+            run.net.train()
+        if do_log:
+            rate = (step - logged[0]) / max(run.train_s - logged[1], 1e-9)
+            logged = (step, run.train_s)
+            fresh = "".join(f" | val_{k} {v:.4g}" for k, v in val_metrics.items())
+            log.info(
+                "step %d/%d | loss %.4g | %.1f steps/s%s", step, run.total_steps, run.train_loss, rate, fresh
+            )
+        if do_ckpt and run.ddp.is_main:
+            _save_checkpoint(run)
 
-    # ---- training loop
-    t_start = time.perf_counter()
-    train_s, steps_run = 0.0, 0  # time spent in training steps (not evals), this session
-    pending: list[Tensor] = []  # losses not yet checked: a sync per step would stall a GPU
-    val_metrics: dict[str, float] = {}
-    train_loss = float("nan")
-    logged = (step, 0.0)  # (step, train_s) at the last progress line
-    failed = True
-    try:
-        net.train()
-        while step < total_steps:
-            t0 = time.perf_counter()
-            x, y = _train_batch(task, cfg.seed, step, tr.batch_size, train_set, ddp)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                out = net(x)  # (B, T, O) or (B, O)
-                loss = task.loss(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tr.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            pending.append(loss.detach().float())
-            step += 1
-            steps_run += 1
-            train_s += time.perf_counter() - t0
 
-            last = step == total_steps
-            do_eval = step % tr.eval_interval == 0 or last
-            do_ckpt = step % tr.ckpt_interval == 0 or last
-            if step % tr.log_interval == 0 or do_eval or do_ckpt:
-                # Check every loss before anything is logged or saved: a checkpoint is only
-                # ever written from a model whose losses were all finite.
-                train_loss = _check_finite(pending, step, ddp)
-                pending.clear()
-            if do_eval and ddp.is_main:
-                val_metrics = evaluate(model, task, val, tr.eval_batch_size, device, autocast)
-                logger.log(
-                    {
-                        "step": step,
-                        "train_loss": train_loss,
-                        **{f"val/{k}": v for k, v in val_metrics.items()},
-                        "lr": scheduler.get_last_lr()[0],
-                        "wall_s": prior_wall + time.perf_counter() - t_start,
-                    }
-                )
-                net.train()
-            if step % tr.log_interval == 0 or last:
-                rate = (step - logged[0]) / max(train_s - logged[1], 1e-9)
-                logged = (step, train_s)
-                shown = " ".join(f"val_{k} {v:.4g}" for k, v in val_metrics.items())
-                log.info(
-                    "step %d/%d | loss %.4g | %s | %.1f steps/s",
-                    step, total_steps, train_loss, shown or "val -", rate,
-                )  # fmt: skip
-            if do_ckpt:
-                save_checkpoint()
-
-        # ---- final evaluation (also when resuming a run that had already finished)
-        if ddp.world > 1:
-            _assert_in_sync(model)
-        final_val = evaluate(model, task, val, tr.eval_batch_size, device, autocast)
-        final_test = evaluate(model, task, test, tr.eval_batch_size, device, autocast)
-        wall = prior_wall + time.perf_counter() - t_start
-        per_step = train_s / steps_run if steps_run else None
-        summary = {
-            "name": cfg.name,
-            "model": str(mc.kind),
-            "backend": model.backend,
-            "cpu_gemm": describe_cpu_gemm() if device.type == "cpu" and mc.kind == "lstmlab" else None,
-            "task": task.name,
-            "metric": task.metric,
-            "higher_is_better": task.higher_is_better,
-            "seed": cfg.seed,
-            "parameters": n_params,
-            "steps": total_steps,
-            "batch_size": tr.batch_size,
-            "seq_len": task.total_len,
-            "final": {"train_loss": train_loss, "val": final_val, "test": final_test},
-            "baseline": task.baseline(),
-            "wall_s": wall,
-            "time_per_step_s": per_step,
-            "tokens_per_s": tr.batch_size * task.total_len / per_step if per_step else None,
-            **_peak_memory(device),
-            "device": _device_name(device),
-            "world_size": ddp.world,
-            "precision": precision,
-            "resumed_from_step": resumed_from,
-            "torch": torch.__version__,
-            "triton": _triton_version(),
-            "overrides": list(overrides),
-            "config": to_plain(cfg),
-        }
-        if ddp.is_main:
-            (out_dir / "summary.json").write_text(_json(summary))
-            logger.summary(summary)
-        failed = False
-        base = summary["baseline"][task.metric]
-        log.info(
-            "done: test %s %.4g (baseline %.4g), test acc %.3f, %.1f ms/step, backend %s",
-            task.metric, final_test[task.metric], base, final_test.get("acc", math.nan),
-            1e3 * (per_step or 0.0), model.backend,
-        )  # fmt: skip
-        return summary
-    finally:
-        logger.close(failed=failed)
+def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
+    """Final evaluation (also when resuming a run that had already finished), then
+    ``summary.json``: what ran, where, how fast, and how well against the trivial baseline."""
+    cfg, tr, task, model, device = run.cfg, run.cfg.trainer, run.task, run.model, run.device
+    if run.ddp.world > 1:
+        _assert_in_sync(model)
+    final_val = evaluate(model, task, run.val, tr.eval_batch_size, device, run.autocast)
+    final_test = evaluate(model, task, run.test, tr.eval_batch_size, device, run.autocast)
+    per_step = run.train_s / run.steps_run if run.steps_run else None
+    devices = _device_names(device, run.ddp)
+    summary = {
+        "name": cfg.name,
+        "model": str(cfg.model.kind),
+        "backend": model.backend,
+        "cpu_gemm": describe_cpu_gemm() if device.type == "cpu" and model.kind == "lstmlab" else None,
+        "compile": tr.compile,
+        "task": task.name,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "seed": cfg.seed,
+        "parameters": count_parameters(model),
+        "steps": run.total_steps,
+        "batch_size": tr.batch_size,
+        "seq_len": cfg.task.seq_len,  # task.seq_len, as configured
+        "input_len": task.total_len,  # steps the model reads per sequence (copy: T + 2 copy_len)
+        "final": {"train_loss": run.train_loss, "val": final_val, "test": final_test},
+        "baseline": task.baseline(),
+        "wall_s": run.prior_wall + time.perf_counter() - run.t_start,
+        "time_per_step_s": per_step,
+        "tokens_per_s": tr.batch_size * task.total_len / per_step if per_step else None,
+        **_peak_memory(device),
+        "device": devices[0] if len(set(devices)) == 1 else ", ".join(devices),
+        "devices": devices,  # one per torchrun process
+        "world_size": run.ddp.world,
+        "precision": str(tr.precision),
+        "resumed_from_step": run.resumed_from,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "overrides": list(overrides),
+        "config": to_plain(cfg),
+    }
+    if run.ddp.is_main:
+        (run.out_dir / "summary.json").write_text(_json(summary))
+        run.logger.summary(summary)
+    base = summary["baseline"][task.metric]
+    acc = f", test acc {final_test['acc']:.3f}" if task.metric != "acc" and "acc" in final_test else ""
+    log.info(
+        "done: test %s %.4g (baseline %.4g)%s, %.1f ms/step, backend %s",
+        task.metric, final_test[task.metric], base, acc, 1e3 * (per_step or 0.0), model.backend,
+    )  # fmt: skip
+    log.info("output: %s", run.out_dir.resolve())
+    return summary
 
 
 @torch.no_grad()
@@ -309,32 +320,51 @@ def evaluate(
 # ---- helpers, in the order train() uses them
 
 
-def _init_distributed(device: Any) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def _dist_info() -> DistInfo:
+    """This process's place under torchrun (WORLD_SIZE > 1), from the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = str(device) == "cuda" or (str(device) == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return info
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _pick_device(requested: str, ddp: DistInfo) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("trainer.device='cuda' but no CUDA device is visible; use auto|cpu")
-        return torch.device("cuda", ddp.local_rank)
-    return torch.device("cpu")
+def _join_process_group(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def _task_options(task_cfg: DictConfig) -> dict[str, Any]:
-    runner_keys = {"train_size", "val_size", "test_size"}  # the runner's, not the task's
-    return {k: v for k, v in to_plain(task_cfg).items() if k not in runner_keys}
+RUN_FILES = ("summary.json", CKPT_NAME, "metrics.jsonl")  # what makes a folder hold a run
+
+
+def _refusal(run_dir: str | Path, found: list[str], tr: DictConfig) -> str | None:
+    """Why a run may not start in ``run_dir``, which holds the run files ``found``, or None."""
+    if not found or tr.resume or tr.overwrite:
+        return None
+    what = "finished" if "summary.json" in found else "partial"
+    return (
+        f"trainer.resume=false is not allowed here: {run_dir} holds a {what} run "
+        f"({', '.join(found)}); continue it with trainer.resume=true, replace it with "
+        "trainer.overwrite=true, or choose another run directory"
+    )
+
+
+def _claim_run_dir(out_dir: Path, tr: DictConfig, ddp: DistInfo) -> Path:
+    """The run directory (rank 0's, under torchrun: Hydra's may differ by a second). A folder
+    that holds a run is continued (``trainer.resume``), replaced (``trainer.overwrite``: its run
+    files are deleted first) or refused, never overwritten silently."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    problem = _refusal(out_dir, found, tr)
+    shared = [str(out_dir.resolve()), problem]
+    if ddp.world > 1:  # every rank raises, or none does
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise ConfigError(shared[1])
+    if found and tr.overwrite and ddp.is_main:
+        for name in found:
+            (out_dir / name).unlink()
+        log.info("trainer.overwrite=true: deleted the old run's %s", ", ".join(found))
+    return Path(shared[0])
 
 
 def _gen(*labels: object) -> torch.Generator:
@@ -361,32 +391,6 @@ def _train_batch(
     per_rank = batch_size // ddp.world
     mine = slice(ddp.rank * per_rank, (ddp.rank + 1) * per_rank)
     return x[mine], y[mine]
-
-
-def _make_optimizer(oc: DictConfig, params: Any) -> torch.optim.Optimizer:
-    name = str(oc.name)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
-
-
-def _make_scheduler(oc: DictConfig, optimizer: torch.optim.Optimizer, total: int) -> Any:
-    """Linear warm-up, then constant, cosine to 0 or linear to 0 (a factor on ``optim.lr``)."""
-    warmup, kind = oc.warmup_steps, str(oc.schedule)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "cosine":
-            return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
-        if kind == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -418,7 +422,44 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _make_logger(cfg: DictConfig, out_dir: Path, ddp: DistInfo, resume_step: int | None) -> NullLogger:
+def _load_checkpoint(run: Run) -> None:
+    """Continue from ``checkpoints/last.pt`` if there is one: weights, optimizer, schedule,
+    loss scale, RNG states, step and clocks."""
+    path = run.out_dir / CKPT_NAME
+    if not path.exists():
+        log.info("trainer.resume=true but %s does not exist: starting from step 0", path)
+        return
+    state = torch.load(path, map_location=run.device, weights_only=True)
+    _check_resumable(state["config"], to_plain(run.cfg))
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    run.step, run.prior_wall, run.prior_train = state["step"], state["wall_s"], state["train_s"]
+    run.resumed_from = run.step or None
+    log.info("resumed from %s at step %d", path, run.step)
+
+
+def _save_checkpoint(run: Run) -> None:
+    _atomic_save(
+        {
+            "step": run.step,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": _get_rng_state(),
+            "data": {"position": run.step},  # the next batch is batch number `step`
+            "config": to_plain(run.cfg),
+            "wall_s": run.prior_wall + time.perf_counter() - run.t_start,
+            "train_s": run.prior_train + run.train_s,
+        },
+        run.out_dir / CKPT_NAME,
+    )
+
+
+def _make_logger(cfg: DictConfig, out_dir: Path, resume_step: int | None) -> NullLogger:
     kind = str(cfg.logger.kind)
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "none":
@@ -484,10 +525,16 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_memory_bytes": rss_kib * 1024, "peak_memory_kind": "cpu_max_rss"}
 
 
-def _device_name(device: torch.device) -> str:
+def _device_names(device: torch.device, ddp: DistInfo) -> list[str]:
+    """Each torchrun process's device, in rank order (one entry without torchrun)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = f"{torch.cuda.get_device_name(device)} ({device})"
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    names: list[Any] = [name] * ddp.world
+    if ddp.world > 1:
+        dist.all_gather_object(names, name)
+    return names
 
 
 def _triton_version() -> str | None:
@@ -512,17 +559,88 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="pkg://lstmlab.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
-    summary = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    try:
+        summary = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    except ConfigError as err:  # found only once training starts (e.g. resuming another model)
+        print(f"lstmlab-train: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     return summary["final"]["val"][summary["metric"]]  # what a sweeper optimises
 
 
 def main() -> None:
-    """``lstmlab-train``: a misspelt key fails here with the keys its section takes, then Hydra."""
-    problems = unknown_override_keys(sys.argv[1:])
+    """``lstmlab-train``: every run of the command line is composed and checked here first, so
+    that a config error is one line on stderr and exit code 2, before Hydra makes any folder."""
+    argv = sys.argv[1:]
+    problems = unknown_override_keys(argv) or preflight(argv)
     if problems:
-        print("\n".join(f"lstmlab-train: {p}" for p in problems), file=sys.stderr)
+        print(f"lstmlab-train: {problems[0]}", file=sys.stderr)
         raise SystemExit(2)
+    if _dist_info().rank > 0:  # only rank 0 runs Hydra, logs and writes
+        logging.basicConfig(level=logging.WARNING)
+        train(compose([a for a in argv if not a.startswith("-")]), ".")
+        return
     hydra_main()
+
+
+# Flags after which Hydra prints something instead of running: nothing to check.
+_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """What would go wrong with ``lstmlab-train ARGV``, as one-line problems (empty: nothing):
+    every config of the run or sweep composed and checked, and no run directory that holds a
+    run it would overwrite. Runs no training and creates nothing."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        return []
+    overrides = [a for a in argv if not a.startswith("-")]
+    setup_globals()  # Hydra's resolvers, for ${now:...} in the run directories
+    try:
+        with initialize_config_module("lstmlab.conf", version_base="1.3"):
+            parsed = OverridesParser.create().parse_overrides(overrides)
+            fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+            base = hydra_compose("config", overrides=fixed, return_hydra_config=True)
+            multirun = "-m" in argv or "--multirun" in argv or base.hydra.mode == RunMode.MULTIRUN
+            if not multirun:
+                return _check_job(hydra_compose("config", overrides=overrides), None, base.hydra.run.dir)
+            if _dist_info().world > 1:
+                return ["a sweep cannot run under torchrun: add experiment=single for one run"]
+            params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
+            (jobs,) = BasicSweeper.split_arguments(
+                OverridesParser.create().parse_overrides(params + overrides), None
+            )
+            numbered = OmegaConf.to_container(base.hydra.sweep)["subdir"] == "${hydra.job.num}"
+            for num, job in enumerate(jobs):
+                job_dir = Path(base.hydra.sweep.dir) / str(num) if numbered else None
+                problems = _check_job(hydra_compose("config", overrides=job), job, job_dir)
+                if problems:
+                    return problems
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        key = getattr(cause, "full_key", None)
+        return [f"{key + ': ' if key else ''}{str(cause).strip().splitlines()[0]}"]
+    return []
+
+
+def _check_job(cfg: DictConfig, job: list[str] | None, run_dir: str | Path | None) -> list[str]:
+    """One run's problems: its config, and a run directory holding a run it would replace
+    (``run_dir`` None: not known before Hydra names it; train() still checks it)."""
+    where = f" (in the sweep's run {' '.join(job)})" if job else ""
+    try:
+        check_runnable(cfg, _dist_info().world)
+    except ConfigError as err:
+        return [f"{err}{where}"]
+    found = [name for name in RUN_FILES if run_dir is not None and (Path(run_dir) / name).exists()]
+    refusal = _refusal(run_dir, found, cfg.trainer)
+    return [f"{refusal}{where}"] if refusal else []
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ from lstmlab.tasks.dataset import array_digest
 from lstmlab.tasks.forecast import forecast_errors, mase_scale
 from lstmlab.train import train
 
-SMALL = ["experiment=single", "trainer.num_threads=1", "logger=none", "model.hidden_size=16"]
+SMALL = [
+    "experiment=single",
+    "trainer.num_threads=1",
+    "logger=none",
+    "model.hidden_size=16",
+    "trainer.device=cpu",
+]
 
 
 def rows(x: torch.Tensor) -> set[bytes]:
