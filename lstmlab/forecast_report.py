@@ -56,7 +56,10 @@ def forecast_tables(sweep_dir: str | Path) -> tuple[str, dict[str, dict[str, flo
         task = make_task("forecast", **options)
         assert isinstance(task, ForecastTask)
         rows: dict[str, list[dict[str, float]]] = defaultdict(list)
-        for run in group:
+        order = list(MODEL_NAMES)  # networks in the comparison's fixed order, then the classical
+        for run in sorted(
+            group, key=lambda r: (order.index(r["model"]) if r["model"] in order else 4, r["seed"])
+        ):
             rows[MODEL_NAMES.get(run["model"], run["model"])].append(_with_rmse(run["final"]["test"]))
         classical = classical_results(task)
         for name, result in classical.items():

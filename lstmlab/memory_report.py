@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from lstmlab import build
 from lstmlab.loggers import collect_runs
 from lstmlab.models import SequenceModel
-from lstmlab.probes import decades_per_step, grad_norm_curve
-from lstmlab.tasks import derive_seed, make_task
+from lstmlab.probes import N_EXAMPLES, decades_per_step, grad_norm_curve
+from lstmlab.tasks import derive_seed
 
 LENGTHS = [1, 10, 50, 100, 200, 400]
-RUNNER_KEYS = {"train_size", "val_size", "test_size"}
 # Bai, Kolter & Koltun 2018, Table 1 (their runs, not ours): adding T=600 test MSE; copy T=1000
 # loss, where all three recurrent models stay at the baseline.
 BAI_2018 = {
@@ -83,30 +83,30 @@ def _order(name: str) -> tuple[int, str]:
 
 
 def rebuild(cfg: dict[str, Any], trained_dir: str | None) -> SequenceModel:
-    """The run's model at initialisation (train() seeds torch and builds it first, so the same
-    seed and keywords draw the same weights), or after training from its last checkpoint."""
-    m = cfg["model"]
-    task = make_task(**{k: v for k, v in cfg["task"].items() if k not in RUNNER_KEYS})
-    extra = {}
-    if m["kind"] == "lstmlab":
-        extra = {k: m[k] for k in ("backend", "forget_bias", "chrono_t_max")}
-    torch.manual_seed(cfg["seed"])
-    model = SequenceModel(
-        m["kind"],
-        task.output_size,
-        input_size=task.input_size,
-        vocab_size=task.vocab_size,
-        per_step=task.per_step,
-        hidden_size=m["hidden_size"],
-        num_layers=m["num_layers"],
-        bidirectional=m["bidirectional"],
-        dropout=m["dropout"],
-        **extra,
-    )
-    if trained_dir is not None:
-        state = torch.load(Path(trained_dir) / "checkpoints" / "last.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-    return model
+    """The run's model at initialisation, or after training (see :func:`lstmlab.build.rebuild`)."""
+    return build.rebuild(cfg, trained_dir)[0]
+
+
+def _values(runs: list[dict[str, Any]], *path: str) -> str:
+    """What the runs hold at ``path`` (``"config", "model", "hidden_size"``), e.g. "64", or
+    "0.003, 0.01" when they differ."""
+    found = set()
+    for run in runs:
+        for key in path:
+            run = run[key]
+        found.add(run)
+    return ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in sorted(found, key=str))
+
+
+def _seeds(runs: list[dict[str, Any]]) -> str:
+    seeds = sorted({r["seed"] for r in runs})
+    return f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+
+
+def _backends(runs: list[dict[str, Any]]) -> str:
+    """The sentence on what lstmlab.LSTM ran, from the runs' summaries."""
+    used = sorted({str(r["backend"]) for r in runs if r["model"] == "lstmlab"})
+    return f" lstmlab.LSTM ran its {' and '.join(used)} backend." if used else ""
 
 
 def _ms(values: list[float], fmt: str = ".3g") -> str:
@@ -125,6 +125,12 @@ def _geo(values: list[float]) -> float:
     return 10 ** statistics.mean(math.log10(v) for v in values)
 
 
+def _legend_outside(ax: Any, handles: list | None = None, labels: list | None = None) -> None:
+    """The legend right of the plot, where it covers no curve (save with bbox_inches="tight")."""
+    args = (handles, labels) if handles is not None else ()
+    ax.legend(*args, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def _plt():
     import matplotlib
 
@@ -138,21 +144,21 @@ def _plt():
 
 
 def grad_retention(runs: list[dict[str, Any]], out: Path, command: str) -> str:
+    """Measure every run's curve at init and after training, then write the table and plot."""
     curves: dict[str, dict[str, list[dict[int, float]]]] = defaultdict(lambda: defaultdict(list))
     finals: dict[str, list[float]] = defaultdict(list)
-    steps = {r["steps"] for r in runs}
     for run in sorted(runs, key=lambda r: (r["config"]["seed"], r["model"])):
         cfg = run["config"]
         name = label(cfg)
-        curves[name]["init"].append(grad_norm_curve(rebuild(cfg, None), LENGTHS))
-        curves[name]["trained"].append(grad_norm_curve(rebuild(cfg, run["dir"]), LENGTHS))
+        curves[name]["init"].append(grad_norm_curve(rebuild(cfg, None), LENGTHS, N_EXAMPLES))
+        curves[name]["trained"].append(grad_norm_curve(rebuild(cfg, run["dir"]), LENGTHS, N_EXAMPLES))
         finals[name].append(run["final"]["test"]["mse"])
-        if cfg["model"]["kind"] == "lstmlab" and not cfg["model"]["chrono_t_max"]:
-            continue
-        if cfg["model"]["kind"] == "lstmlab":  # chrono for the longest T measured, init only
-            long = json.loads(json.dumps(cfg))
+        if cfg["model"]["kind"] == "lstmlab" and cfg["model"]["chrono_t_max"]:
+            long = json.loads(json.dumps(cfg))  # chrono for the longest T measured, init only
             long["model"]["chrono_t_max"] = max(LENGTHS)
-            curves[label(long) + " (init only)"]["init"].append(grad_norm_curve(rebuild(long, None), LENGTHS))
+            curves[label(long) + " (init only)"]["init"].append(
+                grad_norm_curve(rebuild(long, None), LENGTHS, N_EXAMPLES)
+            )
     # lstmlab.LSTM and torch.nn.LSTM draw the same weights for the same seed: equal curves.
     for a, b in zip(curves["lstmlab.LSTM"]["init"], curves["torch.nn.LSTM"]["init"], strict=True):
         for T in LENGTHS:
@@ -171,14 +177,43 @@ def grad_retention(runs: list[dict[str, Any]], out: Path, command: str) -> str:
             raw[f"{name} / {phase}"] = {"curves": per_seed, "decades_per_step": slopes}
     table = "\n".join(lines) + "\n"
     (out / "grad_retention.json").write_text(json.dumps(raw, indent=1) + "\n")
+    trained_on = (
+        f"{_values(runs, 'steps')} steps on {runs[0]['task']} T={_values(runs, 'config', 'task', 'seq_len')}"
+    )
+    _plot_grad_retention(curves, trained_on, out / "grad_retention.png")
 
+    doc = (
+        "# Gradient retention: ||∂ℓ/∂(h₀, c₀)|| against T\n\n" + stamp(command) + "\n"
+        "ℓ = (ŷ − y)², the squared error of the last-step prediction on an adding-problem example "
+        "of length T (T = 1: one step holding both markers); the gradient with respect to the "
+        "(zero) initial state, h₀ and c₀ stacked for the LSTMs, in float64; the root mean square "
+        f"over {N_EXAMPLES} fixed examples, then the geometric mean over {_seeds(runs)}. "
+        "decades/step: the least-squares slope of log₁₀ norm against T over all "
+        f"{len(LENGTHS)} T, negated (mean ± std over seeds). Hidden size "
+        f"{_values(runs, 'config', 'model', 'hidden_size')}, "
+        f"{_values(runs, 'config', 'model', 'num_layers')} layer(s). 'trained': after "
+        f"{trained_on} ({_values(runs, 'config', 'optim', 'name')}, lr "
+        f"{_values(runs, 'config', 'optim', 'lr')}, batch {_values(runs, 'batch_size')}); "
+        f"test MSE after training (trivial baseline {_values(runs, 'baseline', 'mse')})."
+        f"{_backends(runs)} The init rows of lstmlab.LSTM and torch.nn.LSTM are checked equal "
+        "(relative 1e-9) before the table is written.\n\n" + table + "\n![](grad_retention.png)\n"
+    )
+    (out / "grad_retention.md").write_text(doc)
+    return table
+
+
+def _seq_len(run: dict[str, Any]) -> int:
+    return run["config"]["task"]["seq_len"]
+
+
+def _plot_grad_retention(
+    curves: dict[str, dict[str, list[dict[int, float]]]], trained_on: str, path: Path
+) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for ax, phase in zip(axes, ("init", "trained"), strict=True):
         for i, (name, phases) in enumerate(curves.items()):
-            if phase not in phases:
-                continue
-            for j, c in enumerate(phases[phase]):
+            for j, c in enumerate(phases.get(phase, [])):
                 ax.plot(
                     LENGTHS,
                     [max(c[T], 1e-300) for T in LENGTHS],
@@ -189,33 +224,12 @@ def grad_retention(runs: list[dict[str, Any]], out: Path, command: str) -> str:
                     ls="--" if "torch.nn" in name else "-",
                     label=name if j == 0 else None,
                 )
-        title = (
-            "at initialisation"
-            if phase == "init"
-            else f"after {', '.join(map(str, steps))} steps on adding T=50"
-        )
+        title = "at initialisation" if phase == "init" else f"after {trained_on}"
         ax.set(xlabel="T (steps between h0, c0 and the loss)", yscale="log", title=title)
-    axes[0].set_ylabel("RMS over 256 examples of ||dℓ/d(h0, c0)||")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "grad_retention.png", dpi=100)
+    axes[0].set_ylabel(f"RMS over {N_EXAMPLES} examples of ||dℓ/d(h0, c0)||")
+    _legend_outside(axes[-1], *axes[0].get_legend_handles_labels())
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-
-    doc = (
-        "# Gradient retention: ||∂ℓ/∂(h₀, c₀)|| against T\n\n" + stamp(command) + "\n"
-        "ℓ = (ŷ − y)², the squared error of the last-step prediction on an adding-problem example "
-        "of length T (T = 1: one step holding both markers); the gradient with respect to the "
-        "(zero) initial state, h₀ and c₀ stacked for the LSTMs, in float64; the root mean square "
-        "over 256 fixed examples, then the geometric mean over 3 seeds (0, 1, 2). decades/step: "
-        "the least-squares slope of log₁₀ norm against T over all six T, negated (mean ± std over "
-        f"seeds). Hidden size {runs[0]['config']['model']['hidden_size']}, one layer. 'trained': "
-        f"after {', '.join(map(str, steps))} Adam steps (lr {runs[0]['config']['optim']['lr']}) "
-        "on adding T=50, batch 64; test MSE after training (baseline 1/6). lstmlab.LSTM ran its "
-        "reference backend. The init rows of lstmlab.LSTM and torch.nn.LSTM are checked equal "
-        "(relative 1e-9) before the table is written.\n\n" + table + "\n![](grad_retention.png)\n"
-    )
-    (out / "grad_retention.md").write_text(doc)
-    return table
 
 
 # ---- experiment 3: bidirectional tagging
@@ -231,7 +245,7 @@ def bidirectional(runs: list[dict[str, Any]], out: Path, command: str) -> str:
         by_cell[(d, label(cfg))].append(run)
         if (d, cfg["seed"]) not in seen:  # the bounds on the very test set train() scored
             seen.add((d, cfg["seed"]))
-            task = make_task(**{k: v for k, v in cfg["task"].items() if k not in RUNNER_KEYS})
+            task = build.build_task(cfg["task"])
             gen = torch.Generator().manual_seed(derive_seed(cfg["seed"], "test"))
             words, _ = task.sample(cfg["task"]["test_size"], gen)
             bounds[d].append(task.bayes_accuracy(words))
@@ -255,6 +269,34 @@ def bidirectional(runs: list[dict[str, Any]], out: Path, command: str) -> str:
         tables.append("\n".join(lines) + "\n")
     (out / "bidirectional.json").write_text(json.dumps(raw, indent=1) + "\n")
 
+    _plot_bidirectional(by_cell, bounds, distances, names, out / "bidirectional.png")
+
+    first = runs[0]["config"]
+    doc = (
+        "# Bidirectional tagging: hmm_tagging against the two Bayes bounds\n\n" + stamp(command) + "\n"
+        f"hmm_tagging, T={_values(runs, 'config', 'task', 'seq_len')}, "
+        f"p_ambiguous={first['task']['p_ambiguous']}, "
+        f"noise={first['task']['noise']}; hidden size "
+        f"{_values(runs, 'config', 'model', 'hidden_size')} per direction, "
+        f"{_values(runs, 'config', 'model', 'num_layers')} layer(s), "
+        f"{_values(runs, 'steps')} {first['optim']['name']} steps (lr {first['optim']['lr']}) of "
+        f"batch {_values(runs, 'batch_size')}; mean ± std over {_seeds(runs)} on each seed's "
+        f"{_values(runs, 'config', 'task', 'test_size')}-sequence test set. "
+        "The Bayes bounds are the expected accuracies of argmax p(tag_t | x_1..t) and argmax "
+        "p(tag_t | x_1..T) on the same test sets (exact forward filtering / forward-backward), "
+        f"averaged over the seeds.{_backends(runs)}\n\n" + "\n".join(tables) + "\n![](bidirectional.png)\n"
+    )
+    (out / "bidirectional.md").write_text(doc)
+    return "\n".join(tables)
+
+
+def _plot_bidirectional(
+    by_cell: dict[tuple[int, str], list[dict[str, Any]]],
+    bounds: dict[int, list[dict[str, float]]],
+    distances: list[int],
+    names: list[str],
+    path: Path,
+) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key in zip(axes, ("acc", "acc_ambiguous"), strict=True):
@@ -283,26 +325,9 @@ def bidirectional(runs: list[dict[str, Any]], out: Path, command: str) -> str:
             xticks=distances,
             xticklabels=[str(d) for d in distances],
         )
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "bidirectional.png", dpi=100)
+    _legend_outside(axes[-1], *axes[0].get_legend_handles_labels())
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-
-    first = runs[0]["config"]
-    doc = (
-        "# Bidirectional tagging: hmm_tagging against the two Bayes bounds\n\n" + stamp(command) + "\n"
-        f"hmm_tagging, T={first['task']['seq_len']}, p_ambiguous={first['task']['p_ambiguous']}, "
-        f"noise={first['task']['noise']}; hidden size {first['model']['hidden_size']} per direction, "
-        f"one layer, {runs[0]['steps']} Adam steps (lr {first['optim']['lr']}) of batch "
-        f"{runs[0]['batch_size']}; mean ± std over 3 seeds on each seed's 1000-sequence test set. "
-        "The Bayes bounds are the expected accuracies of argmax p(tag_t | x_1..t) and argmax "
-        "p(tag_t | x_1..T) on the same test sets (exact forward filtering / forward-backward), "
-        "averaged over the seeds. lstmlab.LSTM ran its reference backend.\n\n"
-        + "\n".join(tables)
-        + "\n![](bidirectional.png)\n"
-    )
-    (out / "bidirectional.md").write_text(doc)
-    return "\n".join(tables)
 
 
 # ---- experiment 2: memory horizon
@@ -311,106 +336,113 @@ SOLVED = {"adding": ("mse", lambda v: v < 0.01), "copy": ("acc", lambda v: v > 0
 
 
 def horizon(runs: list[dict[str, Any]], out: Path, command: str) -> str:
+    """One table per task (rows: models, columns: T) and a plot of test metric against T."""
     by_cell: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        cfg = run["config"]
-        by_cell[(run["task"], cfg["task"]["seq_len"], label(cfg, chrono_per_task=True))].append(run)
-    tables = []
+        by_cell[(run["task"], _seq_len(run), label(run["config"], chrono_per_task=True))].append(run)
     raw: dict[str, Any] = {}
-    for task in sorted({t for t, _, _ in by_cell}):
-        lengths = sorted({T for t, T, _ in by_cell if t == task})
-        names = sorted({n for t, _, n in by_cell if t == task}, key=_order)
-        metric, solved = SOLVED[task]
-        any_run = next(r for r in runs if r["task"] == task)
-        head = (
-            "| model | "
-            + " | ".join(f"T={T}" for T in lengths)
-            + f" | Bai et al. 2018, T={BAI_2018[task]['T']} |"
-        )
-        lines = [
-            f"**{task}**: test {any_run['metric']} (mean ± std over seeds)"
-            f"{' · mean recall accuracy (chance 0.125)' if task == 'copy' else ''} · seeds solved "
-            f"({metric} {'< 0.01' if task == 'adding' else '> 0.99'}) · first eval step solved\n",
-            head,
-            "|---" * (len(lengths) + 2) + "|",
-        ]
-        for name in names:
-            cells = []
-            for T in lengths:
-                group = by_cell[(task, T, name)]
-                values = [r["final"]["test"][r["metric"]] for r in group]
-                n_ok = sum(solved(r["final"]["test"][metric]) for r in group)
-                first_ok = [
-                    next((row["step"] for row in r["curve"] if solved(row[f"val/{metric}"])), None)
-                    for r in group
-                ]
-                reached = [s for s in first_ok if s is not None]
-                when = f" · step {min(reached)}" if reached else ""
-                acc = f" · acc {statistics.mean(r['final']['test']['acc'] for r in group):.3f}"
-                cells.append(f"{_ms(values)}{acc if task == 'copy' else ''} · {n_ok}/{len(group)}{when}")
-                raw[f"{task} / {name} / T={T}"] = {
-                    "test": [r["final"]["test"] for r in group],
-                    "first_solved_step": first_ok,
-                }
-            kind = {
-                "torch.nn.LSTM": "torch_lstm",
-                "lstmlab.LSTM": "torch_lstm",
-                "GRU": "torch_gru",
-                "RNN (tanh)": "torch_rnn",
-            }.get(name)
-            lines.append(
-                f"| {name} | {' | '.join(cells)} | {BAI_2018[task].get(kind, '-') if kind else '-'} |"
-            )
-        base = [f"{make_task(task, seq_len=T).baseline()[any_run['metric']]:.3g}" for T in lengths]
-        lines.append(f"| trivial baseline | {' | '.join(base)} | |")
-        tables.append("\n".join(lines) + "\n")
+    tables = [_horizon_table(task, by_cell, raw) for task in sorted({t for t, _, _ in by_cell})]
     (out / "memory_horizon.json").write_text(json.dumps(raw, indent=1) + "\n")
-
-    plt = _plt()
-    tasks = sorted({t for t, _, _ in by_cell})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        lengths = sorted({T for t, T, _ in by_cell if t == task})
-        for i, name in enumerate(sorted({n for t, _, n in by_cell if t == task})):
-            for j in range(3):
-                ys = [
-                    by_cell[(task, T, name)][j]["final"]["test"]
-                    for T in lengths
-                    if len(by_cell[(task, T, name)]) > j
-                ]
-                key = next(r for r in runs if r["task"] == task)["metric"]
-                ax.plot(
-                    lengths[: len(ys)],
-                    [y[key] for y in ys],
-                    marker="o",
-                    ms=3,
-                    color=f"C{i}",
-                    alpha=0.7,
-                    label=name if j == 0 else None,
-                )
-        ax.plot(
-            lengths, [make_task(task, seq_len=T).baseline()[key] for T in lengths], "k--", label="baseline"
-        )
-        ax.set(xlabel="T", ylabel=f"test {key}", xscale="log", yscale="log", title=task)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "memory_horizon.png", dpi=100)
-    plt.close(fig)
-
-    first = runs[0]
+    _plot_horizon(by_cell, out / "memory_horizon.png")
     doc = (
         "# Memory horizon: adding and copy against T\n\n" + stamp(command) + "\n"
-        f"Hidden size {first['config']['model']['hidden_size']}, one layer, a fixed budget of "
-        f"{first['steps']} Adam steps (lr {first['config']['optim']['lr']}) of batch "
-        f"{first['batch_size']} per cell; test metric on 1000 held-out sequences. A cell reads "
-        "'mean ± std · seeds solved / seeds · first evaluation step at which a seed was solved "
-        "(validation)'. The Bai et al. column is their published number (Table 1, longer T, "
-        "far longer training), for orientation, not a run of ours.\n\n"
+        f"Hidden size {_values(runs, 'config', 'model', 'hidden_size')}, "
+        f"{_values(runs, 'config', 'model', 'num_layers')} layer(s), a fixed budget of "
+        f"{_values(runs, 'steps')} {_values(runs, 'config', 'optim', 'name')} "
+        f"steps (lr {_values(runs, 'config', 'optim', 'lr')}) of batch "
+        f"{_values(runs, 'batch_size')} per cell, {_seeds(runs)}; test metric on "
+        f"{_values(runs, 'config', 'task', 'test_size')} held-out sequences.{_backends(runs)} "
+        "A cell reads 'mean ± std · seeds solved / seeds · first evaluation step at which a seed "
+        "was solved (validation)'. The Bai et al. column is their published number (Table 1, "
+        "longer T, far longer training), for orientation, not a run of ours.\n\n"
         + "\n".join(tables)
         + "\n![](memory_horizon.png)\n"
     )
     (out / "memory_horizon.md").write_text(doc)
     return "\n".join(tables)
+
+
+def _horizon_table(task: str, by_cell: dict[tuple[str, int, str], list[dict[str, Any]]], raw: dict) -> str:
+    lengths = sorted({T for t, T, _ in by_cell if t == task})
+    names = sorted({n for t, _, n in by_cell if t == task}, key=_order)
+    metric, solved = SOLVED[task]
+    any_run = next(group[0] for (t, _, _), group in by_cell.items() if t == task)
+    chance = f" · mean recall accuracy (chance {any_run['baseline'].get('acc', math.nan):.3g})"
+    lines = [
+        f"**{task}**: test {any_run['metric']} (mean ± std over seeds){chance if task == 'copy' else ''}"
+        f" · seeds solved ({metric} {'< 0.01' if task == 'adding' else '> 0.99'}) · first eval step solved\n",
+        "| model | "
+        + " | ".join(f"T={T}" for T in lengths)
+        + f" | Bai et al. 2018, T={BAI_2018[task]['T']} |",
+        "|---" * (len(lengths) + 2) + "|",
+    ]
+    for name in names:
+        cells = []
+        for T in lengths:
+            group = by_cell[(task, T, name)]
+            values = [r["final"]["test"][r["metric"]] for r in group]
+            n_ok = sum(solved(r["final"]["test"][metric]) for r in group)
+            first_ok = [
+                next((row["step"] for row in r["curve"] if solved(row[f"val/{metric}"])), None) for r in group
+            ]
+            reached = [s for s in first_ok if s is not None]
+            when = f" · step {min(reached)}" if reached else ""
+            acc = f" · acc {statistics.mean(r['final']['test']['acc'] for r in group):.3f}"
+            cells.append(f"{_ms(values)}{acc if task == 'copy' else ''} · {n_ok}/{len(group)}{when}")
+            raw[f"{task} / {name} / T={T}"] = {
+                "test": [r["final"]["test"] for r in group],
+                "first_solved_step": first_ok,
+            }
+        kind = {
+            "torch.nn.LSTM": "torch_lstm",
+            "lstmlab.LSTM": "torch_lstm",
+            "GRU": "torch_gru",
+            "RNN (tanh)": "torch_rnn",
+        }
+        lines.append(f"| {name} | {' | '.join(cells)} | {BAI_2018[task].get(kind.get(name), '-')} |")
+    base = [f"{_baseline(by_cell, task, T):.3g}" for T in lengths]
+    lines.append(f"| trivial baseline | {' | '.join(base)} | |")
+    return "\n".join(lines) + "\n"
+
+
+def _baseline(by_cell: dict[tuple[str, int, str], list[dict[str, Any]]], task: str, T: int) -> float:
+    """The trivial baseline the runs of ``task`` at length ``T`` recorded in their summaries."""
+    run = next(group[0] for (t, length, _), group in by_cell.items() if (t, length) == (task, T))
+    return run["baseline"][run["metric"]]
+
+
+def _plot_horizon(by_cell: dict[tuple[str, int, str], list[dict[str, Any]]], path: Path) -> None:
+    """Test metric against T, one line per model and seed; the baseline drawn beneath."""
+    plt = _plt()
+    tasks = sorted({t for t, _, _ in by_cell})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        lengths = sorted({T for t, T, _ in by_cell if t == task})
+        names = sorted({n for t, _, n in by_cell if t == task}, key=_order)
+        for i, name in enumerate(names):
+            runs = [r for T in lengths for r in by_cell.get((task, T, name), [])]
+            for j, seed in enumerate(sorted({r["seed"] for r in runs})):
+                points = sorted(
+                    (_seq_len(r), r["final"]["test"][r["metric"]]) for r in runs if r["seed"] == seed
+                )
+                xs, ys = zip(*points, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    ms=3,
+                    color=f"C{i}",
+                    alpha=0.7,
+                    label=name if j == 0 else None,
+                    zorder=3,
+                )
+        base = [_baseline(by_cell, task, T) for T in lengths]
+        ax.plot(lengths, base, color="0.6", ls=":", lw=1, label="trivial baseline", zorder=1)
+        ax.set(xlabel="T", ylabel=f"test {SOLVED[task][0] if task == 'adding' else 'loss'}", title=task)
+        ax.set(xscale="log", yscale="log")
+    _legend_outside(axes[0][-1], *axes[0][0].get_legend_handles_labels())
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 EXPERIMENTS = {"grad_retention": grad_retention, "bidirectional": bidirectional, "horizon": horizon}

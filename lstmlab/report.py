@@ -38,6 +38,22 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
+MODEL_ORDER = ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn")  # rows and lines in this order
+
+
+def _grouped(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by label (seeds of one setting together), in ``MODEL_ORDER``, then by label."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for label, run in zip(_labels(runs), runs, strict=True):
+        groups[label].append(run)
+
+    def rank(item: tuple[str, list[dict[str, Any]]]) -> tuple[int, str]:
+        model = item[1][0]["model"]
+        return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), item[0])
+
+    return dict(sorted(groups.items(), key=rank))
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4g}"
@@ -45,47 +61,45 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summarize(runs: list[dict[str, Any]]) -> str:
-    """The comparison table, as Markdown."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for label, run in zip(_labels(runs), runs, strict=True):
-        groups[label].append(run)
-    lines = [
-        "| model | backend | test metric | test acc | baseline | parameters | ms/step | seeds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The comparison table, as Markdown. The "test acc" column is left out when every row's
+    metric is accuracy already."""
+    groups = _grouped(runs)
+    acc_column = any(g[0]["metric"] != "acc" and "acc" in g[0]["final"]["test"] for g in groups.values())
+    head = ["model", "backend", "test metric", *(["test acc"] if acc_column else []), "baseline"]
+    head += ["parameters", "ms/step", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label, group in groups.items():
         first = group[0]
         metric = first["metric"]
         arrow = "↑" if first["higher_is_better"] else "↓"
-        backends = ", ".join(sorted({str(r["backend"]) for r in group}))
         values = [r["final"]["test"][metric] for r in group]
         accs = [r["final"]["test"]["acc"] for r in group if "acc" in r["final"]["test"]]
         base = first["baseline"]
         base_acc = f", acc {base['acc']:.3g}" if "acc" in base and metric != "acc" else ""
         ms = [1e3 * r["time_per_step_s"] for r in group if r.get("time_per_step_s")]
-        lines.append(
-            f"| {label} | {backends} | {metric} {arrow} {_mean_std(values)} "
-            f"| {_mean_std(accs) if accs else '-'} | {metric} {base[metric]:.4g}"
-            f"{base_acc} | {first['parameters']:,} "
-            f"| {_mean_std(ms) if ms else '-'} | {len(group)} |"
-        )
+        cells = [label, ", ".join(sorted({str(r["backend"]) for r in group}))]
+        cells.append(f"{metric} {arrow} {_mean_std(values)}")
+        if acc_column:
+            cells.append(_mean_std(accs) if accs and metric != "acc" else "-")
+        cells += [f"{metric} {base[metric]:.4g}{base_acc}", f"{first['parameters']:,}"]
+        cells += [_mean_std(ms) if ms else "-", str(len(group))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
-    """Validation metric against step, one line per label (mean over seeds), baseline dashed."""
+    """Validation metric against step, one line per label (mean over seeds), in ``MODEL_ORDER``;
+    the trivial baseline thin and beneath the curves, the legend right of the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for label, run in zip(_labels(runs), runs, strict=True):
-        by_label[label].append(run)
+    groups = _grouped(runs)
     tasks = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for label, group in by_label.items():
+        for label, group in groups.items():
             if group[0]["task"] != task or not group[0]["curve"]:
                 continue
             key = "val/" + group[0]["metric"]
@@ -95,14 +109,14 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
                     if math.isfinite(row[key]):
                         per_step[row["step"]].append(row[key])
             steps = sorted(per_step)
-            ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], label=label)
+            ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], label=label, lw=1.5, zorder=3)
         first = next(r for r in runs if r["task"] == task)
         metric = first["metric"]
-        ax.axhline(first["baseline"][metric], color="gray", ls="--", label="trivial baseline")
+        base = first["baseline"][metric]
+        ax.axhline(base, color="0.6", ls=":", lw=1, label=f"trivial baseline ({base:.3g})", zorder=1)
         ax.set(xlabel="step", ylabel=f"validation {metric}", title=task, yscale="log")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -130,7 +144,7 @@ class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         table = write_report(sweep_dir)
-        print(f"\n{table}\nreport: {sweep_dir / 'report.md'}, {sweep_dir / 'report.png'}")
+        print(f"\n{table}\nwrote {sweep_dir / 'report.md'} and {sweep_dir / 'report.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a multirun directory (searched for summary.json)")
     args = parser.parse_args(argv)
     print(write_report(args.sweep_dir), end="")
-    print(f"report: {Path(args.sweep_dir) / 'report.md'}")
+    print(f"wrote {Path(args.sweep_dir) / 'report.md'} and {Path(args.sweep_dir) / 'report.png'}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import lstmlab.train
+import lstmlab.build
 from lstmlab import memory_report
 from lstmlab.config import compose, to_plain
 from lstmlab.models import SequenceModel
@@ -52,10 +52,15 @@ def test_per_step_models_are_rejected():
         initial_state_grad_norm(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2))
 
 
-def _tiny_sweep(tmp_path, runs: list[list[str]]) -> None:
-    base = ["experiment=smoke", "trainer.steps=2", "trainer.num_threads=1", "logger=jsonl"]
-    for i, overrides in enumerate(runs):
-        train(compose(base + overrides), tmp_path / "sweep" / str(i), overrides)
+def _tiny_sweep(tmp_path, runs: list[list[str]]) -> list[dict]:
+    base = [
+        "experiment=smoke",
+        "trainer.steps=2",
+        "trainer.num_threads=1",
+        "logger=jsonl",
+        "trainer.device=cpu",
+    ]
+    return [train(compose(base + o), tmp_path / "sweep" / str(i), o) for i, o in enumerate(runs)]
 
 
 def test_rebuild_draws_the_runs_initial_weights(tmp_path, monkeypatch):
@@ -66,8 +71,10 @@ def test_rebuild_draws_the_runs_initial_weights(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             built.append({k: v.clone() for k, v in self.state_dict().items()})
 
-    monkeypatch.setattr(lstmlab.train, "SequenceModel", Capture)
-    cfg = compose(["experiment=smoke", "trainer.steps=2", "model=lstmlab_chrono", "seed=7"])
+    monkeypatch.setattr(lstmlab.build, "SequenceModel", Capture)
+    cfg = compose(
+        ["experiment=smoke", "trainer.steps=2", "model=lstmlab_chrono", "seed=7", "trainer.device=cpu"]
+    )
     train(cfg, tmp_path)
     rebuilt = memory_report.rebuild(to_plain(cfg), None).state_dict()
     assert built[0].keys() == rebuilt.keys()
@@ -79,24 +86,42 @@ def test_rebuild_draws_the_runs_initial_weights(tmp_path, monkeypatch):
 
 def test_grad_retention_report(tmp_path, monkeypatch):
     monkeypatch.setattr(memory_report, "LENGTHS", [1, 4])
-    _tiny_sweep(tmp_path, [["model=lstmlab"], ["model=torch_lstm"], ["model=lstmlab_chrono"]])
+    monkeypatch.setattr(memory_report, "N_EXAMPLES", 16)
+    runs = [["model=lstmlab"], ["model=torch_lstm"], ["model=lstmlab_chrono"]]
+    runs += [["model=lstmlab", "seed=5"], ["model=torch_lstm", "seed=5"]]
+    _tiny_sweep(tmp_path, [[*r, "model.hidden_size=8"] for r in runs])
     memory_report.main(["grad_retention", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
     doc = (tmp_path / "out" / "grad_retention.md").read_text()
     for row in ("| lstmlab.LSTM | init |", "| torch.nn.LSTM | trained |", "chrono T_max=4 (init only)"):
         assert row in doc
     assert "Command: `" in doc and "commit " in doc
+    # The prose states what the runs hold: their seeds, sizes, steps and the backend that ran.
+    assert "over 16 fixed examples, then the geometric mean over 2 seeds (0, 5)" in doc
+    assert (
+        "Hidden size 8, 1 layer(s). 'trained': after 2 steps on adding T=10 (adam, lr 0.001, batch 16)" in doc
+    )
+    assert "lstmlab.LSTM ran its reference backend." in doc
     assert (tmp_path / "out" / "grad_retention.png").stat().st_size > 0
 
 
 def test_bidirectional_and_horizon_reports(tmp_path):
     tagging = ["task=hmm_tagging", "task.seq_len=12", "task.resolve_distance=3"]
     bi = [*tagging, "model=torch_gru", "model.bidirectional=true"]
-    _tiny_sweep(tmp_path, [[*tagging, "model=torch_gru"], bi])
+    (_, bigru) = _tiny_sweep(tmp_path, [[*tagging, "model=torch_gru"], bi])
     memory_report.main(["bidirectional", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
     doc = (tmp_path / "out" / "bidirectional.md").read_text()
-    assert "| Bayes bound, left-to-right (filtering) | 0." in doc and "| Bi-GRU | 0." in doc
+    assert "| Bayes bound, left-to-right (filtering) | 0." in doc
+    assert f"| Bi-GRU | {bigru['final']['test']['acc']:.4f} |" in doc  # computed from the run
+    assert "mean ± std over 1 seed (0) on each seed's 64-sequence test set" in doc
+    assert "ran its" not in doc  # no lstmlab run, no sentence about its backend
 
-    _tiny_sweep(tmp_path / "h", [["task=adding", "model=torch_rnn"], ["task=copy", "model=torch_rnn"]])
+    adding, copy = _tiny_sweep(
+        tmp_path / "h", [["task=adding", "model=torch_rnn"], ["task=copy", "model=torch_rnn"]]
+    )
     memory_report.main(["horizon", str(tmp_path / "h" / "sweep"), "--out", str(tmp_path / "out")])
     doc = (tmp_path / "out" / "memory_horizon.md").read_text()
-    assert "| RNN (tanh) | " in doc and "| 0.177 |" in doc and "trivial baseline" in doc
+    rnn_rows = [line for line in doc.splitlines() if line.startswith("| RNN (tanh) | ")]
+    assert rnn_rows[0].startswith(f"| RNN (tanh) | {adding['final']['test']['mse']:.3g} · 0/1 |")
+    assert rnn_rows[1].startswith(f"| RNN (tanh) | {copy['final']['test']['ce']:.3g} · acc ")
+    assert f"| trivial baseline | {adding['baseline']['mse']:.3g} | |" in doc
+    assert "test metric on 64 held-out sequences" in doc

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lstmlab.report import main, summarize, write_report
+from lstmlab.report import main, plot_curves, summarize, write_report
 
 
 def fake_run(model: str, seed: int, mse: float, ms: float = 2.0) -> dict:
@@ -46,6 +46,44 @@ def test_summarize_keeps_swept_options_apart():
     ]
 
 
+def test_rows_come_in_the_fixed_model_order_whatever_the_run_order():
+    runs = [fake_run(m, 0, 1.0) for m in ("my_cell", "torch_rnn", "torch_gru", "lstmlab", "torch_lstm")]
+    rows = summarize(runs).splitlines()[2:]
+    models = [row.split(" (")[0].removeprefix("| ") for row in rows]
+    assert models == ["lstmlab", "torch_lstm", "torch_gru", "torch_rnn", "my_cell"]
+
+
+def accuracy_run(model: str, acc: float) -> dict:
+    run = fake_run(model, 0, 0.0)
+    run.update(task="digits", metric="acc", higher_is_better=True, baseline={"acc": 0.1})
+    run["final"] = {"test": {"acc": acc}}
+    return run
+
+
+def test_an_accuracy_task_has_no_second_accuracy_column():
+    lines = summarize([accuracy_run("torch_gru", 0.9), accuracy_run("lstmlab", 0.8)]).splitlines()
+    assert lines[0] == "| model | backend | test metric | baseline | parameters | ms/step | seeds |"
+    assert lines[2].startswith("| lstmlab (digits) | native | acc ↑ 0.8 | acc 0.1 | 1,234 |")
+    assert "test acc" in summarize([fake_run("torch_gru", 0, 1.0)]).splitlines()[0]  # mse: kept
+
+
+def test_plot_legend_is_outside_and_the_baseline_lies_beneath_the_curves(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    saved = {}
+    monkeypatch.setattr(plt, "close", lambda fig: saved.setdefault("fig", fig))
+    runs = [fake_run(m, 0, 1 / 6) for m in ("torch_rnn", "lstmlab")]  # a curve on the baseline
+    plot_curves(runs, tmp_path / "report.png")
+    (ax,) = saved["fig"].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["lstmlab (adding)", "torch_rnn (adding)", "trivial baseline (0.167)"]
+    baseline = lines.pop("trivial baseline (0.167)")
+    assert all(baseline.get_zorder() < line.get_zorder() for line in lines.values())
+    box = ax.get_legend().get_window_extent()
+    assert box.x0 >= ax.get_window_extent().x1  # right of the axes: it covers no curve
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_an_empty_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no summary\.json under"):
         write_report(tmp_path)
@@ -56,7 +94,7 @@ def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, caps
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "lstmlab.train", "-m"]
     cmd += ["model=lstmlab,torch_lstm,torch_gru,torch_rnn", "seed=0,1,2"]
-    cmd += ["experiment=smoke", "trainer.num_threads=1", "trainer.steps=10"]
+    cmd += ["experiment=smoke", "trainer.num_threads=1", "trainer.steps=10", "trainer.device=cpu"]
     cmd += [f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,7 +109,14 @@ def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, caps
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| lstmlab (adding) | reference |" in proc.stdout  # the table on the console
 
+    rows = [
+        line.split(" (")[0] for line in report.splitlines() if line.startswith("| ") and " (adding)" in line
+    ]
+    assert rows == ["| lstmlab", "| torch_lstm", "| torch_gru", "| torch_rnn"]
+
     (sweep / "report.md").unlink()
     main([str(sweep)])  # lstmlab-report <sweep dir> rewrites it
     assert (sweep / "report.md").read_text() == report
-    assert "| torch_rnn (adding) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| torch_rnn (adding) |" in out
+    assert out.endswith(f"wrote {sweep / 'report.md'} and {sweep / 'report.png'}\n")
