@@ -1,10 +1,14 @@
 """Train one model on one task: ``lstmlab-train`` (the same as ``python -m lstmlab.train``).
 
-The whole run is :func:`train`, top to bottom: seed -> data -> model -> optimizer -> loop ->
-final evaluation -> ``summary.json``. ``@hydra.main`` below only composes the config, calls it
-and returns the sweep metric. Under ``torchrun`` the same code trains data-parallel (DDP, gloo on
-CPU, NCCL on GPU): every rank draws the same global batch and keeps its slice, so N ranks compute
-the gradient of one batch of ``trainer.batch_size``; only rank 0 writes files.
+A run is :func:`train`, which checks the config and calls three functions, each read top to
+bottom: :func:`setup` (run folder -> seed -> data -> model -> optimizer -> resume -> logger),
+:func:`fit` (the training loop) and :func:`summarize` (final evaluation -> ``summary.json``).
+They share one :class:`Run` record, passed explicitly. ``main`` (``lstmlab-train``) checks every
+run of the command line first (:func:`preflight`); ``@hydra.main`` then only composes the config,
+calls :func:`train` and returns the sweep metric. Under ``torchrun`` the same code trains
+data-parallel (DDP, gloo on CPU, NCCL on GPU): every rank draws the same global batch and keeps
+its slice, so N ranks compute the gradient of one batch of ``trainer.batch_size``; only rank 0
+runs Hydra, logs and writes files.
 
 Dimension legend: B batch (per rank), T time, O outputs.
 """
@@ -272,7 +276,7 @@ def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
         "time_per_step_s": per_step,
         "tokens_per_s": tr.batch_size * task.total_len / per_step if per_step else None,
         **_peak_memory(device),
-        "device": devices[0] if len(set(devices)) == 1 else ", ".join(devices),
+        "device": _describe_devices(devices),
         "devices": devices,  # one per torchrun process
         "world_size": run.ddp.world,
         "precision": str(tr.precision),
@@ -535,6 +539,15 @@ def _device_names(device: torch.device, ddp: DistInfo) -> list[str]:
     if ddp.world > 1:
         dist.all_gather_object(names, name)
     return names
+
+
+def _describe_devices(names: list[str]) -> str:
+    """``cpu (x86_64, 1 threads)``, or for torchrun ``2 x cpu (x86_64, 1 threads)``."""
+    if len(names) == 1:
+        return names[0]
+    if len(set(names)) == 1:
+        return f"{len(names)} x {names[0]}"
+    return ", ".join(names)
 
 
 def _triton_version() -> str | None:

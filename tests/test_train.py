@@ -362,7 +362,8 @@ def test_ddp_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path):
     # Both ranks passed the bitwise parameter check before the final evaluation (else rc != 0),
     # and two half batches give the full batch's gradient, up to summation order.
     assert summary["world_size"] == 2 and len(summary["devices"]) == 2
-    assert summary["device"] == summary["devices"][0] == summary["devices"][1]
+    assert summary["devices"][0] == summary["devices"][1]
+    assert summary["device"] == f"2 x {summary['devices'][0]}"
     output = proc.stdout + proc.stderr
     assert output.count("step 10/10") == 1, output[-3000:]  # only rank 0 logs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # and only it runs Hydra
