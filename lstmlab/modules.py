@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,87 @@ def _packed_batch(sorted_indices: Tensor | None, hx: object) -> int | None:
     return None
 
 
-class LSTM(nn.Module):
+class _LSTMBase(nn.Module):
+    """What LSTM and LSTMCell share, as torch's RNNBase and RNNCellBase do for theirs: argument
+    checks, the opt-in keywords, initialisation, the input-dtype/autocast rule, backend choice."""
+
+    # constructor keywords that repr() shows when they differ from these defaults
+    _repr_defaults: ClassVar[dict[str, object]] = {
+        "bias": True,
+        "backend": "auto",
+        "forget_bias": 0.0,
+        "chrono_t_max": None,
+    }
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        backend: str,
+        forget_bias: float,
+        chrono_t_max: float | None,
+    ) -> None:
+        super().__init__()
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        _check_gate_init(bias, forget_bias, chrono_t_max)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.backend = check_backend_name(backend)
+        self.forget_bias = forget_bias
+        self.chrono_t_max = chrono_t_max
+        self.last_backend: str | None = None  # the backend the last forward actually ran
+
+    def _bias_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """(bias_ih, bias_hh) of every layer and direction."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+        if self.bias:
+            for bias_ih, bias_hh in self._bias_pairs():
+                _init_gate_biases(bias_ih, bias_hh, self.forget_bias, self.chrono_t_max)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for key, default in self._repr_defaults.items():
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)!r}"
+        return s
+
+    def _compute_dtype(self, x: Tensor, error: type[Exception]) -> torch.dtype:
+        """The dtype the layer runs in: autocast's if it is on, else the input's, which must then be
+        the weights' (raises ``error`` otherwise, as torch's LSTM and LSTMCell do)."""
+        autocast_dtype = _autocast_dtype(x.device)
+        weight_dtype = self.weight_ih_l0.dtype if hasattr(self, "weight_ih_l0") else self.weight_ih.dtype
+        if x.dtype != weight_dtype and autocast_dtype is None:
+            raise error(
+                f"{type(self).__name__} input dtype ({x.dtype}) does not match weight dtype "
+                f"({weight_dtype}). Convert input: input.to({weight_dtype}), or convert model: "
+                f"model.to({x.dtype})"
+            )
+        return autocast_dtype or x.dtype
+
+    def _check_state_dtypes(self, x: Tensor, h0: Tensor, c0: Tensor) -> None:
+        if _autocast_dtype(x.device) is None and (h0.dtype != x.dtype or c0.dtype != x.dtype):
+            raise RuntimeError(
+                f"{type(self).__name__}: h_0 and c_0 must have the input's dtype ({x.dtype}), got "
+                f"({h0.dtype}, {c0.dtype})"
+            )
+
+    def _pick_backend(self, device: torch.device) -> str:
+        backend = resolve_backend(self.backend, device)
+        self.last_backend = backend
+        return backend
+
+
+class LSTM(_LSTMBase):
     r"""A multi-layer LSTM, computing for each element of the input sequence, in each layer:
 
     .. math::
@@ -109,7 +190,8 @@ class LSTM(nn.Module):
 
     and, with ``proj_size > 0``, h_t = W_{hr} (o_t ⊙ tanh(c_t)). The input projection of all steps
     is one GEMM; the time loop of each layer and direction is one registered operator (forward and
-    backward, safe under torch.compile, torch.export and CUDA graphs) whose gate math runs in fused Triton kernels (``backend="triton"``) or in PyTorch (``"reference"``).
+    backward, safe under torch.compile, torch.export and CUDA graphs) whose gate math runs in
+    fused Triton kernels (``backend="triton"``) or in PyTorch (``"reference"``).
 
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
@@ -154,18 +236,15 @@ class LSTM(nn.Module):
         forget_bias: float = 0.0,
         chrono_t_max: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
             raise ValueError(
                 "dropout should be a number in range [0, 1] representing the probability of an "
                 f"element being zeroed, got {dropout!r}"
             )
-        _check_size("input_size", input_size)
-        _check_size("hidden_size", hidden_size)
         _check_size("num_layers", num_layers)
-        for name, flag in (("bias", bias), ("batch_first", batch_first)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} should be of type bool, got: {type(flag).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
         if not isinstance(bidirectional, bool):
             raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
         if isinstance(proj_size, bool) or not isinstance(proj_size, int):
@@ -179,7 +258,6 @@ class LSTM(nn.Module):
                 f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
                 f"hidden_size={hidden_size}"
             )
-        _check_gate_init(bias, forget_bias, chrono_t_max)
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero "
@@ -188,18 +266,11 @@ class LSTM(nn.Module):
                 stacklevel=2,
             )
 
-        self.input_size = input_size
-        self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
-        self.backend = check_backend_name(backend)
-        self.forget_bias = forget_bias
-        self.chrono_t_max = chrono_t_max
-        self.last_backend: str | None = None  # the backend the last forward actually ran
 
         factory = {"device": device, "dtype": dtype}
         num_directions = 2 if bidirectional else 1
@@ -223,19 +294,17 @@ class LSTM(nn.Module):
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
-        if self.bias:
-            for layer in range(self.num_layers):
-                for suffix in self._direction_suffixes(layer):
-                    _init_gate_biases(
-                        getattr(self, f"bias_ih_{suffix}"),
-                        getattr(self, f"bias_hh_{suffix}"),
-                        self.forget_bias,
-                        self.chrono_t_max,
-                    )
+    _repr_defaults: ClassVar[dict[str, object]] = {
+        "num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False,
+        "proj_size": 0, "backend": "auto", "forget_bias": 0.0, "chrono_t_max": None,
+    }  # fmt: skip
+
+    def _bias_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        return [
+            (getattr(self, f"bias_ih_{suffix}"), getattr(self, f"bias_hh_{suffix}"))
+            for layer in range(self.num_layers)
+            for suffix in self._direction_suffixes(layer)
+        ]
 
     def _direction_suffixes(self, layer: int) -> list[str]:
         suffixes = [f"l{layer}"]
@@ -258,18 +327,6 @@ class LSTM(nn.Module):
             for layer in range(self.num_layers)
             for suffix in self._direction_suffixes(layer)
         ]
-
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        defaults = {
-            "num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-            "bidirectional": False, "proj_size": 0, "backend": "auto", "forget_bias": 0.0,
-            "chrono_t_max": None,
-        }  # fmt: skip
-        for key, default in defaults.items():
-            if getattr(self, key) != default:
-                s += f", {key}={getattr(self, key)!r}"
-        return s
 
     def _check_hidden(self, hx: object, is_batched: bool) -> tuple[Tensor, Tensor]:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -307,13 +364,7 @@ class LSTM(nn.Module):
             if self.batch_first:
                 x = x.transpose(0, 1)  # [T, B, I]
 
-        weight = self.weight_ih_l0
-        autocast_dtype = _autocast_dtype(x.device)
-        if x.dtype != weight.dtype and autocast_dtype is None:
-            raise ValueError(
-                f"LSTM input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
-                f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
-            )
+        compute_dtype = self._compute_dtype(x, ValueError)
         if x.shape[-1] != self.input_size:
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
@@ -334,15 +385,10 @@ class LSTM(nn.Module):
                 expected = (self.num_layers * D, B, size)
                 if tuple(state.shape) != expected:
                     raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(state.shape)}")
-            if autocast_dtype is None and (h0.dtype != x.dtype or c0.dtype != x.dtype):
-                raise RuntimeError(
-                    f"LSTM: h_0 and c_0 must have the input's dtype ({x.dtype}), got ({h0.dtype}, {c0.dtype})"
-                )
-        _check_same_device(x, weight, (h0, c0))
+            self._check_state_dtypes(x, h0, c0)
+        _check_same_device(x, self.weight_ih_l0, (h0, c0))
 
-        backend = resolve_backend(self.backend, x.device)
-        self.last_backend = backend
-        compute_dtype = autocast_dtype or x.dtype
+        backend = self._pick_backend(x.device)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
 
         layer_input = x
@@ -388,7 +434,7 @@ class LSTM(nn.Module):
         return output, (h_n, c_n)
 
 
-class LSTMCell(nn.Module):
+class LSTMCell(_LSTMBase):
     r"""One LSTM step, a drop-in replacement for :class:`torch.nn.LSTMCell`.
 
     The same math as :class:`LSTM` for one time step (the layer function run with T = 1).
@@ -419,19 +465,7 @@ class LSTMCell(nn.Module):
         forget_bias: float = 0.0,
         chrono_t_max: float | None = None,
     ) -> None:
-        super().__init__()
-        _check_size("input_size", input_size)
-        _check_size("hidden_size", hidden_size)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
-        _check_gate_init(bias, forget_bias, chrono_t_max)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.bias = bias
-        self.backend = check_backend_name(backend)
-        self.forget_bias = forget_bias
-        self.chrono_t_max = chrono_t_max
-        self.last_backend: str | None = None
+        super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max)
         factory = {"device": device, "dtype": dtype}
         G = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(G, input_size, **factory))
@@ -444,20 +478,8 @@ class LSTMCell(nn.Module):
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
-        if self.bias:
-            _init_gate_biases(self.bias_ih, self.bias_hh, self.forget_bias, self.chrono_t_max)
-
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.backend != "auto":
-            s += f", backend={self.backend!r}"
-        return s
+    def _bias_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        return [(self.bias_ih, self.bias_hh)]
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
@@ -465,11 +487,7 @@ class LSTMCell(nn.Module):
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)  # [B, I]
         B, H = x.shape[0], self.hidden_size
-        autocast_dtype = _autocast_dtype(x.device)
-        if x.dtype != self.weight_ih.dtype and autocast_dtype is None:
-            raise RuntimeError(
-                f"LSTMCell input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
-            )
+        dtype = self._compute_dtype(x, RuntimeError)
         if x.shape[1] != self.input_size:
             raise RuntimeError(
                 f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}"
@@ -499,16 +517,10 @@ class LSTMCell(nn.Module):
                     raise RuntimeError(
                         f"hidden{i} has inconsistent hidden_size: got {state.shape[1]}, expected {H}"
                     )
-            if autocast_dtype is None and (h0.dtype != x.dtype or c0.dtype != x.dtype):
-                raise RuntimeError(
-                    f"LSTMCell: h_0 and c_0 must have the input's dtype ({x.dtype}), got "
-                    f"({h0.dtype}, {c0.dtype})"
-                )
+            self._check_state_dtypes(x, h0, c0)
         _check_same_device(x, self.weight_ih, (h0, c0))
 
-        backend = resolve_backend(self.backend, x.device)
-        self.last_backend = backend
-        dtype = autocast_dtype or x.dtype
+        backend = self._pick_backend(x.device)
         bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
         w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
         x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer

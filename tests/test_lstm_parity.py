@@ -266,3 +266,14 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_repr_names_every_non_default_keyword():
+    """Both modules share one extra_repr (the base class): opt-in keywords show in both."""
+    assert repr(lstmlab.LSTMCell(3, 4, bias=True, forget_bias=1.0)) == "LSTMCell(3, 4, forget_bias=1.0)"
+    assert repr(lstmlab.LSTMCell(3, 4, chrono_t_max=10, backend="reference")) == (
+        "LSTMCell(3, 4, backend='reference', chrono_t_max=10)"
+    )
+    assert repr(lstmlab.LSTM(3, 4, num_layers=2, proj_size=2, forget_bias=1.0)) == (
+        "LSTM(3, 4, num_layers=2, proj_size=2, forget_bias=1.0)"
+    )
