@@ -3,12 +3,7 @@
 On CPU, ``torch.mm``/``addmm`` in fp32 call the BLAS PyTorch was built with (MKL in the PyPI wheels),
 while ``torch.nn.LSTM``'s own CPU kernel runs on oneDNN. Where MKL takes a narrower code path than
 the core offers (AMD Zen: AVX2 on cores that have AVX-512), oneDNN's JIT GEMM is about twice as
-fast. Measured on an AMD EPYC (Zen 5), one thread, fp32:
-
-    product                      torch.addmm   oneDNN
-    [1600, 256]·[256, 1024]         7.6 ms     3.2 ms   (input projection, B=16, T=100, H=256)
-    [16, 256]·[256, 1024]          96 µs       48 µs    (one recurrent step, B=16, H=256)
-    [16, 128]·[128, 512]           24 µs       21 µs    (one recurrent step, B=16, H=128)
+fast (the measurements behind every constant here: docs/benchmarks/cpu-amd-epyc-2026-11-26/README.md).
 
 PyTorch reaches oneDNN's GEMM on dense tensors only through ``torch.ops.mkldnn._linear_pointwise``,
 the op its own compiler (Inductor) emits for CPU linear layers. It is private, so it is used only
@@ -42,13 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CPU_GEMM_ENGINES = ("auto", "blas", "onednn")
-# Measured on the AMD EPYC above, one thread: below 1M multiply-adds (B=16, H=128 per step) both
-# engines take the same time, and for a few rows (B=1: a matrix-vector product) MKL is faster
-# (5 µs against 13 µs for [1, 128]·[128, 512]).
+# Below 1M multiply-adds (B=16, H=128 per step) both engines took the same time, and for a few rows
+# (B=1: a matrix-vector product) MKL was faster (docs/benchmarks/cpu-amd-epyc-2026-11-26/README.md).
 ONEDNN_MIN_MACS = 1 << 20
 ONEDNN_MIN_ROWS = 16
-# Packing a weight into oneDNN's blocked layout costs 90–150 µs for H = 128–256 and saves 4–17 µs
-# per product: worth it for a time loop of at least this many steps, not for an LSTMCell call.
+# Packing a weight into oneDNN's blocked layout costs about as much as 10–20 products save: worth it
+# for a time loop of at least this many steps, not for an LSTMCell call.
 PACK_MIN_STEPS = 32
 
 
@@ -177,8 +171,7 @@ def mm_tn(a: Tensor, b: Tensor) -> Tensor:
     M, N = a.shape[1], b.shape[1]
     if uses_onednn(a, M, N, a.shape[0]):
         # oneDNN reads the transposed views itself, faster than a contiguous copy; it handles the
-        # larger operand better as the weight: (bᵀ·a)ᵀ when M ≥ N (measured: 15.5 ms against 20.4 ms
-        # for ∂L/∂W_hh at B=64, H=256, T=100)
+        # larger operand better as the weight: (bᵀ·a)ᵀ when M ≥ N (faster for ∂L/∂W_hh where we measured)
         if M >= N:
             return _onednn_linear(b.t(), a.t()).t().contiguous()
         return _onednn_linear(a.t(), b.t())

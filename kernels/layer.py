@@ -6,7 +6,7 @@ torch.compile, torch.export and CUDA-graph capture see two opaque operators and 
 the Python time loop they run (tracing it returned wrong numbers). The public functions at the end
 of this file call them.
 
-The time loop is shared by both backends; only the per-step gate math differs (`reference.py`
+The time loop is shared by both backends; only the per-step gate math differs (`torch_gates.py`
 in PyTorch, `triton_gates.py` fused). Per step: one GEMM h_{t−1}·W_hhᵀ added to the precomputed
 input projection, then one gate launch. The input projection of all steps is one GEMM before the
 loop; after it, ∂L/∂x is one GEMM and ∂L/∂W_ih, ∂L/∂W_hh one more, together. Every product goes
@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from . import gemm, reference
+from . import gemm, torch_gates
 
 try:
     import triton  # noqa: F401
@@ -68,8 +68,9 @@ WORKSPACE_MAX_BYTES = 256 << 20  # larger temporaries are allocated afresh and n
 def scratch(name: str, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A buffer for temporaries that live within one call, kept for the next call on this thread.
 
-    CPU only: fresh CPU memory is page-faulted in on its first write, about 1 ms per 6.5 MB on the
-    machine we measured, a quarter of the backward's element-wise work at B=16, H=256, T=100.
+    CPU only: fresh CPU memory is page-faulted in on its first write, which cost a quarter of the
+    backward's element-wise work at B=16, H=256, T=100 where we measured it (see
+    docs/benchmarks/cpu-amd-epyc-2026-11-26/README.md).
     (CUDA's caching allocator already reuses memory.) Tests swap it for a NaN-filled allocator.
     """
     numel = math.prod(shape)
@@ -91,7 +92,7 @@ class ReferenceSteps:
     [T, B, 4H], cell states cs [T + 1, B, H] and the gradient buffer d_pre [T, B, 4H], and
     precomputes every step's local derivatives in a few large ops before the time loop."""
 
-    forward_into = staticmethod(reference.gates_forward_into)
+    forward_into = staticmethod(torch_gates.gates_forward_into)
     # the step's pre-activations may be written into its gates slot and activated there: on CPU one
     # sigmoid then covers all four gates, and the layer needs no separate gates buffer
     activates_in_place = True
@@ -102,7 +103,7 @@ class ReferenceSteps:
         dtype, device = gates.dtype, gates.device
         coef = scratch("coef", T, B, G, dtype=dtype, device=device)
         carry = scratch("carry", T, B, H, dtype=dtype, device=device)
-        reference.backward_coefficients(gates, cs[1:], cs[:-1], coef, carry)
+        torch_gates.backward_coefficients(gates, cs[1:], cs[:-1], coef, carry)
         coef, d_pre = coef.view(T, B, 4, H), d_pre.view(T, B, 4, H)
         # per-step views made once: slicing inside the time loop costs more than the math at small B
         self.per_step = list(
@@ -122,7 +123,7 @@ class ReferenceSteps:
         step = self.per_step[k]
         if n < dc.shape[0] or n < step[1].shape[0]:
             step = tuple(t[:n] for t in step)
-        reference.gates_backward_into(dh, dc, *step, dc)
+        torch_gates.gates_backward_from_coefficients_into(dh, dc, *step, dc)
 
 
 class TritonSteps:

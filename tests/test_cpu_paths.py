@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _utils import rel_err
-from lstmlab.kernels import cpu_gemm_engine, gemm, layer, lstm_layer, lstm_layer_from_input, reference
+from lstmlab.kernels import cpu_gemm_engine, gemm, layer, lstm_layer, lstm_layer_from_input, torch_gates
 from torch.nn.utils.rnn import pack_sequence
 
 import lstmlab
@@ -147,12 +147,12 @@ def test_cpu_tanh_through_sigmoid(dtype, tol):
     x = torch.cat(
         [torch.linspace(-60, 60, 20001, dtype=dtype), torch.tensor([0.0, 1e-30, -1e-30], dtype=dtype)]
     )
-    out = reference.tanh_into(x, out=torch.empty_like(x))
+    out = torch_gates.tanh_into(x, out=torch.empty_like(x))
     assert (out - torch.tanh(x)).abs().max().item() <= tol
     assert out[x.abs() > 20].abs().eq(1).all()  # saturates exactly
     special = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
-    assert reference.tanh_into(special, out=torch.empty_like(special)).tolist()[:2] == [1.0, -1.0]
-    assert reference.tanh_into(special, out=torch.empty_like(special))[2].isnan()
+    assert torch_gates.tanh_into(special, out=torch.empty_like(special)).tolist()[:2] == [1.0, -1.0]
+    assert torch_gates.tanh_into(special, out=torch.empty_like(special))[2].isnan()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -302,7 +302,7 @@ def test_gates_activated_in_place_equal_separate_buffers(dtype, tol):
         gates, c, h = torch.empty_like(pre), torch.empty_like(c_prev), torch.empty_like(c_prev)
         if in_place:
             gates.copy_(pre)
-        reference.gates_forward_into(gates if in_place else pre, c_prev, gates, c, h)
+        torch_gates.gates_forward_into(gates if in_place else pre, c_prev, gates, c, h)
         results.append((gates, c, h))
     i, f, gg, o = pre.chunk(4, dim=1)
     c_true = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(gg)

@@ -1,10 +1,14 @@
-"""The LSTM gate math in plain PyTorch with its backward written out: the `reference` backend.
+"""The LSTM gate math in plain PyTorch with its backward written out: the `reference` backend's steps.
+
+The twin of `triton_gates.py` (the same forward contract, ``gates_forward_into``); the backward
+differs on purpose: its step-independent part runs for all steps at once before the time loop.
+Neither is the oracle: that is `naive.py`, the textbook equations differentiated by autograd.
 
 Outputs are written into buffers the caller owns, as the Triton launchers in `triton_gates.py` do,
 so the layer loop in `layer.py` drives either one. The backward is split in two: what does not
 depend on the incoming gradients is computed for all steps at once before the time loop
-(`backward_coefficients`), leaving four small ops per step inside it (`gates_backward_into`).
-On CPU, tanh is computed as 2σ(2x) − 1 (`tanh_into`): PyTorch's CPU tanh costs ten sigmoids.
+(`backward_coefficients`), leaving four small ops per step inside it
+(`gates_backward_from_coefficients_into`). On CPU, tanh is computed as 2σ(2x) − 1 (`tanh_into`).
 
 B: batch  H: hidden size  G = 4H: stacked gates (i, f, g, o)
 """
@@ -19,8 +23,8 @@ _ONE = torch.ones(())  # 0-dim: takes the other operand's dtype
 
 def tanh_into(x: Tensor, out: Tensor) -> Tensor:
     """out <- tanh(x). On CPU as 2σ(2x) − 1: PyTorch's CPU tanh costs about ten times its sigmoid
-    per element (fp32, one thread: 2.1 ns against 0.2 ns), the identity four cheap ops. Its absolute
-    error stays within a few units in the last place of 1 (fp32: ≤ 2.4e-7)."""
+    per element (docs/benchmarks/cpu-amd-epyc-2026-11-26/README.md), the identity four cheap ops.
+    Its absolute error stays within a few units in the last place of 1 (fp32: ≤ 2.4e-7)."""
     if not out.is_cpu:
         return torch.tanh(x, out=out)
     torch.add(x, x, out=out)  # tensor operands only: a Python scalar is wrapped anew on every call
@@ -75,7 +79,7 @@ def backward_coefficients(
     return coef, torch.sub(o, tanh_c, out=carry)  # o − o ⊙ tanh²(c)
 
 
-def gates_backward_into(
+def gates_backward_from_coefficients_into(
     dh: Tensor,
     dc: Tensor,
     coef_ifg: Tensor,
