@@ -25,6 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lstmlab.backends import BACKENDS, triton_unavailable_reason
 from lstmlab.models import MODEL_KINDS
+from lstmlab.tasks import TASKS
 
 
 class _StrEnum(str, Enum):
@@ -384,7 +385,7 @@ def check_runnable(cfg: DictConfig, world_size: int = 1, local_rank: int = 0) ->
     """:func:`validate`, then what depends on this machine: the device, the precision and an
     explicit Triton backend (lstmlab.backends decides, as the module would). Returns the device."""
     validate(cfg)
-    tr, m = cfg.trainer, cfg.model
+    tr, m, t = cfg.trainer, cfg.model, cfg.task
     device = run_device(str(tr.device), local_rank)
     precision = str(tr.precision)
     _check(precision == "fp32" or device.type == "cuda", "trainer.precision", precision, "fp32 on a CPU")
@@ -394,6 +395,11 @@ def check_runnable(cfg: DictConfig, world_size: int = 1, local_rank: int = 0) ->
         tr.batch_size,
         f"a multiple of the {world_size} torchrun processes",
     )
+    task = TASKS.get(t.name)
+    if task is not None and task.fixed_splits:
+        _check(
+            t.train_size is None, "task.train_size", t.train_size, f"null: task {t.name!r} has fixed splits"
+        )
     if str(m.kind) == "lstmlab" and str(m.backend) == "triton":
         reason = triton_unavailable_reason(device)
         _check(reason is None, "model.backend", "triton", f"auto or reference here: {reason}")

@@ -16,8 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from lstmlab.build import build_task
 from lstmlab.loggers import collect_runs
-from lstmlab.tasks import make_task
 from lstmlab.tasks.forecast import ForecastTask, classical_results
 
 COLUMNS = ("mase_h1", "mase", "smape", "rmse")
@@ -52,8 +52,7 @@ def forecast_tables(sweep_dir: str | Path) -> tuple[str, dict[str, dict[str, flo
         by_series[run["config"]["task"]["series"]].append(run)
     parts, mase = [], {}
     for series, group in by_series.items():
-        options = {k: group[0]["config"]["task"][k] for k in ("seq_len", "series", "horizon")}
-        task = make_task("forecast", **options)
+        task = build_task(group[0]["config"]["task"])  # the runs' own task, as train() built it
         assert isinstance(task, ForecastTask)
         rows: dict[str, list[dict[str, float]]] = defaultdict(list)
         order = list(MODEL_NAMES)  # networks in the comparison's fixed order, then the classical

@@ -138,8 +138,6 @@ def setup(cfg: DictConfig, out_dir: Path, ddp: DistInfo, device: torch.device) -
     torch.manual_seed(cfg.seed)  # model init and dropout
     task = build_task(cfg.task)
     if task.fixed_splits:  # a data set brings its own splits; the seed orders the batches
-        if cfg.task.train_size is not None:
-            raise ConfigError(f"task.train_size must be null: task {task.name!r} has fixed splits")
         train_set, val, test = task.split("train"), task.split("val"), task.split("test")
     else:
         val = task.sample(cfg.task.val_size, _gen(cfg.seed, "val"))

@@ -277,5 +277,8 @@ def test_each_data_task_trains_through_the_runner(task, extra, tmp_path):
 
 def test_fixed_split_tasks_refuse_a_train_size(tmp_path):
     pytest.importorskip("sklearn")
-    with pytest.raises(ConfigError, match=r"task\.train_size must be null"):
+    with pytest.raises(
+        ConfigError, match=r"task\.train_size=64 is not allowed: null: task 'digits' has fixed"
+    ):
         train(compose([*SMALL, "task=digits", "task.train_size=64"]), tmp_path)
+    assert list(tmp_path.iterdir()) == []
