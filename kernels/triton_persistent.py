@@ -1,0 +1,679 @@
+"""Persistent LSTM kernels in Triton: one launch runs every timestep of one layer and direction.
+
+The per-step path (`layer.py`) launches a GEMM and a gate kernel per step each way; at small batch
+the GPU then waits on launches. Here one program per slice of U hidden units lives for the whole
+sequence, keeps its part of W_hh on chip, and meets the other programs at a grid-wide barrier
+between steps (design and diagram: docs/persistent.md).
+
+Forward, program p owns units j ∈ [pU, pU + U): the 4U rows of W_hh that produce their four gates,
+stacked unit-major with the gate fastest, so one [B, H]×[H, 4U] dot per step yields all of them.
+  step t: h_{t−1} [B, H] from global memory (L2) -> dot + gx_t -> gates -> c_t (fp32 registers)
+          -> store own slice of h_t, c_t, gates -> grid barrier
+Backward, program p owns the same units but the 4H columns j of W_hh, since
+∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
+  step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
+          -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
+∂W_hh, ∂W_ih and ∂x are one GEMM each after the loop, in the caller.
+
+The barrier is bounded: a program that waits too long marks the run aborted, every program then
+writes NaN, and the host raises PersistentKernelTimeout. Without a GPU (TRITON_INTERPRET=1) the
+interpreter runs programs one after another, so the same kernels run one launch per step with the
+barrier compiled out (SYNC=False).
+
+B: batch  T: time  H: hidden size  G = 4H: stacked gates (i, f, g, o)  U: hidden units per program
+P = ceil(H / U): programs  acc: fp32 (fp64 for fp64 inputs)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_gates import _sigmoid, _tanh
+
+# Triton decides at import time whether kernels run compiled or through its CPU interpreter.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Bit 30 of the barrier counter: set by a program that timed out, it releases every waiter at once.
+# Arrivals count in the bits below it, so T·P must stay under 2**30.
+ABORT = tl.constexpr(1 << 30)
+# Polls of the barrier counter before a program gives up (each poll is an L2 round trip, ≈1 µs):
+# seconds, far beyond any step, so only programs that are not co-resident ever reach it.
+SPIN_LIMIT = 1 << 22
+
+
+@triton.jit
+def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted):
+    """The i_bar-th grid barrier of this launch (1-based) among n_sync programs.
+
+    Returns whether the run is aborted: by this program (it waited spin_limit polls) or another.
+    """
+    # every thread's stores are issued before the arrival, which releases them at gpu scope
+    tl.debug_barrier()
+    b_seen = tl.atomic_add(p_sync, 1, sem="acq_rel", scope="gpu") + 1
+    n_target = i_bar * n_sync
+    n_spins = i_bar * 0
+    while ((b_seen & ABORT) == 0) & (b_seen < n_target) & (n_spins < spin_limit):
+        b_seen = tl.atomic_add(p_sync, 0, sem="acquire", scope="gpu")
+        n_spins += 1
+    timed_out = ((b_seen & ABORT) == 0) & (b_seen < n_target)
+    if timed_out:
+        tl.atomic_or(p_sync, ABORT, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(p_sync + 1, 1, sem="relaxed", scope="gpu")  # the flag the host reads
+    tl.debug_barrier()
+    return aborted | timed_out | ((b_seen & ABORT) != 0)
+
+
+@triton.jit
+def _split_gates(b_x, BLOCK_B: tl.constexpr, U: tl.constexpr):
+    """[BLOCK_B, 4U], column 4u + q = gate q of unit u -> i, f, g, o, each [BLOCK_B, U]."""
+    # q = 2a + b: the last axis of [BLOCK_B, U, 2(a), 2(b)] splits (i, g) from (f, o)
+    b_ig, b_fo = tl.split(tl.reshape(b_x, (BLOCK_B, U, 2, 2)))
+    b_i, b_g = tl.split(b_ig)
+    b_f, b_o = tl.split(b_fo)
+    return b_i, b_f, b_g, b_o
+
+
+@triton.jit
+def _dot(b_a, b_b, acc: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # Triton's CPU interpreter multiplies bf16 tiles as raw 16-bit integers
+        b_a, b_b = b_a.to(tl.float32), b_b.to(tl.float32)
+    return tl.dot(b_a, b_b, out_dtype=acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["t_start", "t_end", "spin_limit", "n_sync"])
+def lstm_persistent_fwd_kernel(
+    p_gx,  # [T, B, G] input projection incl. biases
+    p_w,  # [G, H] W_hh
+    p_hs,  # [T + 1, B, H] hs[0] = h0 (written by the host), hs[t + 1] = h after step t
+    p_cs,  # [T + 1, B, H] acc, same convention
+    p_gates,  # [T, B, G] acc: activated i, f, g, o, saved for the backward
+    p_sizes,  # [T] int32: rows that advance at each step (PACKED)
+    p_sync,  # [2] int32: barrier counter, timeout flag
+    t_start,
+    t_end,
+    B,
+    H,
+    spin_limit,
+    n_sync,  # programs that meet at the barrier
+    U: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PACKED: tl.constexpr,
+    SYNC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    G = 4 * H
+    acc = p_cs.dtype.element_ty
+
+    o_k = tl.arange(0, BLOCK_H)
+    m_k = o_k < H
+    o_u = i_p * U + tl.arange(0, U)  # own units
+    m_u = o_u < H
+    o_q = tl.arange(0, 4 * U) % 4  # gate of each stacked column
+    o_uq = i_p * U + tl.arange(0, 4 * U) // 4  # unit of each stacked column
+    m_uq = o_uq < H
+    o_r = o_q * H + o_uq  # [4U] stacked rows of W_hh = columns of gx and gates
+
+    # this program's 4U rows of W_hh, loaded once and kept on chip for the whole sequence
+    p_w_rows = p_w + o_r[:, None] * H + o_k[None, :]
+    b_w = tl.load(p_w_rows, mask=m_uq[:, None] & m_k[None, :], other=0)  # [4U, BLOCK_H]
+    # tanh(x) = 2σ(2x) − 1: one sigmoid activates all four gates of the stacked tile
+    b_s = tl.where(o_q == 2, 2.0, 1.0).to(acc)[None, :]  # [1, 4U]
+
+    aborted = tl.program_id(0) < 0
+    for t in range(t_start, t_end):
+        t64 = tl.cast(t, tl.int64)
+        n_rows = B
+        if PACKED:
+            n_rows = tl.load(p_sizes + t)
+        # after an abort every value this program writes is NaN
+        b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
+        p_h_prev, p_c_prev = p_hs + t64 * B * H, p_cs + t64 * B * H  # [B, H] slices of step t
+        # batch rows in chunks of BLOCK_B: the h tile of one chunk is what fits on chip
+        for i_b in range(0, tl.cdiv(B, BLOCK_B)):
+            o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
+            m_own = m_b[:, None] & m_u[None, :]
+            o_gate = o_b[:, None] * G + o_r[None, :]  # [BLOCK_B, 4U]
+            m_gate = m_b[:, None] & m_uq[None, :]
+
+            # .cg: h_{t−1} was written by other SMs; read it from L2, never from a stale L1 line
+            p_h_all = p_h_prev + o_b[:, None] * H + o_k[None, :]
+            b_hp = tl.load(p_h_all, mask=m_b[:, None] & m_k[None, :], other=0, cache_modifier=".cg")
+            b_pre = _dot(b_hp, tl.trans(b_w), acc, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, 4U]
+            b_pre += tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0).to(acc)
+            b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
+            tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
+
+            # this program's own state, as it stored it: c in acc, h in the dtype of hs
+            b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0)
+            b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0)
+            b_i, b_f, b_g, b_o = _split_gates(b_act, BLOCK_B, U)
+            b_c_next = b_f * b_c + b_i * b_g
+            b_h_next = b_o * _tanh(b_c_next)
+            m_step = (o_b < n_rows)[:, None]  # rows that advance; the others carry h and c
+            b_c = tl.where(m_step, b_c_next, b_c + b_poison)
+            b_h = tl.where(m_step, b_h_next.to(b_h.dtype), b_h + b_poison.to(b_h.dtype))
+            tl.store(p_h_prev + B * H + o_own, b_h, mask=m_own)
+            tl.store(p_c_prev + B * H + o_own, b_c, mask=m_own)
+        if SYNC:  # h_t complete in every program before anyone reads it
+            aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted)
+
+
+@triton.jit
+def _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
+            BLOCK_G: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            UPCAST_DOT: tl.constexpr):  # fmt: skip
+    """∂L/∂hs[t] of rows o_b, own units, from b_dh = ∂L/∂hs[t + 1] (what carried rows pass on):
+    rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t."""
+    t64 = tl.cast(t, tl.int64)
+    G = 4 * H
+    o_g = tl.arange(0, BLOCK_G)
+    m_dp = (o_b < B)[:, None] & (o_g < G)[None, :]
+    p_dp = p_dpre + t64 * B * G + o_b[:, None] * G + o_g[None, :]
+    b_dp = tl.load(p_dp, mask=m_dp, other=0, cache_modifier=".cg")  # [BLOCK_B, BLOCK_G]
+    b_rec = _dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, U]
+    n_rows = B
+    if PACKED:
+        n_rows = tl.load(p_sizes + t)
+    b_dh = tl.where((o_b < n_rows)[:, None], b_rec, b_dh)
+    return b_dh + tl.load(p_dhs + t64 * B * H + o_own, mask=m_own, other=0).to(b_dh.dtype)
+
+
+@triton.jit(do_not_specialize=["t_start", "t_end", "T", "spin_limit", "n_sync"])
+def lstm_persistent_bwd_kernel(
+    p_dhs,  # [T + 1, B, H] gradient arriving at each hs[k] from outside the recurrence
+    p_gates,  # [T, B, G] acc, saved by the forward
+    p_cs,  # [T + 1, B, H] acc, saved by the forward
+    p_w,  # [G, H] W_hh
+    p_dpre,  # [T, B, G] out: ∂L/∂pre-activations
+    p_dh,  # [B, H] acc state, in: ∂L/∂hs[t_end] less step t_end's part; out: the same at t_start
+    p_dc,  # [B, H] acc state, in: ∂L/∂cs[t_end]; out: ∂L/∂cs[t_start]
+    p_sizes,  # [T] int32 (PACKED)
+    p_sync,  # [2] int32: barrier counter, timeout flag
+    t_start,
+    t_end,
+    T,
+    B,
+    H,
+    spin_limit,
+    n_sync,
+    U: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PACKED: tl.constexpr,
+    SYNC: tl.constexpr,
+    FINISH: tl.constexpr,  # end with step t_start's recurrent part: p_dh becomes ∂L/∂hs[t_start]
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    G = 4 * H
+    acc = p_dh.dtype.element_ty
+
+    o_u = i_p * U + tl.arange(0, U)
+    m_u = o_u < H
+    o_q = tl.arange(0, 4 * U) % 4
+    o_uq = i_p * U + tl.arange(0, 4 * U) // 4
+    o_r = o_q * H + o_uq  # [4U] stacked gate columns of own units, as in the forward
+
+    # the columns of W_hh for this program's units, every gate row: loaded once
+    o_g = tl.arange(0, BLOCK_G)
+    p_w_cols = p_w + o_g[:, None] * H + o_u[None, :]
+    b_wt = tl.load(p_w_cols, mask=(o_g < G)[:, None] & m_u[None, :], other=0)  # [BLOCK_G, U]
+
+    aborted = tl.program_id(0) < 0
+    i_bar = tl.program_id(0) * 0  # barriers passed in this launch
+    for s in range(t_start, t_end):
+        t = t_start + t_end - 1 - s  # steps run backwards
+        t64 = tl.cast(t, tl.int64)
+        if SYNC:  # noqa: SIM102 (Triton cannot `and` a constexpr with a runtime condition)
+            if t + 1 < T:  # ∂L/∂hs[t + 1] needs step t + 1's ∂L/∂pre from every program
+                i_bar += 1
+                aborted = _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted)
+        n_rows = B
+        if PACKED:
+            n_rows = tl.load(p_sizes + t)
+        b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
+        for i_b in range(0, tl.cdiv(B, BLOCK_B)):
+            o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
+            m_own = m_b[:, None] & m_u[None, :]
+            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0)
+            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0)
+            if t + 1 < T:
+                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t + 1, B, H, o_b, o_own, m_own,
+                               BLOCK_G, PACKED, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+
+            p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
+            b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
+            b_i, b_f, b_g, b_o = _split_gates(b_gates, BLOCK_B, U)
+            b_c = tl.load(p_cs + (t64 + 1) * B * H + o_own, mask=m_own, other=0)
+            b_c_prev = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
+            b_tanh_c = _tanh(b_c)
+            b_dc_step = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
+            m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
+            # rows that did not advance have no pre-activations: exactly 0
+            b_di = tl.where(m_step, b_dc_step * b_g * b_i * (1 - b_i), 0) + b_poison
+            b_df = tl.where(m_step, b_dc_step * b_c_prev * b_f * (1 - b_f), 0) + b_poison
+            b_dg = tl.where(m_step, b_dc_step * b_i * (1 - b_g * b_g), 0) + b_poison
+            b_do = tl.where(m_step, b_dh * b_tanh_c * b_o * (1 - b_o), 0) + b_poison
+            b_dc = tl.where(m_step, b_dc_step * b_f, b_dc) + b_poison
+
+            p_dp = p_dpre + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
+            dpre_ty = p_dpre.dtype.element_ty
+            tl.store(p_dp, b_di.to(dpre_ty), mask=m_own)
+            tl.store(p_dp + H, b_df.to(dpre_ty), mask=m_own)
+            tl.store(p_dp + 2 * H, b_dg.to(dpre_ty), mask=m_own)
+            tl.store(p_dp + 3 * H, b_do.to(dpre_ty), mask=m_own)
+            tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
+            tl.store(p_dc + o_own, b_dc, mask=m_own)
+
+    if FINISH:
+        if SYNC:
+            aborted = _grid_barrier(p_sync, i_bar + 1, n_sync, spin_limit, aborted)
+        b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
+        for i_b in range(0, tl.cdiv(B, BLOCK_B)):
+            o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+            o_own = o_b[:, None] * H + o_u[None, :]
+            m_own = (o_b < B)[:, None] & m_u[None, :]
+            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0)
+            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t_start, B, H, o_b, o_own, m_own,
+                           BLOCK_G, PACKED, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+            tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
+            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0)
+            tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
+
+
+class PersistentKernelTimeout(RuntimeError):
+    """A grid barrier of a persistent kernel waited past its bound: its outputs are NaN."""
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Allocator for every buffer the launchers write; tests swap it for a NaN-filled one."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration of one persistent kernel: U units per program, warps per program and
+    the batch rows of one chunk (a program walks the batch in chunks of block_b rows each step)."""
+
+    units: int
+    num_warps: int
+    block_b: int = 16
+
+    def programs(self, H: int) -> int:
+        return triton.cdiv(H, self.units)
+
+
+def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
+    """The heuristic, from sm_90 compiles (no register spills, see tests/test_persistent.py):
+    8 units per program (32 rows of W_hh: up to H = 1024 at most 128 programs, one per SM), 16
+    above; 8 warps; the batch in chunks of 16 rows (32 in the 16-bit forward at B > 16, where the
+    [32, H] h tile still fits beside W_hh)."""
+    units = 8 if H <= 1024 else 16
+    block_b = 32 if B > 16 and not backward and dtype in (torch.float16, torch.bfloat16) else 16
+    return Config(units, num_warps=8, block_b=block_b)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot needs K ≥ 16; M and N are padded to 16 anyway
+
+
+def tile_bytes(B: int, H: int, dtype: torch.dtype, cfg: Config, backward: bool) -> int:
+    """On-chip bytes of one program's two dot operands, which the compiler stages in shared memory:
+    forward W_hh rows [4U, H] and an h chunk [block_b, H]; backward W_hh columns [4H, U] and a
+    ∂L/∂pre chunk [block_b, 4H] (sizes padded to powers of two)."""
+    if backward:
+        return (cfg.block_b + cfg.units) * _block(4 * H) * dtype.itemsize
+    return (cfg.block_b + 4 * cfg.units) * _block(H) * dtype.itemsize
+
+
+def config_problem(
+    B: int, H: int, dtype: torch.dtype, cfg: Config, backward: bool, smem_per_block: int = 232448
+) -> str | None:
+    """Why a configuration cannot keep its tiles on chip (default: Hopper's 227 KiB per block), or
+    None. Checked before compiling: such kernels would take minutes to compile only to spill."""
+    need = tile_bytes(B, H, dtype, cfg, backward)
+    if need > smem_per_block:
+        kind = "backward (W_hh columns, a ∂L/∂pre chunk)" if backward else "forward (W_hh rows, an h chunk)"
+        return (
+            f"the {kind} tiles of {cfg} need {need >> 10} KiB on chip per program at H={H}, {dtype}; "
+            f"an SM gives a block {smem_per_block >> 10} KiB"
+        )
+    return None
+
+
+def resident_programs(
+    n_regs: int,
+    num_warps: int,
+    shared: int,
+    sms: int,
+    regs_per_sm: int = 65536,
+    threads_per_sm: int = 2048,
+    smem_per_sm: int = 233472,
+    max_blocks_per_sm: int = 32,
+) -> int:
+    """How many programs of a compiled kernel fit on the device at once (defaults: Hopper SM)."""
+    regs_per_warp = triton.cdiv(n_regs * 32, 256) * 256  # allocated per warp in units of 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_smem = smem_per_sm // (shared + 1024) if shared else max_blocks_per_sm  # 1 KiB per block reserved
+    return sms * min(by_regs, by_threads, by_smem, max_blocks_per_sm)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting, like the per-step path's cuBLAS GEMM
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
+    return dict(
+        DOT_PRECISION=_dot_precision(dtype),
+        UPCAST_DOT=TRITON_INTERPRET and dtype == torch.bfloat16,
+        num_warps=cfg.num_warps,
+        num_stages=1,  # no software pipelining: a load of step t + 1 must never move above the barrier
+    )
+
+
+def _kernel_args_fwd(gx, w_hh, hs, cs, gates, sizes, sync, t_start, t_end, spin_limit, n_sync, cfg, sync_on):
+    _, B, G = gx.shape
+    H = G // 4
+    args = (gx, w_hh, hs, cs, gates, sizes if sizes is not None else sync, sync)
+    args += (t_start, t_end, B, H, spin_limit, n_sync)
+    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None, SYNC=sync_on)
+    return args, meta | _compile_options(gx.dtype, cfg)
+
+
+def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes, sync, t_start, t_end, spin_limit,
+                     n_sync, cfg, sync_on, finish):  # fmt: skip
+    T, B, G = gates.shape
+    H = G // 4
+    args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes if sizes is not None else sync, sync)
+    args += (t_start, t_end, T, B, H, spin_limit, n_sync)
+    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), PACKED=sizes is not None, SYNC=sync_on)
+    return args, meta | dict(FINISH=finish) | _compile_options(d_pre.dtype, cfg)
+
+
+def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: torch.device) -> str | None:
+    """Compiles a kernel for the real device and says why its grid cannot run as one launch."""
+    compiled = kernel.warmup(*args, grid=(programs,), **meta)
+    compiled._init_handles()  # loads the binary: n_regs and n_spills come from the driver
+    if compiled.n_spills:
+        return f"{kernel.__name__} spills {compiled.n_spills} registers with {meta['num_warps']} warps"
+    props = torch.cuda.get_device_properties(device)
+    fit = resident_programs(
+        compiled.n_regs, meta["num_warps"], compiled.metadata.shared, props.multi_processor_count,
+        props.regs_per_multiprocessor, props.max_threads_per_multi_processor,
+        props.shared_memory_per_multiprocessor,
+    )  # fmt: skip
+    if programs > fit:
+        return (
+            f"{kernel.__name__} needs {programs} co-resident programs, the device holds {fit} "
+            f"({compiled.n_regs} registers × {32 * meta['num_warps']} threads, "
+            f"{compiled.metadata.shared} B shared memory each)"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    # compiled with the launch's own shapes (T = 1): B and H specialise the kernels as in the real call
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    G = 4 * H
+    sync = torch.zeros(2, dtype=torch.int32, device=device)
+    gx, w = torch.empty(1, B, G, dtype=dtype, device=device), torch.empty(G, H, dtype=dtype, device=device)
+    hs, cs = torch.empty(2, B, H, dtype=dtype, device=device), torch.empty(2, B, H, dtype=acc, device=device)
+    gates, d_h = torch.empty(1, B, G, dtype=acc, device=device), torch.empty(B, H, dtype=acc, device=device)
+    props = torch.cuda.get_device_properties(device)
+    for backward in (False, True):
+        cfg = pick_config(B, H, dtype, backward)
+        problem = config_problem(B, H, dtype, cfg, backward, props.shared_memory_per_block_optin)
+        if problem is not None:
+            return problem
+        P = cfg.programs(H)
+        if backward:
+            args, meta = _kernel_args_bwd(
+                hs, gates, cs, w, gx, d_h, d_h, None, sync, 0, 1, 0, P, cfg, True, True
+            )
+            problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P, device)
+        else:
+            args, meta = _kernel_args_fwd(gx, w, hs, cs, gates, None, sync, 0, 1, 0, P, cfg, True)
+            problem = _compile_problem(lstm_persistent_fwd_kernel, args, meta, P, device)
+        if problem is not None:
+            return problem
+    return None
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def persistent_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """None if the persistent kernels can run this shape on this device, else a one-line reason.
+
+    CUDA: both kernels compile for the device with the heuristic's configuration, without register
+    spills, and their grids fit on the device at once. CPU: only through Triton's interpreter.
+    """
+    device = torch.device(device)
+    if dtype not in SUPPORTED_DTYPES:
+        return f"persistent kernels take {[str(d) for d in SUPPORTED_DTYPES]}, not {dtype}"
+    if B < 1 or H < 1:
+        return f"persistent kernels need B ≥ 1 and H ≥ 1, got B={B}, H={H}"
+    if device.type == "cpu":
+        return None if TRITON_INTERPRET else "on CPU the persistent kernels need TRITON_INTERPRET=1"
+    if device.type != "cuda":
+        return f"persistent kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
+    if TRITON_INTERPRET:
+        return "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _cuda_unavailable_reason(B, H, dtype, device)
+
+
+def check_timeout(sync: Tensor, what: str) -> None:
+    """Raises PersistentKernelTimeout if a kernel's grid barrier timed out (reads the flag: a sync).
+
+    Skipped while a CUDA graph is captured: nothing has run yet; the outputs then carry the NaN."""
+    if sync.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if int(sync[1]) != 0:
+        raise PersistentKernelTimeout(
+            f"{what}: a grid barrier waited past its bound, so the programs were not all resident "
+            "(another kernel holding SMs, or more programs than fit); the outputs are NaN"
+        )
+
+
+def _single_launch(device: torch.device, single_launch: bool | None) -> bool:
+    return device.type == "cuda" if single_launch is None else single_launch
+
+
+def _sizes_tensor(batch_sizes: Tensor | None, T: int, device: torch.device) -> Tensor | None:
+    if batch_sizes is None:
+        return None
+    sizes = torch.as_tensor(batch_sizes).to(device=device, dtype=torch.int32)
+    if sizes.shape != (T,):
+        raise ValueError(f"batch_sizes must have shape ({T},), got {tuple(sizes.shape)}")
+    return sizes
+
+
+def _grid(
+    T: int, H: int, cfg: Config, phantom_programs: int, device: torch.device
+) -> tuple[int, int, Tensor]:
+    """Programs, programs the barrier waits for, and the [2] int32 barrier counter and timeout flag."""
+    P = cfg.programs(H)
+    n_sync = P + phantom_programs
+    if T * n_sync >= ABORT.value:
+        raise ValueError(f"T·programs must stay below 2**30 (the barrier counter), got {T}·{n_sync}")
+    return P, n_sync, torch.zeros(2, dtype=torch.int32, device=device)
+
+
+def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device) -> None:
+    reason = persistent_unavailable_reason(B, H, dtype, device)
+    if reason is not None:
+        raise RuntimeError(f"the persistent LSTM kernels cannot run B={B}, H={H}, {dtype}: {reason}")
+
+
+def persistent_forward(
+    gx: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    batch_sizes: Tensor | None = None,
+    *,
+    config: Config | None = None,
+    single_launch: bool | None = None,
+    spin_limit: int = SPIN_LIMIT,
+    phantom_programs: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""All T steps of one LSTM layer and direction in one launch (CPU interpreter: one per step).
+
+    Args:
+        gx: [T, B, 4H] input projection incl. biases, contiguous (fp32, fp16, bf16 or fp64).
+        h0: [B, H] initial hidden state, dtype of gx.
+        c0: [B, H] initial cell state, any float dtype.
+        w_hh: [4H, H] recurrent weights, dtype of gx.
+        batch_sizes: None, or [T] ints: at step k only rows b < batch_sizes[k] advance, the others
+            carry h and c unchanged (packed sequences, decreasing or increasing).
+        config: units per program and warps (default: :func:`pick_config`).
+        single_launch: one launch with grid barriers (default on CUDA) or one launch per step
+            without them (default on CPU, where the interpreter runs programs one after another).
+        spin_limit: polls of the barrier counter before a program gives up.
+        phantom_programs: the barrier also waits for this many programs that do not exist
+            (tests of the timeout path only).
+
+    Returns:
+        hs [T + 1, B, H] dtype of gx (hs[0] = h0, hs[k + 1] = h after step k), cs [T + 1, B, H] acc
+        (same convention), gates [T, B, 4H] acc: activated i, f, g, o of each step.
+
+    Example:
+        >>> T, B, H = 5, 3, 8
+        >>> gx, h0, c0 = torch.randn(T, B, 4 * H), torch.zeros(B, H), torch.zeros(B, H)
+        >>> hs, cs, gates = persistent_forward(gx, h0, c0, torch.randn(4 * H, H))
+        >>> hs.shape
+        torch.Size([6, 3, 8])
+    """
+    if gx.dim() != 3 or gx.shape[-1] % 4:
+        raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
+    T, B, G = gx.shape
+    H = G // 4
+    dtype, device = gx.dtype, gx.device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, t, shape in (("h0", h0, (B, H)), ("c0", c0, (B, H)), ("w_hh", w_hh, (G, H))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if w_hh.dtype != dtype or h0.dtype != dtype:
+        raise ValueError(f"w_hh and h0 must have the dtype of gx ({dtype}), got {w_hh.dtype}, {h0.dtype}")
+    _check_available(B, H, dtype, device)
+    gx, w_hh = gx.contiguous(), w_hh.contiguous()
+    sizes = _sizes_tensor(batch_sizes, T, device)
+
+    hs = empty(T + 1, B, H, dtype=dtype, device=device)
+    cs = empty(T + 1, B, H, dtype=acc, device=device)
+    gates = empty(T, B, G, dtype=acc, device=device)
+    hs[0] = h0
+    cs[0] = c0
+    if T == 0:
+        return hs, cs, gates
+    cfg = config or pick_config(B, H, dtype, backward=False)
+    P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
+    if _single_launch(device, single_launch):
+        args, meta = _kernel_args_fwd(
+            gx, w_hh, hs, cs, gates, sizes, sync, 0, T, spin_limit, n_sync, cfg, True
+        )
+        lstm_persistent_fwd_kernel[(P,)](*args, **meta)
+    else:
+        for t in range(T):
+            args, meta = _kernel_args_fwd(
+                gx, w_hh, hs, cs, gates, sizes, sync, t, t + 1, spin_limit, n_sync, cfg, False
+            )
+            lstm_persistent_fwd_kernel[(P,)](*args, **meta)
+    check_timeout(sync, f"persistent LSTM forward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
+    return hs, cs, gates
+
+
+def persistent_backward(
+    d_hs: Tensor,
+    d_cn: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+    w_hh: Tensor,
+    batch_sizes: Tensor | None = None,
+    *,
+    config: Config | None = None,
+    single_launch: bool | None = None,
+    spin_limit: int = SPIN_LIMIT,
+    phantom_programs: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The reverse recurrence of :func:`persistent_forward` in one launch (CPU: one per step).
+
+    Args:
+        d_hs: [T + 1, B, H] dtype of gx: gradient reaching each hs[k] from outside the recurrence.
+        d_cn: [B, H] ∂L/∂c_n.
+        gates: [T, B, 4H] acc and cs [T + 1, B, H] acc, as :func:`persistent_forward` returned them.
+        w_hh: [4H, H] recurrent weights, dtype of d_hs.
+        batch_sizes, config, single_launch, spin_limit, phantom_programs: as in the forward.
+
+    Returns:
+        d_pre [T, B, 4H] dtype of d_hs (∂L/∂gx; exactly 0 in rows that did not advance at that
+        step), d_h0 [B, H] acc, d_c0 [B, H] acc. ∂L/∂W_hh = d_preᵀ·hs[:-1] is left to the caller.
+
+    Example:
+        >>> T, B, H = 5, 3, 8
+        >>> gx, w_hh = torch.randn(T, B, 4 * H), torch.randn(4 * H, H)
+        >>> hs, cs, gates = persistent_forward(gx, torch.zeros(B, H), torch.zeros(B, H), w_hh)
+        >>> d_pre, d_h0, d_c0 = persistent_backward(torch.randn_like(hs), torch.zeros(B, H), gates, cs, w_hh)
+        >>> d_pre.shape
+        torch.Size([5, 3, 32])
+    """
+    if gates.dim() != 3 or gates.shape[-1] % 4:
+        raise ValueError(f"gates must be [T, B, 4H], got shape {tuple(gates.shape)}")
+    T, B, G = gates.shape
+    H = G // 4
+    dtype, acc, device = d_hs.dtype, cs.dtype, d_hs.device
+    expected = {"d_hs": (T + 1, B, H), "d_cn": (B, H), "cs": (T + 1, B, H), "w_hh": (G, H)}
+    for name, t in (("d_hs", d_hs), ("d_cn", d_cn), ("cs", cs), ("w_hh", w_hh)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
+    if gates.dtype != acc or w_hh.dtype != dtype:
+        raise ValueError(f"gates must have the dtype of cs ({acc}) and w_hh that of d_hs ({dtype})")
+    _check_available(B, H, dtype, device)
+    d_hs, gates, cs, w_hh = d_hs.contiguous(), gates.contiguous(), cs.contiguous(), w_hh.contiguous()
+    sizes = _sizes_tensor(batch_sizes, T, device)
+
+    d_pre = empty(T, B, G, dtype=dtype, device=device)
+    d_h = empty(B, H, dtype=acc, device=device)  # ∂L/∂hs[T], then ∂L/∂h0
+    d_c = empty(B, H, dtype=acc, device=device)  # ∂L/∂c_n, then ∂L/∂c0
+    d_h.copy_(d_hs[T])
+    d_c.copy_(d_cn)
+    if T == 0:
+        return d_pre, d_h, d_c
+    cfg = config or pick_config(B, H, dtype, backward=True)
+    P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
+
+    def launch(t_start: int, t_end: int, sync_on: bool, finish: bool) -> None:
+        args, meta = _kernel_args_bwd(
+            d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes, sync, t_start, t_end, spin_limit, n_sync,
+            cfg, sync_on, finish,
+        )  # fmt: skip
+        lstm_persistent_bwd_kernel[(P,)](*args, **meta)
+
+    if _single_launch(device, single_launch):
+        launch(0, T, True, True)
+    else:  # each launch ends where a barrier would be: after the step's ∂L/∂pre is stored
+        for t in reversed(range(T)):
+            launch(t, t + 1, False, False)
+        launch(0, 0, False, True)
+    check_timeout(sync, f"persistent LSTM backward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
+    return d_pre, d_h, d_c

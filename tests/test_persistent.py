@@ -1,0 +1,341 @@
+"""The persistent kernels (kernels/triton_persistent.py) against the naive layer, forward and every
+gradient; their grid barrier's timeout; and sm_90 compiles of the configurations the heuristic picks.
+
+On a GPU the kernels run as one launch with grid barriers; without one, through Triton's interpreter,
+one launch per step with the barrier compiled out (and, with a single program, with it).
+
+B: batch  T: time  H: hidden size  G = 4H: stacked gates (i, f, g, o)
+"""
+
+import math
+
+import pytest
+import torch
+from _utils import rel_err
+
+triton_persistent = pytest.importorskip("lstmlab.kernels.triton_persistent")
+from lstmlab.kernels.naive import lstm_layer_naive  # noqa: E402
+
+tp = triton_persistent
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+T, B, H = 6, 5, 13
+# 4 programs of 4 units (the last one 1 unit wide), the batch in 2 chunks of 4 rows
+SMALL = tp.Config(units=4, num_warps=4, block_b=4)
+SIZES = {"full": None, "decreasing": [5, 5, 3, 3, 2, 1], "increasing": [1, 2, 2, 4, 5, 5]}
+LOW_PRECISION_RTOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}  # measured: 2e-4, 6e-3
+
+
+def _skip_unless_available(dtype: torch.dtype, b: int = B, h: int = H) -> None:
+    reason = tp.persistent_unavailable_reason(b, h, dtype, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an element they never write fails."""
+    monkeypatch.setattr(
+        tp, "empty", lambda *shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
+    )
+
+
+def make_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    scale = 1 / math.sqrt(H)
+    inputs = {
+        "gx": torch.randn(T, B, 4 * H, generator=g, dtype=torch.float64),
+        "h0": torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5,
+        "c0": torch.randn(B, H, generator=g, dtype=torch.float64),
+        "w_hh": (torch.rand(4 * H, H, generator=g, dtype=torch.float64) * 2 - 1) * scale * 2,
+    }
+    return {k: v.to(dtype) for k, v in inputs.items()}
+
+
+def naive_states(gx, h0, c0, w_hh, sizes):
+    """hs [T + 1, B, H] (carried rows copied), c_n, from the naive layer, differentiable."""
+    out, _, c_n = lstm_layer_naive(gx, h0, c0, w_hh, batch_sizes=sizes)
+    hs = [h0]
+    for k in range(gx.shape[0]):
+        n = B if sizes is None else sizes[k]
+        hs.append(torch.cat([out[k, :n], hs[-1][n:]]))
+    return torch.stack(hs), c_n
+
+
+def naive_cs_gates(inputs, sizes):
+    """cs [T + 1, B, H] and activated gates [T, B, 4H] (rows that advanced) in fp64, step by step."""
+    gx, h, c, w = (inputs[k].double() for k in ("gx", "h0", "c0", "w_hh"))
+    cs, gates = [c], []
+    for k in range(gx.shape[0]):
+        n = B if sizes is None else sizes[k]
+        i, f, g, o = (gx[k] + h @ w.T).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        c, h = torch.cat([c_new[:n], c[n:]]), torch.cat([h_new[:n], h[n:]])
+        cs.append(c)
+        gates.append(torch.cat([i, f, g, o], dim=-1))
+    return torch.stack(cs), torch.stack(gates)
+
+
+def run_forward(inputs, sizes, **options):
+    args = {k: v.to(DEVICE) for k, v in inputs.items()}
+    sizes_t = None if sizes is None else torch.tensor(sizes)
+    return tp.persistent_forward(**args, batch_sizes=sizes_t, **options)
+
+
+def run_backward(d_hs, d_cn, cs, gates, w_hh, sizes, **options):
+    sizes_t = None if sizes is None else torch.tensor(sizes)
+    return tp.persistent_backward(d_hs, d_cn, gates, cs, w_hh.to(DEVICE), batch_sizes=sizes_t, **options)
+
+
+def check_forward(inputs, sizes, rtol, **options):
+    hs, cs, gates = run_forward(inputs, sizes, **options)
+    expected_hs, expected_cn = naive_states(*(inputs[k].double() for k in ("gx", "h0", "c0", "w_hh")), sizes)
+    expected_cs, expected_gates = naive_cs_gates(inputs, sizes)
+    dtype = inputs["gx"].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert hs.dtype == dtype and cs.dtype == acc and gates.dtype == acc
+    assert rel_err(hs.cpu(), expected_hs) < rtol
+    assert rel_err(cs.cpu(), expected_cs) < rtol
+    assert rel_err(cs[-1].cpu(), expected_cn) < rtol
+    for k in range(T):  # rows that did not advance: any finite value
+        n = B if sizes is None else sizes[k]
+        assert rel_err(gates[k, :n].cpu(), expected_gates[k, :n]) < rtol
+        assert torch.isfinite(gates[k]).all()
+    return hs, cs, gates
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_forward_matches_naive(dtype, sizes):
+    _skip_unless_available(dtype)
+    check_forward(make_inputs(dtype), sizes, 1e-12 if dtype == torch.float64 else 2e-6, config=SMALL)
+
+
+def check_backward(dtype, sizes, rtol, **options):
+    inputs = make_inputs(dtype)
+    _, cs, gates = run_forward(inputs, sizes, **options)
+    g = torch.Generator().manual_seed(1)
+    d_hs = torch.randn(T + 1, B, H, generator=g, dtype=torch.float64)  # every step, and h0 itself
+    d_cn = torch.randn(B, H, generator=g, dtype=torch.float64)
+
+    leaves = {k: inputs[k].double().requires_grad_() for k in ("gx", "h0", "c0")}
+    hs, c_n = naive_states(leaves["gx"], leaves["h0"], leaves["c0"], inputs["w_hh"].double(), sizes)
+    loss = (d_hs * hs).sum() + (d_cn * c_n).sum()
+    expected = torch.autograd.grad(loss, [leaves["gx"], leaves["h0"], leaves["c0"]])
+
+    acc = cs.dtype
+    d_pre, d_h0, d_c0 = run_backward(
+        d_hs.to(DEVICE, dtype), d_cn.to(DEVICE, acc), cs, gates, inputs["w_hh"], sizes, **options
+    )
+    assert d_pre.dtype == dtype and d_h0.dtype == acc and d_c0.dtype == acc
+    for name, actual, exp in zip(("d_pre", "d_h0", "d_c0"), (d_pre, d_h0, d_c0), expected, strict=True):
+        assert rel_err(actual.cpu(), exp) < rtol, name
+    for k in range(T):  # exactly 0 where a row did not advance
+        n = B if sizes is None else sizes[k]
+        assert (d_pre[k, n:] == 0).all()
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_backward_matches_autograd(dtype, sizes):
+    _skip_unless_available(dtype)
+    check_backward(dtype, sizes, 1e-12 if dtype == torch.float64 else 1e-5, config=SMALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_forward_and_backward(dtype):
+    _skip_unless_available(dtype)
+    rtol = LOW_PRECISION_RTOL[dtype]
+    check_forward(make_inputs(dtype), SIZES["decreasing"], rtol, config=SMALL)
+    check_backward(dtype, SIZES["decreasing"], rtol, config=SMALL)
+
+
+def test_default_config_forward_and_backward():
+    """The heuristic's configuration (on CPU: per-step launches; on a GPU: one launch)."""
+    _skip_unless_available(torch.float32)
+    check_forward(make_inputs(torch.float32), SIZES["increasing"], 2e-6)
+    check_backward(torch.float32, SIZES["increasing"], 1e-5)
+
+
+def test_one_launch_with_barriers_matches_per_step_launches():
+    """The barrier path: on CPU with one program (the interpreter runs programs one after another),
+    on a GPU with several. A miscounted barrier would time out fast with this spin limit."""
+    _skip_unless_available(torch.float32)
+    config = SMALL if DEVICE.type == "cuda" else tp.Config(units=16, num_warps=4, block_b=4)
+    spin_limit = 1 << 20 if DEVICE.type == "cuda" else 4
+    inputs, sizes = make_inputs(torch.float32), SIZES["decreasing"]
+    per_step = run_forward(inputs, sizes, config=config, single_launch=False)
+    one = run_forward(inputs, sizes, config=config, single_launch=True, spin_limit=spin_limit)
+    for a, b in zip(per_step, one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    _, cs, gates = per_step
+    d_hs, d_cn = torch.randn(T + 1, B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
+    per_step = run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], sizes, config=config, single_launch=False)
+    one = run_backward(
+        d_hs, d_cn, cs, gates, inputs["w_hh"], sizes, config=config, single_launch=True, spin_limit=spin_limit
+    )
+    for a, b in zip(per_step, one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_barrier_timeout_raises_and_poisons_outputs(monkeypatch):
+    """The barrier waits for one program that does not exist: every program must give up, write
+    NaN from then on, and the host must raise, naming the shape."""
+    _skip_unless_available(torch.float32)
+    allocated = []
+
+    def zeros(*shape, dtype, device):  # zeros, not NaN: the NaN must come from the kernel
+        allocated.append(torch.zeros(shape, dtype=dtype, device=device))
+        return allocated[-1]
+
+    monkeypatch.setattr(tp, "empty", zeros)
+    inputs = make_inputs(torch.float32)
+    timeout = dict(config=SMALL, single_launch=True, spin_limit=3, phantom_programs=1)
+    with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
+        run_forward(inputs, None, **timeout)
+    hs, cs, gates = allocated
+    # the first barrier follows step 0: from step 1 on, everything written is NaN
+    assert hs[2:].isnan().all() and cs[2:].isnan().all() and gates[1:].isnan().all()
+    assert not hs[:2].isnan().any()
+
+    allocated.clear()
+    _, cs, gates = run_forward(inputs, None, config=SMALL)
+    allocated.clear()
+    d_hs, d_cn = torch.randn(T + 1, B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
+    with pytest.raises(tp.PersistentKernelTimeout, match=rf"backward \(T={T}, B={B}, H={H}"):
+        run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **timeout)
+    d_pre, d_h, d_c = allocated
+    # the first barrier precedes step T − 2: it and every earlier step are NaN, and so are d_h0, d_c0
+    assert d_pre[: T - 1].isnan().all() and d_h.isnan().all() and d_c.isnan().all()
+    assert not d_pre[T - 1].isnan().any()
+
+
+def test_check_timeout_reads_the_flag():
+    tp.check_timeout(torch.tensor([12, 0], dtype=torch.int32), "ok")
+    with pytest.raises(tp.PersistentKernelTimeout, match=r"^layer 3 \(B=7\): a grid barrier waited"):
+        tp.check_timeout(torch.tensor([5, 1], dtype=torch.int32), "layer 3 (B=7)")
+
+
+def test_unavailable_reasons():
+    assert "not torch.int32" in tp.persistent_unavailable_reason(4, 8, torch.int32, DEVICE)
+    assert "B ≥ 1" in tp.persistent_unavailable_reason(0, 8, torch.float32, DEVICE)
+    if DEVICE.type == "cpu":
+        assert tp.persistent_unavailable_reason(4, 8, torch.float32, DEVICE) is None  # interpreter
+    else:  # W_hh columns and a ∂L/∂pre chunk in fp32 at H = 1024 do not fit in an SM
+        assert "backward" in tp.persistent_unavailable_reason(16, 1024, torch.float32, DEVICE)
+        assert tp.persistent_unavailable_reason(16, 256, torch.bfloat16, DEVICE) is None
+
+
+def test_launchers_reject_bad_shapes():
+    inputs = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(5, 13\), got \(4, 13\)"):
+        tp.persistent_forward(inputs["gx"], inputs["h0"][:4], inputs["c0"], inputs["w_hh"])
+    with pytest.raises(ValueError, match=r"batch_sizes must have shape \(6,\), got \(5,\)"):
+        run_forward(inputs, [5, 4, 3, 2, 1])
+
+
+def test_resident_programs_counts_the_scarcest_resource():
+    # 80 registers × 256 threads: 3 blocks by registers; 99 KiB shared memory: 2 by shared memory
+    assert tp.resident_programs(80, 8, 99 * 1024, sms=132) == 264
+    assert tp.resident_programs(212, 8, 196608, sms=132) == 132
+    assert tp.resident_programs(255, 16, 0, sms=132) == 0  # 255 × 512 registers exceed an SM
+
+
+COMPILE_FOR_HOPPER = r"""
+import inspect, json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from lstmlab.kernels import triton_persistent as tp
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ptxas = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
+
+def registers(ptx):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target (sm_\w+)", ptx).group(1)
+        out = subprocess.run([ptxas.path, "-v", f"-arch={arch}", path, "-o", path + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return int(re.search(r"Used (\d+) registers", out).group(1)), int(spills[1]) + int(spills[2])
+
+def compile_kernel(backward, B, H, dt, cfg):
+    acc, w = "*fp32", f"*{dt}"
+    if backward:
+        fn, names = tp.lstm_persistent_bwd_kernel, ["p_dhs", "p_gates", "p_cs", "p_w", "p_dpre", "p_dh",
+            "p_dc", "p_sizes", "p_sync", "t_start", "t_end", "T", "B", "H", "spin_limit", "n_sync"]
+        types = [w, acc, acc, w, w, acc, acc, "*i32", "*i32"] + ["i32"] * 7
+        const = {"BLOCK_G": tp._block(4 * H), "FINISH": True}
+    else:
+        fn, names = tp.lstm_persistent_fwd_kernel, ["p_gx", "p_w", "p_hs", "p_cs", "p_gates", "p_sizes",
+            "p_sync", "t_start", "t_end", "B", "H", "spin_limit", "n_sync"]
+        types = [w, w, w, acc, acc, "*i32", "*i32"] + ["i32"] * 6
+        const = {"BLOCK_H": tp._block(H)}
+    options = tp._compile_options(DTYPES[dt], cfg)  # what a launch passes
+    const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "SYNC": True}
+    const |= {k: options.pop(k) for k in ("DOT_PRECISION", "UPCAST_DOT")}
+    # as a launch specialises them: 16-byte aligned pointers, B and H divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
+    attrs |= {(names.index(n),): [["tt.divisibility", 16]] for n, v in (("B", B), ("H", H)) if v % 16 == 0}
+    src = ASTSource(fn=fn, signature=dict(zip(names, types)) | dict.fromkeys(const, "constexpr"),
+                    constexprs=const, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return (*registers(compiled.asm["ptx"]), compiled.metadata.shared)
+
+for spec in sys.argv[1:]:
+    dt, B, H, backward = spec.split(",")
+    B, H, backward = int(B), int(H), backward == "bwd"
+    cfg = tp.pick_config(B, H, DTYPES[dt], backward)
+    problem = tp.config_problem(B, H, DTYPES[dt], cfg, backward)
+    if problem is not None:
+        print(json.dumps({"spec": spec, "problem": problem}), flush=True)
+        continue
+    regs, spills, shared = compile_kernel(backward, B, H, dt, cfg)
+    fit = tp.resident_programs(regs, cfg.num_warps, shared, sms=132)  # H100 / H200
+    print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared,
+                      "programs": cfg.programs(H), "fit": fit}), flush=True)
+"""
+
+# every H and B of issue 12 in bf16; fp16 shares bf16's sizes; fp32 where its tiles fit (fp32
+# backward at H ≥ 768 does not: the heuristic refuses it, and the test checks that it says so)
+HOPPER_SPECS = [f"bf16,{b},{h},{d}" for h in (256, 512, 768, 1024) for b in (16, 64) for d in ("fwd", "bwd")]
+HOPPER_SPECS += ["fp16,16,768,fwd", "fp16,64,1024,bwd", "fp32,16,1024,fwd", "fp32,16,256,bwd"]
+HOPPER_REFUSED = ["fp32,16,768,bwd", "fp32,64,1024,bwd"]
+
+
+@pytest.mark.slow
+def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
+    """Triton's real compiler down to sm_90 cubin (ptxas ships with triton), in two processes on
+    the two cores: registers and spills from ptxas, shared memory from the compiled metadata."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 deprecation warning
+    specs = HOPPER_SPECS + HOPPER_REFUSED
+    halves = [specs[0::2], specs[1::2]]
+    command = [sys.executable, "-c", COMPILE_FOR_HOPPER]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen(command + half, **pipes) for half in halves]
+    results = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        for line in out.splitlines():
+            row = json.loads(line)
+            results[row["spec"]] = row
+    assert set(results) == set(specs)
+    for spec in HOPPER_SPECS:
+        row = results[spec]
+        assert "problem" not in row, row
+        assert row["spills"] == 0, row
+        assert row["programs"] <= row["fit"], row
+    for spec in HOPPER_REFUSED:
+        assert "backward" in results[spec].get("problem", ""), results[spec]
