@@ -128,6 +128,9 @@ def write_report(sweep_dir: str | Path) -> str:
         raise FileNotFoundError(f"no summary.json under {sweep_dir}: no run there has finished")
     table = summarize(runs)
     head = f"# lstmlab comparison: {len(runs)} runs in {sweep_dir}\n\n"
+    common = sorted(set.intersection(*(set(r.get("overrides", [])) for r in runs)))
+    if common:  # what every row shares, and so no label shows
+        head += f"Every run: `{' '.join(common)}`.\n\n"
     notes = (
         "\nTest metric: mean ± std over seeds (↓ lower is better, ↑ higher is better), on the "
         "held-out test split after the last step. Baseline: the trivial solution's score. "

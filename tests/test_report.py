@@ -103,6 +103,9 @@ def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, caps
         (m, s) for m in ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn") for s in (0, 1, 2)
     )
     report = (sweep / "report.md").read_text()
+    assert (
+        "Every run: `experiment=smoke trainer.device=cpu trainer.num_threads=1 trainer.steps=10`." in report
+    )
     for model in ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {model} ("))
         assert " ± " in row and row.endswith("| 3 |")
