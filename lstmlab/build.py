@@ -3,8 +3,8 @@
 ``lstmlab.train``, ``lstmlab.sample``, ``lstmlab.probes`` users and every report build through
 these functions, from a composed config (``DictConfig``) or from the plain dict a run saved in
 ``summary.json`` and its checkpoint. Which config keys belong to the runner rather than to the
-task or the model is defined in :mod:`lstmlab.config` and only read here. Like the rest of the
-library this module never imports Hydra.
+task, and which model keys only lstmlab.LSTM takes, is defined here once. Like the rest of the
+library this module imports neither Hydra nor OmegaConf, so reports can use it without them.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from lstmlab.config import LSTMLAB_KEYS, RUNNER_TASK_KEYS, ModelConfig
 from lstmlab.models import SequenceModel
 from lstmlab.tasks import Task, make_task
 
 CKPT_NAME = "checkpoints/last.pt"
+# Which config keys are whose, defined here once (lstmlab.config's schemas declare them):
+LSTMLAB_KEYS = ("backend", "forget_bias", "chrono_t_max")  # lstmlab.LSTM's own model keys
+RUNNER_TASK_KEYS = ("train_size", "val_size", "test_size")  # the runner's, not the task's
 
 
 def _plain(value: Any) -> Any:
@@ -34,19 +36,6 @@ def task_options(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_task(task_cfg: Mapping[str, Any]) -> Task:
     return make_task(**task_options(task_cfg))
-
-
-def ignored_model_keys(model_cfg: Mapping[str, Any]) -> list[str]:
-    """lstmlab.LSTM's own keys set away from their defaults for a torch model, which ignores them
-    (so that ``model.forget_bias=1.0`` can apply to lstmlab in a sweep over all four kinds)."""
-    if str(_plain(model_cfg["kind"])) == "lstmlab":
-        return []
-    defaults = ModelConfig()
-    return [
-        f"model.{k}={_plain(model_cfg[k])}"
-        for k in LSTMLAB_KEYS
-        if k in model_cfg and _plain(model_cfg[k]) != _plain(getattr(defaults, k))
-    ]
 
 
 def model_options(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lstmlab.backends import BACKENDS, triton_unavailable_reason
+from lstmlab.build import LSTMLAB_KEYS
 from lstmlab.models import MODEL_KINDS
 from lstmlab.tasks import TASKS
 
@@ -89,9 +90,6 @@ class ModelConfig:
     chrono_t_max: float | None = None  # chrono init (Tallec & Ollivier 2018): dependencies up to ~T
 
 
-LSTMLAB_KEYS = ("backend", "forget_bias", "chrono_t_max")
-
-
 @dataclass
 class TaskConfig:
     """Options shared by every task. Data is generated from ``seed``; nothing is downloaded."""
@@ -101,9 +99,6 @@ class TaskConfig:
     train_size: int | None = None  # None: a fresh batch every step (an endless stream)
     val_size: int = 1000
     test_size: int = 1000
-
-
-RUNNER_TASK_KEYS = ("train_size", "val_size", "test_size")  # the runner's, not the task's
 
 
 @dataclass
@@ -308,6 +303,15 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_configs()
     with initialize_config_module("lstmlab.conf", version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def ignored_model_keys(model_cfg: DictConfig) -> list[str]:
+    """lstmlab.LSTM's own keys set away from their defaults for a torch model, which ignores them
+    (so that ``model.forget_bias=1.0`` can apply to lstmlab in a sweep over all four kinds)."""
+    if str(model_cfg.kind) == "lstmlab":
+        return []
+    defaults = ModelConfig()
+    return [f"model.{k}={model_cfg[k]}" for k in LSTMLAB_KEYS if model_cfg[k] != getattr(defaults, k)]
 
 
 class ConfigError(ValueError):

@@ -40,12 +40,12 @@ from lstmlab.build import (
     build_optimizer,
     build_scheduler,
     build_task,
-    ignored_model_keys,
 )
 from lstmlab.config import (
     ConfigError,
     check_runnable,
     compose,
+    ignored_model_keys,
     register_configs,
     to_plain,
     unknown_override_keys,

@@ -12,8 +12,8 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import OmegaConf
 
 from lstmlab import config
-from lstmlab.build import build_model, build_task, ignored_model_keys
-from lstmlab.config import ConfigError, compose, validate
+from lstmlab.build import build_model, build_task
+from lstmlab.config import ConfigError, compose, ignored_model_keys, validate
 from lstmlab.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
