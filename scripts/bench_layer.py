@@ -9,7 +9,7 @@ not timed. All baselines are timed in the same process and the same run.
     python scripts/bench_layer.py --batch 16 64 --hidden 128 256 --seq 100 --passes fwd+bwd
 
 Writes ``results.csv``, ``results.md`` and ``time_<dtype>_<pass>.png`` under ``--out``
-(default ``docs/benchmarks/<device-slug>-<YYYY-MM-DD>/``).
+(default ``bench-results/<device-slug>-<YYYY-MM-DD>/`` in the working directory, ignored by git).
 """
 
 # T: time  B: batch  I: input size  H: hidden  L: layers  G = 4H: stacked gates (i, f, g, o)

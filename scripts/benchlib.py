@@ -7,6 +7,7 @@ when run as scripts; the tests do the same).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -114,8 +115,26 @@ def device_slug(device: torch.device) -> str:
 
 
 def default_out_dir(device: torch.device) -> Path:
+    """``bench-results/<device>-<date>/`` in the working directory (ignored by git): a run never
+    writes into the checkout's ``docs/``; results worth keeping are copied there by hand."""
     date = datetime.date.today().isoformat()
-    return REPO_ROOT / "docs" / "benchmarks" / f"{device_slug(device)}-{date}"
+    return Path("bench-results") / f"{device_slug(device)}-{date}"
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Silences what the profiler's C++ side (Kineto) prints straight to file descriptor 2 (one
+    ``USDT: ... profiler_start`` line per start and stop); Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -275,7 +294,7 @@ def top_ops(fn: Callable[[], object], device: torch.device, n: int = 3) -> str:
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with quiet_profiler(), profile(activities=activities) as prof:
         fn()
         sync(device)
     totals: dict[str, float] = {}

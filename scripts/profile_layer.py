@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import benchlib
 import torch
 from lstmlab.kernels import CPU_GEMM_ENGINES, cpu_gemm_engine
 from torch import nn
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     with cpu_gemm_engine(args.cpu_gemm):
         for _ in range(2):  # warm-up
             step()
-        with profile(activities=activities) as prof:
+        with benchlib.quiet_profiler(), profile(activities=activities) as prof:
             for _ in range(args.steps):
                 with record_function("train_step"):
                     step()

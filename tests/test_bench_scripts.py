@@ -265,3 +265,18 @@ def test_bench_kernel_on_gpu(tmp_path: Path) -> None:
     for r in rows:
         assert_timed(r)
         assert float(r["gb_per_s"]) > 0
+
+
+def test_bench_layer_writes_outside_docs_by_default_and_prints_no_profiler_noise(tmp_path: Path, monkeypatch):
+    """Without --out, results go to ./bench-results/ (git ignores it), never into the checkout's
+    docs/; the profiler's native start/stop lines (USDT) are not printed."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_layer.py"
+    argv = ["--device", "cpu", "--threads", "1", "--batch", "2", "--hidden", "8", "--seq", "3"]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (out_dir,) = (tmp_path / "bench-results").iterdir()
+    assert (out_dir / "results.csv").exists()
+    assert "USDT" not in proc.stdout + proc.stderr
