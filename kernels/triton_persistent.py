@@ -7,8 +7,11 @@ between steps (design and diagram: docs/persistent.md).
 
 Forward, program p owns units j ∈ [pU, pU + U): the 4U rows of W_hh that produce their four gates,
 stacked unit-major with the gate fastest, so one [B, H]×[H, 4U] dot per step yields all of them.
-  step t: h_{t−1} [B, H] from global memory (L2) -> dot + gx_t -> gates -> c_t (fp32 registers)
+  step t: h_{t−1} [B, H] from global memory (L2) -> dot + gx_t -> gates -> c_t in fp32
           -> store own slice of h_t, c_t, gates -> grid barrier
+The batch is walked in chunks of BLOCK_B rows (the h chunk and W_hh are the on-chip tiles); each
+program reads its own c_{t−1} and h_{t−1} back from what it stored, so chunks need no registers
+across steps, and a launch can start or stop at any step.
 Backward, program p owns the same units but the 4H columns j of W_hh, since
 ∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
   step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
@@ -320,12 +323,12 @@ class Config:
 
 def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
     """The heuristic, from sm_90 compiles (no register spills, see tests/test_persistent.py):
-    8 units per program (32 rows of W_hh: up to H = 1024 at most 128 programs, one per SM), 16
-    above; 8 warps; the batch in chunks of 16 rows (32 in the 16-bit forward at B > 16, where the
+    8 units per program (32 rows of W_hh; up to H = 1024 at most 128 programs, one per SM of an
+    H100; beyond, the tiles pad to 2048 columns and no longer fit: the per-step path),
+    8 warps, the batch in chunks of 16 rows (32 in the 16-bit forward at B > 16, where the
     [32, H] h tile still fits beside W_hh)."""
-    units = 8 if H <= 1024 else 16
     block_b = 32 if B > 16 and not backward and dtype in (torch.float16, torch.bfloat16) else 16
-    return Config(units, num_warps=8, block_b=block_b)
+    return Config(units=8, num_warps=8, block_b=block_b)
 
 
 def _block(n: int) -> int:
