@@ -38,12 +38,14 @@ try:
 except ImportError:
     HAS_TRITON = False
 if HAS_TRITON:  # outside the try: an error in our kernels must not read as "no Triton"
-    from . import triton_gates
+    from . import triton_gates, triton_persistent
 
 # Triton decides at import time whether kernels run compiled or through its CPU interpreter.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-KERNEL_BACKENDS = ("reference", "triton")
+# the layer's implementations: the PyTorch steps, the Triton gate kernel once per step, or one
+# persistent Triton kernel for all steps (kernels/triton_persistent.py); lstmlab.backends picks one
+KERNEL_BACKENDS = ("reference", "triton_step", "triton_persistent")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,13 +146,14 @@ class TritonSteps:
 
 
 def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
+    """The per-step gate math of a kernel backend (the persistent one has its own loops)."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return ReferenceSteps
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
-        return TritonSteps
-    raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if not HAS_TRITON:
+        raise RuntimeError(f"backend={backend!r} needs the triton package, which is not importable")
+    return TritonSteps
 
 
 # ---- the time loops: plain functions on real tensors, called by the registered ops below ----
@@ -177,7 +180,7 @@ def _layer_forward(
     batch_sizes: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The forward time loop. x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is
+    """The forward pass. x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is
     None, x is the input projection gx [T, B, 4H] itself.
 
     Returns hs [T + 1, B, P] (hs[k] = h before step k, so out = hs[1:], h_n = hs[T]), out_packed
@@ -185,22 +188,52 @@ def _layer_forward(
     and for the backward cs [T + 1, B, H], gates [T, B, 4H] (activated) and h_raw [T, B, H] (o·tanh(c)
     before the projection; [0] without one). No output aliases an input or another output.
     """
-    steps = _steps(backend)
-    forward_into = steps.forward_into
     gx = x
     if w_ih is not None:  # all steps' input projections in one GEMM
         gx = gemm.linear(x.reshape(-1, x.shape[-1]), w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
+    T, B, _ = gx.shape
+    sizes = _sizes(batch_sizes, T, B)
+    if backend == "triton_persistent":
+        if w_hr is not None:
+            raise ValueError("backend 'triton_persistent' has no projection (proj_size); use 'triton_step'")
+        hs, cs, gates = triton_persistent.persistent_forward(gx.contiguous(), h0, c0, w_hh, batch_sizes)
+        h_raw = gx.new_empty(0)
+    else:
+        own_projection = w_ih is not None  # gx is ours: the reference backend may activate in it
+        hs, cs, gates, h_raw = _step_forward(gx, own_projection, h0, c0, w_hh, w_hr, sizes, backend)
+    out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
+    if batch_sizes is not None:
+        out_packed = hs[1:].clone()
+        for k, n in enumerate(sizes):
+            out_packed[k, n:] = 0  # rows that did not advance have no output at this step
+    c_n = cs[T].to(c0.dtype, copy=True)
+    return hs, out_packed, c_n, cs, gates, h_raw
+
+
+def _step_forward(
+    gx: Tensor,
+    own_projection: bool,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    sizes: tuple[int, ...],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The time loop of the per-step backends: one GEMM and one gate step per step.
+    -> hs [T + 1, B, P], cs [T + 1, B, H], gates [T, B, 4H], h_raw [T, B, H] or [0]."""
+    steps = _steps(backend)
+    forward_into = steps.forward_into
     T, B, G = gx.shape
     H, P = G // 4, w_hh.shape[1]
     dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
-    sizes = _sizes(batch_sizes, T, B)
 
     hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
     cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
     # activated i, f, g, o [T, B, 4H], saved for backward. Activated in place, each step's
     # pre-activations are written into its slot; our own input projection then is the buffer.
     in_place = steps.activates_in_place and dtype == acc
-    gates = gx if in_place and w_ih is not None else empty(T, B, G, dtype=acc, device=dev)
+    gates = gx if in_place and own_projection else empty(T, B, G, dtype=acc, device=dev)
     h_raw = empty(T, B, H, dtype=dtype, device=dev) if w_hr is not None else gx.new_empty(0)  # o·tanh(c)
     pre = None if in_place else empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
     hs[0] = h0
@@ -231,14 +264,7 @@ def _layer_forward(
             gates[k, n:] = 0  # never read; written so that every output of the op is defined
             if w_hr is not None:
                 h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
-
-    out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
-    if batch_sizes is not None:
-        out_packed = hs[1:].clone()
-        for k, n in enumerate(sizes):
-            out_packed[k, n:] = 0  # rows that did not advance have no output at this step
-    c_n = cs[T].to(c0.dtype, copy=True)
-    return hs, out_packed, c_n, cs, gates, h_raw
+    return hs, cs, gates, h_raw
 
 
 def _layer_backward(
@@ -257,26 +283,83 @@ def _layer_backward(
     backend: str,
     needs: Sequence[bool],
 ) -> tuple[Tensor | None, ...]:
-    """The backward time loop. d_hs [T + 1, B, P] is the gradient of ``hs`` (of out = hs[1:] and
+    """The backward pass. d_hs [T + 1, B, P] is the gradient of ``hs`` (of out = hs[1:] and
     h_n = hs[T]), d_out_packed [T, B, P] that of ``out_packed`` (packed input only), d_cn [B, H].
     ``needs`` says which of (x, w_ih, bias, w_hh, w_hr) want a gradient.
 
     Returns d_x (∂L/∂gx [T, B, 4H] when w_ih is None), d_w_ih, d_bias, d_h0, d_c0, d_w_hh, d_w_hr;
-    None where not needed.
+    None where not needed. After the recurrence, ∂L/∂x is one GEMM and the weight gradients one more.
     """
     T, B, G = gates.shape
     P = hs.shape[-1]
-    dtype, acc, dev = hs.dtype, cs.dtype, hs.device
+    dtype, dev = hs.dtype, hs.device
     sizes = _sizes(batch_sizes, T, B)
-    if batch_sizes is None:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
+    d_hp = None
+    if backend == "triton_persistent":
+        if batch_sizes is not None:  # the output is out_packed: its gradient reaches advancing rows only
+            advanced = torch.arange(B, device=dev) < batch_sizes.to(dev).unsqueeze(1)  # [T, B]
+            d_hs = d_hs.clone()
+            d_hs[1:] += d_out_packed * advanced.unsqueeze(2)
+        d_pre, d_h, d_c = triton_persistent.persistent_backward(
+            d_hs.contiguous(), d_cn.to(cs.dtype), gates, cs, w_hh, batch_sizes
+        )
+    else:
+        # ∂L/∂pre-activations [T, B, 4H]: the gradient of gx when the caller gave gx, else used up here
+        allocate = empty if w_ih is None else partial(scratch, "d_pre")
+        d_pre = allocate(T, B, G, dtype=dtype, device=dev)
+        d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
+        d_h, d_c = _step_backward(
+            d_hs, d_out_packed, d_cn, gates, cs, w_hh, w_hr, sizes, backend, d_pre, d_hp
+        )
+
+    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
+    d_pre_rows, h_prev_rows = d_pre.view(-1, G), hs[:-1].reshape(-1, P)  # [T·B, 4H], [T·B, P]
+    d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
+    if w_ih is None:
+        d_x = d_pre
+    else:
+        x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I]
+        I = x_rows.shape[1]
+        if needs_x:
+            d_x = gemm.mm(d_pre_rows, w_ih).view(T, B, I)  # [T, B, I]
+        if needs_bias:
+            d_bias = d_pre_rows.sum(0)  # [4H]
+        if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
+            x_h = scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
+            d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
+            d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
+        elif needs_w_ih:
+            d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
+    if needs_w_hh and d_w_hh is None:
+        d_w_hh = gemm.mm_tn(d_pre_rows, h_prev_rows)  # [4H, P]
+    if w_hr is not None and needs_w_hr:
+        d_w_hr = gemm.mm_tn(d_hp.view(-1, P), h_raw.view(-1, h_raw.shape[-1]))  # [P, H]
+    return d_x, d_w_ih, d_bias, d_h.to(dtype), d_c, d_w_hh, d_w_hr
+
+
+def _step_backward(
+    d_hs: Tensor,
+    d_out_packed: Tensor,
+    d_cn: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    sizes: tuple[int, ...],
+    backend: str,
+    d_pre: Tensor,
+    d_hp: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The reverse time loop of the per-step backends: writes d_pre [T, B, 4H] (and d_hp [T, B, P],
+    ∂L/∂h before the projection) and returns ∂L/∂h0 [B, P], ∂L/∂c0 [B, H] in fp32 (fp64)."""
+    T, B, _ = gates.shape
+    P = w_hh.shape[1]
+    dtype, acc, dev = d_pre.dtype, cs.dtype, d_pre.device
+    if d_out_packed.numel() == 0:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
         d_out, d_h = d_hs[1:].contiguous(), torch.zeros(B, P, dtype=acc, device=dev)
     else:  # out is out_packed; hs is seen only as h_n = hs[T]
         d_out, d_h = d_out_packed.contiguous(), d_hs[T].to(acc, copy=True)
-    # ∂L/∂pre-activations [T, B, 4H]: the gradient of gx when the caller gave gx, else used up here
-    allocate = empty if w_ih is None else partial(scratch, "d_pre")
-    d_pre = allocate(T, B, G, dtype=dtype, device=dev)
     d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
-    d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
     steps = _steps(backend)(gates, cs, d_pre)
     d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
     gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
@@ -309,30 +392,7 @@ def _layer_backward(
             d_h_rows.copy_(rows)
         if n_prev != n and n_prev > 0:
             d_h[:n_prev] += d_out_k[k - 1][:n_prev]
-
-    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
-    d_pre_rows, h_prev_rows = d_pre.view(-1, G), hs[:-1].reshape(-1, P)  # [T·B, 4H], [T·B, P]
-    d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
-    if w_ih is None:
-        d_x = d_pre
-    else:
-        x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I]
-        I = x_rows.shape[1]
-        if needs_x:
-            d_x = gemm.mm(d_pre_rows, w_ih).view(T, B, I)  # [T, B, I]
-        if needs_bias:
-            d_bias = d_pre_rows.sum(0)  # [4H]
-        if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
-            x_h = scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
-            d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
-            d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
-        elif needs_w_ih:
-            d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
-    if needs_w_hh and d_w_hh is None:
-        d_w_hh = gemm.mm_tn(d_pre_rows, h_prev_rows)  # [4H, P]
-    if w_hr is not None and needs_w_hr:
-        d_w_hr = gemm.mm_tn(d_hp.view(-1, P), h_raw.view(-1, h_raw.shape[-1]))  # [P, H]
-    return d_x, d_w_ih, d_bias, d_h.to(hs.dtype), d_c, d_w_hh, d_w_hr
+    return d_h, d_c
 
 
 # ---- the registered operators: what torch.compile, torch.export and CUDA graphs see ----
@@ -471,6 +531,8 @@ def _check_layer_args(
         if tuple(got[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
     _steps(backend)  # an unknown or unavailable backend fails here, before any work
+    if backend == "triton_persistent" and w_hr is not None:
+        raise ValueError("backend 'triton_persistent' has no projection (w_hr); use 'triton_step'")
     if batch_sizes is None:
         return None
     if isinstance(batch_sizes, Tensor):
@@ -505,7 +567,10 @@ def lstm_layer(
         w_hr: [P, H] projection weights, or None.
         batch_sizes: rows that advance at each step (packed sequences): a list of T ints or an
             integer tensor [T] (as ``PackedSequence.batch_sizes``), or None for all B.
-        backend: ``"reference"`` (PyTorch) or ``"triton"`` (fused kernels).
+        backend: the implementation, one of ``KERNEL_BACKENDS``: ``"reference"`` (PyTorch),
+            ``"triton_step"`` (a fused Triton gate kernel per step) or ``"triton_persistent"`` (one
+            Triton kernel for all steps; no ``w_hr``). :func:`lstmlab.resolve_backend` picks one
+            for ``"auto"``/``"triton"`` as the modules do.
 
     Returns:
         out [T, B, P] (h after every step; zero in rows that did not advance at that step),

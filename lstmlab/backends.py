@@ -1,7 +1,17 @@
-"""Which implementation runs an LSTM: decided here, and only here.
+"""Which implementation runs an LSTM layer: decided here, and only here.
 
-`auto` is Triton for CUDA tensors when Triton is importable, else the PyTorch reference. An explicit
-request that cannot be honoured raises; nothing falls back quietly.
+Requested (``LSTM(backend=...)``)  ->  what runs (``last_backend``, one of ``KERNEL_BACKENDS``)
+
+    "reference"           ->  "reference": the time loop in PyTorch, anywhere
+    "triton_step"         ->  "triton_step": a fused Triton gate kernel per step, a GEMM between
+    "triton_persistent"   ->  "triton_persistent": one Triton kernel for all steps (no proj_size)
+    "triton"              ->  "triton_persistent" on CUDA where the shape qualifies, else "triton_step"
+                              (always "triton_step" for LSTMCell: one step has nothing to persist)
+    "auto" (default)      ->  as "triton" for CUDA tensors when Triton imports, else "reference"
+
+An explicit request that cannot be honoured raises, saying why; nothing falls back quietly. On the
+CPU the Triton kernels run only through Triton's interpreter (TRITON_INTERPRET=1, for tests), and
+there "triton" means the per-step kernels: the persistent ones run there only when asked for.
 """
 
 from __future__ import annotations
@@ -10,7 +20,7 @@ import torch
 
 from lstmlab.kernels import HAS_TRITON, TRITON_INTERPRET
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "triton_step", "triton_persistent", "reference")
 
 
 def check_backend_name(backend: object) -> str:
@@ -33,15 +43,50 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(requested: str, device: torch.device | str) -> str:
-    """Returns ``"triton"`` or ``"reference"`` for a requested backend and the tensors' device."""
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, never traces it
+def persistent_unavailable_reason(
+    batch: int, hidden: int, dtype: torch.dtype, device: torch.device, proj_size: int
+) -> str | None:
+    """Why the persistent kernels cannot run this layer, or None. On CUDA the first answer for a
+    shape compiles both kernels to check registers, spills and residency (then it is cached)."""
+    if proj_size > 0:
+        return "they have no projection (proj_size > 0 runs on the per-step kernels)"
+    from lstmlab.kernels import triton_persistent  # imports triton: only once it is known to be there
+
+    return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device)
+
+
+def resolve_backend(
+    requested: str,
+    device: torch.device | str,
+    batch: int = 1,
+    hidden: int = 1,
+    dtype: torch.dtype = torch.float32,
+    proj_size: int = 0,
+    single_step: bool = False,
+) -> str:
+    """The implementation (one of ``KERNEL_BACKENDS``) for a requested backend and a layer: its
+    tensors' device, batch, hidden size, compute dtype and proj_size (``single_step``: a cell).
+    Raises if an explicit request cannot run, naming the reason."""
     check_backend_name(requested)
     device = torch.device(device)
     if requested == "reference":
         return "reference"
     reason = triton_unavailable_reason(device)
     if requested == "auto":
-        return "triton" if device.type == "cuda" and reason is None else "reference"
+        if device.type != "cuda" or reason is not None:
+            return "reference"
+        requested = "triton"
     if reason is not None:
-        raise RuntimeError(f"backend='triton' was requested but {reason}. Use backend='reference'.")
-    return "triton"
+        raise RuntimeError(f"backend={requested!r} was requested but {reason}. Use backend='reference'.")
+    if requested == "triton_step" or (requested == "triton" and (device.type != "cuda" or single_step)):
+        return "triton_step"
+    persistent_reason = persistent_unavailable_reason(batch, hidden, dtype, device, proj_size)
+    if persistent_reason is None:
+        return "triton_persistent"
+    if requested == "triton":
+        return "triton_step"
+    raise RuntimeError(
+        f"backend='triton_persistent' was requested but the persistent kernels cannot run B={batch}, "
+        f"H={hidden}, {dtype} on {device}: {persistent_reason}. Use backend='triton_step' or 'triton'."
+    )

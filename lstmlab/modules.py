@@ -172,8 +172,12 @@ class _LSTMBase(nn.Module):
                 f"({h0.dtype}, {c0.dtype})"
             )
 
-    def _pick_backend(self, device: torch.device) -> str:
-        backend = resolve_backend(self.backend, device)
+    def _pick_backend(self, x: Tensor, dtype: torch.dtype) -> str:
+        """The implementation for this call (lstmlab.backends has the rule), kept in last_backend."""
+        is_cell = isinstance(self, LSTMCell)
+        proj_size = 0 if is_cell else self.proj_size
+        batch = x.shape[0] if is_cell else x.shape[1]
+        backend = resolve_backend(self.backend, x.device, batch, self.hidden_size, dtype, proj_size, is_cell)
         self.last_backend = backend
         return backend
 
@@ -197,7 +201,9 @@ class LSTM(_LSTMBase):
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
         device, dtype: exactly as :class:`torch.nn.LSTM`.
         backend: ``"auto"`` (Triton for CUDA tensors when Triton is importable, else reference),
-            ``"triton"`` or ``"reference"``. An explicit request that cannot run raises.
+            ``"triton"`` (the persistent kernels where the shape qualifies, else per step),
+            ``"triton_persistent"``, ``"triton_step"`` or ``"reference"`` (see lstmlab.backends).
+            An explicit request that cannot run raises; ``last_backend`` says what ran.
         forget_bias: added to the forget-gate part of ``bias_ih`` after the default init
             (1.0 is the usual choice; Jozefowicz et al. 2015). Default 0: torch's init.
         chrono_t_max: chrono initialisation (Tallec & Ollivier 2018) for dependencies up to this
@@ -388,7 +394,7 @@ class LSTM(_LSTMBase):
             self._check_state_dtypes(x, h0, c0)
         _check_same_device(x, self.weight_ih_l0, (h0, c0))
 
-        backend = self._pick_backend(x.device)
+        backend = self._pick_backend(x, compute_dtype)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
 
         layer_input = x
@@ -520,7 +526,7 @@ class LSTMCell(_LSTMBase):
             self._check_state_dtypes(x, h0, c0)
         _check_same_device(x, self.weight_ih, (h0, c0))
 
-        backend = self._pick_backend(x.device)
+        backend = self._pick_backend(x, dtype)
         bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
         w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
         x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer

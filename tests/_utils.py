@@ -15,4 +15,4 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def device_for(backend: str) -> str:
     """Where a backend's tests run: the Triton kernels on the GPU when there is one, else on the CPU
     through Triton's interpreter (conftest turns it on only without a GPU); the reference on the CPU."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend.startswith("triton") and torch.cuda.is_available() else "cpu"

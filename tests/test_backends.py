@@ -32,17 +32,44 @@ def test_auto_is_reference_on_cpu_even_with_the_interpreter():
     assert lstmlab.resolve_backend("auto", "cpu") == "reference"
 
 
-def test_auto_is_triton_on_cuda_when_triton_imports(monkeypatch):
+def fake_persistent_check(monkeypatch, reason):
+    """Answers the persistent kernels' shape check without a GPU."""
     monkeypatch.setattr(backends, "HAS_TRITON", True)
-    assert lstmlab.resolve_backend("auto", "cuda") == "triton"
+    monkeypatch.setattr(backends, "persistent_unavailable_reason", lambda *args: reason)
+
+
+@pytest.mark.parametrize("requested", ["auto", "triton"])
+def test_triton_on_cuda_is_persistent_where_the_shape_qualifies(monkeypatch, requested):
+    fake_persistent_check(monkeypatch, None)
+    assert lstmlab.resolve_backend(requested, "cuda", 16, 768, torch.bfloat16) == "triton_persistent"
+    # a cell has one step: nothing to persist
+    assert lstmlab.resolve_backend(requested, "cuda", 16, 768, single_step=True) == "triton_step"
+    fake_persistent_check(monkeypatch, "too large")
+    assert lstmlab.resolve_backend(requested, "cuda", 16, 4096, torch.bfloat16) == "triton_step"
     monkeypatch.setattr(backends, "HAS_TRITON", False)
-    assert lstmlab.resolve_backend("auto", "cuda") == "reference"
+    if requested == "auto":
+        assert lstmlab.resolve_backend("auto", "cuda") == "reference"
+
+
+def test_proj_size_stays_on_the_per_step_kernels(monkeypatch):
+    monkeypatch.setattr(backends, "HAS_TRITON", True)
+    assert backends.persistent_unavailable_reason(16, 64, torch.float32, torch.device("cuda"), 8) == (
+        "they have no projection (proj_size > 0 runs on the per-step kernels)"
+    )
+
+
+def test_explicit_persistent_that_cannot_run_raises_with_the_reason(monkeypatch):
+    fake_persistent_check(monkeypatch, "the tiles need 300 KiB")
+    with pytest.raises(RuntimeError, match=r"backend='triton_persistent' was requested but .*300 KiB"):
+        lstmlab.resolve_backend("triton_persistent", "cuda", 16, 4096)
+    assert lstmlab.resolve_backend("triton_step", "cuda", 16, 4096) == "triton_step"
 
 
 def test_explicit_triton_without_triton_raises(monkeypatch):
     monkeypatch.setattr(backends, "HAS_TRITON", False)
-    with pytest.raises(RuntimeError, match="backend='triton' was requested but the triton package is not"):
-        lstmlab.resolve_backend("triton", "cuda")
+    for requested in ("triton", "triton_step", "triton_persistent"):
+        with pytest.raises(RuntimeError, match=f"backend='{requested}' was requested but the triton package"):
+            lstmlab.resolve_backend(requested, "cuda")
     model = lstmlab.LSTM(2, 3, backend="triton")
     with pytest.raises(RuntimeError, match="backend='triton' was requested"):
         model(torch.randn(3, 1, 2))
@@ -68,7 +95,9 @@ def test_explicit_triton_on_cpu_without_interpreter_raises():
 
 def test_unknown_backend_name():
     with pytest.raises(
-        ValueError, match=r"backend must be one of \('auto', 'triton', 'reference'\), got 'tpu'"
+        ValueError,
+        match=r"backend must be one of \('auto', 'triton', 'triton_step', 'triton_persistent', "
+        r"'reference'\), got 'tpu'",
     ):
         lstmlab.resolve_backend("tpu", "cpu")
 

@@ -107,7 +107,8 @@ def test_fullgraph_compile_matches_torch_lstm(name):
         for seed, (T, B) in enumerate([(6, 3), (6, 3), (9, 4)]):
             leaves, x = make_input(seed, T, B, batch_first=kwargs.get("batch_first", False))
             assert_same(compiled, theirs, leaves, x, labels_for(theirs, 1))
-    assert ours.last_backend == ("triton" if DEVICE == "cuda" and HAS_TRITON else "reference")
+    on_gpu = DEVICE == "cuda" and HAS_TRITON
+    assert ours.last_backend in (("triton_persistent", "triton_step") if on_gpu else ("reference",))
 
 
 def test_fullgraph_compile_with_initial_state_and_unbatched_input():
@@ -176,13 +177,16 @@ def test_export_round_trip():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_backend_under_compile():
-    """The Triton kernels inside the compiled graph (through the interpreter on a CPU)."""
-    theirs, ours = twins(backend="triton", bidirectional=True)
+@pytest.mark.parametrize("backend", ["triton_step", "triton_persistent"])
+def test_triton_backends_under_compile(backend):
+    """The Triton kernels inside the compiled graph (through the interpreter on a CPU), packed too."""
+    theirs, ours = twins(backend=backend, bidirectional=True)
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     leaves, x = make_input(0)
     assert_same(compiled, theirs, leaves, x, labels_for(theirs, 1))
-    assert ours.last_backend == "triton"
+    leaves, x = make_input(1, lengths=[4, 6, 2], enforce_sorted=False)
+    assert_same(compiled, theirs, leaves, x, labels_for(theirs, 3))
+    assert ours.last_backend == backend
 
 
 def layer_args(with_w_ih, proj, packed, dtype=torch.float64):

@@ -43,13 +43,16 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}-L{}-bi{}-p{}".format(*s))
-def test_triton_matches_cudnn(shape, dtype):
+def test_triton_matches_cudnn(shape, dtype, backend):
+    """backend='triton' runs the persistent kernels where the shape qualifies (not with proj_size,
+    nor where the tiles do not fit on chip), 'triton_step' the per-step kernels."""
     T, B, I, H, L, bi, P = shape
     torch.manual_seed(0)
     cudnn = torch.nn.LSTM(I, H, L, bidirectional=bi, proj_size=P, device="cuda")
-    ours = lstmlab.LSTM(I, H, L, bidirectional=bi, proj_size=P, device="cuda", backend="triton")
+    ours = lstmlab.LSTM(I, H, L, bidirectional=bi, proj_size=P, device="cuda", backend=backend)
     truth = lstmlab.LSTM(I, H, L, bidirectional=bi, proj_size=P, device="cuda", backend="reference")
     ours.load_state_dict(cudnn.state_dict())
     truth.load_state_dict(cudnn.state_dict())
@@ -60,7 +63,8 @@ def test_triton_matches_cudnn(shape, dtype):
     expected = grads(truth.double(), x.double(), tuple(s.double() for s in hx))
     theirs = grads(cudnn.to(dtype), x.to(dtype), tuple(s.to(dtype) for s in hx))
     actual = grads(ours.to(dtype), x.to(dtype), tuple(s.to(dtype) for s in hx))
-    assert ours.last_backend == "triton"
+    fits = lstmlab.backends.persistent_unavailable_reason(B, H, dtype, torch.device("cuda"), P) is None
+    assert ours.last_backend == ("triton_persistent" if backend == "triton" and fits else "triton_step")
     labels = [
         "output",
         "h_n",

@@ -16,6 +16,8 @@ from lstmlab.kernels import (
 )
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+if HAS_TRITON:
+    from lstmlab.kernels import triton_persistent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (T, B, H, P or None, batch_sizes or None): odd sizes, packed prefixes shrinking and growing.
@@ -78,6 +80,8 @@ def poisoned_buffers(monkeypatch):
 
     monkeypatch.setattr(layer, "empty", nan_empty)
     monkeypatch.setattr(layer, "scratch", nan_scratch)
+    if HAS_TRITON:
+        monkeypatch.setattr(triton_persistent, "empty", nan_empty)
 
 
 @pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES)
@@ -102,15 +106,19 @@ def test_reference_backward_passes_gradcheck(T, B, H, P, batch_sizes):
 
 
 @needs_triton
+@pytest.mark.parametrize("backend", ["triton_step", "triton_persistent"])
 @pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_triton_layer_matches_reference(T, B, H, P, batch_sizes, dtype, poisoned_buffers):
+def test_triton_layer_matches_reference(T, B, H, P, batch_sizes, dtype, backend, poisoned_buffers):
+    """The layer op on either Triton path, packed rows and the GEMMs around the kernels included."""
+    if backend == "triton_persistent" and P:
+        pytest.skip("the persistent kernels have no projection (proj_size stays on the per-step path)")
     inputs = make_inputs(T, B, H, P, dtype=dtype, device=DEVICE)
     expected = run_and_grad(
         lambda **kw: lstm_layer_naive(**kw, batch_sizes=batch_sizes),
         make_inputs(T, B, H, P, dtype=torch.float64),
     )
-    actual = run_and_grad(lambda **kw: lstm_layer(**kw, batch_sizes=batch_sizes, backend="triton"), inputs)
+    actual = run_and_grad(lambda **kw: lstm_layer(**kw, batch_sizes=batch_sizes, backend=backend), inputs)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for name, a, e in zip(names(inputs), actual, expected, strict=True):
         assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) elements"
@@ -118,19 +126,20 @@ def test_triton_layer_matches_reference(T, B, H, P, batch_sizes, dtype, poisoned
 
 
 @needs_triton
+@pytest.mark.parametrize("backend", ["triton_step", "triton_persistent"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
-def test_triton_layer_low_precision(dtype, tol, poisoned_buffers):
+def test_triton_layer_low_precision(dtype, tol, backend, poisoned_buffers):
     T, B, H = 6, 3, 11
     inputs = make_inputs(T, B, H, None, dtype=dtype, device=DEVICE)
     expected = run_and_grad(lstm_layer_naive, make_inputs(T, B, H, None, dtype=torch.float64))
-    actual = run_and_grad(lambda **kw: lstm_layer(**kw, backend="triton"), inputs)
+    actual = run_and_grad(lambda **kw: lstm_layer(**kw, backend=backend), inputs)
     for name, a, e in zip(names(inputs), actual, expected, strict=True):
         assert a.dtype == dtype, name
         # errors compound through the recurrence: a few ulps per step at these sizes
         assert rel_err(a.cpu(), e) <= 4 * tol, name
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton_step", marks=needs_triton)])
 def test_gates_saturate_exactly(backend):
     """At saturating pre-activations the gates hit their limits exactly (0, 1, ±1, all finite) and
     the step's gradients equal autograd's through torch's own sigmoid and tanh."""
@@ -172,7 +181,7 @@ def test_triton_gates_match_reference_on_strided_inputs(dtype):
     pre = wide[:, ::2]  # non-contiguous [B, 4H]
     c_prev = torch.randn(H, B, generator=g).to(DEVICE).t()  # transposed [B, H]
     expected = gates_forward(pre, c_prev, "reference")
-    actual = gates_forward(pre, c_prev, "triton")
+    actual = gates_forward(pre, c_prev, "triton_step")
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == e.dtype
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6 if a.dtype == torch.float32 else 1e-2)
@@ -180,7 +189,7 @@ def test_triton_gates_match_reference_on_strided_inputs(dtype):
     dc = torch.randn(B, H, generator=g).to(DEVICE)
     gates, c, _ = expected
     for a, e in zip(
-        gates_backward(dh, dc, gates, c, c_prev, "triton"),
+        gates_backward(dh, dc, gates, c, c_prev, "triton_step"),
         gates_backward(dh, dc, gates, c, c_prev, "reference"),
         strict=True,
     ):

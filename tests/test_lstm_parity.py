@@ -13,7 +13,10 @@ from torch.nn.utils.rnn import pack_sequence
 
 import lstmlab
 
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+# "triton" runs the per-step kernels on a CPU (through the interpreter) and, on a GPU, the persistent
+# ones where the shape qualifies; the persistent kernels have a test of their own below
+BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 TOL = 1e-10
 
 
@@ -218,16 +221,54 @@ def test_forget_bias_and_chrono_init():
     assert b_f.max() > 2.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend",
+    ["reference", *(pytest.param(b, marks=needs_triton) for b in ("triton_step", "triton_persistent"))],
+)
 def test_last_backend_records_what_ran(backend):
     device = device_for(backend)
     model = lstmlab.LSTM(2, 3, backend=backend, device=device)
     assert model.last_backend is None
     model(torch.randn(4, 1, 2, device=device))
     assert model.last_backend == backend
-    cell = lstmlab.LSTMCell(2, 3, backend=backend, device=device)
+    cell = lstmlab.LSTMCell(2, 3, backend="triton_step" if backend != "reference" else backend, device=device)
     cell(torch.randn(1, 2, device=device))
-    assert cell.last_backend == backend
+    assert cell.last_backend == ("reference" if backend == "reference" else "triton_step")
+
+
+@needs_triton
+def test_triton_means_per_step_on_a_cpu_and_for_a_cell():
+    device = device_for("triton")
+    model = lstmlab.LSTM(2, 3, backend="triton", device=device)
+    model(torch.randn(4, 1, 2, device=device))
+    expected = ("triton_persistent", "triton_step") if device == "cuda" else ("triton_step",)
+    assert model.last_backend in expected
+    cell = lstmlab.LSTMCell(2, 3, backend="triton", device=device)
+    cell(torch.randn(1, 2, device=device))
+    assert cell.last_backend == "triton_step"
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "config",
+    [dict(num_layers=2, bidirectional=True), dict(batch_first=True, bias=False)],
+    ids=["bidirectional-2-layers", "batch_first-no-bias"],
+)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_persistent_parity(config, packed):
+    """backend='triton_persistent' (one launch per layer and direction on a GPU; on a CPU the same
+    kernel body, one launch per step, through the interpreter) against torch.nn.LSTM in float64."""
+    theirs, ours = twins("triton_persistent", input_size=5, hidden_size=7, **config)
+    D, L = (2 if config.get("bidirectional") else 1), config.get("num_layers", 1)
+    if packed:
+        inputs = [rand(n, 5, backend="triton_persistent") for n in (3, 6, 1, 4)]
+        B = 4
+    else:
+        B = 3
+        inputs = [rand(*((B, 6) if config.get("batch_first") else (6, B)), 5, backend="triton_persistent")]
+    hx = (rand(D * L, B, 7, backend="triton_persistent"), rand(D * L, B, 7, backend="triton_persistent"))
+    assert_same(theirs, ours, inputs, hx)
+    assert ours.last_backend == "triton_persistent"
 
 
 def test_non_contiguous_input_and_state():
