@@ -1,6 +1,6 @@
 """Benchmark the fused LSTM gate step alone: Triton against eager PyTorch and torch.compile.
 
-``lstmlab.kernels.gates_forward`` / ``gates_backward`` with backend="triton", the same functions
+``lstmlab.kernels.gates_forward`` / ``gates_backward`` with backend="triton_step", the same functions
 with backend="reference" (eager PyTorch) and ``torch.compile`` of the reference. Each is checked
 first against ``torch.nn.LSTM`` in float64 (a one-step LSTM whose W_ih is the identity and W_hh
 zero computes exactly the gate step on ``pre``); a failing row is FAILED and not timed.
@@ -134,8 +134,8 @@ def make_fns(impl: str) -> tuple[Callable[..., tuple[Tensor, ...]], Callable[...
 
     if impl == "triton":
         return (
-            functools.partial(gates_forward, backend="triton"),
-            functools.partial(gates_backward, backend="triton"),
+            functools.partial(gates_forward, backend="triton_step"),
+            functools.partial(gates_backward, backend="triton_step"),
         )
     fwd = functools.partial(gates_forward, backend="reference")
     bwd = functools.partial(gates_backward, backend="reference")

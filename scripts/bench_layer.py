@@ -48,7 +48,17 @@ DTYPES: dict[str, tuple[torch.dtype, bool]] = {  # label -> (dtype, TF32 allowed
 TOLERANCE = {"fp32": 1e-3, "fp32-tf32": 5e-2, "fp16": 5e-2, "bf16": 1e-1}
 PASSES = ("fwd", "fwd+bwd")
 BASELINE = "torch.nn.LSTM"
-IMPLS = ("torch.nn.LSTM", "torch.nn.GRU", "LSTMCell-loop", "lstmlab.LSTM", "lstmlab.lstm_layer")
+# "torch.nn.LSTM-fp16": cuDNN in fp16 whatever the row's dtype, the only dtype in which PyTorch picks
+# cuDNN's persistent algorithm, the bar for lstmlab's persistent kernels (GPU rows not in fp16)
+IMPLS = (
+    "torch.nn.LSTM",
+    "torch.nn.LSTM-fp16",
+    "torch.nn.GRU",
+    "LSTMCell-loop",
+    "lstmlab.LSTM",
+    "lstmlab.lstm_layer",
+)
+LSTMLAB_BACKENDS = ("triton_persistent", "triton_step", "reference", "triton")
 
 MATRIX = {
     "cuda": {
@@ -57,11 +67,11 @@ MATRIX = {
         "seq": [64, 256, 1024],
         "dtypes": ["fp32", "fp32-tf32", "fp16", "bf16"],
     },
-    "cuda-quick": {
+    "cuda-quick": {  # covers the persistent kernels' targets: B16 H768 T1024 and B64 H768 T256
         "batch": [16, 64],
-        "hidden": [256, 768],
-        "seq": [256],
-        "dtypes": ["fp32", "fp16", "bf16"],
+        "hidden": [768],
+        "seq": [256, 1024],
+        "dtypes": ["bf16", "fp16", "fp32"],
     },
     "cpu": {"batch": [16, 64], "hidden": [128, 256], "seq": [100], "dtypes": ["fp32"]},
     "cpu-quick": {"batch": [8], "hidden": [64], "seq": [32], "dtypes": ["fp32"]},
@@ -91,6 +101,7 @@ COLUMNS = [
     "tokens_per_s",
     "peak_mem_mib",
     "ratio_vs_baseline",
+    "ratio_vs_cudnn_fp16",
     "kernels",
     "note",
 ]
@@ -127,6 +138,7 @@ class Impl:
     w_hh: Tensor  # layer-0 recurrent weight, whose gradient is checked
     backend: Callable[[], str]
     prepare: Callable[[Tensor], Tensor] = lambda x: x
+    tol_dtype: str | None = None  # the dtype whose tolerance applies, if not the row's
     reference: str = "torch.nn.LSTM fp64"
     note: str = ""
     modules: list[nn.Module] = field(default_factory=list)
@@ -263,6 +275,23 @@ def build_impls(
                 lambda: "cudnn" if device.type == "cuda" else "aten",
                 note=note,
                 modules=[m],
+            ),
+        )
+    if "torch.nn.LSTM-fp16" in wanted and device.type == "cuda" and dtype != torch.float16:
+        m16 = copy.deepcopy(master).half()
+        yield (
+            "torch.nn.LSTM-fp16",
+            Impl(
+                "torch.nn.LSTM-fp16",
+                "included",
+                lstm_forward(m16),
+                list(m16.parameters()),
+                m16.weight_hh_l0,
+                lambda: "cudnn",
+                prepare=lambda x: x.half(),
+                note="cuDNN in fp16 (its persistent algorithm where PyTorch allows it); input cast untimed",
+                modules=[m16],
+                tol_dtype="fp16",
             ),
         )
     if "torch.nn.GRU" in wanted:
@@ -449,15 +478,15 @@ def check_one(
         "input_proj": impl.input_proj,
         "reference": impl.reference,
         "note": impl.note,
-        "tol": TOLERANCE[cfg.dtype],
+        "tol": TOLERANCE[impl.tol_dtype or cfg.dtype],
     }
     fault = impl.name in args.inject_fault or label in args.inject_fault
     err, row["first_call_ms"] = check(impl, cfg, x, gout, fault, device)
     row["backend"] = impl.backend()  # last_backend is known once a forward has run
     row["max_rel_err"] = err
-    if not err <= TOLERANCE[cfg.dtype]:
+    if not err <= row["tol"]:
         row["status"] = "FAILED"
-        row["note"] = f"correctness check failed: err {err:.3g} > tol {TOLERANCE[cfg.dtype]}"
+        row["note"] = f"correctness check failed: err {err:.3g} > tol {row['tol']}"
         if fault:
             row["note"] += " (fault injected by --inject-fault)"
         return row, None, None
@@ -527,7 +556,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, nargs="+")
     p.add_argument("--input-size", type=int, help="default: equal to the hidden size")
     p.add_argument("--layers", type=int, nargs="+", default=[1])
-    p.add_argument("--backends", nargs="+", choices=["triton", "reference"], help="lstmlab backends")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=LSTMLAB_BACKENDS,
+        help="lstmlab backends, one row each (default: the persistent kernels, the per-step ones and\n"
+        "the reference; 'triton' lets lstmlab choose between the first two)",
+    )
     p.add_argument(
         "--cpu-gemm",
         nargs="+",
@@ -552,17 +587,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def lstmlab_backends(args: argparse.Namespace, device: torch.device) -> tuple[list[str], str]:
     """Backends to run on this device, and a printed reason for those left out."""
-    wanted = args.backends or ["triton", "reference"]
+    wanted = args.backends or ["triton_persistent", "triton_step", "reference"]
     if device.type == "cuda":
         return wanted, ""
     reason = ""
-    if "triton" in wanted:
+    skipped = [b for b in wanted if b.startswith("triton")]
+    if skipped:
         reason = (
-            "lstmlab backend 'triton' skipped on CPU: it runs there only under "
-            "TRITON_INTERPRET=1, an interpreter whose timings mean nothing"
+            f"lstmlab backend {', '.join(repr(b) for b in skipped)} skipped on CPU: Triton runs there "
+            "only under TRITON_INTERPRET=1, an interpreter whose timings mean nothing"
         )
         print(reason)
-    return [b for b in wanted if b != "triton"], reason
+    return [b for b in wanted if not b.startswith("triton")], reason
 
 
 def configs(args: argparse.Namespace) -> list[Config]:
@@ -663,9 +699,13 @@ def run_config(
         del timed
         benchlib.free_memory(device)
     baseline = [r for r in rows if r["impl"] == BASELINE and r.get("status") == "ok"]
+    fp16_name = BASELINE if cfg.dtype == "fp16" else "torch.nn.LSTM-fp16"
+    cudnn_fp16 = [r for r in rows if r["impl"] == fp16_name and r.get("status") == "ok"]
     for row in rows:
         if baseline and row.get("status") == "ok":
             row["ratio_vs_baseline"] = float(row["median_ms"]) / float(baseline[0]["median_ms"])
+        if cudnn_fp16 and device.type == "cuda" and row.get("status") == "ok":
+            row["ratio_vs_cudnn_fp16"] = float(row["median_ms"]) / float(cudnn_fp16[0]["median_ms"])
         benchlib.print_row(row)
         writer.write(row)
     return rows
@@ -691,7 +731,8 @@ def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_c
         "`fwd` = inference forward under `torch.no_grad()`, modules in eval mode; `fwd+bwd` = "
         "forward plus `out.backward(grad)`, input requiring grad, grads reset each call.",
         f"`ratio` = median / median of {baseline} on the same shape, dtype and pass (> 1: "
-        "slower than the baseline).",
+        "slower than the baseline); `÷ cuDNN fp16` (GPU) = median / median of cuDNN in fp16 on the "
+        "same shape and pass (`torch.nn.LSTM-fp16` rows), the dtype of cuDNN's persistent algorithm.",
         "`err` = max over outputs (out, h_n, c_n; for fwd+bwd also dx and dW_hh of layer 0) of "
         "max|y - y_ref| / max|y_ref|, against the float64 reference on the same weights; a row "
         "above `tol` is FAILED and not timed.",
@@ -733,6 +774,7 @@ def write_markdown(path: Path, env: dict[str, str], rows: list[dict[str, object]
         ("µs/step", "us_per_step"),
         ("tokens/s", "tokens_per_s"),
         ("ratio", "ratio_vs_baseline"),
+        ("÷ cuDNN fp16", "ratio_vs_cudnn_fp16"),
         ("err", "max_rel_err"),
         ("peak MiB", "peak_mem_mib"),
         ("first ms", "first_call_ms"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check: install lstmlab (offline), run the CUDA-marked tests, then the --quick
 # layer and kernel benchmarks. Every step is time-boxed and logged; a failing step does not stop
-# the next one; the exit status is non-zero when any step failed. Worst case under 8 minutes.
+# the next one; the exit status is non-zero when any step failed. Worst case under 10 minutes.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, then ./gpu_check_out
 #
@@ -87,6 +87,10 @@ fi
 # rc 5 (no test collected) counts as a failure: a GPU check without CUDA tests checks nothing.
 step pytest_cuda 140 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider \
     --junitxml="$OUT_DIR/pytest_cuda.xml" tests
+# the kernel and compile tests are not cuda-marked (on a CPU they run through the interpreter):
+# on the GPU they run the persistent kernels' real grid barrier and the compiled graphs on CUDA
+step pytest_kernels 120 "$PY" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_persistent.py tests/test_kernels.py tests/test_compile.py
 step bench_layer 170 "$PY" scripts/bench_layer.py --quick --time-budget-s 130 --out "$OUT_DIR/bench"
 step bench_kernel 100 "$PY" scripts/bench_kernel.py --quick --time-budget-s 30 --out "$OUT_DIR/bench"
 

@@ -68,7 +68,8 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
     for pass_ in ("fwd", "fwd+bwd"):
         by_impl = {r["impl"]: r for r in rows if r["pass"] == pass_}
-        assert sorted(by_impl) == sorted(bench_layer.IMPLS)
+        gpu_only = {"torch.nn.LSTM-fp16"}  # cuDNN in fp16: a GPU row
+        assert sorted(by_impl) == sorted(set(bench_layer.IMPLS) - gpu_only)
         assert by_impl["lstmlab.LSTM"]["backend"] == "reference/auto"  # last_backend/GEMM engine
         assert by_impl["lstmlab.lstm_layer"]["input_proj"] == "excluded"
         for impl in ("torch.nn.LSTM", "LSTMCell-loop", "lstmlab.LSTM"):
@@ -118,10 +119,11 @@ def test_bench_layer_two_layers_and_tokens(tmp_path: Path) -> None:
 def test_bench_layer_cpu_skips_triton_with_reason(tmp_path: Path, capsys) -> None:
     argv = [*TINY_LAYER, "--passes", "fwd", "--impls", "lstmlab.LSTM", "--out", str(tmp_path)]
     assert bench_layer.main(argv) == 0
-    assert "'triton' skipped on CPU" in capsys.readouterr().out
+    skipped = "'triton_persistent', 'triton_step' skipped on CPU"
+    assert skipped in capsys.readouterr().out
     _, rows = read_rows(tmp_path / "results.csv")
     assert [r["backend"] for r in rows] == ["reference/auto"]
-    assert "'triton' skipped on CPU" in (tmp_path / "results.md").read_text()
+    assert skipped in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -213,7 +215,7 @@ def test_gpu_check_runs_every_step_and_fails_at_the_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     summary = (tmp_path / "summary.log").read_text()
-    steps = ["environment", "install", "pytest_cuda", "bench_layer", "bench_kernel"]
+    steps = ["environment", "install", "pytest_cuda", "pytest_kernels", "bench_layer", "bench_kernel"]
     for step in steps:
         assert f"=== [{step}] rc=1" in summary
         assert (tmp_path / f"{step}.log").exists()
@@ -238,13 +240,15 @@ def test_bench_layer_on_gpu(tmp_path: Path) -> None:
     argv += ["--dtypes", "fp32", "fp16", "--warmup-ms", "2", "--rep-ms", "10", "--out", str(tmp_path)]
     assert bench_layer.main(argv) == 0
     _, rows = read_rows(tmp_path / "results.csv")
-    assert len(rows) == 2 * 2 * 7  # dtypes × passes × (LSTM, GRU, loop, 2 × lstmlab.LSTM, 2 × lstm_layer)
+    # passes × (fp32: LSTM, LSTM-fp16, GRU, loop, 3 backends × (LSTM, lstm_layer); fp16: no LSTM-fp16)
+    assert len(rows) == 2 * (10 + 9)
     for r in rows:
         assert r["status"] == "ok", r
         assert_timed(r)
         assert float(r["peak_mem_mib"]) >= 0
-    triton = [r for r in rows if r["impl"] == "lstmlab.LSTM" and r["backend"] == "triton"]
-    assert len(triton) == 4
+        assert float(r["ratio_vs_cudnn_fp16"]) > 0
+    for backend in ("triton_persistent", "triton_step"):
+        assert len([r for r in rows if r["impl"] == "lstmlab.LSTM" and r["backend"] == backend]) == 4
     baseline = [r for r in rows if r["impl"] == "torch.nn.LSTM"]
     assert all(r["cudnn_path"].startswith("fwd PERSIST_STATIC_SMALL_H") for r in baseline)
     assert all(r["kernels"] for r in baseline)
