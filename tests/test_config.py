@@ -97,6 +97,20 @@ def test_dropout_on_one_layer_gets_the_modules_warning(kind):
         build_model(cfg.model, build_task(cfg.task))
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_no_preset_restates_what_it_would_get_anyway(experiment):
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    groups = [f"{k.removeprefix('override /')}={v}" for d in preset.get("defaults", []) for k, v in d.items()]
+    base = compose(["experiment=single", *groups])  # the same groups, without the preset's values
+    restated = [
+        f"{section}.{key}"
+        for section in ("model", "task", "optim", "trainer", "logger")
+        for key, value in (preset.get(section) or {}).items()
+        if base[section][key] == value
+    ]
+    assert restated == []
+
+
 def test_a_default_changed_in_its_dataclass_takes_effect(monkeypatch):
     """The dataclasses are the only source of defaults: no YAML file restates them."""
 
