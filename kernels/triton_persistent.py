@@ -413,14 +413,15 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes, sync, t_star
 def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: torch.device) -> str | None:
     """Compiles a kernel for the real device and says why its grid cannot run as one launch."""
     compiled = kernel.warmup(*args, grid=(programs,), **meta)
+    if hasattr(compiled, "result"):  # a future when Triton compiles asynchronously
+        compiled = compiled.result()
     compiled._init_handles()  # loads the binary: n_regs and n_spills come from the driver
     if compiled.n_spills:
         return f"{kernel.__name__} spills {compiled.n_spills} registers with {meta['num_warps']} warps"
-    props = torch.cuda.get_device_properties(device)
+    limits = _device_limits(device)
     fit = resident_programs(
-        compiled.n_regs, meta["num_warps"], compiled.metadata.shared, props.multi_processor_count,
-        props.regs_per_multiprocessor, props.max_threads_per_multi_processor,
-        props.shared_memory_per_multiprocessor,
+        compiled.n_regs, meta["num_warps"], compiled.metadata.shared, limits["sms"],
+        limits["regs_per_sm"], limits["threads_per_sm"], limits["smem_per_sm"],
     )  # fmt: skip
     if programs > fit:
         return (
@@ -429,6 +430,22 @@ def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: tor
             f"{compiled.metadata.shared} B shared memory each)"
         )
     return None
+
+
+def _device_limits(device: torch.device) -> dict[str, int]:
+    props = torch.cuda.get_device_properties(device)
+    smem_per_block = (
+        getattr(props, "shared_memory_per_block_optin", 0)
+        or (triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"])
+    )
+    return {
+        "sms": props.multi_processor_count,
+        "regs_per_sm": props.regs_per_multiprocessor,
+        "threads_per_sm": props.max_threads_per_multi_processor,
+        # older torch lacks the per-SM figure: an SM holds a largest block plus its 1 KiB reserve
+        "smem_per_sm": getattr(props, "shared_memory_per_multiprocessor", 0) or smem_per_block + 1024,
+        "smem_per_block": smem_per_block,
+    }
 
 
 @functools.lru_cache(maxsize=256)
@@ -440,10 +457,10 @@ def _cuda_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.d
     gx, w = torch.empty(1, B, G, dtype=dtype, device=device), torch.empty(G, H, dtype=dtype, device=device)
     hs, cs = torch.empty(2, B, H, dtype=dtype, device=device), torch.empty(2, B, H, dtype=acc, device=device)
     gates, d_h = torch.empty(1, B, G, dtype=acc, device=device), torch.empty(B, H, dtype=acc, device=device)
-    props = torch.cuda.get_device_properties(device)
+    smem_per_block = _device_limits(device)["smem_per_block"]
     for backward in (False, True):
         cfg = pick_config(B, H, dtype, backward)
-        problem = config_problem(B, H, dtype, cfg, backward, props.shared_memory_per_block_optin)
+        problem = config_problem(B, H, dtype, cfg, backward, smem_per_block)
         if problem is not None:
             return problem
         P = cfg.programs(H)
@@ -548,7 +565,8 @@ def persistent_forward(
         c0: [B, H] initial cell state, any float dtype.
         w_hh: [4H, H] recurrent weights, dtype of gx.
         batch_sizes: None, or [T] ints: at step k only rows b < batch_sizes[k] advance, the others
-            carry h and c unchanged (packed sequences, decreasing or increasing).
+            carry h and c unchanged (packed sequences, decreasing or increasing). Copied to the
+            device if elsewhere (while capturing a CUDA graph, pass them on the device).
         config: units per program and warps (default: :func:`pick_config`).
         single_launch: one launch with grid barriers (default on CUDA) or one launch per step
             without them (default on CPU, where the interpreter runs programs one after another).

@@ -8,6 +8,7 @@ B: batch  T: time  H: hidden size  G = 4H: stacked gates (i, f, g, o)
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,6 +241,54 @@ def test_resident_programs_counts_the_scarcest_resource():
     assert tp.resident_programs(80, 8, 99 * 1024, sms=132) == 264
     assert tp.resident_programs(212, 8, 196608, sms=132) == 132
     assert tp.resident_programs(255, 16, 0, sms=132) == 0  # 255 × 512 registers exceed an SM
+
+
+HOPPER_LIMITS = {"sms": 132, "regs_per_sm": 65536, "threads_per_sm": 2048, "smem_per_sm": 233472,
+                 "smem_per_block": 232448}  # fmt: skip
+
+
+class FakeCompiled:
+    """What _compile_problem reads from a compiled kernel, as a GPU run would report it."""
+
+    def __init__(self, n_regs, n_spills, shared):
+        self.n_regs, self.n_spills, self.metadata = n_regs, n_spills, SimpleNamespace(shared=shared)
+
+    def _init_handles(self):
+        pass
+
+
+def test_compile_problem_reports_spills_and_grids_that_do_not_fit(monkeypatch):
+    """The GPU-only host check, fed what the driver reports for the bf16 backward at H = 1024."""
+    monkeypatch.setattr(tp, "_device_limits", lambda device: HOPPER_LIMITS)
+    compiled = FakeCompiled(212, 0, 196608)
+    kernel = SimpleNamespace(__name__="k", warmup=lambda *args, grid, **meta: compiled)
+    meta = {"num_warps": 8}
+    assert tp._compile_problem(kernel, (), meta, 132, DEVICE) is None
+    assert "k needs 133 co-resident programs, the device holds 132" in tp._compile_problem(
+        kernel, (), meta, 133, DEVICE
+    )
+    compiled.n_spills = 40
+    assert tp._compile_problem(kernel, (), meta, 8, DEVICE) == "k spills 40 registers with 8 warps"
+
+
+def test_cuda_check_compiles_both_kernels_with_every_argument(monkeypatch):
+    """_cuda_unavailable_reason builds each kernel's full argument list (on a GPU it compiles them):
+    every parameter bound exactly once, so a launcher and its kernel cannot drift apart."""
+    monkeypatch.setattr(tp, "_device_limits", lambda device: HOPPER_LIMITS)
+    checked = []
+
+    def compile_problem(kernel, args, meta, programs, device):
+        constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+        assert len(args) + len(constexprs) == len(kernel.arg_names), kernel.arg_names
+        assert set(constexprs) == set(kernel.arg_names[len(args) :])
+        checked.append((kernel.arg_names[0], programs))
+        return None
+
+    monkeypatch.setattr(tp, "_compile_problem", compile_problem)
+    assert tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.bfloat16, torch.device("cpu")) is None
+    assert checked == [("p_gx", 96), ("p_dhs", 96)]
+    reason = tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.float32, torch.device("cpu"))
+    assert "backward" in reason and "384 KiB" in reason
 
 
 COMPILE_FOR_HOPPER = r"""
