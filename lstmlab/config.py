@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from lstmlab.backends import BACKENDS, triton_unavailable_reason
+from lstmlab.backends import BACKENDS, resolve_backend
 from lstmlab.build import LSTMLAB_KEYS
 from lstmlab.models import MODEL_KINDS
 from lstmlab.tasks import TASKS
@@ -404,9 +404,14 @@ def check_runnable(cfg: DictConfig, world_size: int = 1, local_rank: int = 0) ->
         _check(
             t.train_size is None, "task.train_size", t.train_size, f"null: task {t.name!r} has fixed splits"
         )
-    if str(m.kind) == "lstmlab" and str(m.backend) == "triton":
-        reason = triton_unavailable_reason(device)
-        _check(reason is None, "model.backend", "triton", f"auto or reference here: {reason}")
+    if str(m.kind) == "lstmlab" and str(m.backend) not in ("auto", "reference"):
+        # The module's own rule, for the training batch each process sees: an explicit Triton
+        # backend that cannot run here fails now, not after the data is built.
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        try:
+            resolve_backend(str(m.backend), device, tr.batch_size // world_size, m.hidden_size, dtype)
+        except RuntimeError as err:
+            raise ConfigError(f"model.backend={str(m.backend)!r} is not allowed here: {err}") from None
     return device
 
 

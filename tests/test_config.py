@@ -205,6 +205,20 @@ def test_the_module_and_the_config_agree_on_chrono_t_max():
     LSTM(2, 3, chrono_t_max=3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_step", "triton_persistent"])
+def test_a_triton_backend_that_cannot_run_here_is_a_config_error(backend, monkeypatch):
+    import lstmlab.backends
+    from lstmlab.config import check_runnable
+
+    monkeypatch.setattr(lstmlab.backends, "TRITON_INTERPRET", False)  # CPU tensors, no interpreter
+    cfg = compose([f"model.backend={backend}", "trainer.device=cpu"])
+    with pytest.raises(
+        ConfigError, match=f"model.backend='{backend}' is not allowed here: .*need CUDA tensors"
+    ):
+        check_runnable(cfg)
+    check_runnable(compose([f"model.backend={backend}", "trainer.device=cpu", "model=torch_gru"]))  # ignored
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -215,7 +229,7 @@ def test_the_module_and_the_config_agree_on_chrono_t_max():
         (["-m", "experiment=smoke", "model=torch_rnn", "task.seq_len=5,0"], "task.seq_len=0 is not allowed"),
         (
             ["experiment=single", "model.backend=triton"],
-            "model.backend='triton' is not allowed: auto or reference",
+            "model.backend='triton' is not allowed here: backend='triton' was requested but the Triton",
         ),
         (["optim.name=rmsprop"], "optim.name: Invalid value 'rmsprop', expected one of [adam, adamw, sgd]"),
     ],
