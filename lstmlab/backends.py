@@ -81,6 +81,12 @@ def resolve_backend(
         raise RuntimeError(f"backend={requested!r} was requested but {reason}. Use backend='reference'.")
     if requested == "triton_step" or (requested == "triton" and (device.type != "cuda" or single_step)):
         return "triton_step"
+    if torch.compiler.is_compiling():
+        # under torch.compile the batch may be symbolic (dynamic shapes) and cannot be handed to a
+        # constant-result function. The persistent kernels' answer depends on it only through
+        # their batch-chunk size, which changes above 16 rows: one guard (B ≤ 16) and a
+        # representative of that class keep the graph dynamic in the batch.
+        batch = 16 if batch <= 16 else 32
     persistent_reason = persistent_unavailable_reason(batch, hidden, dtype, device, proj_size)
     if persistent_reason is None:
         return "triton_persistent"

@@ -186,6 +186,9 @@ def test_triton_backends_under_compile(backend):
     assert_same(compiled, theirs, leaves, x, labels_for(theirs, 1))
     leaves, x = make_input(1, lengths=[4, 6, 2], enforce_sorted=False)
     assert_same(compiled, theirs, leaves, x, labels_for(theirs, 3))
+    for seed, (T, B) in enumerate([(8, 5), (9, 2)], start=2):  # new batch sizes: dynamic shapes
+        leaves, x = make_input(seed, T, B)
+        assert_same(compiled, theirs, leaves, x, labels_for(theirs, 1))
     assert ours.last_backend == backend
 
 
