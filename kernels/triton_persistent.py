@@ -158,9 +158,10 @@ def lstm_persistent_fwd_kernel(
             b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
             tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
 
-            # this program's own state, as it stored it: c in acc, h in the dtype of hs
-            b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0)
-            b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0)
+            # this program's own state, as it stored it: c in acc, h in the dtype of hs (.cg like
+            # every load of data written during the launch: L1 caches are not coherent between SMs)
+            b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+            b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
             b_i, b_f, b_g, b_o = _split_gates(b_act, BLOCK_B, U)
             b_c_next = b_f * b_c + b_i * b_g
             b_h_next = b_o * _tanh(b_c_next)
@@ -253,8 +254,8 @@ def lstm_persistent_bwd_kernel(
             m_b = o_b < B
             o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
             m_own = m_b[:, None] & m_u[None, :]
-            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0)
-            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0)
+            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
+            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             if t + 1 < T:
                 b_dh = _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t + 1, B, H, o_b, o_own, m_own,
                                BLOCK_G, PACKED, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
@@ -291,11 +292,11 @@ def lstm_persistent_bwd_kernel(
             o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
             o_own = o_b[:, None] * H + o_u[None, :]
             m_own = (o_b < B)[:, None] & m_u[None, :]
-            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0)
+            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
             b_dh = _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t_start, B, H, o_b, o_own, m_own,
                            BLOCK_G, PACKED, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
-            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0)
+            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
 
 
