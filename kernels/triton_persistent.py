@@ -562,7 +562,7 @@ def persistent_forward(
 
     Args:
         gx: [T, B, 4H] input projection incl. biases, contiguous (fp32, fp16, bf16 or fp64).
-        h0: [B, H] initial hidden state, dtype of gx.
+        h0: [B, H] initial hidden state (cast to the dtype of gx, as hs[0]).
         c0: [B, H] initial cell state, any float dtype.
         w_hh: [4H, H] recurrent weights, dtype of gx.
         batch_sizes: None, or [T] ints: at step k only rows b < batch_sizes[k] advance, the others
@@ -595,8 +595,8 @@ def persistent_forward(
     for name, t, shape in (("h0", h0, (B, H)), ("c0", c0, (B, H)), ("w_hh", w_hh, (G, H))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if w_hh.dtype != dtype or h0.dtype != dtype:
-        raise ValueError(f"w_hh and h0 must have the dtype of gx ({dtype}), got {w_hh.dtype}, {h0.dtype}")
+    if w_hh.dtype != dtype:  # one dot of h (stored in the dtype of gx) with W_hh
+        raise ValueError(f"w_hh must have the dtype of gx ({dtype}), got {w_hh.dtype}")
     _check_available(B, H, dtype, device)
     gx, w_hh = gx.contiguous(), w_hh.contiguous()
     sizes = _sizes_tensor(batch_sizes, T, device)

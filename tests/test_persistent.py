@@ -232,6 +232,10 @@ def test_launchers_reject_bad_shapes():
     inputs = make_inputs(torch.float32)
     with pytest.raises(ValueError, match=r"h0 must have shape \(5, 13\), got \(4, 13\)"):
         tp.persistent_forward(inputs["gx"], inputs["h0"][:4], inputs["c0"], inputs["w_hh"])
+    with pytest.raises(
+        ValueError, match=r"w_hh must have the dtype of gx \(torch.float32\), got torch.float64$"
+    ):
+        tp.persistent_forward(inputs["gx"], inputs["h0"], inputs["c0"], inputs["w_hh"].double())
     with pytest.raises(ValueError, match=r"batch_sizes must have shape \(6,\), got \(5,\)"):
         run_forward(inputs, [5, 4, 3, 2, 1])
 
