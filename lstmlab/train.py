@@ -83,6 +83,7 @@ def train(cfg: DictConfig, out_dir: str | Path = ".", overrides: list[str] | Non
         torch.set_num_threads(cfg.trainer.num_threads)
     if ddp.world > 1:
         _join_process_group(device)
+    run = None
     try:
         run = setup(cfg, Path(out_dir), ddp, device)
         failed = True
@@ -94,6 +95,9 @@ def train(cfg: DictConfig, out_dir: str | Path = ".", overrides: list[str] | Non
             run.logger.close(failed=failed)
         return summary
     finally:
+        # the DDP wrapper goes before its process group: freed after destroy_process_group, its
+        # reducer's destructor deadlocked in ~ProcessGroupGloo (seen under torchrun with gloo)
+        run = None
         if ddp.world > 1:
             dist.destroy_process_group()
 
