@@ -53,6 +53,41 @@ def _check_gate_init(bias: bool, forget_bias: float, chrono_t_max: float | None)
 
 
 @torch.no_grad()
+def _check_lstm_args(
+    num_layers: int, batch_first: bool, dropout: float, bidirectional: bool, proj_size: int, hidden_size: int
+) -> None:
+    """torch.nn.LSTM's argument checks, with its messages (and its warning for dropout on one layer)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an "
+            f"element being zeroed, got {dropout!r}"
+        )
+    _check_size("num_layers", num_layers)
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+        raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+    if proj_size < 0:
+        raise ValueError(
+            f"proj_size should be a positive integer or zero to disable projections, got {proj_size}"
+        )
+    if proj_size >= hidden_size:
+        raise ValueError(
+            f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+            f"hidden_size={hidden_size}"
+        )
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so non-zero "
+            f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+            f"num_layers={num_layers}",
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
 def _init_gate_biases(
     bias_ih: Tensor, bias_hh: Tensor, forget_bias: float, chrono_t_max: float | None
 ) -> None:
@@ -243,35 +278,7 @@ class LSTM(_LSTMBase):
         chrono_t_max: float | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the probability of an "
-                f"element being zeroed, got {dropout!r}"
-            )
-        _check_size("num_layers", num_layers)
-        if not isinstance(batch_first, bool):
-            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-        if not isinstance(bidirectional, bool):
-            raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int):
-            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
-        if proj_size < 0:
-            raise ValueError(
-                f"proj_size should be a positive integer or zero to disable projections, got {proj_size}"
-            )
-        if proj_size >= hidden_size:
-            raise ValueError(
-                f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
-                f"hidden_size={hidden_size}"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero "
-                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                f"num_layers={num_layers}",
-                stacklevel=2,
-            )
-
+        _check_lstm_args(num_layers, batch_first, dropout, bidirectional, proj_size, hidden_size)
         self.num_layers = num_layers
         self.batch_first = batch_first
         self.dropout = float(dropout)
@@ -349,6 +356,60 @@ class LSTM(_LSTMBase):
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         return h0, c0
 
+    def _initial_state(
+        self, x: Tensor, hx: object, is_batched: bool, sorted_indices: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(h_0 [D·L, B, P], c_0 [D·L, B, H]): zeros, or ``hx`` checked and in the packed order."""
+        B, D, H = x.shape[1], 2 if self.bidirectional else 1, self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        if hx is None:
+            h0 = torch.zeros(self.num_layers * D, B, P, dtype=x.dtype, device=x.device)
+            c0 = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
+        else:
+            h0, c0 = self._check_hidden(hx, is_batched)
+            if sorted_indices is not None:
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+            for i, (state, size) in enumerate(((h0, P), (c0, H))):
+                expected = (self.num_layers * D, B, size)
+                if tuple(state.shape) != expected:
+                    raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(state.shape)}")
+            self._check_state_dtypes(x, h0, c0)
+        _check_same_device(x, self.weight_ih_l0, (h0, c0))
+        return h0, c0
+
+    def _run_layers(
+        self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, B, I] in the compute dtype -> output [T, B, D·P], h_n [D·L, B, P], c_n [D·L, B, H]:
+        one layer op per layer and direction, the reverse direction over the time-flipped input."""
+        D, dtype = 2 if self.bidirectional else 1, x.dtype
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, suffix in enumerate(self._direction_suffixes(layer)):
+                w_ih, w_hh, b_ih, b_hh, w_hr = (
+                    getattr(self, f"{name}_{suffix}", None)
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+                )
+                bias = None if b_ih is None else (b_ih + b_hh).to(dtype)
+                w_hr = None if w_hr is None else w_hr.to(dtype)
+                x_dir, steps = layer_input, batch_sizes
+                if direction == 1:  # reverse: run forwards over the time-flipped sequence
+                    x_dir = layer_input.flip(0)
+                    steps = None if batch_sizes is None else batch_sizes.flip(0)
+                idx = layer * D + direction
+                out, h, c = lstm_layer_from_input(
+                    x_dir, w_ih.to(dtype), bias, h0[idx], c0[idx], w_hh.to(dtype), w_hr, steps, backend
+                )
+                outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)  # [T, B, D·P]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
     def forward(
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
@@ -376,56 +437,11 @@ class LSTM(_LSTMBase):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
 
-        B = x.shape[1]
-        D = 2 if self.bidirectional else 1
-        H = self.hidden_size
-        P = self.proj_size if self.proj_size > 0 else H
-        if hx is None:
-            h0 = torch.zeros(self.num_layers * D, B, P, dtype=x.dtype, device=x.device)
-            c0 = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
-        else:
-            h0, c0 = self._check_hidden(hx, is_batched)
-            if sorted_indices is not None:
-                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
-            for i, (state, size) in enumerate(((h0, P), (c0, H))):
-                expected = (self.num_layers * D, B, size)
-                if tuple(state.shape) != expected:
-                    raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(state.shape)}")
-            self._check_state_dtypes(x, h0, c0)
-        _check_same_device(x, self.weight_ih_l0, (h0, c0))
-
+        h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
         backend = self._pick_backend(x, compute_dtype)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
+        output, h_n, c_n = self._run_layers(x, h0, c0, batch_sizes, backend)
 
-        layer_input = x
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction, suffix in enumerate(self._direction_suffixes(layer)):
-                w_ih, w_hh, b_ih, b_hh, w_hr = (
-                    getattr(self, f"{name}_{suffix}", None)
-                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-                )
-                w_ih, w_hh = w_ih.to(compute_dtype), w_hh.to(compute_dtype)
-                bias = None if b_ih is None else (b_ih + b_hh).to(compute_dtype)
-                w_hr = None if w_hr is None else w_hr.to(compute_dtype)
-                x_dir, steps = layer_input, batch_sizes
-                if direction == 1:  # reverse: run forwards over the time-flipped sequence
-                    x_dir = layer_input.flip(0)
-                    steps = None if batch_sizes is None else batch_sizes.flip(0)
-                idx = layer * D + direction
-                out, h, c = lstm_layer_from_input(
-                    x_dir, w_ih, bias, h0[idx], c0[idx], w_hh, w_hr, steps, backend
-                )
-                outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)  # [T, B, D·P]
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-
-        output = layer_input
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)  # [D·L, B, P], [D·L, B, H]
         if packed:
             data = pack_padded(output, batch_sizes_t, data.shape[0])  # [N, D·P]
             output = PackedSequence(data, batch_sizes_t, sorted_indices, unsorted_indices)
