@@ -114,7 +114,7 @@ class CopyTaskConfig(TaskConfig):
     copy_len: int = 10
 
 
-# ---- memory tasks (issue 4): generated data, exact trivial baselines and optima in lstmlab.tasks.
+# ---- memory tasks: generated data, exact trivial baselines and optima in lstmlab.tasks.
 
 
 @dataclass
@@ -142,7 +142,7 @@ class HMMTaggingTaskConfig(TaskConfig):
 # ---- end of memory tasks
 
 
-# ---- data set tasks (issue 5): fixed splits from installed packages, see lstmlab.tasks.dataset.
+# ---- data set tasks: fixed splits from installed packages, see lstmlab.tasks.dataset.
 # train_size, val_size and test_size do not apply to them: the data set fixes its splits.
 
 
@@ -233,7 +233,7 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("schema/model", "base", ModelConfig),
     ("schema/task", "adding", AddingTaskConfig),
     ("schema/task", "copy", CopyTaskConfig),
-    ("schema/task", "temporal_order", TemporalOrderTaskConfig),  # memory tasks (issue 4)
+    ("schema/task", "temporal_order", TemporalOrderTaskConfig),  # memory tasks
     ("schema/task", "reber", ReberTaskConfig),
     ("schema/task", "hmm_tagging", HMMTaggingTaskConfig),
     ("schema/task", "mnist1d", MNIST1DTaskConfig),

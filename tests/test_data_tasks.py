@@ -1,4 +1,4 @@
-"""The data set tasks (issue 5): loading (shapes, checksums, disjoint splits), the forecasting
+"""The data set tasks: loading (shapes, checksums, disjoint splits), the forecasting
 metrics against hand-computed values, the classical baselines on exactly the networks' windows,
 and each task through the runner. Tests that need ``lstmlab[data]`` skip without it."""
 

@@ -1,4 +1,4 @@
-"""The memory tasks (issue 4): temporal_order, reber, hmm_tagging. Layout, determinism, the
+"""The memory tasks: temporal_order, reber, hmm_tagging. Layout, determinism, the
 trivial baselines against their formulas, and the exact optima against brute force."""
 
 import itertools

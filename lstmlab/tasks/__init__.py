@@ -4,6 +4,6 @@
 from lstmlab.tasks import adding, copying, hmm_tagging, reber, temporal_order  # noqa: F401  (registers them)
 from lstmlab.tasks.base import TASKS, Task, derive_seed, make_task, register
 
-from . import charlm, digits, forecast, mnist1d  # noqa: F401  (data sets, issue 5: lstmlab[data])
+from . import charlm, digits, forecast, mnist1d  # noqa: F401  (data sets: pip install lstmlab[data])
 
 __all__ = ["TASKS", "Task", "derive_seed", "make_task", "register"]
