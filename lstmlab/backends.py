@@ -17,6 +17,7 @@ there "triton" means the per-step kernels: the persistent ones run there only wh
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from lstmlab.kernels import HAS_TRITON, TRITON_INTERPRET
 
@@ -53,7 +54,10 @@ def persistent_unavailable_reason(
         return "they have no projection (proj_size > 0 runs on the per-step kernels)"
     from lstmlab.kernels import triton_persistent  # imports triton: only once it is known to be there
 
-    return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device)
+    # on CUDA the check compiles the kernels on real tensors: never on the fake (or recorded) ones
+    # of a tracer that happens to be active, such as torch.export's
+    with _disable_current_modes():
+        return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device)
 
 
 def resolve_backend(

@@ -177,6 +177,28 @@ def test_export_round_trip():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_export_with_the_persistent_backend_checks_the_shape_on_real_tensors(monkeypatch):
+    """On a GPU the persistent kernels' shape check compiles them on tensors it allocates: under
+    torch.export those must be real, not the tracer's fake ones (checked here with a spy)."""
+    from lstmlab.kernels import triton_persistent
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    seen = []
+    real_check = triton_persistent.persistent_unavailable_reason
+
+    def spy(batch, hidden, dtype, device):
+        seen.append(type(torch.zeros(1, device=device)))
+        return real_check(batch, hidden, dtype, device)
+
+    monkeypatch.setattr(triton_persistent, "persistent_unavailable_reason", spy)
+    theirs, ours = twins(backend="triton_persistent")
+    x = torch.randn(6, 3, 5, device=DEVICE)
+    exported = torch.export.export(ours, (x,))
+    assert seen and not any(issubclass(t, FakeTensor) for t in seen)
+    assert rel_err(exported.module()(x)[0], theirs(x)[0]) <= TOL
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("backend", ["triton_step", "triton_persistent"])
 def test_triton_backends_under_compile(backend):
     """The Triton kernels inside the compiled graph (through the interpreter on a CPU), packed too."""
