@@ -169,6 +169,11 @@ def _sizes(batch_sizes: Tensor | None, T: int, B: int) -> tuple[int, ...]:
     return sizes
 
 
+def _advanced(batch_sizes: Tensor, B: int, device: torch.device) -> Tensor:
+    """[T, B] bool: whether row b advances at step k (b < batch_sizes[k]), one op on ``device``."""
+    return torch.arange(B, device=device) < batch_sizes.to(device).unsqueeze(1)
+
+
 def _layer_forward(
     x: Tensor,
     w_ih: Tensor | None,
@@ -202,10 +207,8 @@ def _layer_forward(
         own_projection = w_ih is not None  # gx is ours: the reference backend may activate in it
         hs, cs, gates, h_raw = _step_forward(gx, own_projection, h0, c0, w_hh, w_hr, sizes, backend)
     out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
-    if batch_sizes is not None:
-        out_packed = hs[1:].clone()
-        for k, n in enumerate(sizes):
-            out_packed[k, n:] = 0  # rows that did not advance have no output at this step
+    if batch_sizes is not None:  # rows that did not advance have no output at that step
+        out_packed = torch.where(_advanced(batch_sizes, B, hs.device).unsqueeze(2), hs[1:], 0)
     c_n = cs[T].to(c0.dtype, copy=True)
     return hs, out_packed, c_n, cs, gates, h_raw
 
@@ -297,9 +300,8 @@ def _layer_backward(
     d_hp = None
     if backend == "triton_persistent":
         if batch_sizes is not None:  # the output is out_packed: its gradient reaches advancing rows only
-            advanced = torch.arange(B, device=dev) < batch_sizes.to(dev).unsqueeze(1)  # [T, B]
             d_hs = d_hs.clone()
-            d_hs[1:] += d_out_packed * advanced.unsqueeze(2)
+            d_hs[1:] += torch.where(_advanced(batch_sizes, B, dev).unsqueeze(2), d_out_packed, 0)
         d_pre, d_h, d_c = triton_persistent.persistent_backward(
             d_hs.contiguous(), d_cn.to(cs.dtype), gates, cs, w_hh, batch_sizes
         )
