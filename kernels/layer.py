@@ -145,15 +145,22 @@ class TritonSteps:
         triton_gates.gates_backward_into(dh, dc, gates, c, c_prev, self.d_pre[k, :n], dc)
 
 
-def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
-    """The per-step gate math of a kernel backend (the persistent one has its own loops)."""
+def _check_backend(backend: str) -> None:
+    """An unknown kernel backend, or a Triton one without Triton, fails here, before any work."""
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return ReferenceSteps
-    if not HAS_TRITON:
+    if backend != "reference" and not HAS_TRITON:
         raise RuntimeError(f"backend={backend!r} needs the triton package, which is not importable")
-    return TritonSteps
+
+
+def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
+    """The per-step gate math of a per-step backend (the persistent one has its own loops)."""
+    _check_backend(backend)
+    if backend == "triton_persistent":
+        raise ValueError(
+            "the per-step gate functions run 'reference' or 'triton_step', not 'triton_persistent'"
+        )
+    return ReferenceSteps if backend == "reference" else TritonSteps
 
 
 # ---- the time loops: plain functions on real tensors, called by the registered ops below ----
@@ -296,7 +303,6 @@ def _layer_backward(
     T, B, G = gates.shape
     P = hs.shape[-1]
     dtype, dev = hs.dtype, hs.device
-    sizes = _sizes(batch_sizes, T, B)
     d_hp = None
     if backend == "triton_persistent":
         if batch_sizes is not None:  # the output is out_packed: its gradient reaches advancing rows only
@@ -311,7 +317,7 @@ def _layer_backward(
         d_pre = allocate(T, B, G, dtype=dtype, device=dev)
         d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
         d_h, d_c = _step_backward(
-            d_hs, d_out_packed, d_cn, gates, cs, w_hh, w_hr, sizes, backend, d_pre, d_hp
+            d_hs, d_out_packed, d_cn, gates, cs, w_hh, w_hr, _sizes(batch_sizes, T, B), backend, d_pre, d_hp
         )
 
     needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
@@ -532,7 +538,7 @@ def _check_layer_args(
     for name, shape in expected.items():
         if tuple(got[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
-    _steps(backend)  # an unknown or unavailable backend fails here, before any work
+    _check_backend(backend)
     if backend == "triton_persistent" and w_hr is not None:
         raise ValueError("backend 'triton_persistent' has no projection (w_hr); use 'triton_step'")
     if batch_sizes is None:

@@ -206,6 +206,9 @@ def test_lstm_layer_rejects_bad_shapes():
         lstm_layer(**inputs, batch_sizes=[2, 3, 1])
     with pytest.raises(ValueError, match="kernel backend must be one of"):
         lstm_layer(**inputs, backend="cudnn")
+    if HAS_TRITON:  # the step functions never swap in another path for the one asked for
+        with pytest.raises(ValueError, match="not 'triton_persistent'"):
+            gates_forward(torch.zeros(1, 16), torch.zeros(1, 4), backend="triton_persistent")
 
 
 COMPILE_FOR_HOPPER = """
