@@ -187,11 +187,11 @@ class _LSTMBase(nn.Module):
                 s += f", {key}={getattr(self, key)!r}"
         return s
 
-    def _compute_dtype(self, x: Tensor, error: type[Exception]) -> torch.dtype:
+    def _compute_dtype(self, x: Tensor, weight: Tensor, error: type[Exception]) -> torch.dtype:
         """The dtype the layer runs in: autocast's if it is on, else the input's, which must then be
         the weights' (raises ``error`` otherwise, as torch's LSTM and LSTMCell do)."""
         autocast_dtype = _autocast_dtype(x.device)
-        weight_dtype = self.weight_ih_l0.dtype if hasattr(self, "weight_ih_l0") else self.weight_ih.dtype
+        weight_dtype = weight.dtype
         if x.dtype != weight_dtype and autocast_dtype is None:
             raise error(
                 f"{type(self).__name__} input dtype ({x.dtype}) does not match weight dtype "
@@ -207,12 +207,18 @@ class _LSTMBase(nn.Module):
                 f"({h0.dtype}, {c0.dtype})"
             )
 
-    def _pick_backend(self, x: Tensor, dtype: torch.dtype) -> str:
+    def _pick_backend(
+        self,
+        device: torch.device,
+        batch: int,
+        dtype: torch.dtype,
+        proj_size: int = 0,
+        single_step: bool = False,
+    ) -> str:
         """The implementation for this call (lstmlab.backends has the rule), kept in last_backend."""
-        is_cell = isinstance(self, LSTMCell)
-        proj_size = 0 if is_cell else self.proj_size
-        batch = x.shape[0] if is_cell else x.shape[1]
-        backend = resolve_backend(self.backend, x.device, batch, self.hidden_size, dtype, proj_size, is_cell)
+        backend = resolve_backend(
+            self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step
+        )
         self.last_backend = backend
         return backend
 
@@ -431,14 +437,14 @@ class LSTM(_LSTMBase):
             if self.batch_first:
                 x = x.transpose(0, 1)  # [T, B, I]
 
-        compute_dtype = self._compute_dtype(x, ValueError)
+        compute_dtype = self._compute_dtype(x, self.weight_ih_l0, ValueError)
         if x.shape[-1] != self.input_size:
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
 
         h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
-        backend = self._pick_backend(x, compute_dtype)
+        backend = self._pick_backend(x.device, x.shape[1], compute_dtype, self.proj_size)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
         output, h_n, c_n = self._run_layers(x, h0, c0, batch_sizes, backend)
 
@@ -509,7 +515,7 @@ class LSTMCell(_LSTMBase):
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)  # [B, I]
         B, H = x.shape[0], self.hidden_size
-        dtype = self._compute_dtype(x, RuntimeError)
+        dtype = self._compute_dtype(x, self.weight_ih, RuntimeError)
         if x.shape[1] != self.input_size:
             raise RuntimeError(
                 f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}"
@@ -542,7 +548,7 @@ class LSTMCell(_LSTMBase):
             self._check_state_dtypes(x, h0, c0)
         _check_same_device(x, self.weight_ih, (h0, c0))
 
-        backend = self._pick_backend(x, dtype)
+        backend = self._pick_backend(x.device, B, dtype, single_step=True)
         bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
         w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
         x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer
