@@ -55,10 +55,13 @@ def _(padded, batch_sizes, rows):
     return padded.new_empty(rows, padded.shape[2])
 
 
-def _save_batch_sizes(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1])
-    ctx.batch = output.shape[1] if output.dim() == 3 else inputs[0].shape[1]
-    ctx.rows = inputs[0].shape[0] if output.dim() == 3 else output.shape[0]
+# each op's backward is the other op
+
+
+def _pad_packed_setup(ctx, inputs, output) -> None:
+    data, batch_sizes, _ = inputs
+    ctx.save_for_backward(batch_sizes)
+    ctx.rows = data.shape[0]  # N
 
 
 def _pad_packed_backward(ctx, d_padded):
@@ -66,10 +69,16 @@ def _pad_packed_backward(ctx, d_padded):
     return pack_padded(d_padded, batch_sizes, ctx.rows), None, None
 
 
+def _pack_padded_setup(ctx, inputs, output) -> None:
+    padded, batch_sizes, _ = inputs
+    ctx.save_for_backward(batch_sizes)
+    ctx.batch = padded.shape[1]  # B
+
+
 def _pack_padded_backward(ctx, d_data):
     (batch_sizes,) = ctx.saved_tensors
     return pad_packed(d_data, batch_sizes, ctx.batch), None, None
 
 
-pad_packed.register_autograd(_pad_packed_backward, setup_context=_save_batch_sizes)
-pack_padded.register_autograd(_pack_padded_backward, setup_context=_save_batch_sizes)
+pad_packed.register_autograd(_pad_packed_backward, setup_context=_pad_packed_setup)
+pack_padded.register_autograd(_pack_padded_backward, setup_context=_pack_padded_setup)
