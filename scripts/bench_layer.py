@@ -355,6 +355,11 @@ def build_impls(
             if cfg.layers != 1:
                 print(f"  {label}: skipped, excluding the input projection needs --layers 1")
                 continue
+            try:  # the functions take an implementation: 'triton' is resolved as the modules do
+                layer_backend = lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype)
+            except Exception as exc:  # recorded as a FAILED row by the caller
+                yield label, exc
+                continue
             w = copy.deepcopy(master).to(dtype)  # holds W_ih, W_hh, biases for the kernel call
             h0 = torch.zeros(cfg.batch, cfg.hidden, device=device, dtype=dtype)
             c0 = torch.zeros_like(h0)
@@ -362,7 +367,7 @@ def build_impls(
             def project(x: Tensor, w: nn.LSTM = w) -> Tensor:
                 return nn.functional.linear(x, w.weight_ih_l0, w.bias_ih_l0 + w.bias_hh_l0)
 
-            def run_layer(gx: Tensor, w=w, h0=h0, c0=c0, backend=backend) -> tuple[Tensor, ...]:
+            def run_layer(gx: Tensor, w=w, h0=h0, c0=c0, backend=layer_backend) -> tuple[Tensor, ...]:
                 return lstm_layer(gx, h0, c0, w.weight_hh_l0, backend=backend)
 
             yield (
@@ -373,7 +378,7 @@ def build_impls(
                     run_layer,
                     [w.weight_hh_l0],
                     w.weight_hh_l0,
-                    lambda backend=backend, engine=engine: with_engine(backend, engine),
+                    lambda backend=layer_backend, engine=engine: with_engine(backend, engine),
                     prepare=project,
                     note="gx = x W_ih^T + b precomputed outside the timed region",
                     modules=[w],
