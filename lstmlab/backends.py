@@ -85,13 +85,19 @@ def resolve_backend(
         raise RuntimeError(f"backend={requested!r} was requested but {reason}. Use backend='reference'.")
     if requested == "triton_step" or (requested == "triton" and (device.type != "cuda" or single_step)):
         return "triton_step"
-    if torch.compiler.is_compiling():
-        # under torch.compile the batch may be symbolic (dynamic shapes) and cannot be handed to a
-        # constant-result function. The persistent kernels' answer depends on it only through
-        # their batch-chunk size, which changes above 16 rows: one guard (B ≤ 16) and a
-        # representative of that class keep the graph dynamic in the batch.
-        batch = 16 if batch <= 16 else 32
-    persistent_reason = persistent_unavailable_reason(batch, hidden, dtype, device, proj_size)
+    # The persistent kernels' answer depends on the batch only through their batch-chunk size,
+    # which changes above 16 rows, so one representative per class is asked (a constant-result
+    # function cannot take a symbolic size). A symbolic batch (dynamic shapes, torch.export) is
+    # not compared at all: a guard on it would narrow the exported range, or fail outright for an
+    # unbacked size, so the persistent kernels are chosen only if they serve both classes.
+    if isinstance(batch, torch.SymInt):
+        classes = (16, 32)
+    elif torch.compiler.is_compiling():
+        classes = (16 if batch <= 16 else 32,)
+    else:
+        classes = (batch,)
+    reasons = (persistent_unavailable_reason(b, hidden, dtype, device, proj_size) for b in classes)
+    persistent_reason = next((r for r in reasons if r is not None), None)
     if persistent_reason is None:
         return "triton_persistent"
     if requested == "triton":

@@ -247,9 +247,17 @@ def gru_forward(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, ...]]:
     return fwd
 
 
+@dataclass
+class Unavailable:
+    """A requested lstmlab path that cannot run the config (e.g. the persistent kernels on a shape
+    whose tiles do not fit on chip): the row reads 'unavailable' with the reason, and is not timed."""
+
+    reason: str
+
+
 def build_impls(
     cfg: Config, device: torch.device, backends: list[str], wanted: set[str], cpu_gemms: list[str]
-) -> Iterator[tuple[str, Impl | Exception]]:
+) -> Iterator[tuple[str, Impl | Unavailable | Exception]]:
     """Yields (label, Impl) in timing order, baseline first; a construction error is yielded
     in place of the Impl so it becomes a FAILED row. On CPU each lstmlab row is repeated for
     every GEMM engine in ``cpu_gemms``."""
@@ -329,6 +337,13 @@ def build_impls(
     engines: list[str | None] = list(cpu_gemms) if device.type == "cpu" else [None]
     for backend, engine in itertools.product(backends, engines):
         tag = with_engine(backend, engine)
+        try:  # an explicit path that cannot run this shape is a fact about the shape, not a failure
+            lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype)
+        except RuntimeError as exc:
+            for impl in ("lstmlab.LSTM", "lstmlab.lstm_layer"):
+                if impl in wanted:
+                    yield f"{impl}[{tag}]", Unavailable(str(exc))
+            continue
         if "lstmlab.LSTM" in wanted:
             try:
                 model = lstmlab.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend)
@@ -681,7 +696,9 @@ def run_config(
         for label, impl in build_impls(cfg, device, backends, set(args.impls), args.cpu_gemm):
             name, _, backend = label.partition("[")
             row = dict(base) | {"impl": name, "backend": backend.rstrip("]")}
-            if isinstance(impl, Exception):
+            if isinstance(impl, Unavailable):
+                row |= {"status": "unavailable", "note": impl.reason}
+            elif isinstance(impl, Exception):
                 row |= {"status": "FAILED", "note": benchlib.describe_exception(impl)}
             else:
                 if impl.name in ("torch.nn.LSTM", "torch.nn.GRU"):
@@ -740,7 +757,8 @@ def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_c
         "same shape and pass (`torch.nn.LSTM-fp16` rows), the dtype of cuDNN's persistent algorithm.",
         "`err` = max over outputs (out, h_n, c_n; for fwd+bwd also dx and dW_hh of layer 0) of "
         "max|y - y_ref| / max|y_ref|, against the float64 reference on the same weights; a row "
-        "above `tol` is FAILED and not timed.",
+        "above `tol` is FAILED and not timed; a requested lstmlab path that cannot run the shape (e.g. "
+        "the persistent kernels where their tiles spill) reads `unavailable`, with the reason.",
         "`input proj excluded` rows call `lstmlab.kernels.lstm_layer` on a precomputed gx; "
         "cuDNN cannot exclude the input projection, so the baseline always includes it.",
         "`cudnn path`: the algorithm PyTorch's heuristic (aten/src/ATen/native/cudnn/RNN.cpp, "

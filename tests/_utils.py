@@ -7,8 +7,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected|: one number per tensor, 0 for two zero tensors."""
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    diff = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    diff = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
     return diff / scale if scale > 0 else diff
 
 

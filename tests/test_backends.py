@@ -51,6 +51,30 @@ def test_triton_on_cuda_is_persistent_where_the_shape_qualifies(monkeypatch, req
         assert lstmlab.resolve_backend("auto", "cuda") == "reference"
 
 
+@pytest.mark.parametrize("backed", [True, False], ids=["dynamic", "unbacked"])
+def test_a_symbolic_batch_is_never_guarded_on(monkeypatch, backed):
+    """Seen on an H200: export with a dynamic batch failed (the check's B ≤ 16 narrowed the range)
+    and packed input under fullgraph compile could not guard on its unbacked batch. A symbolic
+    batch asks both chunk classes and adds no guard."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    asked = []
+    monkeypatch.setattr(backends, "HAS_TRITON", True)
+    monkeypatch.setattr(backends, "persistent_unavailable_reason", lambda b, *rest: asked.append(b))
+    env = ShapeEnv()
+    if backed:
+        batch = env.create_symintnode(env.create_symbol(24, source=ConstantSource("batch")), hint=24)
+    else:
+        batch = env.create_unbacked_symint()
+    assert lstmlab.resolve_backend("triton", "cuda", batch, 768, torch.bfloat16) == "triton_persistent"
+    assert asked == [16, 32]
+    assert not env.guards
+    asked.clear()
+    lstmlab.resolve_backend("triton", "cuda", 24, 768, torch.bfloat16)
+    assert asked == [24]
+
+
 def test_proj_size_stays_on_the_per_step_kernels(monkeypatch):
     monkeypatch.setattr(backends, "HAS_TRITON", True)
     assert backends.persistent_unavailable_reason(16, 64, torch.float32, torch.device("cuda"), 8) == (

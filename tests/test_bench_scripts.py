@@ -243,10 +243,15 @@ def test_bench_layer_on_gpu(tmp_path: Path) -> None:
     # passes × (fp32: LSTM, LSTM-fp16, GRU, loop, 3 backends × (LSTM, lstm_layer); fp16: no LSTM-fp16)
     assert len(rows) == 2 * (10 + 9)
     for r in rows:
+        if r["status"] == "unavailable":  # the persistent kernels refuse a config (fp32 on triton 3.6)
+            assert r["backend"] == "triton_persistent" and r["dtype"] == "fp32", r
+            assert "cannot run" in r["note"] and not r["median_ms"], r
+            continue
         assert r["status"] == "ok", r
         assert_timed(r)
         assert float(r["peak_mem_mib"]) >= 0
         assert float(r["ratio_vs_cudnn_fp16"]) > 0
+    assert any(r["status"] == "ok" for r in rows if r["backend"] == "triton_persistent")
     for backend in ("triton_persistent", "triton_step"):
         assert len([r for r in rows if r["impl"] == "lstmlab.LSTM" and r["backend"] == backend]) == 4
     baseline = [r for r in rows if r["impl"] == "torch.nn.LSTM"]

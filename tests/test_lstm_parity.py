@@ -21,11 +21,11 @@ TOL = 1e-10
 
 
 def twins(backend, **kwargs):
-    """torch.nn.LSTM and lstmlab.LSTM in float64, the second loaded from the first's state_dict."""
+    """torch.nn.LSTM and lstmlab.LSTM in float64, the second loaded from the first's state_dict.
+    torch's runs on the CPU (ATen's float64 LSTM): cuDNN refuses a backward in eval mode."""
     torch.manual_seed(0)
-    device = device_for(backend)
-    theirs = torch.nn.LSTM(**kwargs, dtype=torch.float64, device=device)
-    ours = lstmlab.LSTM(**kwargs, dtype=torch.float64, device=device, backend=backend)
+    theirs = torch.nn.LSTM(**kwargs, dtype=torch.float64)
+    ours = lstmlab.LSTM(**kwargs, dtype=torch.float64, device=device_for(backend), backend=backend)
     ours.load_state_dict(theirs.state_dict())
     return theirs.eval(), ours.eval()
 
@@ -38,8 +38,9 @@ def rand(*shape, backend="reference"):
 def outputs_and_grads(model, inputs, hx):
     """Runs the model; returns its outputs and the gradients of a fixed random projection of them
     w.r.t. every parameter, the inputs and the initial states."""
-    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    hx = None if hx is None else tuple(s.detach().clone().requires_grad_(True) for s in hx)
+    device = next(model.parameters()).device
+    inputs = [x.detach().to(device).requires_grad_(True) for x in inputs]
+    hx = None if hx is None else tuple(s.detach().to(device).requires_grad_(True) for s in hx)
     packed = len(inputs) > 1 or isinstance(inputs[0], list)
     x = pack_sequence(inputs, enforce_sorted=False) if packed else inputs[0]
     out, (h_n, c_n) = model(x) if hx is None else model(x, hx)
