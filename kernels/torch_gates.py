@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import variants
+from .variants import LN_EPS
+
 _ONE = torch.ones(())  # 0-dim: takes the other operand's dtype
 
 
@@ -99,3 +102,152 @@ def gates_backward_from_coefficients_into(
     torch.mul(dc_total.unsqueeze(1), coef_ifg, out=dpre_ifg)
     torch.mul(dh, coef_o, out=dpre_o)
     torch.mul(dc_total, f, out=dc_prev)
+
+
+# ---- cell variants (kernels/variants.py): the same contract as triton_gates' variant launchers ----
+# Written for clarity rather than speed: the vanilla cell never comes here (its path is above).
+
+
+def _layer_norm_stats(v: Tensor) -> tuple[Tensor, Tensor]:
+    """mean and 1/sqrt(var + ε) over the last dimension (biased variance), each [n, 1]."""
+    mean = v.mean(-1, keepdim=True)
+    var = (v - mean).square().mean(-1, keepdim=True)
+    return mean, torch.rsqrt(var + LN_EPS)
+
+
+def _layer_norm_backward(dy: Tensor, weight: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
+    """∂L/∂v of γ ⊙ x̂ (+ β), x̂ = (v − mean)·rstd, over the last dimension."""
+    g = dy * weight
+    return rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+
+
+def variant_gates_forward_into(
+    flags: int,
+    pre: Tensor,
+    rec: Tensor | None,
+    c_prev: Tensor,
+    h_prev: Tensor | None,
+    peephole: Tensor | None,
+    ln_hh: Tensor | None,
+    ln_c: Tensor | None,
+    zoneout: Tensor | None,
+    gates: Tensor,
+    c: Tensor,
+    h: Tensor,
+    c_new: Tensor | None,
+    ln_saved: Tensor | None,
+) -> None:
+    """One step of any cell variant (equations in `variants.py`), written into the given buffers.
+
+    pre [n, 4H]: gx_t + r_t (layer norm: gx_t alone, and rec [n, 4H] = the raw r_t); c_prev [n, H];
+    h_prev [n, H] (zoneout on h only); peephole [3, H]; ln_hh [4H]; ln_c [2, H] (γ_c, β_c);
+    zoneout [n, 2, H] masks (z^c, z^h). Out: gates [n, 4H] (i, f, g, o as used), c [n, H] = c_t,
+    h [n, H] = h_t, c_new [n, H] = c̃ (zoneout on c only), ln_saved [n, 4H + 3] (layer norm only:
+    r̂, rstd_r, mean_c, rstd_c).
+    """
+    acc, H = c.dtype, c.shape[-1]
+    a = pre.to(acc)
+    if flags & variants.LAYER_NORM:
+        r = rec.to(acc)
+        mean_r, rstd_r = _layer_norm_stats(r)
+        r_hat = (r - mean_r) * rstd_r
+        a = a + ln_hh * r_hat
+    a_i, a_f, a_g, a_o = a.split(H, dim=-1)
+    if flags & variants.PEEPHOLES:
+        a_i = a_i + peephole[0] * c_prev
+        a_f = a_f + peephole[1] * c_prev
+    one = torch.ones_like(c_prev)
+    i = one if flags & variants.NO_INPUT_GATE else torch.sigmoid(a_i)
+    f = one if flags & variants.NO_FORGET_GATE else torch.sigmoid(a_f)
+    if flags & variants.CIFG:
+        f = 1 - i
+    g = a_g if flags & variants.NO_INPUT_ACTIVATION else torch.tanh(a_g)
+    cell = f * c_prev + i * g  # c̃ [n, H]
+    if flags & variants.PEEPHOLES:
+        a_o = a_o + peephole[2] * cell
+    o = one if flags & variants.NO_OUTPUT_GATE else torch.sigmoid(a_o)
+    y = cell
+    if flags & variants.LAYER_NORM:
+        mean_c, rstd_c = _layer_norm_stats(cell)
+        y = ln_c[0] * (cell - mean_c) * rstd_c + ln_c[1]
+        torch.cat([r_hat, rstd_r, mean_c, rstd_c], dim=-1, out=ln_saved)
+    h_tilde = o * (y if flags & variants.NO_OUTPUT_ACTIVATION else torch.tanh(y))
+    torch.cat([i, f, g, o], dim=-1, out=gates)
+    if flags & variants.ZONEOUT_C:
+        c_new.copy_(cell)
+        cell = torch.where(zoneout[:, 0].bool(), c_prev, cell)
+    if flags & variants.ZONEOUT_H:
+        h_tilde = torch.where(zoneout[:, 1].bool(), h_prev.to(acc), h_tilde)
+    c.copy_(cell)
+    h.copy_(h_tilde)
+
+
+def variant_gates_backward_into(
+    flags: int,
+    dh: Tensor,
+    dc: Tensor,
+    gates: Tensor,
+    c_prev: Tensor,
+    c_new: Tensor,
+    ln_saved: Tensor | None,
+    peephole: Tensor | None,
+    ln_hh: Tensor | None,
+    ln_c: Tensor | None,
+    zoneout: Tensor | None,
+    d_pre: Tensor,
+    d_rec: Tensor | None,
+    dc_prev: Tensor,
+    dh_prev: Tensor | None,
+    d_ln_c: Tensor | None,
+) -> None:
+    """Backward of :func:`variant_gates_forward_into` (the chain rule through `variants.py`'s
+    equations, in the order the kernels follow). dh, dc [n, H]: ∂L/∂h_t, ∂L/∂c_t; c_new = c̃. Out:
+    d_pre [n, 4H] = ∂L/∂gx_t, d_rec [n, 4H] = ∂L/∂r_t before layer norm, dc_prev [n, H] (may be
+    dc), dh_prev [n, H] = z^h ⊙ dh (zoneout on h; may be dh), d_ln_c [n, 2, H] = (dy ⊙ ŷ, dy)."""
+    H = dc.shape[-1]
+    i, f, g, o = gates.split(H, dim=-1)
+    dh_tilde, dc_tilde, dc_carry = dh, dc, None
+    if flags & variants.ZONEOUT_H:
+        keep_h = zoneout[:, 1].bool()
+        dh_tilde = torch.where(keep_h, 0, dh)
+        torch.mul(dh, keep_h, out=dh_prev)
+    if flags & variants.ZONEOUT_C:
+        keep_c = zoneout[:, 0].bool()
+        dc_tilde, dc_carry = torch.where(keep_c, 0, dc), torch.where(keep_c, dc, 0)
+    if flags & variants.LAYER_NORM:
+        mean_c, rstd_c = ln_saved[:, 4 * H + 1 : 4 * H + 2], ln_saved[:, 4 * H + 2 :]
+        y_hat = (c_new - mean_c) * rstd_c
+        y = ln_c[0] * y_hat + ln_c[1]
+    else:
+        y = c_new
+    out_act = y if flags & variants.NO_OUTPUT_ACTIVATION else torch.tanh(y)
+    d_o = dh_tilde * out_act
+    dy = dh_tilde * o
+    if not flags & variants.NO_OUTPUT_ACTIVATION:
+        dy = dy * (1 - out_act * out_act)
+    if flags & variants.LAYER_NORM:
+        dc_tilde = dc_tilde + _layer_norm_backward(dy, ln_c[0], y_hat, rstd_c)
+        torch.stack([dy * y_hat, dy], dim=1, out=d_ln_c)
+    else:
+        dc_tilde = dc_tilde + dy
+    da_o = torch.zeros_like(o) if flags & variants.NO_OUTPUT_GATE else d_o * o * (1 - o)
+    if flags & variants.PEEPHOLES:
+        dc_tilde = dc_tilde + peephole[2] * da_o
+    d_i, d_f, d_g = dc_tilde * g, dc_tilde * c_prev, dc_tilde * i
+    d_c_prev = dc_tilde * f
+    if flags & variants.CIFG:
+        d_i = d_i - d_f  # f = 1 − i
+    da_i = torch.zeros_like(i) if flags & variants.NO_INPUT_GATE else d_i * i * (1 - i)
+    no_forget = flags & (variants.NO_FORGET_GATE | variants.CIFG)
+    da_f = torch.zeros_like(f) if no_forget else d_f * f * (1 - f)
+    da_g = d_g if flags & variants.NO_INPUT_ACTIVATION else d_g * (1 - g * g)
+    if flags & variants.PEEPHOLES:
+        d_c_prev = d_c_prev + peephole[0] * da_i + peephole[1] * da_f
+    if dc_carry is not None:
+        d_c_prev = d_c_prev + dc_carry
+    da = torch.cat([da_i, da_f, da_g, da_o], dim=-1)  # [n, 4H]
+    d_pre.copy_(da)
+    if flags & variants.LAYER_NORM:
+        r_hat, rstd_r = ln_saved[:, : 4 * H], ln_saved[:, 4 * H : 4 * H + 1]
+        d_rec.copy_(_layer_norm_backward(da, ln_hh, r_hat, rstd_r))
+    dc_prev.copy_(d_c_prev)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from lstmlab.kernels import HAS_TRITON, TRITON_INTERPRET
+from lstmlab.kernels import HAS_TRITON, TRITON_INTERPRET, variants
 
 BACKENDS = ("auto", "triton", "triton_step", "triton_persistent", "reference")
 
@@ -46,10 +46,11 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, never traces it
 def persistent_unavailable_reason(
-    batch: int, hidden: int, dtype: torch.dtype, device: torch.device, proj_size: int
+    batch: int, hidden: int, dtype: torch.dtype, device: torch.device, proj_size: int, flags: int = 0
 ) -> str | None:
-    """Why the persistent kernels cannot run this layer, or None. On CUDA the first answer for a
-    shape compiles both kernels to check registers, spills and residency (then it is cached)."""
+    """Why the persistent kernels cannot run this layer (``flags``: its cell variant's kernel bits,
+    `kernels/variants.py`), or None. On CUDA the first answer for a shape and variant compiles both
+    kernels to check registers, spills and residency (then it is cached)."""
     if proj_size > 0:
         return "they have no projection (proj_size > 0 runs on the per-step kernels)"
     from lstmlab.kernels import triton_persistent  # imports triton: only once it is known to be there
@@ -57,7 +58,13 @@ def persistent_unavailable_reason(
     # on CUDA the check compiles the kernels on real tensors: never on the fake (or recorded) ones
     # of a tracer that happens to be active, such as torch.export's
     with _disable_current_modes():
-        return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device)
+        if not flags:  # the vanilla cell: the question the kernels answered before variants
+            return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device)
+        return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device, flags)
+
+
+def _variant_note(flags: int) -> str:
+    return f" ({', '.join(variants.flag_names(flags))})" if flags else ""
 
 
 def resolve_backend(
@@ -68,9 +75,11 @@ def resolve_backend(
     dtype: torch.dtype = torch.float32,
     proj_size: int = 0,
     single_step: bool = False,
+    flags: int = 0,
 ) -> str:
     """The implementation (one of ``KERNEL_BACKENDS``) for a requested backend and a layer: its
-    tensors' device, batch, hidden size, compute dtype and proj_size (``single_step``: a cell).
+    tensors' device, batch, hidden size, compute dtype and proj_size (``single_step``: a cell;
+    ``flags``: the cell variant's kernel bits, 0 for the vanilla cell).
     Raises if an explicit request cannot run, naming the reason."""
     check_backend_name(requested)
     device = torch.device(device)
@@ -96,7 +105,7 @@ def resolve_backend(
         classes = (16 if batch <= 16 else 32,)
     else:
         classes = (batch,)
-    reasons = (persistent_unavailable_reason(b, hidden, dtype, device, proj_size) for b in classes)
+    reasons = (persistent_unavailable_reason(b, hidden, dtype, device, proj_size, flags) for b in classes)
     persistent_reason = next((r for r in reasons if r is not None), None)
     if persistent_reason is None:
         return "triton_persistent"
@@ -104,5 +113,6 @@ def resolve_backend(
         return "triton_step"
     raise RuntimeError(
         f"backend='triton_persistent' was requested but the persistent kernels cannot run B={batch}, "
-        f"H={hidden}, {dtype} on {device}: {persistent_reason}. Use backend='triton_step' or 'triton'."
+        f"H={hidden}, {dtype}{_variant_note(flags)} on {device}: {persistent_reason}. "
+        "Use backend='triton_step' or 'triton'."
     )

@@ -2,8 +2,13 @@
 
 Same constructor arguments, parameter names and shapes, gate order (i, f, g, o), two bias vectors,
 U(−1/√H, 1/√H) initialisation drawn in the same order (the same seed gives the same weights as torch),
-inputs and outputs. On purpose we differ in three places, all opt-in keywords: ``backend`` picks the
-implementation, ``forget_bias`` and ``chrono_t_max`` initialise the gate biases.
+inputs and outputs. On purpose we differ in opt-in keywords only: ``backend`` picks the
+implementation, ``forget_bias`` and ``chrono_t_max`` initialise the gate biases, and the cell-variant
+options (``peepholes``, ``cifg``, Greff's ablations, ``layer_norm``, zoneout, recurrent dropout;
+`kernels/variants.py` has their equations) change the cell. A variant's extra parameters exist only
+when it is on, are registered after torch's (so the same seed draws the same torch weights), and are
+named torch-style: ``weight_peephole_l0`` [3, H], ``weight_ln_ih_l0`` / ``weight_ln_hh_l0`` [4H],
+``weight_ln_c_l0`` / ``bias_ln_c_l0`` [H].
 
 B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  D: directions  L: layers
 """
@@ -21,8 +26,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmlab.backends import check_backend_name, resolve_backend
-from lstmlab.kernels import lstm_layer_from_input
+from lstmlab.kernels import lstm_layer_from_input, variants
 from lstmlab.kernels.packed import pack_padded, pad_packed
+from lstmlab.kernels.variant_layer import lstm_variant_layer
+from lstmlab.kernels.variants import CellVariant
 
 
 def _check_size(name: str, value: object) -> None:
@@ -153,6 +160,7 @@ class _LSTMBase(nn.Module):
         backend: str,
         forget_bias: float,
         chrono_t_max: float | None,
+        variant: CellVariant,
     ) -> None:
         super().__init__()
         _check_size("input_size", input_size)
@@ -166,7 +174,69 @@ class _LSTMBase(nn.Module):
         self.backend = check_backend_name(backend)
         self.forget_bias = forget_bias
         self.chrono_t_max = chrono_t_max
+        self.variant = variant
         self.last_backend: str | None = None  # the backend the last forward actually ran
+
+    def _register_variant_parameters(self, suffix: str, factory: dict) -> None:
+        """The variant's own parameters of one layer and direction (none for the vanilla cell)."""
+        H, G = self.hidden_size, 4 * self.hidden_size
+        params: dict[str, tuple[int, ...]] = {}
+        if self.variant.peepholes:
+            params["weight_peephole"] = (3, H)  # p_i, p_f, p_o
+        if self.variant.layer_norm:
+            params |= {"weight_ln_ih": (G,), "weight_ln_hh": (G,), "weight_ln_c": (H,), "bias_ln_c": (H,)}
+        for name, shape in params.items():
+            self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
+
+    def _flags(self) -> int:
+        """The variant's kernel bits for this call: its structure, plus the masks' in training."""
+        v, flags = self.variant, self.variant.flags
+        if self.training:
+            flags |= variants.ZONEOUT_C * (v.zoneout_c > 0) | variants.ZONEOUT_H * (v.zoneout_h > 0)
+            flags |= variants.RECURRENT_DROPOUT * (v.recurrent_dropout > 0)
+        return flags
+
+    def _variant_layer(
+        self,
+        x: Tensor,
+        suffix: str,
+        h0: Tensor,
+        c0: Tensor,
+        batch_sizes: Tensor | None,
+        backend: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer and direction of a cell variant: x [T, B, I] in the compute dtype ->
+        out [T, B, H], h_n [B, H], c_n [B, H]. Masks are drawn here, from torch's generator of the
+        device, in training only: zoneout per element and step, recurrent dropout once per sequence."""
+        dtype, (T, B), H = x.dtype, x.shape[:2], self.hidden_size
+        v = self.variant
+
+        def param(name: str) -> Tensor | None:
+            p = getattr(self, f"{name}{suffix}", None)
+            return None if p is None else p.to(dtype)
+
+        b_ih, b_hh = param("bias_ih"), param("bias_hh")
+        bias = None if b_ih is None else b_ih + b_hh
+        if v.layer_norm:  # γ_ih ⊙ LN(x·W_ihᵀ) + b, differentiated by autograd
+            gx = F.layer_norm(
+                F.linear(x, param("weight_ih")), (4 * H,), param("weight_ln_ih"), bias, variants.LN_EPS
+            )
+        else:
+            gx = F.linear(x, param("weight_ih"), bias)  # [T, B, 4H]
+        flags = self._flags()
+        zoneout = dropout = None
+        if flags & (variants.ZONEOUT_C | variants.ZONEOUT_H):  # [T, B, 2, H]: (z^c, z^h), 1 = keep
+            p_keep = torch.tensor([v.zoneout_c, v.zoneout_h], device=x.device).view(2, 1)
+            zoneout = (torch.rand(T, B, 2, H, device=x.device) < p_keep).to(torch.uint8)
+        if flags & variants.RECURRENT_DROPOUT:  # [B, H], 0 or 1/(1 − p): one mask per sequence
+            keep = 1.0 - v.recurrent_dropout
+            dropout = torch.empty(B, H, device=x.device, dtype=dtype).bernoulli_(keep).div_(keep)
+        ln_c = None if not v.layer_norm else torch.stack([param("weight_ln_c"), param("bias_ln_c")])
+        return lstm_variant_layer(
+            gx, h0, c0, param("weight_hh"), flags,
+            peephole=param("weight_peephole"), ln_hh=param("weight_ln_hh"), ln_c=ln_c,
+            zoneout=zoneout, dropout=dropout, batch_sizes=batch_sizes, backend=backend,
+        )  # fmt: skip
 
     def _bias_pairs(self) -> list[tuple[Tensor, Tensor]]:
         """(bias_ih, bias_hh) of every layer and direction."""
@@ -174,8 +244,14 @@ class _LSTMBase(nn.Module):
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        # torch's parameters first, in torch's order (a variant's come after them): the same
+        # seed draws the same torch weights whatever the variant. Peepholes are drawn like
+        # weights; layer-norm gains start at 1 and its bias at 0, as in Ba et al. and haste.
+        for name, weight in self.named_parameters():
+            if "_ln_" in name:
+                nn.init.constant_(weight, 1.0 if name.startswith("weight") else 0.0)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
         if self.bias:
             for bias_ih, bias_hh in self._bias_pairs():
                 _init_gate_biases(bias_ih, bias_hh, self.forget_bias, self.chrono_t_max)
@@ -185,6 +261,8 @@ class _LSTMBase(nn.Module):
         for key, default in self._repr_defaults.items():
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)!r}"
+        for key, value in self.variant.changed().items():
+            s += f", {key}={value!r}"
         return s
 
     def _compute_dtype(self, x: Tensor, weight: Tensor, error: type[Exception]) -> torch.dtype:
@@ -217,7 +295,7 @@ class _LSTMBase(nn.Module):
     ) -> str:
         """The implementation for this call (lstmlab.backends has the rule), kept in last_backend."""
         backend = resolve_backend(
-            self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step
+            self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step, self._flags()
         )
         self.last_backend = backend
         return backend
@@ -250,6 +328,12 @@ class LSTM(_LSTMBase):
         chrono_t_max: chrono initialisation (Tallec & Ollivier 2018) for dependencies up to this
             many steps: b_f ~ log U[1, T_max − 1], b_i = −b_f (on ``bias_ih``; ``bias_hh`` zeroed
             there). Default None: torch's init.
+        peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
+        output_activation, layer_norm, zoneout_c, zoneout_h, recurrent_dropout: the cell variant
+            (:class:`lstmlab.kernels.variants.CellVariant`; equations in `kernels/variants.py` and
+            the README). All off by default: then the module is torch.nn.LSTM exactly. Zoneout and
+            recurrent dropout draw their masks from torch's generator in training only (identity
+            in eval mode). Not with ``proj_size``.
 
     Inputs: input, (h_0, c_0)
         input [T, B, I], [B, T, I] with ``batch_first``, [T, I] unbatched, or a PackedSequence.
@@ -282,9 +366,29 @@ class LSTM(_LSTMBase):
         backend: str = "auto",
         forget_bias: float = 0.0,
         chrono_t_max: float | None = None,
+        peepholes: bool = False,
+        cifg: bool = False,
+        input_gate: bool = True,
+        forget_gate: bool = True,
+        output_gate: bool = True,
+        input_activation: bool = True,
+        output_activation: bool = True,
+        layer_norm: bool = False,
+        zoneout_c: float = 0.0,
+        zoneout_h: float = 0.0,
+        recurrent_dropout: float = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max)
+        variant = CellVariant(
+            peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
+            output_activation, layer_norm, zoneout_c, zoneout_h, recurrent_dropout,
+        )  # fmt: skip
+        super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max, variant)
         _check_lstm_args(num_layers, batch_first, dropout, bidirectional, proj_size, hidden_size)
+        if proj_size > 0 and not variant.is_vanilla:
+            raise ValueError(
+                f"proj_size is not implemented for cell variants, got proj_size={proj_size} with "
+                f"{variant.changed()}; use proj_size=0, or the vanilla cell"
+            )
         self.num_layers = num_layers
         self.batch_first = batch_first
         self.dropout = float(dropout)
@@ -311,6 +415,9 @@ class LSTM(_LSTMBase):
                     params[f"weight_hr_{suffix}"] = (proj_size, hidden_size)
                 for name, shape in params.items():
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+        for layer in range(num_layers):  # after all of torch's: its weights draw as torch's do
+            for suffix in self._direction_suffixes(layer):
+                self._register_variant_parameters(f"_{suffix}", factory)
         self.reset_parameters()
 
     _repr_defaults: ClassVar[dict[str, object]] = {
@@ -405,9 +512,12 @@ class LSTM(_LSTMBase):
                     x_dir = layer_input.flip(0)
                     steps = None if batch_sizes is None else batch_sizes.flip(0)
                 idx = layer * D + direction
-                out, h, c = lstm_layer_from_input(
-                    x_dir, w_ih.to(dtype), bias, h0[idx], c0[idx], w_hh.to(dtype), w_hr, steps, backend
-                )
+                if self.variant.is_vanilla:
+                    out, h, c = lstm_layer_from_input(
+                        x_dir, w_ih.to(dtype), bias, h0[idx], c0[idx], w_hh.to(dtype), w_hr, steps, backend
+                    )
+                else:
+                    out, h, c = self._variant_layer(x_dir, f"_{suffix}", h0[idx], c0[idx], steps, backend)
                 outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
                 h_n.append(h)
                 c_n.append(c)
@@ -470,6 +580,9 @@ class LSTMCell(_LSTMBase):
     Args:
         input_size, hidden_size, bias, device, dtype: exactly as :class:`torch.nn.LSTMCell`.
         backend, forget_bias, chrono_t_max: as in :class:`LSTM`.
+        peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
+        output_activation, layer_norm, zoneout_c, zoneout_h: the cell variant, as in :class:`LSTM`
+            (recurrent dropout keeps one mask per sequence, which a single step cannot: use LSTM).
 
     Inputs: input [B, I] or [I], (h_0 [B, H], c_0 [B, H]) (unbatched: [H]); zeros if omitted.
     Outputs: (h_1, c_1), shaped like h_0 and c_0.
@@ -492,8 +605,22 @@ class LSTMCell(_LSTMBase):
         backend: str = "auto",
         forget_bias: float = 0.0,
         chrono_t_max: float | None = None,
+        peepholes: bool = False,
+        cifg: bool = False,
+        input_gate: bool = True,
+        forget_gate: bool = True,
+        output_gate: bool = True,
+        input_activation: bool = True,
+        output_activation: bool = True,
+        layer_norm: bool = False,
+        zoneout_c: float = 0.0,
+        zoneout_h: float = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max)
+        variant = CellVariant(
+            peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
+            output_activation, layer_norm, zoneout_c, zoneout_h,
+        )  # fmt: skip
+        super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max, variant)
         factory = {"device": device, "dtype": dtype}
         G = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(G, input_size, **factory))
@@ -504,6 +631,7 @@ class LSTMCell(_LSTMBase):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._register_variant_parameters("", factory)
         self.reset_parameters()
 
     def _bias_pairs(self) -> list[tuple[Tensor, Tensor]]:
@@ -549,6 +677,11 @@ class LSTMCell(_LSTMBase):
         _check_same_device(x, self.weight_ih, (h0, c0))
 
         backend = self._pick_backend(x.device, B, dtype, single_step=True)
+        if not self.variant.is_vanilla:
+            _, h1, c1 = self._variant_layer(
+                x.to(dtype).unsqueeze(0), "", h0.to(dtype), c0.to(dtype), None, backend
+            )
+            return (h1, c1) if is_batched else (h1.squeeze(0), c1.squeeze(0))
         bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
         w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
         x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer
