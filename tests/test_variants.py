@@ -335,3 +335,43 @@ def test_lstm_cell_variant_is_one_step_of_the_layer():
     assert "weight_peephole" in cell.state_dict()
     with pytest.raises(TypeError, match="recurrent_dropout"):
         lstmlab.LSTMCell(3, H, recurrent_dropout=0.1)
+
+
+# ---- torch.compile and the op contract ----
+
+
+def test_opcheck_variant_ops():
+    """Schema, fake tensors, autograd registration and AOT dispatch of both variant ops (packed
+    steps and every optional tensor: the widest case)."""
+    variant, *probabilities = LAYER_CASES["everything"]
+    leaves, masks, flags = layer_inputs(variant, *probabilities, device="cpu")
+    sizes = torch.tensor([3, 3, 2, 2, 1])
+    args = (leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], sizes, "reference", flags,
+            leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], *masks.values())  # fmt: skip
+    torch.library.opcheck(variant_layer.lstm_variant_layer_fwd, args)
+    hs, out_packed, c_n, cs, gates, c_new, ln_saved = variant_layer.lstm_variant_layer_fwd(*args)
+    d_hs, d_out, d_cn = torch.randn_like(hs), torch.randn_like(out_packed), torch.randn_like(c_n)
+    bwd_args = (d_hs, d_out, d_cn, hs, cs, gates, c_new, ln_saved, leaves["w_hh"], sizes, "reference",
+                flags, leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], masks["zoneout"],
+                masks["dropout"], True)  # fmt: skip
+    detached = tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args)
+    torch.library.opcheck(variant_layer.lstm_variant_layer_bwd, detached)
+
+
+def test_fullgraph_compile_of_a_variant_matches_eager():
+    torch.manual_seed(0)
+    model = lstmlab.LSTM(3, H, bidirectional=True, peepholes=True, layer_norm=True, zoneout_h=0.3)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(T, B, 3)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        torch.manual_seed(3)
+        expected = model(x)[0]
+        torch.manual_seed(3)  # the same masks: drawn by the same torch ops, compiled or not
+        actual = compiled(x)[0]
+        assert rel_err(actual, expected) <= 1e-6, mode
+        grads = torch.autograd.grad(actual.square().sum(), list(model.parameters()))
+        torch.manual_seed(3)
+        expected_grads = torch.autograd.grad(model(x)[0].square().sum(), list(model.parameters()))
+        for a, e in zip(grads, expected_grads, strict=True):
+            assert rel_err(a, e) <= 1e-6, mode
