@@ -188,8 +188,9 @@ class _LSTMBase(nn.Module):
         for name, shape in params.items():
             self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
 
-    def _flags(self) -> int:
-        """The variant's kernel bits for this call: its structure, plus the masks' in training."""
+    def kernel_flags(self) -> int:
+        """The cell variant's kernel bits (`kernels/variants.py`) the next forward uses: the
+        variant's structure, plus the masks' in training mode. 0 for the vanilla cell."""
         v, flags = self.variant, self.variant.flags
         if self.training:
             flags |= variants.ZONEOUT_C * (v.zoneout_c > 0) | variants.ZONEOUT_H * (v.zoneout_h > 0)
@@ -223,14 +224,14 @@ class _LSTMBase(nn.Module):
             )
         else:
             gx = F.linear(x, param("weight_ih"), bias)  # [T, B, 4H]
-        flags = self._flags()
+        flags = self.kernel_flags()
         zoneout = dropout = None
         if flags & (variants.ZONEOUT_C | variants.ZONEOUT_H):  # [T, B, 2, H]: (z^c, z^h), 1 = keep
             p_keep = torch.tensor([v.zoneout_c, v.zoneout_h], device=x.device).view(2, 1)
             zoneout = (torch.rand(T, B, 2, H, device=x.device) < p_keep).to(torch.uint8)
         if flags & variants.RECURRENT_DROPOUT:  # [B, H], 0 or 1/(1 − p): one mask per sequence
-            keep = 1.0 - v.recurrent_dropout
-            dropout = torch.empty(B, H, device=x.device, dtype=dtype).bernoulli_(keep).div_(keep)
+            keep = 1.0 - v.recurrent_dropout  # drawn in fp32 whatever the dtype: a seed gives one mask
+            dropout = (torch.rand(B, H, device=x.device) < keep).to(dtype).div_(keep)
         ln_c = None if not v.layer_norm else torch.stack([param("weight_ln_c"), param("bias_ln_c")])
         return lstm_variant_layer(
             gx, h0, c0, param("weight_hh"), flags,
@@ -295,7 +296,7 @@ class _LSTMBase(nn.Module):
     ) -> str:
         """The implementation for this call (lstmlab.backends has the rule), kept in last_backend."""
         backend = resolve_backend(
-            self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step, self._flags()
+            self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step, self.kernel_flags()
         )
         self.last_backend = backend
         return backend

@@ -23,7 +23,7 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from lstmlab.kernels import gemm
 from lstmlab.kernels.gemm import CPU_GEMM_ENGINES
+from lstmlab.kernels.variants import GREFF_VARIANTS
 
 DTYPES: dict[str, tuple[torch.dtype, bool]] = {  # label -> (dtype, TF32 allowed)
     "fp32": (torch.float32, False),
@@ -77,9 +78,19 @@ MATRIX = {
     "cpu-quick": {"batch": [8], "hidden": [64], "seq": [32], "dtypes": ["fp32"]},
 }
 
+# cell variants for --variants (kernels/variants.py): Greff et al.'s eight, layer norm and the masks
+VARIANTS: dict[str, dict[str, object]] = {"vanilla": {}}
+VARIANTS |= {name: dict(options) for name, options in GREFF_VARIANTS.items() if options}
+VARIANTS |= {
+    "LN": {"layer_norm": True},
+    "zoneout": {"zoneout_c": 0.1, "zoneout_h": 0.1},
+    "recurrent_dropout": {"recurrent_dropout": 0.25},
+}
+
 COLUMNS = [
     "impl",
     "backend",
+    "variant",
     "input_proj",
     "cudnn_path",
     "layers",
@@ -101,6 +112,7 @@ COLUMNS = [
     "tokens_per_s",
     "peak_mem_mib",
     "ratio_vs_baseline",
+    "ratio_vs_vanilla",
     "ratio_vs_cudnn_fp16",
     "kernels",
     "note",
@@ -143,6 +155,10 @@ class Impl:
     note: str = ""
     modules: list[nn.Module] = field(default_factory=list)
     cpu_gemm: str | None = None  # lstmlab's CPU GEMM engine for this row (kernels/gemm.py)
+    variant: str = "vanilla"  # the lstmlab cell variant (VARIANTS)
+    # the float64 twin that checks a variant row (torch.nn.LSTM has no variants): the same module
+    # on the reference backend, itself tested against kernels/naive.py
+    reference_module: nn.Module | None = None
 
     def engine(self) -> contextlib.AbstractContextManager:
         """The context every call of this implementation (checked or timed) runs in."""
@@ -247,6 +263,55 @@ def gru_forward(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, ...]]:
     return fwd
 
 
+def lstmlab_row(
+    cfg: Config,
+    device: torch.device,
+    master: nn.LSTM,
+    dtype: torch.dtype,
+    backend: str,
+    engine: str | None,
+    variant: str,
+) -> tuple[str, Impl | Unavailable | Exception]:
+    """(label, Impl) of lstmlab.LSTM with one backend, CPU GEMM engine and cell variant, loaded with
+    the master weights (a variant's own parameters keep their initial values)."""
+    import lstmlab
+
+    tag = with_engine(backend, engine)
+    label = f"lstmlab.LSTM[{tag}]" if variant == "vanilla" else f"lstmlab.LSTM+{variant}[{tag}]"
+    try:
+        torch.manual_seed(0)
+        options = VARIANTS[variant]
+        model = lstmlab.LSTM(
+            cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend, **options
+        )
+        model.load_state_dict(master.state_dict(), strict=variant == "vanilla")
+        model.train(cfg.pass_ == "fwd+bwd")  # the masks (zoneout, dropout) exist in training only
+        try:  # an explicit path that cannot run this variant is a fact, not a failure
+            lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype, flags=model.kernel_flags())
+        except RuntimeError as exc:
+            return label, Unavailable(str(exc))
+        reference = None
+        if variant != "vanilla":
+            reference = copy.deepcopy(model).double()
+            reference.backend = "reference"
+        model = model.to(dtype)
+    except Exception as exc:  # recorded as a FAILED row by the caller
+        return label, exc
+    return label, Impl(
+        "lstmlab.LSTM",
+        "included",
+        lstm_forward(model),
+        list(model.parameters()),
+        model.weight_hh_l0,
+        lambda: with_engine(str(model.last_backend), engine),
+        modules=[model],
+        cpu_gemm=engine,
+        variant=variant,
+        reference_module=reference,
+        reference="torch.nn.LSTM fp64" if reference is None else "lstmlab.LSTM reference backend fp64",
+    )
+
+
 @dataclass
 class Unavailable:
     """A requested lstmlab path that cannot run the config (e.g. the persistent kernels on a shape
@@ -256,7 +321,12 @@ class Unavailable:
 
 
 def build_impls(
-    cfg: Config, device: torch.device, backends: list[str], wanted: set[str], cpu_gemms: list[str]
+    cfg: Config,
+    device: torch.device,
+    backends: list[str],
+    wanted: set[str],
+    cpu_gemms: list[str],
+    variants: Sequence[str] = ("vanilla",),
 ) -> Iterator[tuple[str, Impl | Unavailable | Exception]]:
     """Yields (label, Impl) in timing order, baseline first; a construction error is yielded
     in place of the Impl so it becomes a FAILED row. On CPU each lstmlab row is repeated for
@@ -345,26 +415,8 @@ def build_impls(
                     yield f"{impl}[{tag}]", Unavailable(str(exc))
             continue
         if "lstmlab.LSTM" in wanted:
-            try:
-                model = lstmlab.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend)
-                model.load_state_dict(master.state_dict())
-                model = model.to(dtype)
-            except Exception as exc:  # recorded as a FAILED row by the caller
-                yield f"lstmlab.LSTM[{tag}]", exc
-            else:
-                yield (
-                    f"lstmlab.LSTM[{tag}]",
-                    Impl(
-                        "lstmlab.LSTM",
-                        "included",
-                        lstm_forward(model),
-                        list(model.parameters()),
-                        model.weight_hh_l0,
-                        lambda model=model, engine=engine: with_engine(str(model.last_backend), engine),
-                        modules=[model],
-                        cpu_gemm=engine,
-                    ),
-                )
+            for variant in variants:
+                yield lstmlab_row(cfg, device, master, dtype, backend, engine, variant)
         if "lstmlab.lstm_layer" in wanted:
             label = f"lstmlab.lstm_layer[{tag}]"
             if cfg.layers != 1:
@@ -423,12 +475,17 @@ def reference_outputs(
     if impl.name == "torch.nn.GRU":
         ref = copy.deepcopy(impl.modules[0]).double()
         forward = gru_forward(ref)
+    elif impl.reference_module is not None:
+        ref = impl.reference_module
+        ref.train(backward)
+        forward = lstm_forward(ref)
     else:
         ref = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=x.device, dtype=torch.float64)
         ref.load_state_dict(reference_state(impl), strict=True)
         forward = lstm_forward(ref)
     with tf32(False):
         x64 = x.detach().double().requires_grad_(backward)
+        torch.manual_seed(0)  # the checked call draws the same masks (zoneout, dropout)
         outs = forward(x64)
         grads: list[Tensor] = []
         if backward:
@@ -467,6 +524,7 @@ def check(
     benchlib.sync(device)
     t0 = time.perf_counter()
     with impl.engine():
+        torch.manual_seed(0)  # the reference drew its masks from this seed
         outs = list(impl.forward(impl.prepare(xr)))
         if fault:
             outs[0] = outs[0] + 1.0
@@ -584,6 +642,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the reference; 'triton' lets lstmlab choose between the first two)",
     )
     p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["vanilla"],
+        choices=list(VARIANTS),
+        help="lstmlab.LSTM cell variants, one row each per backend (kernels/variants.py); a variant\n"
+        "row's ÷ vanilla compares it with the vanilla row of the same backend",
+    )
+    p.add_argument(
         "--cpu-gemm",
         nargs="+",
         default=["auto"],
@@ -693,9 +759,11 @@ def run_config(
         gout = torch.randn(cfg.seq_len, cfg.batch, cfg.hidden, generator=gen)
         x, gout = x.to(device, dtype), gout.to(device, dtype)
         timed = []
-        for label, impl in build_impls(cfg, device, backends, set(args.impls), args.cpu_gemm):
+        impls = build_impls(cfg, device, backends, set(args.impls), args.cpu_gemm, args.variants)
+        for label, impl in impls:
             name, _, backend = label.partition("[")
-            row = dict(base) | {"impl": name, "backend": backend.rstrip("]")}
+            name, _, variant = name.partition("+")
+            row = dict(base) | {"impl": name, "backend": backend.rstrip("]"), "variant": variant or "vanilla"}
             if isinstance(impl, Unavailable):
                 row |= {"status": "unavailable", "note": impl.reason}
             elif isinstance(impl, Exception):
@@ -723,9 +791,17 @@ def run_config(
     baseline = [r for r in rows if r["impl"] == BASELINE and r.get("status") == "ok"]
     fp16_name = BASELINE if cfg.dtype == "fp16" else "torch.nn.LSTM-fp16"
     cudnn_fp16 = [r for r in rows if r["impl"] == fp16_name and r.get("status") == "ok"]
+    vanilla = {
+        r["backend"]: r
+        for r in rows
+        if r["impl"] == "lstmlab.LSTM" and r["variant"] == "vanilla" and r.get("status") == "ok"
+    }
     for row in rows:
         if baseline and row.get("status") == "ok":
             row["ratio_vs_baseline"] = float(row["median_ms"]) / float(baseline[0]["median_ms"])
+        same_path = vanilla.get(row.get("backend"))
+        if row.get("variant", "vanilla") != "vanilla" and same_path is not None and row.get("status") == "ok":
+            row["ratio_vs_vanilla"] = float(row["median_ms"]) / float(same_path["median_ms"])
         if cudnn_fp16 and device.type == "cuda" and row.get("status") == "ok":
             row["ratio_vs_cudnn_fp16"] = float(row["median_ms"]) / float(cudnn_fp16[0]["median_ms"])
         benchlib.print_row(row)
@@ -757,7 +833,10 @@ def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_c
         "same shape and pass (`torch.nn.LSTM-fp16` rows), the dtype of cuDNN's persistent algorithm.",
         "`err` = max over outputs (out, h_n, c_n; for fwd+bwd also dx and dW_hh of layer 0) of "
         "max|y - y_ref| / max|y_ref|, against the float64 reference on the same weights; a row "
-        "above `tol` is FAILED and not timed; a requested lstmlab path that cannot run the shape (e.g. "
+        "above `tol` is FAILED and not timed (a cell `variant` row is checked against the same module "
+        "on the reference backend in float64, masks drawn from the same seed; `÷ vanilla` = its median "
+        "/ the vanilla lstmlab.LSTM row's of the same backend); a requested lstmlab path that cannot "
+        "run the shape (e.g. "
         "the persistent kernels where their tiles spill) reads `unavailable`, with the reason.",
         "`input proj excluded` rows call `lstmlab.kernels.lstm_layer` on a precomputed gx; "
         "cuDNN cannot exclude the input projection, so the baseline always includes it.",
@@ -786,6 +865,7 @@ def write_markdown(path: Path, env: dict[str, str], rows: list[dict[str, object]
     columns = [
         ("impl", "impl"),
         ("backend", "backend"),
+        ("variant", "variant"),
         ("input proj", "input_proj"),
         ("shape", "shape"),
         ("dtype", "dtype"),
@@ -797,6 +877,7 @@ def write_markdown(path: Path, env: dict[str, str], rows: list[dict[str, object]
         ("µs/step", "us_per_step"),
         ("tokens/s", "tokens_per_s"),
         ("ratio", "ratio_vs_baseline"),
+        ("÷ vanilla", "ratio_vs_vanilla"),
         ("÷ cuDNN fp16", "ratio_vs_cudnn_fp16"),
         ("err", "max_rel_err"),
         ("peak MiB", "peak_mem_mib"),
@@ -840,6 +921,8 @@ def write_plots(
                 if r[fixed_key] != fixed:
                     continue
                 label = f"{r['impl']} [{r['backend']}]"
+                if r.get("variant", "vanilla") != "vanilla":
+                    label = f"{r['impl']}+{r['variant']} [{r['backend']}]"
                 if r["input_proj"] == "excluded":
                     label += " (no input proj)"
                 lines.setdefault(label, []).append((r[x_key], r["median_ms"]))

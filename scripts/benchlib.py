@@ -411,9 +411,13 @@ def print_row(row: dict[str, object]) -> None:
             f"{row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]"
             f"  err {row['max_rel_err']:.2e}"
         )
+        if row.get("ratio_vs_vanilla"):
+            msg += f"  ÷ vanilla {row['ratio_vs_vanilla']:.3g}"
     else:
         msg = f"{row.get('status')}: {row.get('note', '')}"
     label = " ".join(
         str(row[k]) for k in ("impl", "backend", "pass", "dtype", "shape") if k in row and row[k] != ""
     )
+    if row.get("variant", "vanilla") != "vanilla":
+        label = label.replace(str(row["impl"]), f"{row['impl']}+{row['variant']}", 1)
     print(f"  {label:70s} {msg}", flush=True)

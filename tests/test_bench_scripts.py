@@ -101,6 +101,26 @@ def test_bench_layer_one_row_per_cpu_gemm_engine(tmp_path: Path) -> None:
         assert_timed(r)
 
 
+def test_bench_layer_variant_rows_are_checked_and_compared_with_vanilla(tmp_path: Path) -> None:
+    """A variant row is checked against the same module in float64 (masks from one seed) and gets
+    its ÷ vanilla ratio; a fault injected into one variant row fails that row only."""
+    argv = [*TINY_LAYER, "--passes", "fwd+bwd", "--impls", "lstmlab.LSTM", "--variants", "vanilla", "V"]
+    argv += ["LN", "zoneout", "recurrent_dropout", "--inject-fault", "lstmlab.LSTM+LN[reference/auto]"]
+    assert bench_layer.main([*argv, "--out", str(tmp_path)]) == 0
+    _, rows = read_rows(tmp_path / "results.csv")
+    by_variant = {r["variant"]: r for r in rows}
+    assert sorted(by_variant) == ["LN", "V", "recurrent_dropout", "vanilla", "zoneout"]
+    assert_failed_untimed(by_variant["LN"])
+    for name in ("V", "zoneout", "recurrent_dropout"):
+        row = by_variant[name]
+        assert_timed(row)
+        assert row["reference"] == "lstmlab.LSTM reference backend fp64"
+        ratio = float(row["median_ms"]) / float(by_variant["vanilla"]["median_ms"])
+        assert float(row["ratio_vs_vanilla"]) == pytest.approx(ratio, rel=1e-3)
+    assert by_variant["vanilla"]["ratio_vs_vanilla"] == ""
+    assert "| variant |" in (tmp_path / "results.md").read_text()
+
+
 def test_bench_layer_two_layers_and_tokens(tmp_path: Path) -> None:
     argv = [*TINY_LAYER, "--layers", "2", "--passes", "fwd", "--impls", "torch.nn.LSTM"]
     argv += ["LSTMCell-loop", "lstmlab.LSTM", "lstmlab.lstm_layer", "--out", str(tmp_path)]
