@@ -28,6 +28,7 @@ LAYER_CASES |= {
         0.4,
         0.3,
     ),
+    "all_but_layer_norm": (CellVariant(peepholes=True, cifg=True, output_activation=False), 0.3, 0.4, 0.3),
 }
 
 
@@ -98,6 +99,41 @@ def test_reference_layer_matches_the_oracle(case):
 @pytest.mark.parametrize("case", ["everything", "V", "zoneout_h"])
 def test_reference_layer_matches_the_oracle_on_packed_steps(case):
     assert_layer_matches_oracle(case, "reference", batch_sizes=[3, 3, 2, 2, 1])
+
+
+# through the interpreter every case costs seconds: the Triton paths run the widest cases here (the
+# kernels' own files test every variant step by step: test_variant_triton_step.py,
+# test_variant_persistent.py)
+TRITON_CASES = ["everything", "CIFG", "NOAF"]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_step_layer_matches_the_oracle(case):
+    assert_layer_matches_oracle(case, "triton_step")
+
+
+@needs_triton
+def test_triton_step_layer_matches_the_oracle_on_packed_steps():
+    assert_layer_matches_oracle("everything", "triton_step", batch_sizes=[3, 3, 2, 2, 1])
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["V", "recurrent_dropout", "zoneout_h"])
+def test_triton_persistent_layer_matches_the_oracle(case):
+    assert_layer_matches_oracle(case, "triton_persistent")
+
+
+@needs_triton
+def test_triton_persistent_layer_matches_the_oracle_on_packed_steps():
+    assert_layer_matches_oracle("all_but_layer_norm", "triton_persistent", batch_sizes=[3, 3, 2, 2, 1])
+
+
+@needs_triton
+def test_layer_norm_is_refused_by_the_persistent_layer():
+    leaves, _, flags = layer_inputs(CellVariant(layer_norm=True), 0.0, 0.0, 0.0, "cpu")
+    with pytest.raises(ValueError, match="layer norm runs on the per-step kernels"):
+        ours(flags, leaves, {}, "triton_persistent")
 
 
 def test_gradcheck_on_every_input_of_the_op():
