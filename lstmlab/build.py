@@ -9,18 +9,21 @@ library this module imports neither Hydra nor OmegaConf, so reports can use it w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lstmlab.kernels.variants import GREFF_VARIANTS, CellVariant
 from lstmlab.models import SequenceModel
 from lstmlab.tasks import Task, make_task
 
 CKPT_NAME = "checkpoints/last.pt"
 # Which config keys are whose, defined here once (lstmlab.config's schemas declare them):
-LSTMLAB_KEYS = ("backend", "forget_bias", "chrono_t_max")  # lstmlab.LSTM's own model keys
+VARIANT_KEYS = tuple(f.name for f in dataclasses.fields(CellVariant))  # peepholes ... recurrent_dropout
+LSTMLAB_KEYS = ("backend", "forget_bias", "chrono_t_max", *VARIANT_KEYS)  # lstmlab.LSTM's own model keys
 RUNNER_TASK_KEYS = ("train_size", "val_size", "test_size")  # the runner's, not the task's
 
 
@@ -45,6 +48,17 @@ def model_options(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "lstmlab":
         keys += [k for k in LSTMLAB_KEYS if k in model_cfg]
     return {"kind": kind, **{k: _plain(model_cfg[k]) for k in keys}}
+
+
+def cell_variant(model_cfg: Mapping[str, Any]) -> CellVariant:
+    """The cell variant a model config asks for (a key it lacks, as in a run saved before variants
+    existed, is the vanilla cell's). Raises ``ValueError`` for an impossible combination."""
+    return CellVariant(**{k: _plain(model_cfg[k]) for k in VARIANT_KEYS if k in model_cfg})
+
+
+def greff_name(variant: CellVariant) -> str | None:
+    """Greff et al.'s name for ``variant`` (``"V"``, ``"NP"``, ``"CIFG"``, ...), or None."""
+    return next((name for name, opts in GREFF_VARIANTS.items() if CellVariant(**opts) == variant), None)
 
 
 def build_model(model_cfg: Mapping[str, Any], task: Task) -> SequenceModel:

@@ -24,7 +24,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lstmlab.backends import BACKENDS, resolve_backend
-from lstmlab.build import LSTMLAB_KEYS
+from lstmlab.build import LSTMLAB_KEYS, VARIANT_KEYS, cell_variant
 from lstmlab.models import MODEL_KINDS
 from lstmlab.tasks import TASKS
 
@@ -76,9 +76,12 @@ class LoggerKind(_StrEnum):
 
 @dataclass
 class ModelConfig:
-    """Every model kind takes every key, so one command line can sweep all four kinds. The last
-    three are lstmlab.LSTM's own (``LSTMLAB_KEYS``); a torch model ignores them, and the runner
-    logs one note when one of them is set away from its default for a torch model."""
+    """Every model kind takes every key, so one command line can sweep all four kinds. The keys
+    from ``backend`` on are lstmlab.LSTM's own (``LSTMLAB_KEYS``); a torch model ignores them, and
+    the runner logs one note for each one set away from its default for a torch model.
+
+    The cell variant's keys are lstmlab.kernels.variants.CellVariant's, with its defaults (all
+    off: torch.nn.LSTM's cell); ``conf/variant/`` sets Greff et al.'s variants by name."""
 
     kind: ModelKind = MISSING
     hidden_size: int = 128
@@ -88,6 +91,17 @@ class ModelConfig:
     backend: Backend = Backend.auto  # the backend that ran is summary.json's "backend"
     forget_bias: float = 0.0  # added to the forget-gate bias at init
     chrono_t_max: float | None = None  # chrono init (Tallec & Ollivier 2018): dependencies up to ~T
+    peepholes: bool = False  # diagonal weights from the cell to the gates (Gers & Schmidhuber 2000)
+    cifg: bool = False  # couple the input and forget gates: f = 1 - i
+    input_gate: bool = True  # false: i = 1 (Greff's NIG)
+    forget_gate: bool = True  # false: f = 1 (NFG)
+    output_gate: bool = True  # false: o = 1 (NOG)
+    input_activation: bool = True  # false: no tanh on the candidate g (NIAF)
+    output_activation: bool = True  # false: no tanh on the cell before the output gate (NOAF)
+    layer_norm: bool = False  # layer norm of both projections and the cell (Ba et al. 2016)
+    zoneout_c: float = 0.0  # in training, a cell unit keeps its value with this probability
+    zoneout_h: float = 0.0  # the same for the hidden state (Krueger et al. 2016)
+    recurrent_dropout: float = 0.0  # dropout of h_{t-1}, one mask per sequence (Gal & Ghahramani)
 
 
 @dataclass
@@ -254,12 +268,17 @@ def _section_keys() -> dict[str, set[str]]:
     return keys
 
 
+# Config groups that fill no section of their own: presets (package _global_) and the cell
+# variants (package model), chosen on the command line as ``experiment=odyssey variant=CIFG``.
+GROUPS_WITHOUT_SECTION = ("experiment", "variant")
+
+
 def unknown_override_keys(overrides: list[str]) -> list[str]:
     """One message per command-line override whose key no schema declares, naming the keys that
     section takes (Hydra would name the key only). Group choices (``model=torch_gru``),
     ``hydra.*``, flags and explicit additions (``+key=…``, ``~key``) are left to Hydra."""
     sections = _section_keys()
-    top_level = sorted({*sections, "experiment", "hydra"})
+    top_level = sorted({*sections, *GROUPS_WITHOUT_SECTION, "hydra"})
     problems = []
     for arg in overrides:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
@@ -337,6 +356,7 @@ def validate(cfg: DictConfig) -> None:
             m.forget_bias,
             "0 when model.chrono_t_max is set (both set the forget-gate bias)",
         )
+    _check_variant(m)
     _check(t.seq_len > 1, "task.seq_len", t.seq_len, "an integer > 1")
     _check(t.val_size > 0, "task.val_size", t.val_size, "a positive integer")
     _check(t.test_size > 0, "task.test_size", t.test_size, "a positive integer")
@@ -371,6 +391,21 @@ def validate(cfg: DictConfig) -> None:
             tr.epochs,
             "null unless task.train_size is set (an endless stream has no epochs)",
         )
+
+
+def _check_variant(m: DictConfig) -> None:
+    """The cell variant's own check (lstmlab.kernels.variants.CellVariant), for every model kind:
+    a combination that cannot be a cell is an error even where a torch model would ignore it."""
+    try:
+        cell_variant(m)
+    except (TypeError, ValueError) as err:
+        defaults = ModelConfig()
+        chosen = " ".join(
+            f"model.{k}={str(m[k]).lower() if isinstance(m[k], bool) else m[k]}"
+            for k in VARIANT_KEYS
+            if m[k] != getattr(defaults, k)
+        )
+        raise ConfigError(f"the cell variant {chosen} is not allowed: {err}") from None
 
 
 def run_device(requested: str, local_rank: int = 0) -> torch.device:

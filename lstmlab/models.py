@@ -29,8 +29,9 @@ def build_rnn(
 ) -> nn.Module:
     """A batch-first recurrent layer stack of the given kind.
 
-    ``lstmlab_options`` (backend, forget_bias, chrono_t_max) go to lstmlab.LSTM only; passing
-    them for a torch kind is an error rather than silently ignored.
+    ``lstmlab_options`` (backend, forget_bias, chrono_t_max and the cell variant's options:
+    peepholes, cifg, input_gate, ..., recurrent_dropout) go to lstmlab.LSTM only; passing them
+    for a torch kind is an error rather than silently ignored.
     """
     # dropout with one layer does nothing; the modules say so with a warning, passed on here.
     common = dict(num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, batch_first=True)

@@ -40,6 +40,7 @@ from lstmlab.build import (
     build_optimizer,
     build_scheduler,
     build_task,
+    greff_name,
 )
 from lstmlab.config import (
     ConfigError,
@@ -261,6 +262,7 @@ def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
         "name": cfg.name,
         "model": str(cfg.model.kind),
         "backend": model.backend,
+        "variant": _variant(model),
         "cpu_gemm": describe_cpu_gemm() if device.type == "cpu" and model.kind == "lstmlab" else None,
         "compile": tr.compile,
         "task": task.name,
@@ -521,6 +523,16 @@ def _assert_in_sync(model: nn.Module) -> None:
     dist.broadcast(ref, src=0)
     if not torch.equal(flat, ref):
         raise RuntimeError(f"DDP ranks diverged: max |difference| {(flat - ref).abs().max()}")
+
+
+def _variant(model: SequenceModel) -> dict[str, Any] | None:
+    """The cell variant the lstmlab module was built with: Greff et al.'s name for it (None for
+    another combination) and the options that differ from torch.nn.LSTM's cell. None for a torch
+    model, whose cell is its own."""
+    if model.kind != "lstmlab":
+        return None
+    variant = model.rnn.variant
+    return {"name": greff_name(variant), "changed": variant.changed()}
 
 
 def _peak_memory(device: torch.device) -> dict[str, Any]:
