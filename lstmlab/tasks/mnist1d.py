@@ -10,6 +10,7 @@ trained on all 4,000): GRU 91% test accuracy.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -36,6 +37,13 @@ def generate_mnist1d() -> dict[str, np.ndarray]:
     return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
 
 
+@functools.cache
+def _generated_once() -> dict[str, np.ndarray]:
+    """:func:`generate_mnist1d` once per process: it takes 7-15 s on a CPU, and a sweep builds
+    the task again for every run. Callers get copies."""
+    return generate_mnist1d()
+
+
 @register
 class MNIST1DTask(ClassificationTask):
     name = "mnist1d"
@@ -51,7 +59,7 @@ class MNIST1DTask(ClassificationTask):
         self.val_fraction = val_fraction
 
     def _load(self) -> dict[str, tuple[Tensor, Tensor]]:
-        data = generate_mnist1d()
+        data = {k: v.copy() for k, v in _generated_once().items()}
         x = torch.from_numpy(data["x"]).float().unsqueeze(-1)  # (4000, 40, 1)
         y = torch.from_numpy(data["y"]).long()
         n_train = len(y) - round(len(y) * self.val_fraction)
