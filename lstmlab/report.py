@@ -2,7 +2,11 @@
 final test metric as mean ± std over seeds, its parameters and time per step, the task's trivial
 baseline) and ``report.png`` (validation learning curves, one line per model).
 
-Hydra calls :class:`ReportCallback` at the end of every multirun, so a sweep reports itself.
+``lstmlab-report --odyssey <sweep dir>`` reports an ``experiment=odyssey`` sweep instead, as
+Greff et al. 2017's Figure 3 (:mod:`lstmlab.odyssey`).
+
+Hydra calls :class:`ReportCallback` at the end of every multirun, so a sweep reports itself
+(``experiment=odyssey`` names :class:`OdysseyReportCallback` instead).
 """
 
 from __future__ import annotations
@@ -150,10 +154,43 @@ class ReportCallback(Callback):
         print(f"\n{table}\nwrote {sweep_dir / 'report.md'} and {sweep_dir / 'report.png'}")
 
 
+class OdysseyReportCallback(Callback):
+    """Hydra callback for ``experiment=odyssey``: the variant report when the multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lstmlab.odyssey import FILES, write_odyssey_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        print(f"\n{write_odyssey_report(sweep_dir)}\nwrote {', '.join(str(sweep_dir / f) for f in FILES)}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lstmlab-report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lstmlab-report",
+        description=__doc__.split("\n\n")[0],
+        epilog="With --odyssey: per task, each cell variant at the learning rate with the best mean "
+        "validation metric, its test metric per seed and mean ± sd against the vanilla cell V, "
+        "Welch's t-test (p < 0.05 marked), and the validation metric of every variant at every "
+        "learning rate (see lstmlab/odyssey.py).",
+    )
     parser.add_argument("sweep_dir", help="a multirun directory (searched for summary.json)")
+    parser.add_argument(
+        "--odyssey",
+        action="store_true",
+        help="the sweep is an experiment=odyssey grid (variant x task x lr x seed): write "
+        "odyssey_report.md, odyssey.png and odyssey.json instead of report.md and report.png",
+    )
+    parser.add_argument("--out", help="with --odyssey: the folder to write into (default: SWEEP_DIR)")
     args = parser.parse_args(argv)
+    if args.odyssey:
+        from lstmlab.odyssey import FILES, write_odyssey_report
+
+        out = Path(args.out or args.sweep_dir)
+        print(write_odyssey_report(args.sweep_dir, out), end="")
+        print(f"wrote {', '.join(str(out / f) for f in FILES)}")
+        return
+    if args.out:
+        parser.error("--out applies to --odyssey only")
     print(write_report(args.sweep_dir), end="")
     print(f"wrote {Path(args.sweep_dir) / 'report.md'} and {Path(args.sweep_dir) / 'report.png'}")
 
