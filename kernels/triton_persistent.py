@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import variants
 from .triton_gates import _sigmoid, _tanh
 
 # Triton decides at import time whether kernels run compiled or through its CPU interpreter.
@@ -49,6 +50,36 @@ ABORT = tl.constexpr(1 << 30)
 # Polls of the barrier counter before a program gives up (each poll is an L2 round trip, ≈1 µs):
 # seconds, far beyond any step, so only programs that are not co-resident ever reach it.
 SPIN_LIMIT = 1 << 22
+
+# The cell variants' bits (variants.py) as compile-time switches: each kernel takes FLAGS as a
+# tl.constexpr and tests `F_… & FLAGS`, so the vanilla cell (FLAGS = 0) compiles to the code it had
+# before variants existed. Layer norm is not among them (see LAYER_NORM_REASON).
+F_PEEPHOLES = tl.constexpr(variants.PEEPHOLES)
+F_CIFG = tl.constexpr(variants.CIFG)
+F_NO_INPUT_GATE = tl.constexpr(variants.NO_INPUT_GATE)
+F_NO_FORGET_GATE = tl.constexpr(variants.NO_FORGET_GATE)
+F_NO_OUTPUT_GATE = tl.constexpr(variants.NO_OUTPUT_GATE)
+F_NO_INPUT_ACTIVATION = tl.constexpr(variants.NO_INPUT_ACTIVATION)
+F_NO_OUTPUT_ACTIVATION = tl.constexpr(variants.NO_OUTPUT_ACTIVATION)
+F_ZONEOUT_C = tl.constexpr(variants.ZONEOUT_C)
+F_ZONEOUT_H = tl.constexpr(variants.ZONEOUT_H)
+F_RECURRENT_DROPOUT = tl.constexpr(variants.RECURRENT_DROPOUT)
+# gate math that one stacked activation of [BLOCK_B, 4U] cannot do: the gates are split first
+F_SPLIT_GATES = tl.constexpr(
+    variants.PEEPHOLES
+    | variants.CIFG
+    | variants.NO_INPUT_GATE
+    | variants.NO_FORGET_GATE
+    | variants.NO_OUTPUT_GATE
+    | variants.NO_INPUT_ACTIVATION
+)
+# every bit the persistent kernels take: all of variants.py's but LAYER_NORM
+PERSISTENT_FLAGS = functools.reduce(int.__or__, variants.FLAG_NAMES) & ~variants.LAYER_NORM
+LAYER_NORM_REASON = (
+    "layer norm is not in the persistent kernels: it normalises the recurrent product over 4H and "
+    "the cell over H at every step, a grid-wide reduction (more barriers per step) where each "
+    "program owns a few units; it runs on the per-step kernels ('triton_step')"
+)
 
 
 @triton.jit
@@ -97,6 +128,11 @@ def lstm_persistent_fwd_kernel(
     p_hs,  # [T + 1, B, H] hs[0] = h0 (written by the host), hs[t + 1] = h after step t
     p_cs,  # [T + 1, B, H] acc, same convention
     p_gates,  # [T, B, G] acc: activated i, f, g, o, saved for the backward
+    p_peep,  # [3, H] acc: p_i, p_f, p_o (PEEPHOLES)
+    p_zone,  # [T, B, 2, H] uint8: z^c, z^h, 1 = keep the previous value (ZONEOUT_C, ZONEOUT_H)
+    p_drop,  # [B, H] recurrent dropout mask m, dtype of gx (RECURRENT_DROPOUT)
+    p_cnew,  # [T, B, H] acc out: c̃, the cell before zoneout (ZONEOUT_C)
+    p_hd,  # [2, B, H] dtype of hs: h ⊙ m, slot t % 2 = h_{t−1} ⊙ m (RECURRENT_DROPOUT; host writes slot 0)
     p_sizes,  # [T] int32: rows that advance at each step (PACKED)
     p_sync,  # [2] int32: barrier counter, timeout flag
     t_start,
@@ -109,6 +145,7 @@ def lstm_persistent_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PACKED: tl.constexpr,
+    FLAGS: tl.constexpr,  # variants.py's bits but LAYER_NORM
     SYNC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -131,6 +168,10 @@ def lstm_persistent_fwd_kernel(
     b_w = tl.load(p_w_rows, mask=m_uq[:, None] & m_k[None, :], other=0)  # [4U, BLOCK_H]
     # tanh(x) = 2σ(2x) − 1: one sigmoid activates all four gates of the stacked tile
     b_s = tl.where(o_q == 2, 2.0, 1.0).to(acc)[None, :]  # [1, 4U]
+    if F_PEEPHOLES & FLAGS:  # [1, U] each
+        b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
+        b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
+        b_po = tl.load(p_peep + 2 * H + o_u, mask=m_u, other=0)[None, :]
 
     aborted = tl.program_id(0) < 0
     for t in range(t_start, t_end):
@@ -141,6 +182,9 @@ def lstm_persistent_fwd_kernel(
         # after an abort every value this program writes is NaN
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         p_h_prev, p_c_prev = p_hs + t64 * B * H, p_cs + t64 * B * H  # [B, H] slices of step t
+        # the dot's operand d_t: h_{t−1}, or h_{t−1} ⊙ m as its owners stored it (so that no program
+        # multiplies a whole [BLOCK_B, H] tile)
+        p_d_prev = p_hd + (t64 % 2) * B * H if F_RECURRENT_DROPOUT & FLAGS else p_h_prev
         # batch rows in chunks of BLOCK_B: the h tile of one chunk is what fits on chip
         for i_b in range(0, tl.cdiv(B, BLOCK_B)):
             o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -151,35 +195,75 @@ def lstm_persistent_fwd_kernel(
             m_gate = m_b[:, None] & m_uq[None, :]
 
             # .cg: h_{t−1} was written by other SMs; read it from L2, never from a stale L1 line
-            p_h_all = p_h_prev + o_b[:, None] * H + o_k[None, :]
+            p_h_all = p_d_prev + o_b[:, None] * H + o_k[None, :]
             b_hp = tl.load(p_h_all, mask=m_b[:, None] & m_k[None, :], other=0, cache_modifier=".cg")
             b_pre = _dot(b_hp, tl.trans(b_w), acc, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, 4U]
             b_pre += tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0).to(acc)
-            b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
-            tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
+            if (F_SPLIT_GATES & FLAGS) == 0:
+                b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
+                tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
 
-            # this program's own state, as it stored it: c in acc, h in the dtype of hs (.cg like
-            # every load of data written during the launch: L1 caches are not coherent between SMs)
-            b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
-            b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
-            b_i, b_f, b_g, b_o = _split_gates(b_act, BLOCK_B, U)
-            b_c_next = b_f * b_c + b_i * b_g
-            b_h_next = b_o * _tanh(b_c_next)
+                # this program's own state, as it stored it: c in acc, h in the dtype of hs (.cg like
+                # every load of data written during the launch: L1 caches are not coherent between SMs)
+                b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_i, b_f, b_g, b_o = _split_gates(b_act, BLOCK_B, U)
+                b_c_next = b_f * b_c + b_i * b_g
+            else:  # gate by gate: peepholes need c_{t−1} and c̃, CIFG crosses gates
+                b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_i, b_f, b_g, b_a_o = _split_gates(b_pre + b_poison, BLOCK_B, U)  # pre-activations
+                b_one = tl.full((BLOCK_B, U), 1, acc) + b_poison  # a removed gate
+                if F_PEEPHOLES & FLAGS:
+                    b_i += b_pi * b_c
+                    b_f += b_pf * b_c
+                b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_i)
+                if F_CIFG & FLAGS:
+                    b_f = 1 - b_i
+                elif F_NO_FORGET_GATE & FLAGS:
+                    b_f = b_one
+                else:
+                    b_f = _sigmoid(b_f)
+                if (F_NO_INPUT_ACTIVATION & FLAGS) == 0:
+                    b_g = _tanh(b_g)
+                b_c_next = b_f * b_c + b_i * b_g
+                if F_PEEPHOLES & FLAGS:
+                    b_a_o += b_po * b_c_next
+                b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
+                p_g = p_gates + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
+                tl.store(p_g, b_i, mask=m_own)
+                tl.store(p_g + H, b_f, mask=m_own)
+                tl.store(p_g + 2 * H, b_g, mask=m_own)
+                tl.store(p_g + 3 * H, b_o, mask=m_own)
+            b_h_next = b_o * b_c_next if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_c_next)
             m_step = (o_b < n_rows)[:, None]  # rows that advance; the others carry h and c
+            p_z = p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None]  # z^c of own units; z^h at + H
+            if F_ZONEOUT_C & FLAGS:  # c̃ for the backward, then c_t = c_{t−1} where z^c = 1
+                tl.store(p_cnew + t64 * B * H + o_own, tl.where(m_step, b_c_next, b_c) + b_poison, mask=m_own)
+                b_z = tl.load(p_z, mask=m_own, other=0)
+                b_c_next = tl.where(b_z != 0, b_c + b_poison, b_c_next)
+            if F_ZONEOUT_H & FLAGS:
+                b_z = tl.load(p_z + H, mask=m_own, other=0)
+                b_h_next = tl.where(b_z != 0, b_h.to(acc) + b_poison, b_h_next)
             b_c = tl.where(m_step, b_c_next, b_c + b_poison)
             b_h = tl.where(m_step, b_h_next.to(b_h.dtype), b_h + b_poison.to(b_h.dtype))
             tl.store(p_h_prev + B * H + o_own, b_h, mask=m_own)
             tl.store(p_c_prev + B * H + o_own, b_c, mask=m_own)
+            if F_RECURRENT_DROPOUT & FLAGS:  # the next step's d: h_t ⊙ m, rounded once (exact in acc)
+                b_m = tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
+                p_d_next = p_hd + ((t64 + 1) % 2) * B * H + o_own
+                tl.store(p_d_next, (b_h.to(acc) * b_m).to(b_h.dtype), mask=m_own)
         if SYNC:  # h_t complete in every program before anyone reads it
             aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted)
 
 
 @triton.jit
-def _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
-            BLOCK_G: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
+            BLOCK_G: tl.constexpr, PACKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
             UPCAST_DOT: tl.constexpr):  # fmt: skip
     """∂L/∂hs[t] of rows o_b, own units, from b_dh = ∂L/∂hs[t + 1] (what carried rows pass on):
-    rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t."""
+    rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t
+    (⊙ m with recurrent dropout; + z^h ⊙ ∂L/∂hs[t + 1] with zoneout on h)."""
     t64 = tl.cast(t, tl.int64)
     G = 4 * H
     o_g = tl.arange(0, BLOCK_G)
@@ -187,6 +271,11 @@ def _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
     p_dp = p_dpre + t64 * B * G + o_b[:, None] * G + o_g[None, :]
     b_dp = tl.load(p_dp, mask=m_dp, other=0, cache_modifier=".cg")  # [BLOCK_B, BLOCK_G]
     b_rec = _dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, U]
+    if F_RECURRENT_DROPOUT & FLAGS:
+        b_rec *= tl.load(p_drop + o_own, mask=m_own, other=0).to(b_dh.dtype)
+    if F_ZONEOUT_H & FLAGS:
+        b_z = tl.load(p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None] + H, mask=m_own, other=0)
+        b_rec += tl.where(b_z != 0, b_dh, 0)
     n_rows = B
     if PACKED:
         n_rows = tl.load(p_sizes + t)
@@ -203,6 +292,10 @@ def lstm_persistent_bwd_kernel(
     p_dpre,  # [T, B, G] out: ∂L/∂pre-activations
     p_dh,  # [B, H] acc state, in: ∂L/∂hs[t_end] less step t_end's part; out: the same at t_start
     p_dc,  # [B, H] acc state, in: ∂L/∂cs[t_end]; out: ∂L/∂cs[t_start]
+    p_peep,  # [3, H] acc (PEEPHOLES)
+    p_zone,  # [T, B, 2, H] uint8 (ZONEOUT_C, ZONEOUT_H)
+    p_drop,  # [B, H] (RECURRENT_DROPOUT)
+    p_cnew,  # [T, B, H] acc: c̃, saved by the forward (ZONEOUT_C)
     p_sizes,  # [T] int32 (PACKED)
     p_sync,  # [2] int32: barrier counter, timeout flag
     t_start,
@@ -216,6 +309,7 @@ def lstm_persistent_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
     PACKED: tl.constexpr,
+    FLAGS: tl.constexpr,
     SYNC: tl.constexpr,
     FINISH: tl.constexpr,  # end with step t_start's recurrent part: p_dh becomes ∂L/∂hs[t_start]
     DOT_PRECISION: tl.constexpr,
@@ -235,6 +329,10 @@ def lstm_persistent_bwd_kernel(
     o_g = tl.arange(0, BLOCK_G)
     p_w_cols = p_w + o_g[:, None] * H + o_u[None, :]
     b_wt = tl.load(p_w_cols, mask=(o_g < G)[:, None] & m_u[None, :], other=0)  # [BLOCK_G, U]
+    if F_PEEPHOLES & FLAGS:  # [1, U] each
+        b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
+        b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
+        b_po = tl.load(p_peep + 2 * H + o_u, mask=m_u, other=0)[None, :]
 
     aborted = tl.program_id(0) < 0
     i_bar = tl.program_id(0) * 0  # barriers passed in this launch
@@ -257,23 +355,71 @@ def lstm_persistent_bwd_kernel(
             b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             if t + 1 < T:
-                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t + 1, B, H, o_b, o_own, m_own,
-                               BLOCK_G, PACKED, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t + 1, B, H, o_b, o_own,
+                               m_own, BLOCK_G, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
 
             p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
             b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
             b_i, b_f, b_g, b_o = _split_gates(b_gates, BLOCK_B, U)
-            b_c = tl.load(p_cs + (t64 + 1) * B * H + o_own, mask=m_own, other=0)
+            if F_ZONEOUT_C & FLAGS:  # c̃, the cell before zoneout
+                b_c = tl.load(p_cnew + t64 * B * H + o_own, mask=m_own, other=0)
+            else:
+                b_c = tl.load(p_cs + (t64 + 1) * B * H + o_own, mask=m_own, other=0)
             b_c_prev = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
-            b_tanh_c = _tanh(b_c)
-            b_dc_step = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
-            m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
-            # rows that did not advance have no pre-activations: exactly 0
-            b_di = tl.where(m_step, b_dc_step * b_g * b_i * (1 - b_i), 0) + b_poison
-            b_df = tl.where(m_step, b_dc_step * b_c_prev * b_f * (1 - b_f), 0) + b_poison
-            b_dg = tl.where(m_step, b_dc_step * b_i * (1 - b_g * b_g), 0) + b_poison
-            b_do = tl.where(m_step, b_dh * b_tanh_c * b_o * (1 - b_o), 0) + b_poison
-            b_dc = tl.where(m_step, b_dc_step * b_f, b_dc) + b_poison
+            if FLAGS == 0:
+                b_tanh_c = _tanh(b_c)
+                b_dc_step = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
+                m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
+                # rows that did not advance have no pre-activations: exactly 0
+                b_di = tl.where(m_step, b_dc_step * b_g * b_i * (1 - b_i), 0) + b_poison
+                b_df = tl.where(m_step, b_dc_step * b_c_prev * b_f * (1 - b_f), 0) + b_poison
+                b_dg = tl.where(m_step, b_dc_step * b_i * (1 - b_g * b_g), 0) + b_poison
+                b_do = tl.where(m_step, b_dh * b_tanh_c * b_o * (1 - b_o), 0) + b_poison
+                b_dc = tl.where(m_step, b_dc_step * b_f, b_dc) + b_poison
+            else:  # the step contract's backward, gate by gate (gates hold what the forward used)
+                p_z = p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None]  # z^c of own units; z^h at + H
+                b_dh_new = b_dh  # ∂L/∂h̃, the output before zoneout
+                if F_ZONEOUT_H & FLAGS:  # the part z^h ⊙ ∂L/∂h_t reaches h_{t−1} in _grad_h
+                    b_dh_new = tl.where(tl.load(p_z + H, mask=m_own, other=0) != 0, 0, b_dh)
+                b_dc_new = b_dc  # ∂L/∂c̃
+                if F_ZONEOUT_C & FLAGS:
+                    b_zc = tl.load(p_z, mask=m_own, other=0) != 0
+                    b_dc_new = tl.where(b_zc, 0, b_dc)
+                if F_NO_OUTPUT_ACTIVATION & FLAGS:
+                    b_do = b_dh_new * b_c
+                    b_dc_new += b_dh_new * b_o
+                else:
+                    b_tanh_c = _tanh(b_c)
+                    b_do = b_dh_new * b_tanh_c
+                    b_dc_new += b_dh_new * b_o * (1 - b_tanh_c * b_tanh_c)
+                b_zero = tl.zeros((BLOCK_B, U), acc)  # a removed gate has no pre-activation
+                b_do = b_zero if F_NO_OUTPUT_GATE & FLAGS else b_do * b_o * (1 - b_o)
+                if F_PEEPHOLES & FLAGS:
+                    b_dc_new += b_po * b_do
+                b_di = b_dc_new * b_g
+                b_df = b_dc_new * b_c_prev
+                b_dg = b_dc_new * b_i
+                b_dc_prev = b_dc_new * b_f
+                if F_ZONEOUT_C & FLAGS:
+                    b_dc_prev += tl.where(b_zc, b_dc, 0)
+                if F_CIFG & FLAGS:  # f = 1 − i
+                    b_di -= b_df
+                    b_df = b_zero
+                elif F_NO_FORGET_GATE & FLAGS:
+                    b_df = b_zero
+                else:
+                    b_df = b_df * b_f * (1 - b_f)
+                b_di = b_zero if F_NO_INPUT_GATE & FLAGS else b_di * b_i * (1 - b_i)
+                if (F_NO_INPUT_ACTIVATION & FLAGS) == 0:
+                    b_dg = b_dg * (1 - b_g * b_g)
+                if F_PEEPHOLES & FLAGS:
+                    b_dc_prev += b_pi * b_di + b_pf * b_df
+                m_step = (o_b < n_rows)[:, None]
+                b_di = tl.where(m_step, b_di, 0) + b_poison
+                b_df = tl.where(m_step, b_df, 0) + b_poison
+                b_dg = tl.where(m_step, b_dg, 0) + b_poison
+                b_do = tl.where(m_step, b_do, 0) + b_poison
+                b_dc = tl.where(m_step, b_dc_prev, b_dc) + b_poison
 
             p_dp = p_dpre + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
             dpre_ty = p_dpre.dtype.element_ty
@@ -293,8 +439,8 @@ def lstm_persistent_bwd_kernel(
             o_own = o_b[:, None] * H + o_u[None, :]
             m_own = (o_b < B)[:, None] & m_u[None, :]
             b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
-            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, b_wt, b_dh, t_start, B, H, o_b, o_own, m_own,
-                           BLOCK_G, PACKED, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t_start, B, H, o_b, o_own,
+                           m_own, BLOCK_G, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
@@ -392,23 +538,26 @@ def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
     )
 
 
-def _kernel_args_fwd(gx, w_hh, hs, cs, gates, sizes, sync, t_start, t_end, spin_limit, n_sync, cfg, sync_on):
+def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start, t_end, spin_limit, n_sync,
+                     cfg, sync_on):  # fmt: skip
     _, B, G = gx.shape
     H = G // 4
-    args = (gx, w_hh, hs, cs, gates, sizes if sizes is not None else sync, sync)
-    args += (t_start, t_end, B, H, spin_limit, n_sync)
-    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None, SYNC=sync_on)
-    return args, meta | _compile_options(gx.dtype, cfg)
+    flags, tensors = variant
+    args = (gx, w_hh, hs, cs, gates, *(sync if x is None else x for x in (*tensors, hd)))  # sync: never read
+    args += (sizes if sizes is not None else sync, sync, t_start, t_end, B, H, spin_limit, n_sync)
+    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None)
+    return args, meta | dict(FLAGS=flags, SYNC=sync_on) | _compile_options(gx.dtype, cfg)
 
 
-def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes, sync, t_start, t_end, spin_limit,
+def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, sync, t_start, t_end, spin_limit,
                      n_sync, cfg, sync_on, finish):  # fmt: skip
     T, B, G = gates.shape
     H = G // 4
-    args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes if sizes is not None else sync, sync)
-    args += (t_start, t_end, T, B, H, spin_limit, n_sync)
-    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), PACKED=sizes is not None, SYNC=sync_on)
-    return args, meta | dict(FINISH=finish) | _compile_options(d_pre.dtype, cfg)
+    flags, tensors = variant
+    args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, *(sync if x is None else x for x in tensors))
+    args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
+    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), PACKED=sizes is not None)
+    return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | _compile_options(d_pre.dtype, cfg)
 
 
 def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: torch.device) -> str | None:
@@ -450,14 +599,22 @@ def _device_limits(device: torch.device) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _cuda_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    # compiled with the launch's own shapes (T = 1): B and H specialise the kernels as in the real call
+def _cuda_unavailable_reason(
+    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0
+) -> str | None:
+    # compiled with the launch's own shapes (T = 1): B and H specialise the kernels as in the real call,
+    # and so do the flags (each variant is its own kernel, with its own register use)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     G = 4 * H
     sync = torch.zeros(2, dtype=torch.int32, device=device)
     gx, w = torch.empty(1, B, G, dtype=dtype, device=device), torch.empty(G, H, dtype=dtype, device=device)
     hs, cs = torch.empty(2, B, H, dtype=dtype, device=device), torch.empty(2, B, H, dtype=acc, device=device)
     gates, d_h = torch.empty(1, B, G, dtype=acc, device=device), torch.empty(B, H, dtype=acc, device=device)
+    shapes = _variant_shapes(1, B, H, dtype, acc)
+    variant = (flags, tuple(
+        torch.empty(shapes[name][0], dtype=shapes[name][1], device=device) if flags & bits else None
+        for name, bits in VARIANT_TENSORS.items()
+    ))  # fmt: skip
     smem_per_block = _device_limits(device)["smem_per_block"]
     for backward in (False, True):
         cfg = pick_config(B, H, dtype, backward)
@@ -467,11 +624,14 @@ def _cuda_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.d
         P = cfg.programs(H)
         if backward:
             args, meta = _kernel_args_bwd(
-                hs, gates, cs, w, gx, d_h, d_h, None, sync, 0, 1, 0, P, cfg, True, True
+                hs, gates, cs, w, gx, d_h, d_h, variant, None, sync, 0, 1, 0, P, cfg, True, True
             )
             problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P, device)
         else:
-            args, meta = _kernel_args_fwd(gx, w, hs, cs, gates, None, sync, 0, 1, 0, P, cfg, True)
+            hd = hs if flags & variants.RECURRENT_DROPOUT else None
+            args, meta = _kernel_args_fwd(
+                gx, w, hs, cs, gates, variant, hd, None, sync, 0, 1, 0, P, cfg, True
+            )
             problem = _compile_problem(lstm_persistent_fwd_kernel, args, meta, P, device)
         if problem is not None:
             return problem
@@ -481,17 +641,24 @@ def _cuda_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.d
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def persistent_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    """None if the persistent kernels can run this shape on this device, else a one-line reason.
+def persistent_unavailable_reason(
+    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0
+) -> str | None:
+    """None if the persistent kernels can run this shape and cell variant on this device, else a
+    one-line reason.
 
-    CUDA: both kernels compile for the device with the heuristic's configuration, without register
-    spills, and their grids fit on the device at once. CPU: only through Triton's interpreter.
+    CUDA: both kernels compile for the device with the heuristic's configuration and these
+    ``flags`` (variants.py's bits), without register spills, and their grids fit on the device at
+    once. CPU: only through Triton's interpreter. Layer norm is never taken (LAYER_NORM_REASON).
     """
     device = torch.device(device)
     if dtype not in SUPPORTED_DTYPES:
         return f"persistent kernels take {[str(d) for d in SUPPORTED_DTYPES]}, not {dtype}"
     if B < 1 or H < 1:
         return f"persistent kernels need B ≥ 1 and H ≥ 1, got B={B}, H={H}"
+    problem = _flags_problem(flags)
+    if problem is not None:
+        return problem
     if device.type == "cpu":
         return None if TRITON_INTERPRET else "on CPU the persistent kernels need TRITON_INTERPRET=1"
     if device.type != "cuda":
@@ -500,7 +667,7 @@ def persistent_unavailable_reason(B: int, H: int, dtype: torch.dtype, device: to
         return "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _cuda_unavailable_reason(B, H, dtype, device)
+    return _cuda_unavailable_reason(B, H, dtype, device, flags)
 
 
 def check_timeout(sync: Tensor, what: str) -> None:
@@ -540,10 +707,71 @@ def _grid(
     return P, n_sync, torch.zeros(2, dtype=torch.int32, device=device)
 
 
-def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device) -> None:
-    reason = persistent_unavailable_reason(B, H, dtype, device)
+def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int) -> None:
+    reason = persistent_unavailable_reason(B, H, dtype, device, flags)
     if reason is not None:
         raise RuntimeError(f"the persistent LSTM kernels cannot run B={B}, H={H}, {dtype}: {reason}")
+
+
+# the launchers' variant tensors, in the kernels' order, and the flag bits that call for each
+VARIANT_TENSORS = {
+    "peephole": variants.PEEPHOLES,
+    "zoneout": variants.ZONEOUT_C | variants.ZONEOUT_H,
+    "dropout": variants.RECURRENT_DROPOUT,
+    "c_new": variants.ZONEOUT_C,
+}
+_BIT_NAMES = {
+    variants.PEEPHOLES: "PEEPHOLES",
+    variants.ZONEOUT_C: "ZONEOUT_C",
+    variants.ZONEOUT_H: "ZONEOUT_H",
+    variants.RECURRENT_DROPOUT: "RECURRENT_DROPOUT",
+}
+
+
+def _flags_problem(flags: int) -> str | None:
+    if isinstance(flags, bool) or not isinstance(flags, int) or flags < 0:
+        return f"flags must be a non-negative int (variants.py's bits), got {flags!r}"
+    if flags & variants.LAYER_NORM:
+        return LAYER_NORM_REASON
+    if flags & ~PERSISTENT_FLAGS:
+        return f"flags has bits {flags & ~PERSISTENT_FLAGS:#x} that variants.py does not define"
+    return None
+
+
+def _variant_shapes(T: int, B: int, H: int, dtype: torch.dtype, acc: torch.dtype) -> dict:
+    return {
+        "peephole": ((3, H), acc),
+        "zoneout": ((T, B, 2, H), torch.uint8),
+        "dropout": ((B, H), dtype),
+        "c_new": ((T, B, H), acc),
+    }
+
+
+def _check_variant(flags: int, tensors: dict, T: int, B: int, H: int, dtype: torch.dtype, acc: torch.dtype,
+                   device: torch.device) -> tuple[int, tuple]:  # fmt: skip
+    """(flags, the variant tensors in the kernels' order, contiguous), or ValueError: each tensor
+    given iff its flag is set, with its shape, dtype and device."""
+    problem = _flags_problem(flags)
+    if problem is not None:
+        raise ValueError(problem)
+    shapes = _variant_shapes(T, B, H, dtype, acc)
+    for name, t in tensors.items():
+        bits = VARIANT_TENSORS[name]
+        wanted = " or ".join(_BIT_NAMES[bit] for bit in _BIT_NAMES if bit & bits)
+        if t is None and flags & bits:
+            given = " and ".join(_BIT_NAMES[bit] for bit in _BIT_NAMES if bit & bits & flags)
+            raise ValueError(f"flags has {given} but {name} is None: pass {name} {list(shapes[name][0])}")
+        if t is not None and not flags & bits:
+            raise ValueError(f"{name} is given but flags has no {wanted}: pass it only with that flag")
+        if t is None:
+            continue
+        shape, want = shapes[name]
+        if tuple(t.shape) != shape or t.dtype != want or t.device != device:
+            raise ValueError(
+                f"{name} must be {list(shape)} {want} on {device} (for {wanted}), "
+                f"got {list(t.shape)} {t.dtype} on {t.device}"
+            )
+    return flags, tuple(None if t is None else t.contiguous() for t in tensors.values())
 
 
 def persistent_forward(
@@ -553,6 +781,11 @@ def persistent_forward(
     w_hh: Tensor,
     batch_sizes: Tensor | None = None,
     *,
+    flags: int = 0,
+    peephole: Tensor | None = None,
+    zoneout: Tensor | None = None,
+    dropout: Tensor | None = None,
+    c_new: Tensor | None = None,
     config: Config | None = None,
     single_launch: bool | None = None,
     spin_limit: int = SPIN_LIMIT,
@@ -560,14 +793,26 @@ def persistent_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""All T steps of one LSTM layer and direction in one launch (CPU interpreter: one per step).
 
+    The cell is the one of ``flags`` (variants.py writes out each variant's equations); each
+    variant tensor is given iff its flag is set, else ValueError.
+
     Args:
         gx: [T, B, 4H] input projection incl. biases, contiguous (fp32, fp16, bf16 or fp64).
         h0: [B, H] initial hidden state (cast to the dtype of gx, as hs[0]).
         c0: [B, H] initial cell state, any float dtype.
         w_hh: [4H, H] recurrent weights, dtype of gx.
         batch_sizes: None, or [T] ints: at step k only rows b < batch_sizes[k] advance, the others
-            carry h and c unchanged (packed sequences, decreasing or increasing). Copied to the
-            device if elsewhere (while capturing a CUDA graph, pass them on the device).
+            carry h and c unchanged (packed sequences, decreasing or increasing) and ignore their
+            masks. Copied to the device if elsewhere (while capturing a CUDA graph, pass them on
+            the device).
+        flags: variants.py's bits (``CellVariant.flags`` plus the mask bits), all but LAYER_NORM.
+        peephole: [3, H] acc (p_i, p_f, p_o), iff PEEPHOLES.
+        zoneout: [T, B, 2, H] uint8 in {0, 1} (z^c, z^h; 1 keeps the previous value), iff
+            ZONEOUT_C or ZONEOUT_H.
+        dropout: [B, H] dtype of gx, the recurrent dropout mask m (0 or 1/(1 − p)), one per
+            sequence, iff RECURRENT_DROPOUT: the dot takes h_{t−1} ⊙ m.
+        c_new: [T, B, H] acc, contiguous, iff ZONEOUT_C: an output, c̃ (the cell before zoneout) of
+            each step (c_{t−1} in rows that did not advance).
         config: units per program and warps (default: :func:`pick_config`).
         single_launch: one launch with grid barriers (default on CUDA) or one launch per step
             without them (default on CPU, where the interpreter runs programs one after another).
@@ -577,7 +822,8 @@ def persistent_forward(
 
     Returns:
         hs [T + 1, B, H] dtype of gx (hs[0] = h0, hs[k + 1] = h after step k), cs [T + 1, B, H] acc
-        (same convention), gates [T, B, 4H] acc: activated i, f, g, o of each step.
+        (same convention; both after zoneout), gates [T, B, 4H] acc: i, f, g, o of each step as the
+        cell used them (1 for a removed gate, 1 − i for f under CIFG, a_g without input activation).
 
     Example:
         >>> T, B, H = 5, 3, 8
@@ -597,7 +843,11 @@ def persistent_forward(
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if w_hh.dtype != dtype:  # one dot of h (stored in the dtype of gx) with W_hh
         raise ValueError(f"w_hh must have the dtype of gx ({dtype}), got {w_hh.dtype}")
-    _check_available(B, H, dtype, device)
+    tensors = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout, "c_new": c_new}
+    variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
+    if c_new is not None and not c_new.is_contiguous():
+        raise ValueError("c_new is an output: it must be contiguous")
+    _check_available(B, H, dtype, device, flags)
     gx, w_hh = gx.contiguous(), w_hh.contiguous()
     sizes = _sizes_tensor(batch_sizes, T, device)
 
@@ -608,17 +858,21 @@ def persistent_forward(
     cs[0] = c0
     if T == 0:
         return hs, cs, gates
+    hd = None  # h ⊙ m of the last two steps: d_t, the dot's operand under recurrent dropout
+    if flags & variants.RECURRENT_DROPOUT:
+        hd = empty(2, B, H, dtype=dtype, device=device)
+        hd[0] = hs[0] * variant[1][2]
     cfg = config or pick_config(B, H, dtype, backward=False)
     P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
     if _single_launch(device, single_launch):
         args, meta = _kernel_args_fwd(
-            gx, w_hh, hs, cs, gates, sizes, sync, 0, T, spin_limit, n_sync, cfg, True
+            gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, 0, T, spin_limit, n_sync, cfg, True
         )
         lstm_persistent_fwd_kernel[(P,)](*args, **meta)
     else:
         for t in range(T):
             args, meta = _kernel_args_fwd(
-                gx, w_hh, hs, cs, gates, sizes, sync, t, t + 1, spin_limit, n_sync, cfg, False
+                gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t, t + 1, spin_limit, n_sync, cfg, False
             )
             lstm_persistent_fwd_kernel[(P,)](*args, **meta)
     check_timeout(sync, f"persistent LSTM forward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
@@ -633,6 +887,11 @@ def persistent_backward(
     w_hh: Tensor,
     batch_sizes: Tensor | None = None,
     *,
+    flags: int = 0,
+    peephole: Tensor | None = None,
+    zoneout: Tensor | None = None,
+    dropout: Tensor | None = None,
+    c_new: Tensor | None = None,
     config: Config | None = None,
     single_launch: bool | None = None,
     spin_limit: int = SPIN_LIMIT,
@@ -646,10 +905,14 @@ def persistent_backward(
         gates: [T, B, 4H] acc and cs [T + 1, B, H] acc, as :func:`persistent_forward` returned them.
         w_hh: [4H, H] recurrent weights, dtype of d_hs.
         batch_sizes, config, single_launch, spin_limit, phantom_programs: as in the forward.
+        flags, peephole, zoneout, dropout: those of the forward.
+        c_new: [T, B, H] acc, iff ZONEOUT_C: the c̃ that the forward wrote.
 
     Returns:
-        d_pre [T, B, 4H] dtype of d_hs (∂L/∂gx; exactly 0 in rows that did not advance at that
-        step), d_h0 [B, H] acc, d_c0 [B, H] acc. ∂L/∂W_hh = d_preᵀ·hs[:-1] is left to the caller.
+        d_pre [T, B, 4H] dtype of d_hs (∂L/∂a_t = ∂L/∂gx_t; exactly 0 in rows that did not advance
+        at that step and for a removed gate), d_h0 [B, H] acc, d_c0 [B, H] acc. Left to the
+        caller: ∂L/∂W_hh = d_preᵀ·(hs[:-1] ⊙ m) and the peepholes' Σ da_i ⊙ c_{t−1},
+        Σ da_f ⊙ c_{t−1}, Σ da_o ⊙ c̃ (c̃ = c_new, or cs[1:] without zoneout on c).
 
     Example:
         >>> T, B, H = 5, 3, 8
@@ -670,7 +933,9 @@ def persistent_backward(
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
     if gates.dtype != acc or w_hh.dtype != dtype:
         raise ValueError(f"gates must have the dtype of cs ({acc}) and w_hh that of d_hs ({dtype})")
-    _check_available(B, H, dtype, device)
+    tensors = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout, "c_new": c_new}
+    variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
+    _check_available(B, H, dtype, device, flags)
     d_hs, gates, cs, w_hh = d_hs.contiguous(), gates.contiguous(), cs.contiguous(), w_hh.contiguous()
     sizes = _sizes_tensor(batch_sizes, T, device)
 
@@ -686,8 +951,8 @@ def persistent_backward(
 
     def launch(t_start: int, t_end: int, sync_on: bool, finish: bool) -> None:
         args, meta = _kernel_args_bwd(
-            d_hs, gates, cs, w_hh, d_pre, d_h, d_c, sizes, sync, t_start, t_end, spin_limit, n_sync,
-            cfg, sync_on, finish,
+            d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, sync, t_start, t_end, spin_limit,
+            n_sync, cfg, sync_on, finish,
         )  # fmt: skip
         lstm_persistent_bwd_kernel[(P,)](*args, **meta)
 

@@ -288,12 +288,22 @@ def test_cuda_check_compiles_both_kernels_with_every_argument(monkeypatch):
         constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
         assert len(args) + len(constexprs) == len(kernel.arg_names), kernel.arg_names
         assert set(constexprs) == set(kernel.arg_names[len(args) :])
+        shapes = {"p_peep": (3, 768), "p_zone": (1, 16, 2, 768), "p_drop": (16, 768), "p_cnew": (1, 16, 768)}
+        shapes["p_hd"] = (2, 16, 768)
+        for name, shape in shapes.items():
+            if name in kernel.arg_names:  # the barrier buffer (2 int32) where the flag is off
+                arg = args[kernel.arg_names.index(name)]
+                assert tuple(arg.shape) == (shape if meta["FLAGS"] else (2,)), name
         checked.append((kernel.arg_names[0], programs))
         return None
 
     monkeypatch.setattr(tp, "_compile_problem", compile_problem)
     assert tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.bfloat16, torch.device("cpu")) is None
     assert checked == [("p_gx", 96), ("p_dhs", 96)]
+    # every variant tensor present, each where its kernel parameter is
+    check = tp._cuda_unavailable_reason.__wrapped__
+    assert check(16, 768, torch.bfloat16, torch.device("cpu"), tp.PERSISTENT_FLAGS) is None
+    assert checked[2:] == [("p_gx", 96), ("p_dhs", 96)]
     reason = tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.float32, torch.device("cpu"))
     assert "backward" in reason and "384 KiB" in reason
 
@@ -320,21 +330,20 @@ def registers(ptx):
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     return int(re.search(r"Used (\d+) registers", out).group(1)), int(spills[1]) + int(spills[2])
 
-def compile_kernel(backward, B, H, dt, cfg):
+def compile_kernel(backward, B, H, dt, cfg, flags):
     acc, w = "*fp32", f"*{dt}"
+    pointers = {"p_gx": w, "p_w": w, "p_hs": w, "p_cs": acc, "p_gates": acc, "p_dhs": w, "p_dpre": w,
+                "p_dh": acc, "p_dc": acc, "p_peep": acc, "p_zone": "*u8", "p_drop": w, "p_cnew": acc,
+                "p_hd": w, "p_sizes": "*i32", "p_sync": "*i32"}
     if backward:
-        fn, names = tp.lstm_persistent_bwd_kernel, ["p_dhs", "p_gates", "p_cs", "p_w", "p_dpre", "p_dh",
-            "p_dc", "p_sizes", "p_sync", "t_start", "t_end", "T", "B", "H", "spin_limit", "n_sync"]
-        types = [w, acc, acc, w, w, acc, acc, "*i32", "*i32"] + ["i32"] * 7
-        const = {"BLOCK_G": tp._block(4 * H), "FINISH": True}
+        fn, const = tp.lstm_persistent_bwd_kernel, {"BLOCK_G": tp._block(4 * H), "FINISH": True}
     else:
-        fn, names = tp.lstm_persistent_fwd_kernel, ["p_gx", "p_w", "p_hs", "p_cs", "p_gates", "p_sizes",
-            "p_sync", "t_start", "t_end", "B", "H", "spin_limit", "n_sync"]
-        types = [w, w, w, acc, acc, "*i32", "*i32"] + ["i32"] * 6
-        const = {"BLOCK_H": tp._block(H)}
+        fn, const = tp.lstm_persistent_fwd_kernel, {"BLOCK_H": tp._block(H)}
     options = tp._compile_options(DTYPES[dt], cfg)  # what a launch passes
-    const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "SYNC": True}
+    const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "FLAGS": flags, "SYNC": True}
     const |= {k: options.pop(k) for k in ("DOT_PRECISION", "UPCAST_DOT")}
+    names = [n for n in fn.arg_names if n not in const]  # pointers, then 32-bit ints
+    types = [pointers.get(n, "i32") for n in names]
     # as a launch specialises them: 16-byte aligned pointers, B and H divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
     attrs |= {(names.index(n),): [["tt.divisibility", 16]] for n, v in (("B", B), ("H", H)) if v % 16 == 0}
@@ -344,14 +353,15 @@ def compile_kernel(backward, B, H, dt, cfg):
     return (*registers(compiled.asm["ptx"]), compiled.metadata.shared)
 
 for spec in sys.argv[1:]:
-    dt, B, H, backward = spec.split(",")
+    dt, B, H, backward, *flags = spec.split(",")  # flags: "all" (every bit but LAYER_NORM) or none
     B, H, backward = int(B), int(H), backward == "bwd"
+    flags = tp.PERSISTENT_FLAGS if flags == ["all"] else 0
     cfg = tp.pick_config(B, H, DTYPES[dt], backward)
     problem = tp.config_problem(B, H, DTYPES[dt], cfg, backward)
     if problem is not None:
         print(json.dumps({"spec": spec, "problem": problem}), flush=True)
         continue
-    regs, spills, shared = compile_kernel(backward, B, H, dt, cfg)
+    regs, spills, shared = compile_kernel(backward, B, H, dt, cfg, flags)
     fit = tp.resident_programs(regs, cfg.num_warps, shared, sms=132)  # H100 / H200
     print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared,
                       "programs": cfg.programs(H), "fit": fit}), flush=True)
@@ -362,6 +372,8 @@ for spec in sys.argv[1:]:
 # H = 512, see the next test)
 HOPPER_SPECS = [f"bf16,{b},{h},{d}" for h in (256, 512, 768, 1024) for b in (16, 64) for d in ("fwd", "bwd")]
 HOPPER_SPECS += ["fp16,16,768,fwd", "fp32,16,1024,fwd", "fp32,16,256,bwd"]
+# the cell variants: every bit the persistent kernels take, switched on at once
+HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd")]
 
 
 @pytest.mark.parametrize(("H", "dtype"), [(768, torch.float32), (1024, torch.float32), (512, torch.float64)])
