@@ -58,8 +58,6 @@ def persistent_unavailable_reason(
     # on CUDA the check compiles the kernels on real tensors: never on the fake (or recorded) ones
     # of a tracer that happens to be active, such as torch.export's
     with _disable_current_modes():
-        if not flags:  # the vanilla cell: the question the kernels answered before variants
-            return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device)
         return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device, flags)
 
 
@@ -95,16 +93,13 @@ def resolve_backend(
     if requested == "triton_step" or (requested == "triton" and (device.type != "cuda" or single_step)):
         return "triton_step"
     # The persistent kernels' answer depends on the batch only through their batch-chunk size,
-    # which changes above 16 rows, so one representative per class is asked (a constant-result
-    # function cannot take a symbolic size). A symbolic batch (dynamic shapes, torch.export) is
-    # not compared at all: a guard on it would narrow the exported range, or fail outright for an
-    # unbacked size, so the persistent kernels are chosen only if they serve both classes.
-    if isinstance(batch, torch.SymInt):
-        classes = (16, 32)
-    elif torch.compiler.is_compiling():
-        classes = (16 if batch <= 16 else 32,)
-    else:
-        classes = (batch,)
+    # which changes above 16 rows, so a representative of each class is asked (a constant-result
+    # function cannot take a symbolic size). Under tracing the batch is never compared at all: a
+    # guard on a symbolic batch would narrow torch.export's range, or fail outright for an
+    # unbacked one (packed input), and Dynamo does not show it as a torch.SymInt. So there the
+    # persistent kernels are chosen only if they serve both classes.
+    traced = torch.compiler.is_compiling() or isinstance(batch, torch.SymInt)
+    classes = (16, 32) if traced else (batch,)
     reasons = (persistent_unavailable_reason(b, hidden, dtype, device, proj_size, flags) for b in classes)
     persistent_reason = next((r for r in reasons if r is not None), None)
     if persistent_reason is None:

@@ -75,6 +75,34 @@ def test_a_symbolic_batch_is_never_guarded_on(monkeypatch, backed):
     assert asked == [24]
 
 
+@pytest.mark.parametrize("mark", ["dynamic", "unbacked"])
+def test_a_batch_traced_by_dynamo_is_never_guarded_on(monkeypatch, mark):
+    """Seen on an H200: Dynamo does not show a symbolic batch as a torch.SymInt, and fullgraph
+    compile of packed input (an unbacked batch) failed on the check's B ≤ 16. Under tracing both
+    chunk classes are asked: the persistent kernels only if both can run."""
+    monkeypatch.setattr(backends, "HAS_TRITON", True)
+
+    def compiled_choice(reason):
+        monkeypatch.setattr(
+            backends, "persistent_unavailable_reason", torch.compiler.assume_constant_result(reason)
+        )
+
+        def choose(x):
+            backend = lstmlab.resolve_backend("triton", "cuda", x.shape[0], 768, torch.bfloat16)
+            return x * (2 if backend == "triton_persistent" else 3)
+
+        torch._dynamo.reset()
+        x = torch.ones(8)
+        if mark == "dynamic":
+            torch._dynamo.mark_dynamic(x, 0)
+        else:
+            torch._dynamo.decorators.mark_unbacked(x, 0)
+        return torch.compile(choose, backend="eager", fullgraph=True)(x)[0].item()
+
+    assert compiled_choice(lambda *args: None) == 2  # persistent
+    assert compiled_choice(lambda b, *rest: None if b <= 16 else "too large") == 3  # per step
+
+
 def test_proj_size_stays_on_the_per_step_kernels(monkeypatch):
     monkeypatch.setattr(backends, "HAS_TRITON", True)
     assert backends.persistent_unavailable_reason(16, 64, torch.float32, torch.device("cuda"), 8) == (
