@@ -136,8 +136,11 @@ def variant_gates_forward_into(
     h: Tensor,
     c_new: Tensor | None,
     ln_saved: Tensor | None,
+    *,
+    check: bool = True,
 ) -> None:
     """One step of any cell variant (equations in `variants.py`), written into the given buffers.
+    (``check``: part of the contract the Triton launchers share; the PyTorch ops check themselves.)
 
     pre [n, 4H]: gx_t + r_t (layer norm: gx_t alone, and rec [n, 4H] = the raw r_t); c_prev [n, H];
     h_prev [n, H] (zoneout on h only); peephole [3, H]; ln_hh [4H]; ln_c [2, H] (γ_c, β_c);
@@ -199,6 +202,8 @@ def variant_gates_backward_into(
     dc_prev: Tensor,
     dh_prev: Tensor | None,
     d_ln_c: Tensor | None,
+    *,
+    check: bool = True,
 ) -> None:
     """Backward of :func:`variant_gates_forward_into` (the chain rule through `variants.py`'s
     equations, in the order the kernels follow). dh, dc [n, H]: ∂L/∂h_t, ∂L/∂c_t; c_new = c̃. Out:

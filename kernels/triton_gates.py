@@ -16,6 +16,8 @@ B: batch  n: rows that advance this step  H: hidden size  G = 4H: stacked gates 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -591,6 +593,7 @@ _KNOWN_BITS = _STEP_BITS | variants.RECURRENT_DROPOUT
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
+@functools.cache  # once per flags: the launchers run once per step
 def _switches(flags: int) -> dict[str, bool]:
     if not isinstance(flags, int) or flags < 0 or flags & ~_KNOWN_BITS:
         raise ValueError(f"flags must be a combination of the bits in variants.py, got {flags!r}")
@@ -636,6 +639,43 @@ def _stride(t: Tensor | None, dim: int = 0) -> int:
     return 0 if t is None else t.stride(dim)
 
 
+def _check_forward_args(
+    flags, pre, rec, c_prev, h_prev, peephole, ln_hh, ln_c, zoneout, gates, c, h, c_new, ln_saved
+) -> None:
+    """Every argument of :func:`variant_gates_forward_into` against the flags and each other."""
+    zoneout_bits = variants.ZONEOUT_C | variants.ZONEOUT_H
+    _check_given(
+        flags,
+        rec=(rec, variants.LAYER_NORM),
+        h_prev=(h_prev, variants.ZONEOUT_H),
+        peephole=(peephole, variants.PEEPHOLES),
+        ln_hh=(ln_hh, variants.LAYER_NORM),
+        ln_c=(ln_c, variants.LAYER_NORM),
+        zoneout=(zoneout, zoneout_bits),
+        c_new=(c_new, variants.ZONEOUT_C),
+        ln_saved=(ln_saved, variants.LAYER_NORM),
+    )
+    n, H = _acc_rows("c_prev", c_prev)
+    acc = c_prev.dtype
+    if not pre.is_floating_point() or not h.is_floating_point():
+        raise ValueError(f"pre and h must be floating point, got {pre.dtype} and {h.dtype}")
+    for name, t, shape, dtype in (
+        ("pre", pre, (n, 4 * H), pre.dtype),
+        ("rec", rec, (n, 4 * H), pre.dtype),
+        ("h_prev", h_prev, (n, H), h.dtype),
+        ("peephole", peephole, (3, H), acc),
+        ("ln_hh", ln_hh, (4 * H,), acc),
+        ("ln_c", ln_c, (2, H), acc),
+        ("zoneout", zoneout, (n, 2, H), torch.uint8),
+        ("gates", gates, (n, 4 * H), acc),
+        ("c", c, (n, H), acc),
+        ("h", h, (n, H), h.dtype),
+        ("c_new", c_new, (n, H), acc),
+        ("ln_saved", ln_saved, (n, 4 * H + 3), acc),
+    ):
+        _expect(name, t, shape, dtype, like=c_prev)
+
+
 def variant_gates_forward_into(
     flags: int,
     pre: Tensor,
@@ -651,6 +691,8 @@ def variant_gates_forward_into(
     h: Tensor,
     c_new: Tensor | None,
     ln_saved: Tensor | None,
+    *,
+    check: bool = True,
 ) -> None:
     """One step of a cell variant (``variants.py``), outputs written in place.
 
@@ -684,37 +726,11 @@ def variant_gates_forward_into(
         ...                            gates, c, h, None, None)
     """
     switches = _switches(flags)
-    zoneout_bits = variants.ZONEOUT_C | variants.ZONEOUT_H
-    _check_given(
-        flags,
-        rec=(rec, variants.LAYER_NORM),
-        h_prev=(h_prev, variants.ZONEOUT_H),
-        peephole=(peephole, variants.PEEPHOLES),
-        ln_hh=(ln_hh, variants.LAYER_NORM),
-        ln_c=(ln_c, variants.LAYER_NORM),
-        zoneout=(zoneout, zoneout_bits),
-        c_new=(c_new, variants.ZONEOUT_C),
-        ln_saved=(ln_saved, variants.LAYER_NORM),
-    )
-    n, H = _acc_rows("c_prev", c_prev)
-    acc = c_prev.dtype
-    if not pre.is_floating_point() or not h.is_floating_point():
-        raise ValueError(f"pre and h must be floating point, got {pre.dtype} and {h.dtype}")
-    for name, t, shape, dtype in (
-        ("pre", pre, (n, 4 * H), pre.dtype),
-        ("rec", rec, (n, 4 * H), pre.dtype),
-        ("h_prev", h_prev, (n, H), h.dtype),
-        ("peephole", peephole, (3, H), acc),
-        ("ln_hh", ln_hh, (4 * H,), acc),
-        ("ln_c", ln_c, (2, H), acc),
-        ("zoneout", zoneout, (n, 2, H), torch.uint8),
-        ("gates", gates, (n, 4 * H), acc),
-        ("c", c, (n, H), acc),
-        ("h", h, (n, H), h.dtype),
-        ("c_new", c_new, (n, H), acc),
-        ("ln_saved", ln_saved, (n, 4 * H + 3), acc),
-    ):
-        _expect(name, t, shape, dtype, like=c_prev)
+    if check:  # the layer checks its first step only: the rest have the same shapes and dtypes
+        _check_forward_args(
+            flags, pre, rec, c_prev, h_prev, peephole, ln_hh, ln_c, zoneout, gates, c, h, c_new, ln_saved
+        )
+    n, H = c_prev.shape
     if not flags & _STEP_BITS:
         gates_forward_into(pre, c_prev, gates, c, h)
         return
@@ -737,46 +753,11 @@ def variant_gates_forward_into(
     )  # fmt: skip
 
 
-def variant_gates_backward_into(
-    flags: int,
-    dh: Tensor,
-    dc: Tensor,
-    gates: Tensor,
-    c_prev: Tensor,
-    c_new: Tensor,
-    ln_saved: Tensor | None,
-    peephole: Tensor | None,
-    ln_hh: Tensor | None,
-    ln_c: Tensor | None,
-    zoneout: Tensor | None,
-    d_pre: Tensor,
-    d_rec: Tensor | None,
-    dc_prev: Tensor,
-    dh_prev: Tensor | None,
-    d_ln_c: Tensor | None,
-) -> None:
-    """The backward of :func:`variant_gates_forward_into`, outputs written in place.
-
-    Inputs (acc as in the forward; a tensor no flag asks for must be None):
-        dh [n, H] acc: ∂L/∂h_t, everything that reaches h_t.
-        dc [n, H] acc: ∂L/∂c_t from step t+1.
-        gates [n, 4H], c_prev [n, H]: as the forward saved them.
-        c_new [n, H] acc: c̃ (the forward's c_new under ZONEOUT_C, else its c).
-        ln_saved, peephole, ln_hh, ln_c, zoneout: as the forward's.
-
-    Outputs:
-        d_pre [n, 4H], dtype of the input: ∂L/∂a_t = ∂L/∂gx_t (da_i, da_f, da_g, da_o).
-        d_rec [n, 4H], same dtype: LAYER_NORM only, ∂L/∂r_t (the raw product, before LN).
-        dc_prev [n, H] acc: ∂L/∂c_{t−1} through this step; may be dc itself.
-        dh_prev [n, H] acc: ZONEOUT_H only, z^h ⊙ dh (∂L/∂h_{t−1} through zoneout); may be dh itself.
-        d_ln_c [n, 2, H] acc: LAYER_NORM only, per row (dy ⊙ ŷ, dy) with ŷ the normalised c̃ and
-            dy = ∂L/∂y; summed over rows and steps they are ∂L/∂γ_c and ∂L/∂β_c.
-
-    The layer forms the parameters' gradients from these, summed over rows and steps:
-    ∂p_i = da_i ⊙ c_{t−1}, ∂p_f = da_f ⊙ c_{t−1}, ∂p_o = da_o ⊙ c̃, ∂γ_hh = d_pre ⊙ r̂.
-    With no bit that concerns the step this is :func:`gates_backward_into`, today's kernel.
-    """
-    switches = _switches(flags)
+def _check_backward_args(
+    flags, dh, dc, gates, c_prev, c_new, ln_saved, peephole, ln_hh, ln_c, zoneout,
+    d_pre, d_rec, dc_prev, dh_prev, d_ln_c,
+) -> None:  # fmt: skip
+    """Every argument of :func:`variant_gates_backward_into` against the flags and each other."""
     _check_given(
         flags,
         ln_saved=(ln_saved, variants.LAYER_NORM),
@@ -809,6 +790,56 @@ def variant_gates_backward_into(
         ("d_ln_c", d_ln_c, (n, 2, H), acc),
     ):
         _expect(name, t, shape, dtype, like=c_prev)
+
+
+def variant_gates_backward_into(
+    flags: int,
+    dh: Tensor,
+    dc: Tensor,
+    gates: Tensor,
+    c_prev: Tensor,
+    c_new: Tensor,
+    ln_saved: Tensor | None,
+    peephole: Tensor | None,
+    ln_hh: Tensor | None,
+    ln_c: Tensor | None,
+    zoneout: Tensor | None,
+    d_pre: Tensor,
+    d_rec: Tensor | None,
+    dc_prev: Tensor,
+    dh_prev: Tensor | None,
+    d_ln_c: Tensor | None,
+    *,
+    check: bool = True,
+) -> None:
+    """The backward of :func:`variant_gates_forward_into`, outputs written in place.
+
+    Inputs (acc as in the forward; a tensor no flag asks for must be None):
+        dh [n, H] acc: ∂L/∂h_t, everything that reaches h_t.
+        dc [n, H] acc: ∂L/∂c_t from step t+1.
+        gates [n, 4H], c_prev [n, H]: as the forward saved them.
+        c_new [n, H] acc: c̃ (the forward's c_new under ZONEOUT_C, else its c).
+        ln_saved, peephole, ln_hh, ln_c, zoneout: as the forward's.
+
+    Outputs:
+        d_pre [n, 4H], dtype of the input: ∂L/∂a_t = ∂L/∂gx_t (da_i, da_f, da_g, da_o).
+        d_rec [n, 4H], same dtype: LAYER_NORM only, ∂L/∂r_t (the raw product, before LN).
+        dc_prev [n, H] acc: ∂L/∂c_{t−1} through this step; may be dc itself.
+        dh_prev [n, H] acc: ZONEOUT_H only, z^h ⊙ dh (∂L/∂h_{t−1} through zoneout); may be dh itself.
+        d_ln_c [n, 2, H] acc: LAYER_NORM only, per row (dy ⊙ ŷ, dy) with ŷ the normalised c̃ and
+            dy = ∂L/∂y; summed over rows and steps they are ∂L/∂γ_c and ∂L/∂β_c.
+
+    The layer forms the parameters' gradients from these, summed over rows and steps:
+    ∂p_i = da_i ⊙ c_{t−1}, ∂p_f = da_f ⊙ c_{t−1}, ∂p_o = da_o ⊙ c̃, ∂γ_hh = d_pre ⊙ r̂.
+    With no bit that concerns the step this is :func:`gates_backward_into`, today's kernel.
+    """
+    switches = _switches(flags)
+    if check:  # the layer checks its first step only: the rest have the same shapes and dtypes
+        _check_backward_args(
+            flags, dh, dc, gates, c_prev, c_new, ln_saved, peephole, ln_hh, ln_c, zoneout,
+            d_pre, d_rec, dc_prev, dh_prev, d_ln_c,
+        )  # fmt: skip
+    n, H = c_prev.shape
     if not flags & _STEP_BITS:
         gates_backward_into(dh, dc, gates, c_new, c_prev, d_pre, dc_prev)
         return

@@ -132,6 +132,7 @@ def _step_forward(
             gates[k, :n], cs[k + 1, :n], hs[k + 1, :n],
             None if c_new is None else c_new[k, :n],
             None if ln_saved is None else ln_saved[k, :n],
+            check=k == 0,  # one step checks the arguments: the others have the same kinds
         )  # fmt: skip
         if n < B:  # rows that do not advance carry their state; the rest is never read
             hs[k + 1, n:] = hs[k, n:]
@@ -230,6 +231,10 @@ def _step_backward(
     d_h_carry = scratch("d_h_carry", B, H, dtype=acc, device=dev) if zoneout_h else None  # z^h ⊙ ∂L/∂h_t
     recurrent = gemm.StepWeight(w_hh.t(), B, T)  # ∂L/∂r_t·W_hh
     layer_norm = bool(flags & variants.LAYER_NORM)
+    # without masks on h the step's ∂L/∂h_{k−1} is the vanilla layer's: one GEMM adding the
+    # output gradient, straight into the fp32 state when the GEMM runs in fp32
+    plain = dropout is None and not zoneout_h
+    gemm_into_state = acc == d_pre.dtype
     d_h[: sizes[-1]] += d_out[T - 1][: sizes[-1]]
     for k in reversed(range(T)):
         n = sizes[k]
@@ -243,6 +248,7 @@ def _step_backward(
             d_c[:n],
             d_h_carry[:n] if zoneout_h else None,
             None if d_ln_c_rows is None else d_ln_c_rows[k, :n],
+            check=k == T - 1,  # one step checks the arguments: the others have the same kinds
         )  # fmt: skip
         if n < B:  # rows that did not advance contribute nothing to the sums after the loop
             d_pre[k, n:] = 0
@@ -250,14 +256,19 @@ def _step_backward(
                 d_rec[k, n:] = 0
                 d_ln_c_rows[k, n:] = 0
         # ∂L/∂h_{k−1} = (∂L/∂r_k·W_hh) ⊙ m + z^h ⊙ ∂L/∂h_k + the output gradient of step k − 1
+        n_prev = sizes[k - 1] if k > 0 else 0
+        if plain and n_prev == n:
+            rows = recurrent.addmm(d_out[k - 1][:n], d_rec[k, :n], out=d_h[:n] if gemm_into_state else None)
+            if not gemm_into_state:
+                d_h[:n] = rows
+            continue
         rows = recurrent.mm(d_rec[k, :n]).to(acc)  # [n, H]
         if dropout is not None:
             rows = rows * dropout[:n]
         if zoneout_h:
             rows = rows + d_h_carry[:n]
         d_h[:n] = rows
-        if k > 0:
-            n_prev = sizes[k - 1]
+        if n_prev > 0:
             d_h[:n_prev] += d_out[k - 1][:n_prev]
     return d_h, d_c
 
