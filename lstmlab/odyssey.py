@@ -10,7 +10,8 @@ sweep directory unless given):
   t-test on the per-seed test metrics, marked where p < 0.05. Then the validation metric of
   every variant at every learning rate, and how much of its spread the learning rate and the
   variant explain (a main-effect variance decomposition of the full grid: Greff et al.'s
-  functional ANOVA, which on a full grid with equal weights is this).
+  functional ANOVA, which on a full grid with equal weights is this), and how much of it the
+  seeds alone would make.
 - ``odyssey.png``: one panel per task, a dot per seed, mean ± sd, V's mean as a line, the
   significantly different variants in colour.
 - ``odyssey.json``: every number of the two.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,9 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
         return None
     from scipy.stats import ttest_ind
 
-    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # one side without spread (all seeds at 100%) is fine for Welch
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        p = float(ttest_ind(a, b, equal_var=False).pvalue)
     return None if math.isnan(p) else p
 
 
@@ -88,6 +92,19 @@ def variance_shares(grid: dict[str, dict[float, float]]) -> dict[str, float] | N
         "lr": ss_lr / total,
         "interaction": max(0.0, 1.0 - (ss_variant + ss_lr) / total),
     }
+
+
+def seed_noise_share(cells: list[list[float]]) -> float | None:
+    """How much of the variance between cell means (mean validation metric of one variant at one
+    learning rate) the seeds alone would make: the mean within-cell variance over seeds divided by
+    the number of seeds, over the variance of the cell means. Near or above 1: the grid's pattern
+    is within seed noise."""
+    spread = [statistics.variance(c) / len(c) for c in cells if len(c) > 1]
+    means = [statistics.mean(c) for c in cells if c]
+    if not spread or len(means) < 2 or not all(math.isfinite(m) for m in means):
+        return None
+    between = statistics.pvariance(means)
+    return statistics.mean(spread) / between if between > 0 else None
 
 
 def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,6 +157,9 @@ def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "variants": rows,
             "val_grid": {v: {str(lr): m for lr, m in sorted(g.items())} for v, g in grid.items()},
             "variance_shares": variance_shares(grid),
+            "seed_noise_share": seed_noise_share(
+                [[r["final"]["val"][metric] for r in g] for by_lr in cells.values() for g in by_lr.values()]
+            ),
             "setup": _setup(task_runs),
         }
     return {"runs": len(runs), "alpha": ALPHA, "reference": REFERENCE, "tasks": tasks}
@@ -235,12 +255,18 @@ def markdown(result: dict[str, Any], source: str) -> str:
                 for lr in lrs
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        shares = t["variance_shares"]
+        shares, noise = t["variance_shares"], t["seed_noise_share"]
         if shares:
             lines += [
                 "",
                 f"Of the variance of that table, the learning rate explains {shares['lr']:.0%}, the "
-                f"variant {shares['variant']:.0%}, their interaction {shares['interaction']:.0%}.",
+                f"variant {shares['variant']:.0%}, their interaction {shares['interaction']:.0%}"
+                + (
+                    f"; the seeds alone would make {noise:.0%} of it (mean variance over seeds of a "
+                    "cell, divided by the number of seeds)."
+                    if noise is not None
+                    else "."
+                ),
             ]
     return "\n".join(lines) + "\n\n![test metric per variant](odyssey.png)\n"
 
