@@ -143,6 +143,7 @@ def _group_files() -> list[tuple[Path, type]]:
     """Each config-group YAML and the schema it fills in."""
     schemas = {name: node for group, name, node in config.SCHEMAS if group == "schema/task"}
     files = [(p, config.ModelConfig) for p in (CONF / "model").glob("*.yaml")]
+    files += [(p, config.ModelConfig) for p in (CONF / "variant").glob("*.yaml")]  # package model
     files += [
         (p, schemas[OmegaConf.load(p).defaults[0].split("/")[-1].split("@")[0]])
         for p in (CONF / "task").glob("*.yaml")
@@ -159,7 +160,7 @@ def _group_files() -> list[tuple[Path, type]]:
 @pytest.mark.parametrize(("path", "schema"), _group_files(), ids=lambda v: getattr(v, "stem", ""))
 def test_no_config_file_restates_a_default(path, schema):
     defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
-    values = OmegaConf.to_container(OmegaConf.load(path))
+    values = OmegaConf.to_container(OmegaConf.load(path)) or {}  # conf/variant/NP.yaml sets nothing
     names_the_option = {"defaults", "name", "kind"}  # which optimizer, model or logger this file is
     restated = {
         k: v for k, v in values.items() if k not in names_the_option and defaults.get(k, v is None) == v
@@ -266,7 +267,7 @@ def test_help_names_the_default_every_preset_group_option_and_the_output(tmp_pat
         if line[2] != " ":
             group = line.split()[0]
         listed[group] = listed.get(group, "") + line
-    for group in ("model", "task", "optim", "trainer", "logger"):
+    for group in ("model", "task", "variant", "optim", "trainer", "logger"):
         options = set(listed[group].replace(",", " ").replace("(default)", "").split()[1:]) - {group}
         assert options == {p.stem for p in (CONF / group).glob("*.yaml")}, group
     assert "outputs/DATE/TIME/" in text and "multirun/DATE/TIME/N/" in text
@@ -278,7 +279,7 @@ def test_a_misspelt_key_names_the_keys_its_section_takes():
     from lstmlab.config import unknown_override_keys
 
     valid = [
-        "model=torch_gru", "task=copy", "experiment=single", "seed=3", "trainer.steps=5",
+        "model=torch_gru", "task=copy", "experiment=single", "variant=CIFG", "seed=3", "trainer.steps=5",
         "task.n_relevant=3", "logger.tags=[a]", "hydra.run.dir=out", "hydra/launcher=submitit_local",
         "+extra=1", "~logger", "-m", "--cfg", "job",
     ]  # fmt: skip
