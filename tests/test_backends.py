@@ -171,7 +171,7 @@ def test_import_works_without_triton_and_says_so():
 
 LIBRARY_MODULES = [
     "lstmlab", "lstmlab.kernels", "lstmlab.modules", "lstmlab.backends", "lstmlab.models",
-    "lstmlab.tasks", "lstmlab.loggers", "lstmlab.probes", "lstmlab.memory_report",
+    "lstmlab.tasks", "lstmlab.loggers", "lstmlab.probes", "lstmlab.memory_report", "lstmlab.odyssey",
 ]  # fmt: skip
 
 
