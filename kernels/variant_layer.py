@@ -40,9 +40,6 @@ from .layer import (
 if HAS_TRITON:
     from . import triton_gates, triton_persistent
 
-# what each flag needs from the caller: the tensor, and the shape it must have
-_MASK_BITS = variants.ZONEOUT_C | variants.ZONEOUT_H | variants.RECURRENT_DROPOUT
-
 
 def _step_functions(backend: str):
     """(forward_into, backward_into) of a per-step backend (the variant contract)."""
