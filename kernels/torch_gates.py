@@ -149,7 +149,8 @@ def variant_gates_forward_into(
     r̂, rstd_r, mean_c, rstd_c).
     """
     acc, H = c.dtype, c.shape[-1]
-    a = pre.to(acc)
+    i, f, g, o = gates.chunk(4, dim=1)  # each activation goes straight to its slot [n, H]
+    a = pre.to(acc)  # a new tensor only if pre is in a lower precision: pre itself is never written
     if flags & variants.LAYER_NORM:
         r = rec.to(acc)
         mean_r, rstd_r = _layer_norm_stats(r)
@@ -157,32 +158,42 @@ def variant_gates_forward_into(
         a = a + ln_hh * r_hat
     a_i, a_f, a_g, a_o = a.split(H, dim=-1)
     if flags & variants.PEEPHOLES:
-        a_i = a_i + peephole[0] * c_prev
-        a_f = a_f + peephole[1] * c_prev
-    one = torch.ones_like(c_prev)
-    i = one if flags & variants.NO_INPUT_GATE else torch.sigmoid(a_i)
-    f = one if flags & variants.NO_FORGET_GATE else torch.sigmoid(a_f)
+        a_i = torch.addcmul(a_i, peephole[0], c_prev)
+        a_f = torch.addcmul(a_f, peephole[1], c_prev)
+    if flags & variants.NO_INPUT_GATE:
+        i.fill_(1)
+    else:
+        torch.sigmoid(a_i, out=i)
     if flags & variants.CIFG:
-        f = 1 - i
-    g = a_g if flags & variants.NO_INPUT_ACTIVATION else torch.tanh(a_g)
-    cell = f * c_prev + i * g  # c̃ [n, H]
+        torch.sub(_ONE, i, out=f)
+    elif flags & variants.NO_FORGET_GATE:
+        f.fill_(1)
+    else:
+        torch.sigmoid(a_f, out=f)
+    if flags & variants.NO_INPUT_ACTIVATION:
+        g.copy_(a_g)
+    else:
+        tanh_into(a_g, out=g)
+    cell = c_new if flags & variants.ZONEOUT_C else c  # c̃ [n, H], where it is kept
+    torch.mul(f, c_prev, out=cell).addcmul_(i, g)
     if flags & variants.PEEPHOLES:
-        a_o = a_o + peephole[2] * cell
-    o = one if flags & variants.NO_OUTPUT_GATE else torch.sigmoid(a_o)
+        a_o = torch.addcmul(a_o, peephole[2], cell)
+    if flags & variants.NO_OUTPUT_GATE:
+        o.fill_(1)
+    else:
+        torch.sigmoid(a_o, out=o)
     y = cell
     if flags & variants.LAYER_NORM:
         mean_c, rstd_c = _layer_norm_stats(cell)
         y = ln_c[0] * (cell - mean_c) * rstd_c + ln_c[1]
         torch.cat([r_hat, rstd_r, mean_c, rstd_c], dim=-1, out=ln_saved)
-    h_tilde = o * (y if flags & variants.NO_OUTPUT_ACTIVATION else torch.tanh(y))
-    torch.cat([i, f, g, o], dim=-1, out=gates)
-    if flags & variants.ZONEOUT_C:
-        c_new.copy_(cell)
-        cell = torch.where(zoneout[:, 0].bool(), c_prev, cell)
+    out_act = y if flags & variants.NO_OUTPUT_ACTIVATION else tanh_into(y, out=torch.empty_like(y))
     if flags & variants.ZONEOUT_H:
-        h_tilde = torch.where(zoneout[:, 1].bool(), h_prev.to(acc), h_tilde)
-    c.copy_(cell)
-    h.copy_(h_tilde)
+        h.copy_(torch.where(zoneout[:, 1].bool(), h_prev.to(acc), o * out_act))
+    else:
+        torch.mul(o, out_act, out=h)
+    if flags & variants.ZONEOUT_C:
+        torch.where(zoneout[:, 0].bool(), c_prev, cell, out=c)
 
 
 def variant_gates_backward_into(
@@ -256,3 +267,45 @@ def variant_gates_backward_into(
         r_hat, rstd_r = ln_saved[:, : 4 * H], ln_saved[:, 4 * H : 4 * H + 1]
         d_rec.copy_(_layer_norm_backward(da, ln_hh, r_hat, rstd_r))
     dc_prev.copy_(d_c_prev)
+
+
+def variant_backward_coefficients(
+    flags: int, gates: Tensor, c_tilde: Tensor, c_prev: Tensor, peephole: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`backward_coefficients` for a cell variant without layer norm or zoneout, whose step
+    backward is then the vanilla one with other coefficients (so the reference backend runs it as
+    :func:`gates_backward_from_coefficients_into`, four ops per step):
+
+        dc̃ = dc + dh ⊙ carry,  ∂a_{i,f,g} = dc̃ ⊙ coef_{i,f,g},  ∂a_o = dh ⊙ coef_o,  dc_prev = dc̃ ⊙ keep
+
+    gates [..., 4H] (as used), c_tilde, c_prev [..., H] -> coef [..., 4H], carry [..., H] (o ⊙ A'
+    plus the output peephole's p_o ⊙ coef_o), keep [..., H] (f plus the input and forget
+    peepholes' p_i ⊙ coef_i + p_f ⊙ coef_f). A = tanh(c̃), or c̃ without output activation."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    coef = torch.empty_like(gates)
+    coef_i, coef_f, coef_g, coef_o = coef.chunk(4, dim=-1)
+    no_act = flags & variants.NO_OUTPUT_ACTIVATION
+    out_act = c_tilde if no_act else tanh_into(c_tilde, out=torch.empty_like(c_tilde))
+    if flags & variants.NO_OUTPUT_GATE:
+        coef_o.zero_()
+    else:
+        torch.addcmul(o, o, o, value=-1, out=coef_o).mul_(out_act)  # A ⊙ σ'(o)
+    carry = o.clone() if no_act else torch.sub(o, out_act.square().mul_(o))  # o ⊙ (1 − A²)
+    if flags & variants.NO_INPUT_GATE:
+        coef_i.zero_()
+    else:
+        through_i = g - c_prev if flags & variants.CIFG else g  # f = 1 − i: i also moves f
+        torch.addcmul(i, i, i, value=-1, out=coef_i).mul_(through_i)
+    if flags & (variants.NO_FORGET_GATE | variants.CIFG):
+        coef_f.zero_()
+    else:
+        torch.addcmul(f, f, f, value=-1, out=coef_f).mul_(c_prev)
+    if flags & variants.NO_INPUT_ACTIVATION:
+        coef_g.copy_(i)
+    else:
+        torch.sub(i, torch.mul(g, g, out=coef_g).mul_(i), out=coef_g)  # i ⊙ (1 − g²)
+    keep = f
+    if flags & variants.PEEPHOLES:
+        carry.addcmul_(peephole[2], coef_o)
+        keep = torch.addcmul(f, peephole[0], coef_i).addcmul_(peephole[1], coef_f)
+    return coef, carry, keep

@@ -219,6 +219,16 @@ def _step_backward(
     T, B, _ = gates.shape
     H = cs.shape[-1]
     acc, dev = cs.dtype, cs.device
+    # the reference backend's fast form: without layer norm and zoneout the step backward is
+    # linear in (∂h, ∂c) with coefficients that need no gradient, computed for all steps at once
+    linear = backend == "reference" and not flags & (
+        variants.LAYER_NORM | variants.ZONEOUT_C | variants.ZONEOUT_H
+    )
+    if linear:
+        coef, carry, keep = torch_gates.variant_backward_coefficients(
+            flags, gates, c_tilde, cs[:-1], peephole
+        )
+        coef, d_pre_4 = coef.view(T, B, 4, H), d_pre.view(T, B, 4, H)
     if d_out_packed.numel() == 0:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
         d_out, d_h = d_hs[1:], torch.zeros(B, H, dtype=acc, device=dev)
     else:  # out is out_packed; hs is seen only as h_n = hs[T]
@@ -235,18 +245,24 @@ def _step_backward(
     d_h[: sizes[-1]] += d_out[T - 1][: sizes[-1]]
     for k in reversed(range(T)):
         n = sizes[k]
-        backward_into(
-            flags, d_h[:n], d_c[:n], gates[k, :n], cs[k, :n], c_tilde[k, :n],
-            None if ln_saved is None else ln_saved[k, :n],
-            peephole, ln_hh, ln_c,
-            None if zoneout is None else zoneout[k, :n],
-            d_pre[k, :n],
-            d_rec[k, :n] if layer_norm else None,
-            d_c[:n],
-            d_h_carry[:n] if zoneout_h else None,
-            None if d_ln_c_rows is None else d_ln_c_rows[k, :n],
-            check=k == T - 1,  # one step checks the arguments: the others have the same kinds
-        )  # fmt: skip
+        if linear:
+            torch_gates.gates_backward_from_coefficients_into(
+                d_h[:n], d_c[:n], coef[k, :n, :3], coef[k, :n, 3], carry[k, :n], keep[k, :n],
+                d_pre_4[k, :n, :3], d_pre_4[k, :n, 3], d_c[:n],
+            )  # fmt: skip
+        else:
+            backward_into(
+                flags, d_h[:n], d_c[:n], gates[k, :n], cs[k, :n], c_tilde[k, :n],
+                None if ln_saved is None else ln_saved[k, :n],
+                peephole, ln_hh, ln_c,
+                None if zoneout is None else zoneout[k, :n],
+                d_pre[k, :n],
+                d_rec[k, :n] if layer_norm else None,
+                d_c[:n],
+                d_h_carry[:n] if zoneout_h else None,
+                None if d_ln_c_rows is None else d_ln_c_rows[k, :n],
+                check=k == T - 1,  # one step checks the arguments: the others have the same kinds
+            )  # fmt: skip
         if n < B:  # rows that did not advance contribute nothing to the sums after the loop
             d_pre[k, n:] = 0
             if layer_norm:
