@@ -305,9 +305,7 @@ def _layer_backward(
     dtype, dev = hs.dtype, hs.device
     d_hp = None
     if backend == "triton_persistent":
-        if batch_sizes is not None:  # the output is out_packed: its gradient reaches advancing rows only
-            d_hs = d_hs.clone()
-            d_hs[1:] += torch.where(_advanced(batch_sizes, B, dev).unsqueeze(2), d_out_packed, 0)
+        d_hs = _with_packed_output_grad(d_hs, d_out_packed, batch_sizes)
         d_pre, d_h, d_c = triton_persistent.persistent_backward(
             d_hs.contiguous(), d_cn.to(cs.dtype), gates, cs, w_hh, batch_sizes
         )
@@ -345,6 +343,30 @@ def _layer_backward(
     return d_x, d_w_ih, d_bias, d_h.to(dtype), d_c, d_w_hh, d_w_hr
 
 
+def _with_packed_output_grad(d_hs: Tensor, d_out_packed: Tensor, batch_sizes: Tensor | None) -> Tensor:
+    """d_hs [T + 1, B, P] with the packed output's gradient added where rows advanced (the
+    persistent kernels read one gradient per hs[k]); d_hs itself without packed input."""
+    if batch_sizes is None:
+        return d_hs
+    advanced = _advanced(batch_sizes, d_hs.shape[1], d_hs.device).unsqueeze(2)  # [T, B, 1]
+    d_hs = d_hs.clone()
+    d_hs[1:] += torch.where(advanced, d_out_packed, 0)
+    return d_hs
+
+
+def _loop_start_gradients(
+    d_hs: Tensor, d_out_packed: Tensor, d_cn: Tensor, acc: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What the per-step reverse loops start from: the output gradient d_out [T, B, P], and ∂L/∂h
+    [B, P], ∂L/∂c [B, H] in acc, before the last step."""
+    if d_out_packed.numel() == 0:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
+        d_out = d_hs[1:].contiguous()
+        d_h = torch.zeros(d_hs.shape[1:], dtype=acc, device=d_hs.device)
+    else:  # out is out_packed; hs is seen only as h_n = hs[T]
+        d_out, d_h = d_out_packed.contiguous(), d_hs[-1].to(acc, copy=True)
+    return d_out, d_h, d_cn.to(acc, copy=True)
+
+
 def _step_backward(
     d_hs: Tensor,
     d_out_packed: Tensor,
@@ -361,13 +383,8 @@ def _step_backward(
     """The reverse time loop of the per-step backends: writes d_pre [T, B, 4H] (and d_hp [T, B, P],
     ∂L/∂h before the projection) and returns ∂L/∂h0 [B, P], ∂L/∂c0 [B, H] in fp32 (fp64)."""
     T, B, _ = gates.shape
-    P = w_hh.shape[1]
-    dtype, acc, dev = d_pre.dtype, cs.dtype, d_pre.device
-    if d_out_packed.numel() == 0:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
-        d_out, d_h = d_hs[1:].contiguous(), torch.zeros(B, P, dtype=acc, device=dev)
-    else:  # out is out_packed; hs is seen only as h_n = hs[T]
-        d_out, d_h = d_out_packed.contiguous(), d_hs[T].to(acc, copy=True)
-    d_c = d_cn.to(acc, copy=True)  # [B, H] ∂L/∂c
+    dtype, acc = d_pre.dtype, cs.dtype
+    d_out, d_h, d_c = _loop_start_gradients(d_hs, d_out_packed, d_cn, acc)
     steps = _steps(backend)(gates, cs, d_pre)
     d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
     gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
@@ -541,6 +558,11 @@ def _check_layer_args(
     _check_backend(backend)
     if backend == "triton_persistent" and w_hr is not None:
         raise ValueError("backend 'triton_persistent' has no projection (w_hr); use 'triton_step'")
+    return _batch_sizes_arg(batch_sizes, T, B)
+
+
+def _batch_sizes_arg(batch_sizes: Sequence[int] | Tensor | None, T: int, B: int) -> Tensor | None:
+    """``batch_sizes`` checked and as an int64 CPU tensor (or None), the form the ops take."""
     if batch_sizes is None:
         return None
     if isinstance(batch_sizes, Tensor):

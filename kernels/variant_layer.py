@@ -30,8 +30,10 @@ from . import gemm, torch_gates, variants
 from .layer import (
     HAS_TRITON,
     _advanced,
-    _check_backend,
+    _check_layer_args,
+    _loop_start_gradients,
     _sizes,
+    _with_packed_output_grad,
     accumulation_dtype,
     empty,
     scratch,
@@ -172,9 +174,7 @@ def _variant_backward(
     c_tilde = c_new if flags & variants.ZONEOUT_C else cs[1:]  # c̃ of every step [T, B, H]
     d_ln_c_rows = None
     if backend == "triton_persistent":
-        if batch_sizes is not None:  # the output is out_packed: its gradient reaches advancing rows only
-            d_hs = d_hs.clone()
-            d_hs[1:] += torch.where(_advanced(batch_sizes, B, dev).unsqueeze(2), d_out_packed, 0)
+        d_hs = _with_packed_output_grad(d_hs, d_out_packed, batch_sizes)
         d_pre, d_h, d_c = triton_persistent.persistent_backward(
             d_hs.contiguous(), d_cn.to(acc), gates, cs, w_hh, batch_sizes,
             flags=flags, peephole=peephole, zoneout=zoneout, dropout=dropout,
@@ -229,11 +229,7 @@ def _step_backward(
             flags, gates, c_tilde, cs[:-1], peephole
         )
         coef, d_pre_4 = coef.view(T, B, 4, H), d_pre.view(T, B, 4, H)
-    if d_out_packed.numel() == 0:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
-        d_out, d_h = d_hs[1:], torch.zeros(B, H, dtype=acc, device=dev)
-    else:  # out is out_packed; hs is seen only as h_n = hs[T]
-        d_out, d_h = d_out_packed, d_hs[T].to(acc, copy=True)
-    d_c = d_cn.to(acc, copy=True)
+    d_out, d_h, d_c = _loop_start_gradients(d_hs, d_out_packed, d_cn, acc)
     zoneout_h = bool(flags & variants.ZONEOUT_H)
     d_h_carry = scratch("d_h_carry", B, H, dtype=acc, device=dev) if zoneout_h else None  # z^h ⊙ ∂L/∂h_t
     recurrent = gemm.StepWeight(w_hh.t(), B, T)  # ∂L/∂r_t·W_hh
@@ -481,23 +477,10 @@ def lstm_variant_layer(
     if gx.dim() != 3 or gx.shape[-1] % 4:
         raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
     T, B, G = gx.shape
-    H = G // 4
-    for name, state in (("h0", h0), ("c0", c0)):
-        if tuple(state.shape) != (B, H):
-            raise ValueError(f"{name} must have shape {(B, H)}, got {tuple(state.shape)}")
-    if tuple(w_hh.shape) != (G, H):
-        raise ValueError(f"w_hh must have shape {(G, H)}, got {tuple(w_hh.shape)}")
-    _check_backend(backend)
+    batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, None, batch_sizes, backend)
     if backend == "triton_persistent" and flags & variants.LAYER_NORM:
         raise ValueError("layer norm runs on the per-step kernels, not 'triton_persistent'")
-    _check_variant_args(flags, T, B, H, peephole, ln_hh, ln_c, zoneout, dropout)
-    if batch_sizes is not None:
-        if not isinstance(batch_sizes, Tensor):
-            sizes = [int(n) for n in batch_sizes]
-            if len(sizes) != T or any(not 0 <= n <= B for n in sizes):
-                raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {sizes}")
-            batch_sizes = torch.tensor(sizes, dtype=torch.int64)
-        batch_sizes = batch_sizes.to("cpu", torch.int64)
+    _check_variant_args(flags, T, B, G // 4, peephole, ln_hh, ln_c, zoneout, dropout)
     hs, out_packed, c_n, *_ = torch.ops.lstmlab.lstm_variant_layer_fwd(
         gx, h0, c0, w_hh, batch_sizes, backend, flags, peephole, ln_hh, ln_c, zoneout, dropout
     )
