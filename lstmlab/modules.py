@@ -557,7 +557,12 @@ class LSTM(_LSTMBase):
         h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
         backend = self._pick_backend(x.device, x.shape[1], compute_dtype, self.proj_size)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
-        output, h_n, c_n = self._run_layers(x, h0, c0, batch_sizes, backend)
+        if torch.onnx.is_in_onnx_export():  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
+            from lstmlab import onnx_export
+
+            output, h_n, c_n = onnx_export.lstm_layers(self, x, h0, c0, batch_sizes)
+        else:
+            output, h_n, c_n = self._run_layers(x, h0, c0, batch_sizes, backend)
 
         if packed:
             data = pack_padded(output, batch_sizes_t, data.shape[0])  # [N, D·P]
@@ -687,7 +692,12 @@ class LSTMCell(_LSTMBase):
         w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
         x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer
         h0, c0 = h0.to(dtype), c0.to(dtype)
-        _, h1, c1 = lstm_layer_from_input(x, w_ih, bias, h0, c0, w_hh, None, None, backend)
+        if torch.onnx.is_in_onnx_export():  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
+            from lstmlab import onnx_export
+
+            _, h1, c1 = onnx_export.lstm_cell(self, x, h0, c0)
+        else:
+            _, h1, c1 = lstm_layer_from_input(x, w_ih, bias, h0, c0, w_hh, None, None, backend)
         if not is_batched:
             h1, c1 = h1.squeeze(0), c1.squeeze(0)
         return h1, c1
