@@ -170,8 +170,9 @@ def test_import_works_without_triton_and_says_so():
 
 
 LIBRARY_MODULES = [
-    "lstmlab", "lstmlab.kernels", "lstmlab.modules", "lstmlab.backends", "lstmlab.models",
-    "lstmlab.tasks", "lstmlab.loggers", "lstmlab.probes", "lstmlab.memory_report", "lstmlab.odyssey",
+    "lstmlab", "lstmlab.kernels", "lstmlab.modules", "lstmlab.backends", "lstmlab.runner",
+    "lstmlab.runner.models", "lstmlab.runner.tasks", "lstmlab.runner.loggers", "lstmlab.analysis",
+    "lstmlab.analysis.probes", "lstmlab.analysis.memory_report", "lstmlab.analysis.odyssey",
 ]  # fmt: skip
 
 

@@ -10,10 +10,10 @@ import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import OmegaConf
 
-from lstmlab import config
-from lstmlab.build import build_model, build_task
-from lstmlab.config import ConfigError, compose, ignored_model_keys, validate
-from lstmlab.train import train
+from lstmlab.runner import config
+from lstmlab.runner.build import build_model, build_task
+from lstmlab.runner.config import ConfigError, compose, ignored_model_keys, validate
+from lstmlab.runner.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -182,12 +182,12 @@ def test_no_config_file_restates_a_default(path, schema):
     ],
 )
 def test_bad_values_fail_before_any_data_is_made(override, message, tmp_path, monkeypatch):
-    import lstmlab.train
+    import lstmlab.runner.train
 
     def no_data(*args, **kwargs):
         raise AssertionError("the task was built before the config was validated")
 
-    monkeypatch.setattr(lstmlab.train, "build_task", no_data)
+    monkeypatch.setattr(lstmlab.runner.train, "build_task", no_data)
     if "precision" in override:
         override += " trainer.device=cpu"
     with pytest.raises(ConfigError, match=message):
@@ -209,7 +209,7 @@ def test_the_module_and_the_config_agree_on_chrono_t_max():
 @pytest.mark.parametrize("backend", ["triton", "triton_step", "triton_persistent"])
 def test_a_triton_backend_that_cannot_run_here_is_a_config_error(backend, monkeypatch):
     import lstmlab.backends
-    from lstmlab.config import check_runnable
+    from lstmlab.runner.config import check_runnable
 
     monkeypatch.setattr(lstmlab.backends, "TRITON_INTERPRET", False)  # CPU tensors, no interpreter
     cfg = compose([f"model.backend={backend}", "trainer.device=cpu"])
@@ -239,7 +239,7 @@ def test_a_triton_backend_that_cannot_run_here_is_a_config_error(backend, monkey
 def test_cli_config_error_is_one_line_exit_2_and_no_folder(args, message, tmp_path):
     """Every run of the command line is checked before Hydra makes a folder or a sweep starts."""
     # On the CPU also on a GPU machine, where Triton cannot run CPU tensors without the interpreter.
-    cmd = [sys.executable, "-m", "lstmlab.train", *args, "trainer.device=cpu"]
+    cmd = [sys.executable, "-m", "lstmlab.runner.train", *args, "trainer.device=cpu"]
     cmd += [f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
@@ -251,7 +251,7 @@ def test_cli_config_error_is_one_line_exit_2_and_no_folder(args, message, tmp_pa
 
 def test_help_names_the_default_every_preset_group_option_and_the_output(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "lstmlab.train", "--help"],
+        [sys.executable, "-m", "lstmlab.runner.train", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -276,7 +276,7 @@ def test_help_names_the_default_every_preset_group_option_and_the_output(tmp_pat
 
 
 def test_a_misspelt_key_names_the_keys_its_section_takes():
-    from lstmlab.config import unknown_override_keys
+    from lstmlab.runner.config import unknown_override_keys
 
     valid = [
         "model=torch_gru", "task=copy", "experiment=single", "variant=CIFG", "seed=3", "trainer.steps=5",
@@ -292,7 +292,7 @@ def test_a_misspelt_key_names_the_keys_its_section_takes():
 
 
 def test_cli_rejects_a_misspelt_key_before_hydra_runs(tmp_path):
-    cmd = [sys.executable, "-m", "lstmlab.train", "experiment=single", "model.hiden_size=8"]
+    cmd = [sys.executable, "-m", "lstmlab.runner.train", "experiment=single", "model.hiden_size=8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "did you mean model.hidden_size?" in proc.stderr

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from lstmlab.config import ConfigError, compose
-from lstmlab.tasks import TASKS, make_task
-from lstmlab.tasks.charlm import ALPHABET, VOCAB_SIZE, corpus_files, decode, encode, split_of
-from lstmlab.tasks.dataset import array_digest
-from lstmlab.tasks.forecast import forecast_errors, mase_scale
-from lstmlab.train import train
+from lstmlab.runner.config import ConfigError, compose
+from lstmlab.runner.tasks import TASKS, make_task
+from lstmlab.runner.tasks.charlm import ALPHABET, VOCAB_SIZE, corpus_files, decode, encode, split_of
+from lstmlab.runner.tasks.dataset import array_digest
+from lstmlab.runner.tasks.forecast import forecast_errors, mase_scale
+from lstmlab.runner.train import train
 
 SMALL = [
     "experiment=single",
@@ -42,7 +42,7 @@ def test_data_tasks_are_registered_with_fixed_splits():
 
 def test_digits_shapes_checksums_and_disjoint_splits():
     pytest.importorskip("sklearn")
-    from lstmlab.tasks.digits import load_digits_arrays
+    from lstmlab.runner.tasks.digits import load_digits_arrays
 
     images, labels = load_digits_arrays()
     assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
@@ -75,7 +75,7 @@ def test_mnist1d_is_generated_without_network_access(monkeypatch):
     pytest.importorskip("mnist1d")
     import socket
 
-    from lstmlab.tasks.mnist1d import generate_mnist1d
+    from lstmlab.runner.tasks.mnist1d import generate_mnist1d
 
     def refuse(*args, **kwargs):
         raise AssertionError("mnist1d tried to reach the network")
@@ -108,7 +108,7 @@ def test_mnist1d_splits(mnist1d_task):
 
 def test_forecast_series_checksums():
     pytest.importorskip("statsmodels")
-    from lstmlab.tasks.forecast import load_series
+    from lstmlab.runner.tasks.forecast import load_series
 
     expected = {
         "sunspots": (309, "a275d2252abd8495"),
@@ -173,7 +173,7 @@ def test_network_metrics_are_the_raw_unit_metrics_of_its_forecasts(nile):
 
 def test_seasonal_naive_by_hand():
     pytest.importorskip("statsmodels")
-    from lstmlab.tasks.forecast import seasonal_naive
+    from lstmlab.runner.tasks.forecast import seasonal_naive
 
     task = make_task("forecast", series="sunspots", seq_len=33)  # m = 11 = H
     t = task.origins("test")
@@ -188,7 +188,7 @@ def test_seasonal_naive_by_hand():
 
 @pytest.mark.parametrize("method", ["ARIMA", "ETS"])
 def test_classical_forecasts_use_the_test_windows_and_only_the_past(nile, method):
-    from lstmlab.tasks import forecast as fc
+    from lstmlab.runner.tasks import forecast as fc
 
     def run(task):
         if method == "ARIMA":
@@ -268,7 +268,7 @@ def test_each_data_task_trains_through_the_runner(task, extra, tmp_path):
     assert all(math.isfinite(v) for v in summary["final"]["test"].values())
     assert summary["final"]["train_loss"] > 0
     if name == "charlm":
-        from lstmlab.sample import generate, load_model
+        from lstmlab.analysis.sample import generate, load_model
 
         text = generate(load_model(tmp_path), "import ", 40, temperature=1.0, seed=0)
         assert text.startswith("import ") and len(text) == 47

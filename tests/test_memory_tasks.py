@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from lstmlab.tasks import make_task
-from lstmlab.tasks.hmm_tagging import HMM
-from lstmlab.tasks.reber import IGNORE, SYMBOLS
+from lstmlab.runner.tasks import make_task
+from lstmlab.runner.tasks.hmm_tagging import HMM
+from lstmlab.runner.tasks.reber import IGNORE, SYMBOLS
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -16,13 +16,13 @@ import pytest
 from lstmlab.kernels.variants import GREFF_VARIANTS, CellVariant
 from omegaconf import OmegaConf
 
-import lstmlab.train
-from lstmlab import config
-from lstmlab.build import LSTMLAB_KEYS, VARIANT_KEYS, build_model, build_task
-from lstmlab.config import check_runnable, compose, ignored_model_keys
-from lstmlab.odyssey import analyse, seed_noise_share, variance_shares, welch_p
-from lstmlab.report import main as report_main
-from lstmlab.train import preflight, train
+import lstmlab.runner.train
+from lstmlab.analysis.odyssey import analyse, seed_noise_share, variance_shares, welch_p
+from lstmlab.analysis.report import main as report_main
+from lstmlab.runner import config
+from lstmlab.runner.build import LSTMLAB_KEYS, VARIANT_KEYS, build_model, build_task
+from lstmlab.runner.config import check_runnable, compose, ignored_model_keys
+from lstmlab.runner.train import preflight, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["experiment=smoke", "trainer.num_threads=1", "trainer.device=cpu"]
@@ -49,7 +49,7 @@ def test_each_variant_file_sets_exactly_its_variant(path):
 
 
 def test_torch_models_ignore_the_variant_with_one_note_per_key(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lstmlab.train")
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
     cfg = compose([*SMALL, "model=torch_lstm", "variant=NOAF", "model.hidden_size=4", "trainer.steps=2"])
     assert ignored_model_keys(cfg.model) == ["model.peepholes=True", "model.output_activation=False"]
     summary = train(cfg, tmp_path)
@@ -67,7 +67,7 @@ def test_an_impossible_variant_is_one_line_exit_2_before_any_folder(tmp_path, mo
     argv = ["lstmlab-train", "-m", "experiment=smoke", "variant=V,NFG,CIFG", "model.input_gate=false"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
-        lstmlab.train.main()
+        lstmlab.runner.train.main()
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(
@@ -91,7 +91,7 @@ def _preset_jobs() -> tuple[list[list[str]], dict[str, list[str]]]:
         base = hydra_compose("config", overrides=["experiment=odyssey"], return_hydra_config=True)
     params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
     assert base.hydra.mode.name == "MULTIRUN"
-    assert base.hydra.callbacks.report._target_ == "lstmlab.report.OdysseyReportCallback"
+    assert base.hydra.callbacks.report._target_ == "lstmlab.analysis.report.OdysseyReportCallback"
     parsed = OverridesParser.create().parse_overrides([f"{k}={','.join(v)}" for k, v in params.items()])
     (jobs,) = BasicSweeper.split_arguments(parsed, None)
     return [[*job, "experiment=odyssey"] for job in jobs], params
@@ -259,7 +259,7 @@ def test_the_report_command_documents_odyssey(capsys):
 
 def test_analyse_reads_what_varies_from_the_runs(tmp_path):
     write_sweep(tmp_path)
-    from lstmlab.loggers import collect_runs
+    from lstmlab.runner.loggers import collect_runs
 
     setup = analyse(collect_runs(tmp_path))["tasks"]["adding"]["setup"]
     assert setup["seeds"] == [0, 1, 2] and setup["lrs"] == [3e-3, 1e-2] and setup["steps"] == [200]
@@ -269,7 +269,7 @@ def test_the_variant_group_sweeps_and_the_preset_reports_itself(tmp_path):
     """`lstmlab-train experiment=odyssey` cut down to seconds: two variants, one task, one
     seed; each run records its variant, and the sweep writes the odyssey report."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lstmlab.train", "experiment=odyssey", "variant=V,NP"]
+    cmd = [sys.executable, "-m", "lstmlab.runner.train", "experiment=odyssey", "variant=V,NP"]
     cmd += ["task=odyssey_adding", "seed=0", "optim.lr=1e-2", "trainer.steps=2", "model.hidden_size=4"]
     cmd += ["task.seq_len=5", "task.val_size=8", "task.test_size=8", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)

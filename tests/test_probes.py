@@ -1,16 +1,17 @@
-"""Gradient-retention probe (lstmlab.probes) and the issue-4 report step (lstmlab.memory_report)."""
+"""Gradient-retention probe (lstmlab.analysis.probes) and the issue-4 report step
+(lstmlab.analysis.memory_report)."""
 
 import math
 
 import pytest
 import torch
 
-import lstmlab.build
-from lstmlab import memory_report
-from lstmlab.config import compose, to_plain
-from lstmlab.models import SequenceModel
-from lstmlab.probes import decades_per_step, grad_norm_curve, initial_state_grad_norm
-from lstmlab.train import train
+import lstmlab.runner.build
+from lstmlab.analysis import memory_report
+from lstmlab.analysis.probes import decades_per_step, grad_norm_curve, initial_state_grad_norm
+from lstmlab.runner.config import compose, to_plain
+from lstmlab.runner.models import SequenceModel
+from lstmlab.runner.train import train
 
 
 def test_decades_per_step_is_the_slope_of_log10():
@@ -71,7 +72,7 @@ def test_rebuild_draws_the_runs_initial_weights(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             built.append({k: v.clone() for k, v in self.state_dict().items()})
 
-    monkeypatch.setattr(lstmlab.build, "SequenceModel", Capture)
+    monkeypatch.setattr(lstmlab.runner.build, "SequenceModel", Capture)
     cfg = compose(
         ["experiment=smoke", "trainer.steps=2", "model=lstmlab_chrono", "seed=7", "trainer.device=cpu"]
     )

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lstmlab.report import main, plot_curves, summarize, write_report
+from lstmlab.analysis.report import main, plot_curves, summarize, write_report
 
 
 def fake_run(model: str, seed: int, mse: float, ms: float = 2.0) -> dict:
@@ -92,7 +92,7 @@ def test_an_empty_directory_is_an_error(tmp_path):
 def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, capsys):
     """`lstmlab-train -m model=... seed=0,1,2`, at smoke size; the sweep reports itself."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lstmlab.train", "-m"]
+    cmd = [sys.executable, "-m", "lstmlab.runner.train", "-m"]
     cmd += ["model=lstmlab,torch_lstm,torch_gru,torch_rnn", "seed=0,1,2"]
     cmd += ["experiment=smoke", "trainer.num_threads=1", "trainer.steps=10", "trainer.device=cpu"]
     cmd += [f"hydra.sweep.dir={sweep}"]

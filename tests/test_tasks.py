@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lstmlab.tasks import TASKS, derive_seed, make_task
+from lstmlab.runner.tasks import TASKS, derive_seed, make_task
 
 
 def gen(seed: int = 0) -> torch.Generator:

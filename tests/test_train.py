@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import lstmlab.train
-from lstmlab.config import ConfigError, compose
-from lstmlab.loggers import read_jsonl
-from lstmlab.tasks.adding import AddingTask
-from lstmlab.train import CKPT_NAME, NonFiniteLossError, train
+import lstmlab.runner.train
+from lstmlab.runner.config import ConfigError, compose
+from lstmlab.runner.loggers import read_jsonl
+from lstmlab.runner.tasks.adding import AddingTask
+from lstmlab.runner.train import CKPT_NAME, NonFiniteLossError, train
 
 # Tiny runs on one thread each: the suite shares a 2-core machine. On the CPU also where a GPU
 # is present, so that the backends asserted below are the CPU's.
@@ -26,7 +26,7 @@ SMALL = ["experiment=smoke", "trainer.num_threads=1", "trainer.device=cpu"]
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lstmlab.train", *args]
+    return [sys.executable, "-m", "lstmlab.runner.train", *args]
 
 
 def comparable(rows: list[dict]) -> list[dict]:
@@ -164,7 +164,7 @@ def test_cli_prints_the_run_folder_and_refuses_to_overwrite_it(tmp_path):
 
 
 def test_log_lines_show_evaluation_numbers_only_at_the_step_they_come_from(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lstmlab.train")
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
     train(compose([*SMALL, "model=torch_rnn"]), tmp_path)  # log every 5 steps, evaluate every 10
     progress = {
         int(r.message.split()[1].split("/")[0]): r.message
@@ -181,7 +181,7 @@ def test_log_lines_show_evaluation_numbers_only_at_the_step_they_come_from(tmp_p
 
 
 def test_torch_models_note_the_lstmlab_keys_they_ignore(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lstmlab.train")
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
     overrides = [*SMALL, "model=torch_gru", "model.forget_bias=1.0", "trainer.steps=2"]
     summary = train(compose(overrides), tmp_path)
     notes = [r.message for r in caplog.records if r.levelno == logging.WARNING]
@@ -354,7 +354,7 @@ def test_ddp_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path):
     single = train(compose(overrides), tmp_path / "single")
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "lstmlab.train", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd += ["-m", "lstmlab.runner.train", *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -382,7 +382,7 @@ def test_ddp_ranks_that_diverge_are_caught(monkeypatch):
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         model = torch.nn.Linear(3, 2)
-        lstmlab.train._assert_in_sync(model)  # one rank agrees with itself
+        lstmlab.runner.train._assert_in_sync(model)  # one rank agrees with itself
         original = dist.broadcast
 
         def drifted(tensor, src):
@@ -391,7 +391,7 @@ def test_ddp_ranks_that_diverge_are_caught(monkeypatch):
 
         monkeypatch.setattr(dist, "broadcast", drifted)
         with pytest.raises(RuntimeError, match="DDP ranks diverged"):
-            lstmlab.train._assert_in_sync(model)
+            lstmlab.runner.train._assert_in_sync(model)
     finally:
         dist.destroy_process_group()
 

@@ -7,8 +7,8 @@ Run: nice -n 10 python docs/results/copy_parity.py   (numbers quoted in docs/res
 import torch
 import torch.nn.functional as F
 
-from lstmlab.models import SequenceModel
-from lstmlab.tasks import make_task
+from lstmlab.runner.models import SequenceModel
+from lstmlab.runner.tasks import make_task
 
 torch.set_num_threads(1)
 task = make_task("copy", seq_len=50)

@@ -3,7 +3,7 @@
 A :class:`DatasetTask` loads its train/validation/test splits once (``_load``); the runner takes
 them from :meth:`DatasetTask.split` instead of sampling them from the seed, and the seed only
 orders the training batches and initialises the model. The loaders import their optional
-packages (``pip install lstmlab[data]``) when called, so ``import lstmlab.tasks`` never needs them.
+packages (``pip install lstmlab[data]``) when called, so ``import lstmlab.runner.tasks`` never needs them.
 
 Dimension legend: N examples, T time steps, D input features, C classes.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import Task
+from lstmlab.runner.tasks.base import Task
 
 SPLITS = ("train", "val", "test")
 

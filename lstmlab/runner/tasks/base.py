@@ -25,7 +25,7 @@ class Task:
 
     A subclass sets the class attributes, takes its options as keyword arguments and implements
     :meth:`sample`, :meth:`loss`, :meth:`metrics` and :meth:`baseline`. Register it with
-    :func:`register` and give it a ``conf/task/<name>.yaml`` (and a schema in lstmlab.config).
+    :func:`register` and give it a ``conf/task/<name>.yaml`` (and a schema in lstmlab.runner.config).
 
     Attributes:
         name: the registry name.
@@ -36,7 +36,7 @@ class Task:
         output_size: O, outputs per prediction.
         per_step: True if the model predicts at every step (outputs ``(N, T, O)``), False if it
             predicts once from the last step (outputs ``(N, O)``).
-        fixed_splits: True for a fixed data set (see ``lstmlab.tasks.dataset``): the runner takes
+        fixed_splits: True for a fixed data set (see ``lstmlab.runner.tasks.dataset``): the runner takes
             its train/val/test sets from :meth:`split` instead of sampling them from the seed.
     """
 

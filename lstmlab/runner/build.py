@@ -1,10 +1,10 @@
 """Config -> objects, in one place: the task, the model, the optimizer and its schedule.
 
-``lstmlab.train``, ``lstmlab.sample``, ``lstmlab.probes`` users and every report build through
-these functions, from a composed config (``DictConfig``) or from the plain dict a run saved in
-``summary.json`` and its checkpoint. Which config keys belong to the runner rather than to the
-task, and which model keys only lstmlab.LSTM takes, is defined here once. Like the rest of the
-library this module imports neither Hydra nor OmegaConf, so reports can use it without them.
+``lstmlab.runner.train``, ``lstmlab.analysis.sample``, ``lstmlab.analysis.probes`` users and every
+report build through these functions, from a composed config (``DictConfig``) or from the plain
+dict a run saved in ``summary.json`` and its checkpoint. Which config keys belong to the runner
+rather than to the task, and which model keys only lstmlab.LSTM takes, is defined here once. This
+module imports neither Hydra nor OmegaConf, so reports can use it without them.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from lstmlab.kernels.variants import GREFF_VARIANTS, CellVariant
-from lstmlab.models import SequenceModel
-from lstmlab.tasks import Task, make_task
+from lstmlab.runner.models import SequenceModel
+from lstmlab.runner.tasks import Task, make_task
 
 CKPT_NAME = "checkpoints/last.pt"
-# Which config keys are whose, defined here once (lstmlab.config's schemas declare them):
+# Which config keys are whose, defined here once (lstmlab.runner.config's schemas declare them):
 VARIANT_KEYS = tuple(f.name for f in dataclasses.fields(CellVariant))  # peepholes ... recurrent_dropout
 LSTMLAB_KEYS = ("backend", "forget_bias", "chrono_t_max", *VARIANT_KEYS)  # lstmlab.LSTM's own model keys
 RUNNER_TASK_KEYS = ("train_size", "val_size", "test_size")  # the runner's, not the task's

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-from lstmlab.models import SequenceModel
-from lstmlab.tasks import make_task
+from lstmlab.runner.models import SequenceModel
+from lstmlab.runner.tasks import make_task
 
 
 def initial_state_grad_norm(model: SequenceModel, x: Tensor, y: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import Task, register
+from lstmlab.runner.tasks.base import Task, register
 
 
 @register

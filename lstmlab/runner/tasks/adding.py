@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import Task, register
+from lstmlab.runner.tasks.base import Task, register
 
 TOLERANCE = 0.04  # an answer counts as correct when |error| < TOLERANCE
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import register
-from lstmlab.tasks.dataset import DatasetTask
+from lstmlab.runner.tasks.base import register
+from lstmlab.runner.tasks.dataset import DatasetTask
 
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train, val, test, by time
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import Task, register
+from lstmlab.runner.tasks.base import Task, register
 
 SYMBOLS = "BTPSXVE"
 IGNORE = -100

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import register
-from lstmlab.tasks.dataset import DatasetTask
+from lstmlab.runner.tasks.base import register
+from lstmlab.runner.tasks.dataset import DatasetTask
 
 ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n\t"
 VOCAB_SIZE = len(ALPHABET) + 1  # 0: any other character

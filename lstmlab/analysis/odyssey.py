@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmlab.kernels.variants import GREFF_VARIANTS
-from lstmlab.loggers import collect_runs
+from lstmlab.runner.loggers import collect_runs
 
 REFERENCE = "V"
 ALPHA = 0.05
@@ -108,7 +108,7 @@ def seed_noise_share(cells: list[list[float]]) -> float | None:
 
 
 def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers of the report, from the runs (``lstmlab.loggers.collect_runs``), by task."""
+    """The numbers of the report, from the runs (``lstmlab.runner.loggers.collect_runs``), by task."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         by_task[run["task"]].append(run)

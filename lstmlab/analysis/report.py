@@ -3,7 +3,7 @@ final test metric as mean ± std over seeds, its parameters and time per step, t
 baseline) and ``report.png`` (validation learning curves, one line per model).
 
 ``lstmlab-report --odyssey <sweep dir>`` reports an ``experiment=odyssey`` sweep instead, as
-Greff et al. 2017's Figure 3 (:mod:`lstmlab.odyssey`).
+Greff et al. 2017's Figure 3 (:mod:`lstmlab.analysis.odyssey`).
 
 Hydra calls :class:`ReportCallback` at the end of every multirun, so a sweep reports itself
 (``experiment=odyssey`` names :class:`OdysseyReportCallback` instead).
@@ -22,9 +22,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lstmlab.loggers import collect_runs
+from lstmlab.runner.loggers import collect_runs
 
-log = logging.getLogger("lstmlab.report")
+log = logging.getLogger("lstmlab.analysis.report")
 
 
 def _labels(runs: list[dict[str, Any]]) -> list[str]:
@@ -158,7 +158,7 @@ class OdysseyReportCallback(Callback):
     """Hydra callback for ``experiment=odyssey``: the variant report when the multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from lstmlab.odyssey import FILES, write_odyssey_report
+        from lstmlab.analysis.odyssey import FILES, write_odyssey_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         print(f"\n{write_odyssey_report(sweep_dir)}\nwrote {', '.join(str(sweep_dir / f) for f in FILES)}")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         epilog="With --odyssey: per task, each cell variant at the learning rate with the best mean "
         "validation metric, its test metric per seed and mean ± sd against the vanilla cell V, "
         "Welch's t-test (p < 0.05 marked), and the validation metric of every variant at every "
-        "learning rate (see lstmlab/odyssey.py).",
+        "learning rate (see lstmlab/analysis/odyssey.py).",
     )
     parser.add_argument("sweep_dir", help="a multirun directory (searched for summary.json)")
     parser.add_argument(
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="with --odyssey: the folder to write into (default: SWEEP_DIR)")
     args = parser.parse_args(argv)
     if args.odyssey:
-        from lstmlab.odyssey import FILES, write_odyssey_report
+        from lstmlab.analysis.odyssey import FILES, write_odyssey_report
 
         out = Path(args.out or args.sweep_dir)
         print(write_odyssey_report(args.sweep_dir, out), end="")

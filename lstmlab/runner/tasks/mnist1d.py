@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lstmlab.tasks.base import register
-from lstmlab.tasks.dataset import ClassificationTask
+from lstmlab.runner.tasks.base import register
+from lstmlab.runner.tasks.dataset import ClassificationTask
 
 SEQ_LEN = 40
 

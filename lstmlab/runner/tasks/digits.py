@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lstmlab.tasks.base import register
-from lstmlab.tasks.dataset import ClassificationTask, split_indices
+from lstmlab.runner.tasks.base import register
+from lstmlab.runner.tasks.dataset import ClassificationTask, split_indices
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

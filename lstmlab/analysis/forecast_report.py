@@ -1,7 +1,7 @@
-"""The LSTM-vs-ARIMA table: ``python -m lstmlab.forecast_report <sweep dir>``.
+"""The LSTM-vs-ARIMA table: ``python -m lstmlab.analysis.forecast_report <sweep dir>``.
 
 Reads the ``forecast`` runs of a sweep (``conf/experiment/forecast.yaml``), rebuilds each series'
-task from the runs' own config, computes the classical baselines (``lstmlab.tasks.forecast``) on
+task from the runs' own config, computes the classical baselines (``lstmlab.runner.tasks.forecast``) on
 exactly the test windows the networks were scored on, and writes ``forecast.md`` (one table per
 series, networks as mean ± std over seeds, and which method wins by how much) and
 ``forecast.png`` (test MASE of every method, per series). Needs ``lstmlab[data]``.
@@ -16,9 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lstmlab.build import build_task
-from lstmlab.loggers import collect_runs
-from lstmlab.tasks.forecast import ForecastTask, classical_results
+from lstmlab.runner.build import build_task
+from lstmlab.runner.loggers import collect_runs
+from lstmlab.runner.tasks.forecast import ForecastTask, classical_results
 
 COLUMNS = ("mase_h1", "mase", "smape", "rmse")
 HEADER = (
@@ -120,7 +120,7 @@ def write_forecast_report(sweep_dir: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lstmlab.forecast_report", description=__doc__.split("\n\n")[0]
+        prog="python -m lstmlab.analysis.forecast_report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("sweep_dir", help="a multirun directory of forecast runs")
     args = parser.parse_args(argv)

@@ -24,9 +24,9 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lstmlab.backends import BACKENDS, resolve_backend
-from lstmlab.build import LSTMLAB_KEYS, VARIANT_KEYS, cell_variant
-from lstmlab.models import MODEL_KINDS
-from lstmlab.tasks import TASKS
+from lstmlab.runner.build import LSTMLAB_KEYS, VARIANT_KEYS, cell_variant
+from lstmlab.runner.models import MODEL_KINDS
+from lstmlab.runner.tasks import TASKS
 
 
 class _StrEnum(str, Enum):
@@ -128,7 +128,7 @@ class CopyTaskConfig(TaskConfig):
     copy_len: int = 10
 
 
-# ---- memory tasks: generated data, exact trivial baselines and optima in lstmlab.tasks.
+# ---- memory tasks: generated data, exact trivial baselines and optima in lstmlab.runner.tasks.
 
 
 @dataclass
@@ -156,7 +156,7 @@ class HMMTaggingTaskConfig(TaskConfig):
 # ---- end of memory tasks
 
 
-# ---- data set tasks: fixed splits from installed packages, see lstmlab.tasks.dataset.
+# ---- data set tasks: fixed splits from installed packages, see lstmlab.runner.tasks.dataset.
 # train_size, val_size and test_size do not apply to them: the data set fixes its splits.
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab.tasks.base import Task, register
+from lstmlab.runner.tasks.base import Task, register
 
 PAD, B, E, X, Y = 0, 5, 6, 7, 8
 PAPER_LEN = 110

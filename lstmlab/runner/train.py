@@ -1,4 +1,4 @@
-"""Train one model on one task: ``lstmlab-train`` (the same as ``python -m lstmlab.train``).
+"""Train one model on one task: ``lstmlab-train`` (the same as ``python -m lstmlab.runner.train``).
 
 A run is :func:`train`, which checks the config and calls three functions, each read top to
 bottom: :func:`setup` (run folder -> seed -> data -> model -> optimizer -> resume -> logger),
@@ -34,7 +34,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from lstmlab.build import (
+from lstmlab.kernels.gemm import describe_cpu_gemm
+from lstmlab.runner.build import (
     CKPT_NAME,
     build_model,
     build_optimizer,
@@ -42,7 +43,7 @@ from lstmlab.build import (
     build_task,
     greff_name,
 )
-from lstmlab.config import (
+from lstmlab.runner.config import (
     ConfigError,
     check_runnable,
     compose,
@@ -51,12 +52,11 @@ from lstmlab.config import (
     to_plain,
     unknown_override_keys,
 )
-from lstmlab.kernels.gemm import describe_cpu_gemm
-from lstmlab.loggers import JsonlLogger, NullLogger, WandbLogger
-from lstmlab.models import SequenceModel, count_parameters
-from lstmlab.tasks import Task, derive_seed
+from lstmlab.runner.loggers import JsonlLogger, NullLogger, WandbLogger
+from lstmlab.runner.models import SequenceModel, count_parameters
+from lstmlab.runner.tasks import Task, derive_seed
 
-log = logging.getLogger("lstmlab.train")
+log = logging.getLogger("lstmlab.runner.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +77,7 @@ class DistInfo:
 def train(cfg: DictConfig, out_dir: str | Path = ".", overrides: list[str] | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.task``; write metrics, checkpoints and ``summary.json`` into
     ``out_dir`` and return the summary (a dict of plain values). The config is checked in full
-    (:func:`lstmlab.config.check_runnable`) before any data is made or anything is written."""
+    (:func:`lstmlab.runner.config.check_runnable`) before any data is made or anything is written."""
     ddp = _dist_info()
     device = check_runnable(cfg, ddp.world, ddp.local_rank)
     if cfg.trainer.num_threads:

@@ -1,6 +1,6 @@
 """Turn the issue-4 sweeps into the tables and plots under ``docs/results/``.
 
-``python -m lstmlab.memory_report {grad_retention,bidirectional,horizon} SWEEP_DIR [--out DIR]``
+``python -m lstmlab.analysis.memory_report {grad_retention,bidirectional,horizon} SWEEP_DIR [--out DIR]``
 reads the runs of ``lstmlab-train experiment=<preset>`` and writes ``<preset>.md``, ``<preset>.png``
 and ``<preset>.json`` (every number in the table) into ``--out``, each stamped with the command,
 date, commit and machine. It never imports Hydra: it reads ``summary.json``, ``metrics.jsonl`` and
@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from lstmlab import build
-from lstmlab.loggers import collect_runs
-from lstmlab.models import SequenceModel
-from lstmlab.probes import N_EXAMPLES, decades_per_step, grad_norm_curve
-from lstmlab.tasks import derive_seed
+from lstmlab.analysis.probes import N_EXAMPLES, decades_per_step, grad_norm_curve
+from lstmlab.runner import build
+from lstmlab.runner.loggers import collect_runs
+from lstmlab.runner.models import SequenceModel
+from lstmlab.runner.tasks import derive_seed
 
 LENGTHS = [1, 10, 50, 100, 200, 400]
 # Bai, Kolter & Koltun 2018, Table 1 (their runs, not ours): adding T=600 test MSE; copy T=1000
@@ -40,7 +40,7 @@ BAI_2018 = {
 
 def stamp(command: str) -> str:
     """Where a table came from: the command, the date, the commit and the machine."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     git = ["git", "-C", str(root)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
@@ -83,7 +83,7 @@ def _order(name: str) -> tuple[int, str]:
 
 
 def rebuild(cfg: dict[str, Any], trained_dir: str | None) -> SequenceModel:
-    """The run's model at initialisation, or after training (see :func:`lstmlab.build.rebuild`)."""
+    """The run's model at initialisation, or after training (see :func:`lstmlab.runner.build.rebuild`)."""
     return build.rebuild(cfg, trained_dir)[0]
 
 
@@ -450,7 +450,7 @@ EXPERIMENTS = {"grad_retention": grad_retention, "bidirectional": bidirectional,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lstmlab.memory_report", description=__doc__.split("\n\n")[0]
+        prog="python -m lstmlab.analysis.memory_report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("sweep_dir")
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"no summary.json under {args.sweep_dir}: no run there has finished")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = args.command or "python -m lstmlab.memory_report " + " ".join(sys.argv[1:])
+    command = args.command or "python -m lstmlab.analysis.memory_report " + " ".join(sys.argv[1:])
     print(EXPERIMENTS[args.experiment](runs, out, command), end="")
 
 
