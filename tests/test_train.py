@@ -184,7 +184,7 @@ def test_torch_models_note_the_lstmlab_keys_they_ignore(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
     overrides = [*SMALL, "model=torch_gru", "model.forget_bias=1.0", "trainer.steps=2"]
     summary = train(compose(overrides), tmp_path)
-    notes = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    notes = [r.message for r in caplog.records if r.message.startswith("note: ")]
     assert notes == ["note: model.forget_bias=1.0 applies to model=lstmlab only; torch_gru ignores it"]
     assert summary["config"]["model"]["forget_bias"] == 1.0
 
@@ -409,3 +409,90 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     models = sorted(json.loads(p.read_text())["model"] for p in sweep.glob("*/summary.json"))
     assert models == ["torch_gru", "torch_rnn"]
     assert "torch_gru (adding)" in (sweep / "report.md").read_text()
+
+
+def test_the_first_log_line_says_each_thing_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
+    train(compose([*SMALL, "task=copy", "variant=CIFG", "trainer.steps=1"]), tmp_path)
+    first = next(r.message for r in caplog.records if not r.message.startswith("output: "))
+    assert first.startswith("lstmlab (")
+    assert (
+        ", cell CIFG: peepholes=true cifg=true) on copy (T=10, input length 30): 1 step of batch 16" in first
+    )
+    assert first.count("cpu") == 1 and first.endswith("on cpu, 1 thread, compile none")
+    caplog.clear()
+    train(compose([*SMALL, "model=torch_gru", "trainer.steps=1"]), tmp_path / "gru")
+    first = next(r.message for r in caplog.records if not r.message.startswith("output: "))
+    assert ") on adding (T=10): 1 step of batch" in first and "cell" not in first  # torch's cell is its own
+
+
+def test_test_acc_is_explained_where_it_is_printed(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
+    summary = train(compose([*SMALL, "model=torch_rnn", "trainer.steps=2"]), tmp_path)
+    assert summary["acc_means"] == "share of sums within 0.04 of the target"
+    done = next(r.message for r in caplog.records if r.message.startswith("done: "))
+    assert f"test acc {summary['final']['test']['acc']:.3f} (share of sums within 0.04 of the target)" in done
+
+
+def test_the_default_is_one_thread_and_null_keeps_torchs(tmp_path, monkeypatch):
+    assert compose(["experiment=single"]).trainer.num_threads == 1
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    overrides = ["experiment=smoke", "trainer.device=cpu", "model=torch_rnn", "trainer.steps=1"]
+    train(compose(overrides), tmp_path / "default")
+    train(compose([*overrides, "trainer.num_threads=null"]), tmp_path / "null")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("threads", "load", "cores", "warns"),
+    [(1, 0.5, 2, False), (1, 1.5, 2, True), (2, 0.2, 2, True), (4, 0.0, 8, False)],
+)
+def test_load_warning_when_the_threads_and_the_load_exceed_the_cores(threads, load, cores, warns):
+    warning = lstmlab.runner.train.load_warning(threads, load, cores)
+    assert (warning is not None) == warns
+    if warns:
+        assert f"{threads} CPU thread" in warning and f"the {cores} cores" in warning
+        assert "trainer.num_threads" in warning
+
+
+def test_a_run_on_a_loaded_machine_warns(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    train(compose([*SMALL, "model=torch_rnn", "trainer.steps=1"]), tmp_path / "busy")
+    assert any(
+        "ms/step will be inflated" in r.message for r in caplog.records if r.levelno == logging.WARNING
+    )
+    caplog.clear()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    train(compose([*SMALL, "model=torch_rnn", "trainer.steps=1"]), tmp_path / "idle")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_compile_time_is_reported_apart_from_ms_per_step(tmp_path, caplog, monkeypatch):
+    """The first step under torch.compile compiles; it is compile_s, not part of ms/step."""
+    caplog.set_level(logging.INFO, logger="lstmlab.runner.train")
+
+    class SlowFirstCall(torch.nn.Module):  # what compiling costs, here
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(0.5)
+            return self.module(x)
+
+    def slow_first_call(module, mode=None):
+        return SlowFirstCall(module)
+
+    monkeypatch.setattr(torch, "compile", slow_first_call)
+    overrides = [*SMALL, "model=torch_rnn", "trainer.steps=4", "trainer.compile=default"]
+    summary = train(compose(overrides), tmp_path)
+    assert summary["compile_s"] >= 0.5
+    assert summary["time_per_step_s"] < 0.25  # three steps timed, without the compiling one
+    done = next(r.message for r in caplog.records if r.message.startswith("done: "))
+    assert f"ms/step after {summary['compile_s']:.1f} s compiling" in done
+    eager = train(compose([*SMALL, "model=torch_rnn", "trainer.steps=2"]), tmp_path / "eager")
+    assert eager["compile_s"] is None

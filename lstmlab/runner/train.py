@@ -129,7 +129,8 @@ class Run:
     resumed_from: int | None = None
     t_start: float = 0.0  # this session's clock
     train_s: float = 0.0  # seconds in training steps (not evals), this session
-    steps_run: int = 0
+    steps_run: int = 0  # timed steps of this session (without the compiling step)
+    compile_s: float | None = None  # the first step of this session under torch.compile
     train_loss: float = math.nan  # mean loss since the last check
 
 
@@ -179,12 +180,58 @@ def setup(cfg: DictConfig, out_dir: Path, ddp: DistInfo, device: torch.device) -
     if ddp.is_main:
         run.logger = _make_logger(cfg, out_dir, run.resumed_from)
     log.info("output: %s", out_dir.resolve())
-    log.info(
-        "%s (%d parameters) on %s: %s, T=%d, %d steps of batch %d on %s x%d, compile %s",
-        cfg.model.kind, count_parameters(model), device, task.name, task.total_len, total_steps,
-        tr.batch_size, device.type, ddp.world, tr.compile,
-    )  # fmt: skip
+    log.info("%s", describe_run(run))
+    if device.type == "cpu":
+        warning = load_warning(torch.get_num_threads() * ddp.world, os.getloadavg()[0], _cores())
+        if warning:
+            log.warning("%s", warning)
     return run
+
+
+def describe_run(run: Run) -> str:
+    """The first log line: model, cell, task, steps, device, each said once."""
+    cfg, tr, task, model = run.cfg, run.cfg.trainer, run.task, run.model
+    what = f"{cfg.model.kind} ({count_parameters(model):,} parameters"
+    variant = _variant(model)
+    if variant is not None:
+        what += f", cell {variant['name'] or 'custom'}"
+        what += f": {_options(variant['changed'])}" if variant["changed"] else " (torch.nn.LSTM's cell)"
+    length = f"T={cfg.task.seq_len}"
+    if task.total_len != cfg.task.seq_len:  # copy: T blanks plus the symbols, twice
+        length += f", input length {task.total_len}"
+    where = f"{run.device}" if run.ddp.world == 1 else f"{run.ddp.world} x {run.device.type}"
+    if run.device.type == "cpu":
+        threads = torch.get_num_threads()
+        where += f", {threads} thread{'s' if threads > 1 else ''}" + (" each" if run.ddp.world > 1 else "")
+    return (
+        f"{what}) on {task.name} ({length}): {run.total_steps} step{'s' if run.total_steps > 1 else ''} "
+        f"of batch {tr.batch_size} on "
+        f"{where}, compile {tr.compile}"
+    )
+
+
+def _options(changed: dict[str, Any]) -> str:
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items())
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_warning(threads: int, load: float, cores: int) -> str | None:
+    """A warning when this run's threads and the work already running need more than the cores:
+    then every parallel op waits for its slowest thread, and ms/step measures the machine's load."""
+    if threads + load <= cores:
+        return None
+    return (
+        f"this run's {threads} CPU thread{'s' if threads > 1 else ''} and a load of {load:.1f} "
+        f"(1-minute average) need more than the {cores} cores: ms/step will be inflated. "
+        "Lower trainer.num_threads, or run when the machine is idle"
+    )
 
 
 def fit(run: Run) -> None:
@@ -194,6 +241,9 @@ def fit(run: Run) -> None:
     run.t_start = time.perf_counter()
     pending: list[Tensor] = []  # losses not yet checked: a sync per step would stall a GPU
     logged = (run.step, 0.0)  # (step, train_s) at the last progress line
+    # Under torch.compile the first step of a session compiles forward and backward (seconds to
+    # minutes): timed on its own as compile_s, so that ms/step is the compiled step's cost.
+    compiling = tr.compile != "none"
     run.net.train()
     while run.step < run.total_steps:
         t0 = time.perf_counter()
@@ -212,8 +262,12 @@ def fit(run: Run) -> None:
         run.scheduler.step()
         pending.append(loss.detach().float())
         run.step += 1
-        run.steps_run += 1
-        run.train_s += time.perf_counter() - t0
+        if compiling:
+            run.compile_s, compiling = time.perf_counter() - t0, False
+            logged = (run.step, 0.0)
+        else:
+            run.steps_run += 1
+            run.train_s += time.perf_counter() - t0
 
         step, last = run.step, run.step == run.total_steps
         do_eval = step % tr.eval_interval == 0 or last
@@ -267,6 +321,7 @@ def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
         "compile": tr.compile,
         "task": task.name,
         "metric": task.metric,
+        "acc_means": task.acc_means,
         "higher_is_better": task.higher_is_better,
         "seed": cfg.seed,
         "parameters": count_parameters(model),
@@ -277,7 +332,8 @@ def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
         "final": {"train_loss": run.train_loss, "val": final_val, "test": final_test},
         "baseline": task.baseline(),
         "wall_s": run.prior_wall + time.perf_counter() - run.t_start,
-        "time_per_step_s": per_step,
+        "time_per_step_s": per_step,  # training steps only: no evaluation, no compiling step
+        "compile_s": run.compile_s,
         "tokens_per_s": tr.batch_size * task.total_len / per_step if per_step else None,
         **_peak_memory(device),
         "device": _describe_devices(devices),
@@ -293,14 +349,23 @@ def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
     if run.ddp.is_main:
         (run.out_dir / "summary.json").write_text(_json(summary))
         run.logger.summary(summary)
-    base = summary["baseline"][task.metric]
-    acc = f", test acc {final_test['acc']:.3f}" if task.metric != "acc" and "acc" in final_test else ""
-    log.info(
-        "done: test %s %.4g (baseline %.4g)%s, %.1f ms/step, backend %s",
-        task.metric, final_test[task.metric], base, acc, 1e3 * (per_step or 0.0), model.backend,
-    )  # fmt: skip
+    log.info("done: %s", describe_result(summary))
     log.info("output: %s", run.out_dir.resolve())
     return summary
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    """The last log line's numbers: test metric against the baseline, ms/step, backend."""
+    metric, test = summary["metric"], summary["final"]["test"]
+    line = f"test {metric} {test[metric]:.4g} (baseline {summary['baseline'][metric]:.4g})"
+    if metric != "acc" and "acc" in test:
+        line += f", test acc {test['acc']:.3f}"
+        line += f" ({summary['acc_means']})" if summary.get("acc_means") else ""
+    per_step = summary["time_per_step_s"]
+    line += f", {1e3 * per_step:.1f} ms/step" if per_step else ", no step timed"
+    if summary.get("compile_s") is not None:
+        line += f" after {summary['compile_s']:.1f} s compiling"
+    return line + f", backend {summary['backend']}"
 
 
 @torch.no_grad()
@@ -622,7 +687,7 @@ def preflight(argv: list[str]) -> list[str]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.utils import setup_globals
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
@@ -650,6 +715,11 @@ def preflight(argv: list[str]) -> list[str]:
                 problems = _check_job(hydra_compose("config", overrides=job), job, job_dir)
                 if problems:
                     return problems
+    except MissingConfigException as err:  # a group choice that does not exist: name the ones that do
+        group, _, choice = (err.missing_cfg_file or "").rpartition("/")
+        if group and err.options:
+            return [f"{group}={choice} does not exist; the choices for {group} are {', '.join(err.options)}"]
+        return [str(err).strip().splitlines()[0]]
     except (HydraException, OmegaConfBaseException) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
         key = getattr(cause, "full_key", None)

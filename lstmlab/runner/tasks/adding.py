@@ -24,6 +24,7 @@ class AddingTask(Task):
     input_size = 2
     output_size = 1
     per_step = False
+    acc_means = f"share of sums within {TOLERANCE} of the target"
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         T, half = self.seq_len, self.seq_len // 2

@@ -36,6 +36,8 @@ class Task:
         output_size: O, outputs per prediction.
         per_step: True if the model predicts at every step (outputs ``(N, T, O)``), False if it
             predicts once from the last step (outputs ``(N, O)``).
+        acc_means: what the ``"acc"`` metric counts, in a few words, where the task's metric is
+            another one (printed beside "test acc" by the runner and the report), else None.
         fixed_splits: True for a fixed data set (see ``lstmlab.runner.tasks.dataset``): the runner takes
             its train/val/test sets from :meth:`split` instead of sampling them from the seed.
     """
@@ -44,6 +46,7 @@ class Task:
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     fixed_splits: ClassVar[bool] = False
+    acc_means: ClassVar[str | None] = None
     input_size: int | None = None
     vocab_size: int | None = None
     output_size: int

@@ -74,6 +74,7 @@ class CharLMTask(DatasetTask):
     vocab_size = VOCAB_SIZE
     output_size = VOCAB_SIZE
     per_step = True
+    acc_means = "share of next characters predicted exactly"
 
     def __init__(
         self, seq_len: int = 128, max_train_chars: int | None = None, eval_chars: int = 65536

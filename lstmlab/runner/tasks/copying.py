@@ -24,6 +24,7 @@ class CopyTask(Task):
     metric = "ce"
     higher_is_better = False
     per_step = True
+    acc_means = "share of the copied symbols recalled"
 
     def __init__(self, seq_len: int, n_symbols: int = 8, copy_len: int = 10) -> None:
         super().__init__(seq_len)

@@ -74,6 +74,7 @@ class ReberTask(Task):
     vocab_size = len(SYMBOLS) + 1
     output_size = len(SYMBOLS)
     per_step = True
+    acc_means = "share of strings with the legal symbols ranked highest at every step"
 
     def __init__(self, seq_len: int = 60) -> None:
         super().__init__(seq_len)
