@@ -89,6 +89,55 @@ def test_an_empty_directory_is_an_error(tmp_path):
         write_report(tmp_path)
 
 
+@pytest.mark.parametrize("odyssey", [[], ["--odyssey"]])
+@pytest.mark.parametrize(
+    ("folder", "says"), [("missing", "is not a folder"), ("empty", "no run there has finished")]
+)
+def test_a_missing_or_empty_folder_is_one_line_and_exit_2(folder, says, odyssey, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / folder), *odyssey])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"lstmlab-report: {tmp_path / folder}" if folder == "missing" else "lstmlab-report: no "
+    )
+    assert says in err and err.count("\n") == 1
+
+
+def test_every_curve_is_visible_even_a_single_evaluation(tmp_path, monkeypatch):
+    """lstmlab and torch_lstm from the same weights draw the same curve; a short run has one point."""
+    import matplotlib.pyplot as plt
+
+    saved = {}
+    monkeypatch.setattr(plt, "close", lambda fig: saved.setdefault("fig", fig))
+    runs = [fake_run(m, 0, 0.05) for m in ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn")]
+    plot_curves(runs, tmp_path / "report.png")  # one evaluation each, two of them identical
+    (ax,) = saved["fig"].axes
+    curves = [line for line in ax.get_lines() if not line.get_label().startswith("trivial")]
+    assert len(curves) == 4 and all(len(line.get_xdata()) == 1 for line in curves)
+    assert all(line.get_marker() not in ("", "None", None) for line in curves)  # a point is drawn
+    styles = {(str(line.get_linestyle()), line.get_marker()) for line in curves}
+    assert len(styles) == 4  # distinct dashes and markers
+    widths = [line.get_linewidth() for line in curves]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 4  # the later, thinner, on top
+    assert [line.get_zorder() for line in curves] == sorted(line.get_zorder() for line in curves)
+
+
+def test_the_report_says_what_test_acc_counts_and_that_it_replaced_an_earlier_one(tmp_path, capsys):
+    run = fake_run("torch_gru", 0, 0.5)
+    run["acc_means"] = "share of sums within 0.04 of the target"
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({k: v for k, v in run.items() if k != "curve"}))
+    main([str(tmp_path)])
+    assert (
+        "Test acc on adding: share of sums within 0.04 of the target." in (tmp_path / "report.md").read_text()
+    )
+    assert capsys.readouterr().out.endswith("report.png\n")
+    main([str(tmp_path)])
+    assert capsys.readouterr().out.endswith("report.png (replacing the earlier report)\n")
+
+
 def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, capsys):
     """`lstmlab-train -m model=... seed=0,1,2`, at smoke size; the sweep reports itself."""
     sweep = tmp_path / "sweep"

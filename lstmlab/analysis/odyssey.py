@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmlab.kernels.variants import GREFF_VARIANTS
-from lstmlab.runner.loggers import collect_runs
+from lstmlab.runner.loggers import finished_runs
 
 REFERENCE = "V"
 ALPHA = 0.05
@@ -320,9 +320,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
 def write_odyssey_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> str:
     """Write ``FILES`` into ``out_dir`` (default: ``sweep_dir``); return the Markdown."""
     sweep_dir = Path(sweep_dir)
-    runs = collect_runs(sweep_dir)
-    if not runs:
-        raise FileNotFoundError(f"no summary.json under {sweep_dir}: no run there has finished")
+    runs = finished_runs(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     result = analyse(runs)

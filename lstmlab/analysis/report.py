@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lstmlab.runner.loggers import collect_runs
+from lstmlab.runner.loggers import finished_runs
 
 log = logging.getLogger("lstmlab.analysis.report")
 
@@ -43,6 +44,18 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
 
 
 MODEL_ORDER = ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn")  # rows and lines in this order
+
+# (dashes, marker) per curve, in MODEL_ORDER: two models that compute the same function (lstmlab
+# and torch_lstm from the same weights) draw the same curve, and must both stay visible.
+CURVE_STYLES = [
+    ("-", "o"),
+    ("--", "s"),
+    ("-.", "^"),
+    (":", "D"),
+    ((0, (5, 1, 1, 1, 1, 1)), "v"),
+    ((0, (1, 1)), "P"),
+    ((0, (8, 2)), "X"),
+]
 
 
 def _grouped(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -93,7 +106,11 @@ def summarize(runs: list[dict[str, Any]]) -> str:
 
 def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
     """Validation metric against step, one line per label (mean over seeds), in ``MODEL_ORDER``;
-    the trivial baseline thin and beneath the curves, the legend right of the plot."""
+    the trivial baseline thin and beneath the curves, the legend right of the plot.
+
+    Every curve has its own dashes and open marker, and each is drawn thinner than the one before,
+    so a curve that lies exactly on an earlier one leaves it visible; a run with a single
+    evaluation is still a marker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +120,7 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
     tasks = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
+        drawn = 0
         for label, group in groups.items():
             if group[0]["task"] != task or not group[0]["curve"]:
                 continue
@@ -113,7 +131,20 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
                     if math.isfinite(row[key]):
                         per_step[row["step"]].append(row[key])
             steps = sorted(per_step)
-            ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], label=label, lw=1.5, zorder=3)
+            dashes, marker = CURVE_STYLES[drawn % len(CURVE_STYLES)]
+            ax.plot(
+                steps,
+                [statistics.mean(per_step[s]) for s in steps],
+                label=label,
+                ls=dashes,
+                lw=max(3.0 - 0.6 * drawn, 1.0),
+                marker=marker,
+                markevery=max(1, len(steps) // 10),  # about ten markers on a long curve
+                fillstyle="none",
+                markersize=11 - 4 * (drawn % 2),  # nested: one point of two curves shows both
+                zorder=3 + drawn,  # later and thinner on top
+            )
+            drawn += 1
         first = next(r for r in runs if r["task"] == task)
         metric = first["metric"]
         base = first["baseline"][metric]
@@ -127,9 +158,7 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
 def write_report(sweep_dir: str | Path) -> str:
     """Write ``report.md`` and ``report.png`` into ``sweep_dir``; return the Markdown table."""
     sweep_dir = Path(sweep_dir)
-    runs = collect_runs(sweep_dir)
-    if not runs:
-        raise FileNotFoundError(f"no summary.json under {sweep_dir}: no run there has finished")
+    runs = finished_runs(sweep_dir)
     table = summarize(runs)
     head = f"# lstmlab comparison: {len(runs)} runs in {sweep_dir}\n\n"
     common = sorted(set.intersection(*(set(r.get("overrides", [])) for r in runs)))
@@ -138,8 +167,12 @@ def write_report(sweep_dir: str | Path) -> str:
     notes = (
         "\nTest metric: mean ± std over seeds (↓ lower is better, ↑ higher is better), on the "
         "held-out test split after the last step. Baseline: the trivial solution's score. "
-        "ms/step: training steps only, without evaluation.\n\n![learning curves](report.png)\n"
+        "ms/step: training steps only, without evaluation and, under trainer.compile, without the "
+        "first step, which compiles (summary.json's compile_s).\n"
     )
+    for task, means in sorted({(r["task"], r.get("acc_means")) for r in runs if r.get("acc_means")}):
+        notes += f"Test acc on {task}: {means}.\n"
+    notes += "\n![learning curves](report.png)\n"
     (sweep_dir / "report.md").write_text(head + table + notes)
     plot_curves(runs, sweep_dir / "report.png")
     return table
@@ -150,8 +183,20 @@ class ReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        replacing = _replacing(sweep_dir)
         table = write_report(sweep_dir)
-        print(f"\n{table}\nwrote {sweep_dir / 'report.md'} and {sweep_dir / 'report.png'}")
+        print(f"\n{table}\n{_wrote(sweep_dir, replacing)}")
+
+
+def _replacing(sweep_dir: Path) -> bool:
+    return (sweep_dir / "report.md").exists()
+
+
+def _wrote(sweep_dir: Path, replacing: bool) -> str:
+    """Say what was written, and that an earlier report was replaced (it is rebuilt from the
+    runs, which are never touched)."""
+    note = " (replacing the earlier report)" if replacing else ""
+    return f"wrote {sweep_dir / 'report.md'} and {sweep_dir / 'report.png'}{note}"
 
 
 class OdysseyReportCallback(Callback):
@@ -182,17 +227,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", help="with --odyssey: the folder to write into (default: SWEEP_DIR)")
     args = parser.parse_args(argv)
-    if args.odyssey:
-        from lstmlab.analysis.odyssey import FILES, write_odyssey_report
-
-        out = Path(args.out or args.sweep_dir)
-        print(write_odyssey_report(args.sweep_dir, out), end="")
-        print(f"wrote {', '.join(str(out / f) for f in FILES)}")
-        return
-    if args.out:
+    if args.out and not args.odyssey:
         parser.error("--out applies to --odyssey only")
-    print(write_report(args.sweep_dir), end="")
-    print(f"wrote {Path(args.sweep_dir) / 'report.md'} and {Path(args.sweep_dir) / 'report.png'}")
+    try:
+        if args.odyssey:
+            from lstmlab.analysis.odyssey import FILES, write_odyssey_report
+
+            out = Path(args.out or args.sweep_dir)
+            print(write_odyssey_report(args.sweep_dir, out), end="")
+            print(f"wrote {', '.join(str(out / f) for f in FILES)}")
+            return
+        sweep_dir = Path(args.sweep_dir)
+        replacing = _replacing(sweep_dir)
+        print(write_report(sweep_dir), end="")
+        print(_wrote(sweep_dir, replacing))
+    except FileNotFoundError as err:  # a wrong or unfinished folder: one line, not a traceback
+        print(f"lstmlab-report: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

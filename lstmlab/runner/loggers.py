@@ -104,6 +104,20 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
+def finished_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """:func:`collect_runs`, or FileNotFoundError saying why there is none: no such folder, or no
+    run in it has finished (the reports print the reason as one line)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a folder: give a sweep's folder (multirun/DATE/TIME)")
+    runs = collect_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(
+            f"no summary.json under {sweep_dir}: no run there has finished (a run writes it when it ends)"
+        )
+    return runs
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"val": {"mse": 1}}`` -> ``{"val/mse": 1}``."""
     out: dict[str, Any] = {}
