@@ -29,8 +29,10 @@ P = ceil(H / U): programs  acc: fp32 (fp64 for fp64 inputs)
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +85,18 @@ LAYER_NORM_REASON = (
 
 
 @triton.jit
-def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted):
+def _poll(p_sync, ACQUIRE_LOAD: tl.constexpr):
+    """The barrier counter, read with acquire semantics at gpu scope."""
+    if ACQUIRE_LOAD:  # a plain load in every thread: no atomic unit, no broadcast through shared memory
+        return tl.inline_asm_elementwise(
+            "ld.acquire.gpu.global.u32 $0, [$1];", "=r,l", [p_sync], dtype=tl.int32, is_pure=False, pack=1
+        )
+    else:  # the interpreter has no inline assembly
+        return tl.atomic_add(p_sync, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD: tl.constexpr):
     """The i_bar-th grid barrier of this launch (1-based) among n_sync programs.
 
     Returns whether the run is aborted: by this program (it waited spin_limit polls) or another.
@@ -94,7 +107,7 @@ def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted):
     n_target = i_bar * n_sync
     n_spins = i_bar * 0
     while ((b_seen & ABORT) == 0) & (b_seen < n_target) & (n_spins < spin_limit):
-        b_seen = tl.atomic_add(p_sync, 0, sem="acquire", scope="gpu")
+        b_seen = _poll(p_sync, ACQUIRE_LOAD)
         n_spins += 1
     timed_out = ((b_seen & ABORT) == 0) & (b_seen < n_target)
     if timed_out:
@@ -126,8 +139,8 @@ def lstm_persistent_fwd_kernel(
     p_gx,  # [T, B, G] input projection incl. biases
     p_w,  # [G, H] W_hh
     p_hs,  # [T + 1, B, H] hs[0] = h0 (written by the host), hs[t + 1] = h after step t
-    p_cs,  # [T + 1, B, H] acc, same convention
-    p_gates,  # [T, B, G] acc: activated i, f, g, o, saved for the backward
+    p_cs,  # [T + 1, B, H] acc, same convention (SAVE); else [2, B, H]: slot t % 2 holds c_{t−1}
+    p_gates,  # [T, B, G] acc: activated i, f, g, o, saved for the backward (SAVE)
     p_peep,  # [3, H] acc: p_i, p_f, p_o (PEEPHOLES)
     p_zone,  # [T, B, 2, H] uint8: z^c, z^h, 1 = keep the previous value (ZONEOUT_C, ZONEOUT_H)
     p_drop,  # [B, H] recurrent dropout mask m, dtype of gx (RECURRENT_DROPOUT)
@@ -146,7 +159,9 @@ def lstm_persistent_fwd_kernel(
     BLOCK_H: tl.constexpr,
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,  # variants.py's bits but LAYER_NORM
+    SAVE: tl.constexpr,  # store gates and every c_t for a backward; else only h_t (and c in a ring)
     SYNC: tl.constexpr,
+    ACQUIRE_LOAD: tl.constexpr,  # the barrier polls with ld.acquire (CUDA), else an atomic
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -181,7 +196,10 @@ def lstm_persistent_fwd_kernel(
             n_rows = tl.load(p_sizes + t)
         # after an abort every value this program writes is NaN
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
-        p_h_prev, p_c_prev = p_hs + t64 * B * H, p_cs + t64 * B * H  # [B, H] slices of step t
+        p_h_prev = p_hs + t64 * B * H  # [B, H] slices of step t
+        p_c_prev, p_c_next = p_cs + t64 * B * H, p_cs + (t64 + 1) * B * H
+        if not SAVE:
+            p_c_prev, p_c_next = p_cs + (t64 % 2) * B * H, p_cs + ((t64 + 1) % 2) * B * H
         # the dot's operand d_t: h_{t−1}, or h_{t−1} ⊙ m as its owners stored it (so that no program
         # multiplies a whole [BLOCK_B, H] tile)
         p_d_prev = p_hd + (t64 % 2) * B * H if F_RECURRENT_DROPOUT & FLAGS else p_h_prev
@@ -201,7 +219,8 @@ def lstm_persistent_fwd_kernel(
             b_pre += tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0).to(acc)
             if (F_SPLIT_GATES & FLAGS) == 0:
                 b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
-                tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
+                if SAVE:
+                    tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
 
                 # this program's own state, as it stored it: c in acc, h in the dtype of hs (.cg like
                 # every load of data written during the launch: L1 caches are not coherent between SMs)
@@ -231,10 +250,11 @@ def lstm_persistent_fwd_kernel(
                     b_a_o += b_po * b_c_next
                 b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
                 p_g = p_gates + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
-                tl.store(p_g, b_i, mask=m_own)
-                tl.store(p_g + H, b_f, mask=m_own)
-                tl.store(p_g + 2 * H, b_g, mask=m_own)
-                tl.store(p_g + 3 * H, b_o, mask=m_own)
+                if SAVE:
+                    tl.store(p_g, b_i, mask=m_own)
+                    tl.store(p_g + H, b_f, mask=m_own)
+                    tl.store(p_g + 2 * H, b_g, mask=m_own)
+                    tl.store(p_g + 3 * H, b_o, mask=m_own)
             b_h_next = b_o * b_c_next if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_c_next)
             m_step = (o_b < n_rows)[:, None]  # rows that advance; the others carry h and c
             p_z = p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None]  # z^c of own units; z^h at + H
@@ -248,29 +268,35 @@ def lstm_persistent_fwd_kernel(
             b_c = tl.where(m_step, b_c_next, b_c + b_poison)
             b_h = tl.where(m_step, b_h_next.to(b_h.dtype), b_h + b_poison.to(b_h.dtype))
             tl.store(p_h_prev + B * H + o_own, b_h, mask=m_own)
-            tl.store(p_c_prev + B * H + o_own, b_c, mask=m_own)
+            tl.store(p_c_next + o_own, b_c, mask=m_own)
             if F_RECURRENT_DROPOUT & FLAGS:  # the next step's d: h_t ⊙ m, rounded once (exact in acc)
                 b_m = tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
                 p_d_next = p_hd + ((t64 + 1) % 2) * B * H + o_own
                 tl.store(p_d_next, (b_h.to(acc) * b_m).to(b_h.dtype), mask=m_own)
         if SYNC:  # h_t complete in every program before anyone reads it
-            aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted)
+            aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
 
 
 @triton.jit
 def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
-            BLOCK_G: tl.constexpr, PACKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            UPCAST_DOT: tl.constexpr):  # fmt: skip
+            BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, FLAGS: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):  # fmt: skip
     """∂L/∂hs[t] of rows o_b, own units, from b_dh = ∂L/∂hs[t + 1] (what carried rows pass on):
     rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t
     (⊙ m with recurrent dropout; + z^h ⊙ ∂L/∂hs[t + 1] with zoneout on h)."""
     t64 = tl.cast(t, tl.int64)
     G = 4 * H
-    o_g = tl.arange(0, BLOCK_G)
-    m_dp = (o_b < B)[:, None] & (o_g < G)[None, :]
-    p_dp = p_dpre + t64 * B * G + o_b[:, None] * G + o_g[None, :]
-    b_dp = tl.load(p_dp, mask=m_dp, other=0, cache_modifier=".cg")  # [BLOCK_B, BLOCK_G]
-    b_rec = _dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, U]
+    p_dp_t = p_dpre + t64 * B * G
+    if SPLIT_K == 1:
+        o_g = tl.arange(0, BLOCK_G)
+        m_dp = (o_b < B)[:, None] & (o_g < G)[None, :]
+        b_dp = tl.load(p_dp_t + o_b[:, None] * G + o_g[None, :], mask=m_dp, other=0, cache_modifier=".cg")
+        b_rec = _dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, U]
+    else:  # slice s of the contraction in warp s: [S, BLOCK_B, G/S]×[S, G/S, U], then Σ over s
+        o_g = (tl.arange(0, SPLIT_K) * (BLOCK_G // SPLIT_K))[:, None, None] + tl.arange(0, BLOCK_G // SPLIT_K)
+        m_dp = (o_b < B)[None, :, None] & (o_g < G)
+        b_dp = tl.load(p_dp_t + o_b[None, :, None] * G + o_g, mask=m_dp, other=0, cache_modifier=".cg")
+        b_rec = tl.sum(_dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT), axis=0)  # [BLOCK_B, U]
     if F_RECURRENT_DROPOUT & FLAGS:
         b_rec *= tl.load(p_drop + o_own, mask=m_own, other=0).to(b_dh.dtype)
     if F_ZONEOUT_H & FLAGS:
@@ -308,9 +334,11 @@ def lstm_persistent_bwd_kernel(
     U: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # slices of the 4H contraction, one per warp (1: one 2-D dot)
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,
     SYNC: tl.constexpr,
+    ACQUIRE_LOAD: tl.constexpr,
     FINISH: tl.constexpr,  # end with step t_start's recurrent part: p_dh becomes ∂L/∂hs[t_start]
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -326,9 +354,13 @@ def lstm_persistent_bwd_kernel(
     o_r = o_q * H + o_uq  # [4U] stacked gate columns of own units, as in the forward
 
     # the columns of W_hh for this program's units, every gate row: loaded once
-    o_g = tl.arange(0, BLOCK_G)
-    p_w_cols = p_w + o_g[:, None] * H + o_u[None, :]
-    b_wt = tl.load(p_w_cols, mask=(o_g < G)[:, None] & m_u[None, :], other=0)  # [BLOCK_G, U]
+    if SPLIT_K == 1:
+        o_g = tl.arange(0, BLOCK_G)
+        b_wt = tl.load(p_w + o_g[:, None] * H + o_u[None, :], mask=(o_g < G)[:, None] & m_u[None, :], other=0)
+    else:  # [S, BLOCK_G / S, U]: slice s of the 4H rows for warp s
+        o_g = (tl.arange(0, SPLIT_K) * (BLOCK_G // SPLIT_K))[:, None, None]
+        o_g += tl.arange(0, BLOCK_G // SPLIT_K)[None, :, None]
+        b_wt = tl.load(p_w + o_g * H + o_u[None, None, :], mask=(o_g < G) & m_u[None, None, :], other=0)
     if F_PEEPHOLES & FLAGS:  # [1, U] each
         b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
         b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
@@ -342,7 +374,7 @@ def lstm_persistent_bwd_kernel(
         if SYNC:  # noqa: SIM102 (Triton cannot `and` a constexpr with a runtime condition)
             if t + 1 < T:  # ∂L/∂hs[t + 1] needs step t + 1's ∂L/∂pre from every program
                 i_bar += 1
-                aborted = _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted)
+                aborted = _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
         n_rows = B
         if PACKED:
             n_rows = tl.load(p_sizes + t)
@@ -356,7 +388,7 @@ def lstm_persistent_bwd_kernel(
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             if t + 1 < T:
                 b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t + 1, B, H, o_b, o_own,
-                               m_own, BLOCK_G, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+                               m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
 
             p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
             b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
@@ -432,7 +464,7 @@ def lstm_persistent_bwd_kernel(
 
     if FINISH:
         if SYNC:
-            aborted = _grid_barrier(p_sync, i_bar + 1, n_sync, spin_limit, aborted)
+            aborted = _grid_barrier(p_sync, i_bar + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         for i_b in range(0, tl.cdiv(B, BLOCK_B)):
             o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -440,7 +472,7 @@ def lstm_persistent_bwd_kernel(
             m_own = (o_b < B)[:, None] & m_u[None, :]
             b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
             b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t_start, B, H, o_b, o_own,
-                           m_own, BLOCK_G, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+                           m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
@@ -457,25 +489,45 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class Config:
-    """Launch configuration of one persistent kernel: U units per program, warps per program and
-    the batch rows of one chunk (a program walks the batch in chunks of block_b rows each step)."""
+    """Launch configuration of one persistent kernel: U units per program, warps per program, the
+    batch rows of one chunk (a program walks the batch in chunks of block_b rows each step) and, in
+    the backward, split_k: the slices of the 4H contraction that run side by side (one per warp),
+    summed after the dot (1: one [block_b, 4H]×[4H, U] dot)."""
 
     units: int
     num_warps: int
     block_b: int = 16
+    split_k: int = 1
 
     def programs(self, H: int) -> int:
         return triton.cdiv(H, self.units)
 
 
+MMA_M, MMA_N = 16, 8  # one warp's tensor-core tile (mma.sync m16n8k16): rows and columns of the output
+
+
+def dot_warps(M: int, N: int, batch: int = 1) -> int:
+    """The most warps a [batch, M, N] dot output keeps busy without two warps computing the same
+    fragment: Triton places warps on the batch first, then on M in 16s and N in 8s."""
+    return batch * max(1, M // MMA_M) * max(1, N // MMA_N)
+
+
 def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
-    """The heuristic, from sm_90 compiles (no register spills, see tests/test_persistent.py):
+    """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py):
     8 units per program (32 rows of W_hh; up to H = 1024 at most 128 programs, one per SM of an
-    H100; beyond, the tiles pad to 2048 columns and no longer fit: the per-step path),
-    8 warps, the batch in chunks of 16 rows (32 in the 16-bit forward at B > 16, where the
-    [32, H] h tile still fits beside W_hh)."""
-    block_b = 32 if B > 16 and not backward and dtype in (torch.float16, torch.bfloat16) else 16
-    return Config(units=8, num_warps=8, block_b=block_b)
+    H100; beyond, the tiles pad to 2048 columns and no longer fit: the per-step path). Forward:
+    the batch in chunks of 16 rows (32 in the 16-bit forward at B > 16, where the [32, H] h tile
+    still fits beside W_hh) and as many warps as the [block_b, 4U] output has mma tiles (4 or 8).
+    fp32 without TF32 and fp64 multiply on CUDA cores (FMA, no mma tiles): 8 warps, which keeps the
+    fp32 tiles from spilling. Backward: chunks of 16 rows; its [16, U] output is one warp's tile,
+    so the 4H contraction is split into one slice per warp (up to 8, each at least 16 long)."""
+    if backward:
+        split_k = min(8, _block(4 * H) // 16)
+        return Config(units=8, num_warps=split_k, block_b=16, split_k=split_k)
+    block_b = 32 if B > 16 and dtype in (torch.float16, torch.bfloat16) else 16
+    if dtype == torch.float64 or (_dot_precision(dtype) == "ieee" and dtype == torch.float32):
+        return Config(units=8, num_warps=8, block_b=block_b)  # an FMA dot: no mma tiles to duplicate
+    return Config(units=8, num_warps=min(8, dot_warps(block_b, 4 * 8)), block_b=block_b)
 
 
 def _block(n: int) -> int:
@@ -529,8 +581,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+# The barrier's poll: an ld.acquire.gpu through inline PTX on CUDA, an atomic under the interpreter.
+ACQUIRE_LOAD = not TRITON_INTERPRET
+
+
 def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
     return dict(
+        ACQUIRE_LOAD=ACQUIRE_LOAD,
         DOT_PRECISION=_dot_precision(dtype),
         UPCAST_DOT=TRITON_INTERPRET and dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
@@ -543,10 +600,12 @@ def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start,
     _, B, G = gx.shape
     H = G // 4
     flags, tensors = variant
-    args = (gx, w_hh, hs, cs, gates, *(sync if x is None else x for x in (*tensors, hd)))  # sync: never read
+    args = (gx, w_hh, hs, cs, *(sync if x is None else x for x in (gates, *tensors, hd)))  # sync: never read
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, B, H, spin_limit, n_sync)
     meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None)
-    return args, meta | dict(FLAGS=flags, SYNC=sync_on) | _compile_options(gx.dtype, cfg)
+    return args, meta | dict(FLAGS=flags, SAVE=gates is not None, SYNC=sync_on) | _compile_options(
+        gx.dtype, cfg
+    )
 
 
 def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, sync, t_start, t_end, spin_limit,
@@ -556,7 +615,9 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
     flags, tensors = variant
     args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, *(sync if x is None else x for x in tensors))
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
-    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), PACKED=sizes is not None)
+    meta = dict(
+        U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), SPLIT_K=cfg.split_k, PACKED=sizes is not None
+    )
     return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | _compile_options(d_pre.dtype, cfg)
 
 
@@ -670,6 +731,13 @@ def persistent_unavailable_reason(
     return _cuda_unavailable_reason(B, H, dtype, device, flags)
 
 
+def _timeout_message(what: str) -> str:
+    return (
+        f"{what}: a grid barrier waited past its bound, so the programs were not all resident "
+        "(another kernel holding SMs, or more programs than fit); the outputs are NaN"
+    )
+
+
 def check_timeout(sync: Tensor, what: str) -> None:
     """Raises PersistentKernelTimeout if a kernel's grid barrier timed out (reads the flag: a sync).
 
@@ -677,10 +745,59 @@ def check_timeout(sync: Tensor, what: str) -> None:
     if sync.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     if int(sync[1]) != 0:
-        raise PersistentKernelTimeout(
-            f"{what}: a grid barrier waited past its bound, so the programs were not all resident "
-            "(another kernel holding SMs, or more programs than fit); the outputs are NaN"
-        )
+        raise PersistentKernelTimeout(_timeout_message(what))
+
+
+# Read every launch's timeout flag right after it (a host sync per call), instead of lazily.
+SYNC_CHECK = os.environ.get("LSTMLAB_PERSISTENT_SYNC_CHECK", "0") == "1"
+# Launches whose timeout flag the host has not read yet: (flag, CUDA event or None, what).
+_pending: list[tuple[Tensor, object, str]] = []
+
+
+def _watch_timeout(sync: Tensor, what: str) -> None:
+    """After a launch: queue its timeout flag for raise_pending_timeouts, with no host sync (on CUDA
+    an asynchronous copy to pinned memory and an event), or read it now under SYNC_CHECK."""
+    if SYNC_CHECK:
+        check_timeout(sync, what)
+        return
+    if not sync.is_cuda:  # the interpreter has finished: reading the flag costs nothing
+        _pending.append((sync[1:], None, what))
+        return
+    if torch.cuda.is_current_stream_capturing():  # nothing has run; the outputs will carry the NaN
+        return
+    flag = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    flag.copy_(sync[1:], non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((flag, event, what))
+
+
+def raise_pending_timeouts(wait: bool = False) -> None:
+    """Raises PersistentKernelTimeout if an earlier launch, now finished, timed out at a barrier
+    (the first such launch is named; its outputs are NaN). Launches still running stay queued,
+    unless ``wait`` (a host sync: waits for all of them). Every launcher calls this first."""
+    still, failed = [], None
+    for flag, event, what in _pending:
+        if event is not None and not event.query():
+            if not wait:
+                still.append((flag, event, what))
+                continue
+            event.synchronize()
+        if failed is None and int(flag[0]) != 0:
+            failed = what
+    _pending[:] = still
+    if failed is not None:
+        raise PersistentKernelTimeout(_timeout_message(failed))
+
+
+@atexit.register
+def _warn_unread_timeouts() -> None:
+    try:
+        raise_pending_timeouts(wait=True)
+    except PersistentKernelTimeout as e:
+        warnings.warn(str(e), RuntimeWarning, stacklevel=1)
+    except Exception:  # the CUDA context may be gone at exit
+        pass
 
 
 def _single_launch(device: torch.device, single_launch: bool | None) -> bool:
@@ -790,7 +907,8 @@ def persistent_forward(
     single_launch: bool | None = None,
     spin_limit: int = SPIN_LIMIT,
     phantom_programs: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
+    save: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""All T steps of one LSTM layer and direction in one launch (CPU interpreter: one per step).
 
     The cell is the one of ``flags`` (variants.py writes out each variant's equations); each
@@ -819,11 +937,18 @@ def persistent_forward(
         spin_limit: polls of the barrier counter before a program gives up.
         phantom_programs: the barrier also waits for this many programs that do not exist
             (tests of the timeout path only).
+        save: store what the backward reads (gates and every c_t). False (no backward will run,
+            e.g. under ``torch.no_grad()``): only h_t is stored each step, ``cs`` is [1, B, H]
+            holding c_T alone and ``gates`` is None.
 
     Returns:
         hs [T + 1, B, H] dtype of gx (hs[0] = h0, hs[k + 1] = h after step k), cs [T + 1, B, H] acc
         (same convention; both after zoneout), gates [T, B, 4H] acc: i, f, g, o of each step as the
         cell used them (1 for a removed gate, 1 − i for f under CIFG, a_g without input activation).
+
+    A barrier that times out (programs not all resident) makes every later output NaN; the next
+    call of either launcher raises PersistentKernelTimeout once this launch has finished (at once
+    with LSTMLAB_PERSISTENT_SYNC_CHECK=1; :func:`raise_pending_timeouts` checks on demand).
 
     Example:
         >>> T, B, H = 5, 3, 8
@@ -832,6 +957,7 @@ def persistent_forward(
         >>> hs.shape
         torch.Size([6, 3, 8])
     """
+    raise_pending_timeouts()  # an earlier launch's timeout, now that it has finished
     if gx.dim() != 3 or gx.shape[-1] % 4:
         raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
     T, B, G = gx.shape
@@ -852,12 +978,12 @@ def persistent_forward(
     sizes = _sizes_tensor(batch_sizes, T, device)
 
     hs = empty(T + 1, B, H, dtype=dtype, device=device)
-    cs = empty(T + 1, B, H, dtype=acc, device=device)
-    gates = empty(T, B, G, dtype=acc, device=device)
+    cs = empty(T + 1 if save else 2, B, H, dtype=acc, device=device)  # unsaved: a ring of c_{t−1}, c_t
+    gates = empty(T, B, G, dtype=acc, device=device) if save else None
     hs[0] = h0
     cs[0] = c0
     if T == 0:
-        return hs, cs, gates
+        return hs, cs if save else cs[:1], gates
     hd = None  # h ⊙ m of the last two steps: d_t, the dot's operand under recurrent dropout
     if flags & variants.RECURRENT_DROPOUT:
         hd = empty(2, B, H, dtype=dtype, device=device)
@@ -875,8 +1001,8 @@ def persistent_forward(
                 gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t, t + 1, spin_limit, n_sync, cfg, False
             )
             lstm_persistent_fwd_kernel[(P,)](*args, **meta)
-    check_timeout(sync, f"persistent LSTM forward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
-    return hs, cs, gates
+    _watch_timeout(sync, f"persistent LSTM forward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
+    return hs, cs if save else cs[T % 2 : T % 2 + 1], gates
 
 
 def persistent_backward(
@@ -922,6 +1048,7 @@ def persistent_backward(
         >>> d_pre.shape
         torch.Size([5, 3, 32])
     """
+    raise_pending_timeouts()
     if gates.dim() != 3 or gates.shape[-1] % 4:
         raise ValueError(f"gates must be [T, B, 4H], got shape {tuple(gates.shape)}")
     T, B, G = gates.shape
@@ -962,5 +1089,5 @@ def persistent_backward(
         for t in reversed(range(T)):
             launch(t, t + 1, False, False)
         launch(0, 0, False, True)
-    check_timeout(sync, f"persistent LSTM backward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
+    _watch_timeout(sync, f"persistent LSTM backward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
     return d_pre, d_h, d_c

@@ -160,6 +160,44 @@ def test_default_config_forward_and_backward():
     check_backward(torch.float32, SIZES["increasing"], 1e-5)
 
 
+def spy_unsaved_gates(monkeypatch) -> torch.Tensor:
+    """Hands the forward kernel a NaN [T, B, 4H] buffer where save=False passes a dummy for the gates:
+    a kernel that stored gates anyway would write into it."""
+    sentinel = torch.full((T, B, 4 * H), math.nan, device=DEVICE)
+    kernel_args = tp._kernel_args_fwd
+
+    def spy(*a):
+        args, meta = kernel_args(*a)
+        assert meta["SAVE"] is False
+        return (*args[:4], sentinel, *args[5:]), meta
+
+    monkeypatch.setattr(tp, "_kernel_args_fwd", spy)
+    return sentinel
+
+
+@pytest.mark.parametrize("single_launch", [False, True], ids=["per_step", "one_launch"])
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+def test_forward_without_save_stores_no_gates_and_gives_the_same_states(sizes, single_launch, monkeypatch):
+    """save=False (no backward to come): hs and c_T bit for bit as with save=True, no gates stored,
+    and c kept in a two-slot ring instead of [T + 1, B, H]."""
+    _skip_unless_available(torch.float32)
+    config = (
+        SMALL if DEVICE.type == "cuda" or not single_launch else tp.Config(units=16, num_warps=4, block_b=4)
+    )
+    inputs = make_inputs(torch.float32)
+    hs, cs, _ = run_forward(inputs, sizes, config=config, single_launch=single_launch)
+    sentinel = spy_unsaved_gates(monkeypatch)
+    allocated = []
+    monkeypatch.setattr(tp, "empty", lambda *shape, dtype, device: allocated.append(shape) or torch.full(
+        shape, math.nan, dtype=dtype, device=device))  # fmt: skip
+    hs_unsaved, c_n, gates = run_forward(
+        inputs, sizes, config=config, single_launch=single_launch, save=False
+    )
+    assert gates is None and allocated == [(T + 1, B, H), (2, B, H)]
+    assert torch.equal(hs_unsaved, hs) and c_n.shape == (1, B, H) and torch.equal(c_n[0], cs[-1])
+    assert sentinel.isnan().all()
+
+
 def test_one_launch_with_barriers_matches_per_step_launches():
     """The barrier path: on CPU with one program (the interpreter runs programs one after another),
     on a GPU with several. A miscounted barrier would time out fast with this spin limit."""
@@ -181,36 +219,59 @@ def test_one_launch_with_barriers_matches_per_step_launches():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_barrier_timeout_raises_and_poisons_outputs(monkeypatch):
-    """The barrier waits for one program that does not exist: every program must give up, write
-    NaN from then on, and the host must raise, naming the shape."""
-    _skip_unless_available(torch.float32)
+def zeros_allocator(monkeypatch) -> list:
+    """Launchers allocate zeros, not NaN (the NaN must come from the kernel); returns the list of them."""
     allocated = []
 
-    def zeros(*shape, dtype, device):  # zeros, not NaN: the NaN must come from the kernel
+    def zeros(*shape, dtype, device):
         allocated.append(torch.zeros(shape, dtype=dtype, device=device))
         return allocated[-1]
 
     monkeypatch.setattr(tp, "empty", zeros)
+    return allocated
+
+
+TIMEOUT = dict(config=SMALL, single_launch=True, spin_limit=3, phantom_programs=1)
+
+
+def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch):
+    """The barrier waits for one program that does not exist: every program must give up and write
+    NaN from then on. The launcher returns without reading the flag (no host sync); the next call
+    of either launcher raises, naming the shape of the launch that timed out, and only once."""
+    _skip_unless_available(torch.float32)
+    allocated = zeros_allocator(monkeypatch)
     inputs = make_inputs(torch.float32)
-    timeout = dict(config=SMALL, single_launch=True, spin_limit=3, phantom_programs=1)
-    with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
-        run_forward(inputs, None, **timeout)
-    hs, cs, gates = allocated
+    hs, cs, gates = run_forward(inputs, None, **TIMEOUT)
+    assert allocated == [hs, cs, gates]
     # the first barrier follows step 0: from step 1 on, everything written is NaN
     assert hs[2:].isnan().all() and cs[2:].isnan().all() and gates[1:].isnan().all()
     assert not hs[:2].isnan().any()
+    with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
+        run_forward(inputs, None, config=SMALL)
+    _, cs, gates = run_forward(inputs, None, config=SMALL)  # raised once: this call goes through
 
     allocated.clear()
-    _, cs, gates = run_forward(inputs, None, config=SMALL)
-    allocated.clear()
     d_hs, d_cn = torch.randn(T + 1, B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
-    with pytest.raises(tp.PersistentKernelTimeout, match=rf"backward \(T={T}, B={B}, H={H}"):
-        run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **timeout)
+    run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **TIMEOUT)
     d_pre, d_h, d_c = allocated
     # the first barrier precedes step T − 2: it and every earlier step are NaN, and so are d_h0, d_c0
     assert d_pre[: T - 1].isnan().all() and d_h.isnan().all() and d_c.isnan().all()
     assert not d_pre[T - 1].isnan().any()
+    with pytest.raises(tp.PersistentKernelTimeout, match=rf"backward \(T={T}, B={B}, H={H}"):
+        tp.raise_pending_timeouts(wait=True)
+    assert tp._pending == []
+
+
+def test_sync_check_raises_in_the_call_that_timed_out(monkeypatch):
+    """LSTMLAB_PERSISTENT_SYNC_CHECK=1 (SYNC_CHECK): each launcher reads its own flag before it returns."""
+    _skip_unless_available(torch.float32)
+    zeros_allocator(monkeypatch)
+    monkeypatch.setattr(tp, "SYNC_CHECK", True)
+    inputs = make_inputs(torch.float32)
+    with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
+        run_forward(inputs, None, **TIMEOUT)
+    assert tp._pending == []
+    run_forward(inputs, None, config=SMALL)
 
 
 def test_check_timeout_reads_the_flag():
@@ -330,18 +391,36 @@ def registers(ptx):
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     return int(re.search(r"Used (\d+) registers", out).group(1)), int(spills[1]) + int(spills[2])
 
+def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp covers, the warps per axis
+    layouts = {}
+    for name, kind, body in re.findall(r"^(#\w+) = #ttg\.(\w+)<\{(.*)\}>", ttgir, re.M):
+        field = lambda key: [int(x) for x in re.search(key + r" = \[([\d, ]+)\]", body)[1].split(",")]
+        if kind == "nvidia_mma":  # instrShape: [16, 8] (v2), [1, 16, 8] (v2 batched), [16, n, 16] (v3)
+            warps = field("warpsPerCTA")
+            layouts[name] = (kind, field("instrShape")[: len(warps)], warps)
+        elif kind == "blocked":
+            per_warp = [a * b for a, b in zip(field("sizePerThread"), field("threadsPerWarp"))]
+            layouts[name] = (kind, per_warp, field("warpsPerCTA"))
+    dots = []
+    for shape, name in re.findall(r"tt\.dot .* -> tensor<([\dx]+)x\w+, (#\w+)>", ttgir):
+        kind, per_warp, warps = layouts.get(name, (name, None, None))  # None: a layout this cannot read
+        dots.append({"shape": [int(x) for x in shape.split("x")], "kind": kind, "per_warp": per_warp,
+                     "warps": warps})
+    return dots
+
 def compile_kernel(backward, B, H, dt, cfg, flags):
     acc, w = "*fp32", f"*{dt}"
     pointers = {"p_gx": w, "p_w": w, "p_hs": w, "p_cs": acc, "p_gates": acc, "p_dhs": w, "p_dpre": w,
                 "p_dh": acc, "p_dc": acc, "p_peep": acc, "p_zone": "*u8", "p_drop": w, "p_cnew": acc,
                 "p_hd": w, "p_sizes": "*i32", "p_sync": "*i32"}
     if backward:
-        fn, const = tp.lstm_persistent_bwd_kernel, {"BLOCK_G": tp._block(4 * H), "FINISH": True}
+        fn = tp.lstm_persistent_bwd_kernel
+        const = {"BLOCK_G": tp._block(4 * H), "SPLIT_K": cfg.split_k, "FINISH": True}
     else:
-        fn, const = tp.lstm_persistent_fwd_kernel, {"BLOCK_H": tp._block(H)}
+        fn, const = tp.lstm_persistent_fwd_kernel, {"BLOCK_H": tp._block(H), "SAVE": True}
     options = tp._compile_options(DTYPES[dt], cfg)  # what a launch passes
     const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "FLAGS": flags, "SYNC": True}
-    const |= {k: options.pop(k) for k in ("DOT_PRECISION", "UPCAST_DOT")}
+    const |= {k: options.pop(k) for k in ("ACQUIRE_LOAD", "DOT_PRECISION", "UPCAST_DOT")}
     names = [n for n in fn.arg_names if n not in const]  # pointers, then 32-bit ints
     types = [pointers.get(n, "i32") for n in names]
     # as a launch specialises them: 16-byte aligned pointers, B and H divisible by 16
@@ -350,8 +429,11 @@ def compile_kernel(backward, B, H, dt, cfg, flags):
     src = ASTSource(fn=fn, signature=dict(zip(names, types)) | dict.fromkeys(const, "constexpr"),
                     constexprs=const, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return (*registers(compiled.asm["ptx"]), compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    return (*registers(ptx), compiled.metadata.shared, dot_layouts(compiled.asm["ttgir"]),
+            "ld.acquire.gpu" in ptx)
 
+compiled = {}  # B only enters as a multiple of 16: B = 64 and 128 compile to the same kernel
 for spec in sys.argv[1:]:
     dt, B, H, backward, *flags = spec.split(",")  # flags: "all" (every bit but LAYER_NORM) or none
     B, H, backward = int(B), int(H), backward == "bwd"
@@ -361,19 +443,59 @@ for spec in sys.argv[1:]:
     if problem is not None:
         print(json.dumps({"spec": spec, "problem": problem}), flush=True)
         continue
-    regs, spills, shared = compile_kernel(backward, B, H, dt, cfg, flags)
-    fit = tp.resident_programs(regs, cfg.num_warps, shared, sms=132)  # H100 / H200
-    print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared,
-                      "programs": cfg.programs(H), "fit": fit}), flush=True)
+    key = (backward, B % 16 == 0 or B, H, dt, cfg, flags)
+    if key not in compiled:
+        compiled[key] = compile_kernel(backward, B, H, dt, cfg, flags)
+    regs, spills, shared, dots, acquire = compiled[key]
+    fit = {sms: tp.resident_programs(regs, cfg.num_warps, shared, sms=sms) for sms in (132, 114)}
+    print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared, "warps": cfg.num_warps,
+                      "programs": cfg.programs(H), "fit": fit[132], "fit_114": fit[114], "dots": dots,
+                      "acquire_load": acquire}), flush=True)
 """
 
-# every H and B the persistent kernels target (H 256-1024, B 16 and 64) in bf16; fp16 shares bf16's
-# tile sizes; fp32 at its largest supported shapes (its backward keeps W_hh on chip only up to
-# H = 512, see the next test)
-HOPPER_SPECS = [f"bf16,{b},{h},{d}" for h in (256, 512, 768, 1024) for b in (16, 64) for d in ("fwd", "bwd")]
-HOPPER_SPECS += ["fp16,16,768,fwd", "fp32,16,1024,fwd", "fp32,16,256,bwd"]
+# the issue's shape grid (B 16-128, H 256-1024) in bf16, fwd and bwd; fp16 shares bf16's tile sizes; fp32
+# at its largest supported shapes (its backward keeps W_hh on chip only up to H = 512, see the next test)
+GRID = [(b, h) for h in (256, 512, 768, 1024) for b in (16, 64, 128)]
+HOPPER_SPECS = [f"bf16,{b},{h},{d}" for b, h in GRID for d in ("fwd", "bwd")]
+HOPPER_SPECS += ["fp16,16,768,fwd", "fp16,16,768,bwd", "fp32,16,1024,fwd", "fp32,16,256,bwd"]
 # the cell variants: every bit the persistent kernels take, switched on at once
 HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd")]
+# an H100 PCIe has 114 SMs: from H = 768 on, the backward (192 KiB of shared memory), the forward at
+# B > 16 (130 KiB, 32-row chunks) and the fp32 forward hold one program per SM, so at H = 1024
+# (128 programs) persistent_unavailable_reason sends the layer to the per-step kernels there
+NOT_RESIDENT_ON_114_SMS = {f"bf16,{b},1024,bwd" for b in (16, 64, 128)}
+NOT_RESIDENT_ON_114_SMS |= {"bf16,64,1024,fwd", "bf16,128,1024,fwd", "fp32,16,1024,fwd"}
+
+
+def duplicated_warps(dot: dict) -> bool:
+    """Whether more warps sit on some axis of a dot's output than that axis has warp-sized tiles."""
+    axes = zip(dot["shape"], dot["per_warp"], dot["warps"], strict=True)
+    return any(warps > max(1, n // per_warp) for n, per_warp, warps in axes)
+
+
+def test_duplicated_warps_reads_the_layout():
+    """The product's forward before this check: 8 warps as [2, 4] on a [16, 32] output (mma v2)."""
+    before = {"shape": [16, 32], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [2, 4]}
+    assert duplicated_warps(before)
+    assert not duplicated_warps(before | {"warps": [1, 4]})
+    assert duplicated_warps({"shape": [16, 8], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [8, 1]})
+    assert not duplicated_warps({"shape": [8, 16, 8], "kind": "nvidia_mma", "per_warp": [1, 16, 8],
+                                 "warps": [8, 1, 1]})  # fmt: skip
+
+
+@pytest.mark.parametrize(("B", "H"), [(b, h) for b in (16, 64, 128) for h in (256, 512, 768, 1024, 13)])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
+    """The rule behind the compiled-layout check, for every dtype: warps ≤ mma tiles of the output."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = tp.pick_config(B, H, dtype, backward)
+        if backward:  # one [block_b, U] tile per warp, one warp per slice of the 4H contraction
+            assert cfg.num_warps == cfg.split_k == tp.dot_warps(cfg.block_b, cfg.units, cfg.split_k)
+            assert tp._block(4 * H) // cfg.split_k >= 16
+        elif dtype == torch.float32 and tp._dot_precision(dtype) == "ieee":  # FMA: no mma tiles
+            assert cfg.split_k == 1 and cfg.num_warps == 8
+        else:
+            assert cfg.split_k == 1 and cfg.num_warps <= tp.dot_warps(cfg.block_b, 4 * cfg.units)
 
 
 @pytest.mark.parametrize(("H", "dtype"), [(768, torch.float32), (1024, torch.float32), (512, torch.float64)])
@@ -407,12 +529,22 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             row = json.loads(line)
             results[row["spec"]] = row
     assert set(results) == set(HOPPER_SPECS)
+    failures = []
     for spec in HOPPER_SPECS:
         row = results[spec]
-        assert "problem" not in row, row
-        if spec.startswith("fp32") and TRITON_VERSION < (3, 9) and row["spills"]:
+        print(json.dumps(row))  # the registers and layouts, with pytest -s
+        checks = {"fits on chip": "problem" not in row}
+        if "problem" not in row:
+            checks["no duplicated warps"] = all(
+                dot["per_warp"] and not duplicated_warps(dot) for dot in row["dots"]
+            )
+            checks["a dot"] = bool(row["dots"])
+            checks["the barrier polls with ld.acquire.gpu"] = row["acquire_load"]
             # seen on triton 3.6 (H200, 2026-11-28): the fp32 tiles spill there, the runtime check
             # (persistent_unavailable_reason) reads the spills and fp32 runs the per-step kernels
-            continue
-        assert row["spills"] == 0, row
-        assert row["programs"] <= row["fit"], row
+            checks["no spills"] = row["spills"] == 0 or (spec.startswith("fp32") and TRITON_VERSION < (3, 9))
+            checks["resident on 132 SMs"] = row["programs"] <= row["fit"]
+            on_114 = row["programs"] <= row["fit_114"]
+            checks["resident on 114 SMs as expected"] = on_114 == (spec not in NOT_RESIDENT_ON_114_SMS)
+        failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
+    assert not failures, "\n".join(failures)

@@ -197,6 +197,22 @@ def test_all_variants_in_fp32_with_several_programs():
     check_variant(variant, flags, torch.float32, DECREASING, SMALL)
 
 
+@pytest.mark.parametrize("case", ["all", "all_removed"])
+def test_forward_without_save_gives_the_same_states(case):
+    """save=False with every variant: hs, c_T and c̃ as with save=True, no gates."""
+    variant, flags = CASES[case]
+    _skip_unless_available(torch.float32, variant.flags | flags)
+    inputs = make_inputs(variant, flags, torch.float32)
+    sizes = torch.tensor(DECREASING)
+    c_new = [torch.full((T, B, H), math.nan, device=DEVICE) for _ in range(2)]
+    hs, cs, _ = tp.persistent_forward(**inputs, batch_sizes=sizes, c_new=c_new[0], config=SMALL)
+    hs_unsaved, c_n, gates = tp.persistent_forward(
+        **inputs, batch_sizes=sizes, c_new=c_new[1], config=SMALL, save=False
+    )
+    assert gates is None and c_n.shape == (1, B, H)
+    assert torch.equal(hs_unsaved, hs) and torch.equal(c_n[0], cs[-1]) and torch.equal(c_new[1], c_new[0])
+
+
 def test_one_launch_with_barriers_matches_per_step_launches():
     """The barrier path with every variant: on CPU with one program (in two batch chunks), on a GPU
     with several. The dropout ring's two slots alternate across the steps of one launch."""
