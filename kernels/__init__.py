@@ -1,17 +1,14 @@
-"""lstmlab.kernels: the LSTM recurrence as one registered operator per layer and direction (forward
-and backward, `torch.ops.lstmlab.lstm_layer_fwd` / `lstm_layer_bwd`), with the gate math in
-PyTorch (`reference`) or fused Triton kernels (`triton`), every matrix product on the engine
-`gemm` picks (oneDNN for fp32 on CPU), and the textbook oracle (`naive`). Cell variants
-(`variants.py`: peepholes, CIFG, Greff's ablations, layer norm, zoneout, recurrent dropout) run
-through their own op pair, `lstmlab::lstm_variant_layer_fwd` / `_bwd` (`variant_layer.py`)."""
+"""lstmlab.kernels: the LSTM recurrence as one registered operator pair per layer and direction for
+every cell (`torch.ops.lstmlab.lstm_layer_fwd` / `lstm_layer_bwd`, `layer.py`; the vanilla cell is
+the variant with no flags, `variants.py`), run by one of the backends of one table (`backends.py`):
+the gate math in PyTorch (`reference`, `torch_gates.py`) or fused Triton kernels (`triton_step`,
+`triton_gates.py`; `triton_persistent`, `triton_persistent.py`), every matrix product on the engine
+`gemm` picks (oneDNN for fp32 on CPU), the shared time loop (`loop.py`), and the textbook oracle
+(`naive`). Under torch.func transforms the same function runs in differentiable ops (`transforms.py`)."""
 
+from .backends import HAS_TRITON, KERNEL_BACKENDS, TRITON_INTERPRET
 from .gemm import CPU_GEMM_ENGINES, cpu_gemm_engine, get_cpu_gemm_engine, set_cpu_gemm_engine
 from .layer import (
-    HAS_TRITON,
-    KERNEL_BACKENDS,
-    TRITON_INTERPRET,
-    accumulation_dtype,
-    clear_workspace,
     gates_backward,
     gates_forward,
     lstm_layer,
@@ -19,8 +16,8 @@ from .layer import (
     lstm_layer_from_input,
     lstm_layer_fwd,
 )
+from .loop import accumulation_dtype, clear_workspace
 from .naive import lstm_cell_naive, lstm_layer_naive
-from .variant_layer import lstm_variant_layer, lstm_variant_layer_bwd, lstm_variant_layer_fwd
 from .variants import GREFF_VARIANTS, CellVariant
 
 __all__ = [
@@ -42,8 +39,5 @@ __all__ = [
     "lstm_layer_from_input",
     "lstm_layer_fwd",
     "lstm_layer_naive",
-    "lstm_variant_layer",
-    "lstm_variant_layer_bwd",
-    "lstm_variant_layer_fwd",
     "set_cpu_gemm_engine",
 ]

@@ -1,4 +1,5 @@
-"""One LSTM layer (one direction) over a whole sequence as one registered operator each way.
+"""One LSTM layer (one direction) over a whole sequence as one registered operator each way, for
+every cell: the vanilla cell is the variant with no flags.
 
 `lstmlab::lstm_layer_fwd` and `lstmlab::lstm_layer_bwd` are ``torch.library.custom_op``s with fake
 (shape-only) implementations, and the backward is registered as the forward's autograd formula: so
@@ -6,423 +7,270 @@ torch.compile, torch.export and CUDA-graph capture see two opaque operators and 
 the Python time loop they run (tracing it returned wrong numbers). The public functions at the end
 of this file call them.
 
-The time loop is shared by both backends; only the per-step gate math differs (`torch_gates.py`
-in PyTorch, `triton_gates.py` fused). Per step: one GEMM h_{t−1}·W_hhᵀ added to the precomputed
-input projection, then one gate launch. The input projection of all steps is one GEMM before the
-loop; after it, ∂L/∂x is one GEMM and ∂L/∂W_ih, ∂L/∂W_hh one more, together. Every product goes
-through `gemm.py`, which picks the engine (oneDNN for fp32 on CPU).
+Inside, the op runs the input projection of all steps as one GEMM (unless it is given gx), hands the
+recurrence to the backend named by its caller (`backends.py`: one row each, one contract), and after
+the reverse loop computes ∂x as one GEMM and ∂W_ih, ∂W_hh as one more, together; the peephole and
+layer-norm parameter gradients are sums over rows and steps of what the loop saved. Every product
+goes through `gemm.py`, which picks the engine (oneDNN for fp32 on CPU). Layer norm's input side,
+γ_ih ⊙ LN(x·W_ihᵀ) + b, is differentiated by autograd outside the op, which then takes gx.
 
-B: batch  T: time  H: hidden size  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
-Packed sequences: at step k only the first ``batch_sizes[k]`` rows advance; the rest carry their
-state unchanged. A decreasing list is a forward pass over packed data, an increasing one the
-reverse direction over the time-flipped padded sequence.
+Under torch.func transforms and forward-mode AD, and for a double backward, the op is not used:
+`transforms.py` runs the same function in differentiable PyTorch ops (`naive.py`'s equations).
+
+B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
 """
 
 from __future__ import annotations
 
-import math
-import os
-import threading
 from collections.abc import Sequence
-from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import gemm, torch_gates
+from . import backends, gemm, loop, variants
+from .loop import Cell, LoopSaved, accumulation_dtype, advanced
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-if HAS_TRITON:  # outside the try: an error in our kernels must not read as "no Triton"
-    from . import triton_gates, triton_persistent
-
-# Triton decides at import time whether kernels run compiled or through its CPU interpreter.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# the layer's implementations: the PyTorch steps, the Triton gate kernel once per step, or one
-# persistent Triton kernel for all steps (kernels/triton_persistent.py); lstmlab.backends picks one
-KERNEL_BACKENDS = ("reference", "triton_step", "triton_persistent")
+KERNEL_BACKENDS = backends.KERNEL_BACKENDS
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Gate math and the cell state run in fp32 (fp64 for fp64 inputs), whatever the input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class LayerInputs(NamedTuple):
+    """The forward op's arguments, in its schema's order (fake, autograd and backward read them
+    by name). x is [T, B, I] with w_ih [4H, I], or, when w_ih is None, the input projection gx
+    [T, B, 4H] itself; bias [4H] (b_ih + b_hh) or None; h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr
+    [P, H] or None; batch_sizes [T] int64 on the CPU or None; the cell's flags and tensors as
+    :class:`lstmlab.kernels.loop.Cell`."""
 
+    x: Tensor
+    w_ih: Tensor | None
+    bias: Tensor | None
+    h0: Tensor
+    c0: Tensor
+    w_hh: Tensor
+    w_hr: Tensor | None
+    batch_sizes: Tensor | None
+    backend: str
+    flags: int
+    peephole: Tensor | None
+    ln_hh: Tensor | None
+    ln_c: Tensor | None
+    zoneout: Tensor | None
+    dropout: Tensor | None
 
-def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Allocator for every buffer the layer writes; tests swap it for a NaN-filled one."""
-    return torch.empty(*shape, dtype=dtype, device=device)
+    def cell(self, acc: torch.dtype) -> Cell:
+        def to_acc(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(acc).contiguous()
 
-
-class _Workspace(threading.local):  # one per thread: concurrent calls never share a buffer
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-
-_workspace = _Workspace()
-WORKSPACE_MAX_BYTES = 256 << 20  # larger temporaries are allocated afresh and not kept
-
-
-def scratch(name: str, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A buffer for temporaries that live within one call, kept for the next call on this thread.
-
-    CPU only: fresh CPU memory is page-faulted in on its first write, which cost a quarter of the
-    backward's element-wise work at B=16, H=256, T=100 where we measured it (see
-    docs/benchmarks/cpu-amd-epyc-2026-11-26/README.md).
-    (CUDA's caching allocator already reuses memory.) Tests swap it for a NaN-filled allocator.
-    """
-    numel = math.prod(shape)
-    if torch.device(device).type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return empty(*shape, dtype=dtype, device=device)
-    buffer = _workspace.buffers.get((name, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = _workspace.buffers[(name, dtype)] = empty(numel, dtype=dtype, device=device)
-    return buffer[:numel].view(shape)
-
-
-def clear_workspace() -> None:
-    """Frees the CPU scratch buffers this thread keeps between calls (see :func:`scratch`)."""
-    _workspace.buffers.clear()
-
-
-class ReferenceSteps:
-    """Per-step gate math in PyTorch. For the backward it is built from the saved gates
-    [T, B, 4H], cell states cs [T + 1, B, H] and the gradient buffer d_pre [T, B, 4H], and
-    precomputes every step's local derivatives in a few large ops before the time loop."""
-
-    forward_into = staticmethod(torch_gates.gates_forward_into)
-    # the step's pre-activations may be written into its gates slot and activated there: on CPU one
-    # sigmoid then covers all four gates, and the layer needs no separate gates buffer
-    activates_in_place = True
-
-    def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
-        T, B, G = gates.shape
-        H = G // 4
-        dtype, device = gates.dtype, gates.device
-        coef = scratch("coef", T, B, G, dtype=dtype, device=device)
-        carry = scratch("carry", T, B, H, dtype=dtype, device=device)
-        torch_gates.backward_coefficients(gates, cs[1:], cs[:-1], coef, carry)
-        coef, d_pre = coef.view(T, B, 4, H), d_pre.view(T, B, 4, H)
-        # per-step views made once: slicing inside the time loop costs more than the math at small B
-        self.per_step = list(
-            zip(
-                coef[:, :, :3].unbind(0),  # [B, 3, H] i, f, g per unit of ∂L/∂c_t
-                coef[:, :, 3].unbind(0),  # [B, H] o per unit of ∂L/∂h_t
-                carry.unbind(0),  # [B, H]
-                gates.view(T, B, 4, H)[:, :, 1].unbind(0),  # [B, H] forget gate
-                d_pre[:, :, :3].unbind(0),  # [B, 3, H] out: ∂L/∂(i, f, g pre-activations)
-                d_pre[:, :, 3].unbind(0),  # [B, H] out: ∂L/∂(o pre-activation)
-                strict=True,
-            )
+        return Cell(
+            self.flags,
+            to_acc(self.peephole),
+            to_acc(self.ln_hh),
+            to_acc(self.ln_c),
+            self.zoneout,
+            self.dropout,
         )
 
-    def backward_step(self, k: int, n: int, dh: Tensor, dc: Tensor) -> None:
-        """Step k, first n rows: d_pre[k] <- ∂L/∂pre-activations, dc <- ∂L/∂c_{k−1} in place."""
-        step = self.per_step[k]
-        if n < dc.shape[0] or n < step[1].shape[0]:
-            step = tuple(t[:n] for t in step)
-        torch_gates.gates_backward_from_coefficients_into(dh, dc, *step, dc)
+
+class LayerOutputs(NamedTuple):
+    """The forward op's outputs: hs [T + 1, B, P] (out = hs[1:], h_n = hs[T]), out_packed [T, B, P]
+    (rows that did not advance zeroed; [0] when not packed), c_n [B, H]; then what the backward
+    reads, [0] where the cell has none (`loop.LoopSaved`): cs, gates, h_raw, c_new, ln_saved.
+    No output aliases an input or another output."""
+
+    hs: Tensor
+    out_packed: Tensor
+    c_n: Tensor
+    cs: Tensor
+    gates: Tensor
+    h_raw: Tensor
+    c_new: Tensor
+    ln_saved: Tensor
 
 
-class TritonSteps:
-    """Per-step gate math in fused Triton kernels: one launch per step each way."""
-
-    activates_in_place = False
-
-    def __init__(self, gates: Tensor, cs: Tensor, d_pre: Tensor) -> None:
-        self.gates, self.cs, self.d_pre = gates, cs, d_pre
-
-    @staticmethod
-    def forward_into(pre: Tensor, c_prev: Tensor, gates: Tensor, c: Tensor, h: Tensor) -> None:
-        triton_gates.gates_forward_into(pre, c_prev, gates, c, h)
-
-    def backward_step(self, k: int, n: int, dh: Tensor, dc: Tensor) -> None:
-        gates, c, c_prev = self.gates[k, :n], self.cs[k + 1, :n], self.cs[k, :n]
-        triton_gates.gates_backward_into(dh, dc, gates, c, c_prev, self.d_pre[k, :n], dc)
-
-
-def _check_backend(backend: str) -> None:
-    """An unknown kernel backend, or a Triton one without Triton, fails here, before any work."""
-    if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-    if backend != "reference" and not HAS_TRITON:
-        raise RuntimeError(f"backend={backend!r} needs the triton package, which is not importable")
-
-
-def _steps(backend: str) -> type[ReferenceSteps] | type[TritonSteps]:
-    """The per-step gate math of a per-step backend (the persistent one has its own loops)."""
-    _check_backend(backend)
-    if backend == "triton_persistent":
-        raise ValueError(
-            "the per-step gate functions run 'reference' or 'triton_step', not 'triton_persistent'"
-        )
-    return ReferenceSteps if backend == "reference" else TritonSteps
-
-
-# ---- the time loops: plain functions on real tensors, called by the registered ops below ----
-
-
-def _sizes(batch_sizes: Tensor | None, T: int, B: int) -> tuple[int, ...]:
-    """Rows that advance at each step, as Python ints (the loops slice with them)."""
-    if batch_sizes is None:
-        return (B,) * T
-    sizes = tuple(batch_sizes.tolist())
-    if len(sizes) != T or any(not 0 <= n <= B for n in sizes):
-        raise ValueError(f"batch_sizes must hold {T} sizes in [0, {B}], got {list(sizes)}")
-    return sizes
-
-
-def _advanced(batch_sizes: Tensor, B: int, device: torch.device) -> Tensor:
-    """[T, B] bool: whether row b advances at step k (b < batch_sizes[k]), one op on ``device``."""
-    return torch.arange(B, device=device) < batch_sizes.to(device).unsqueeze(1)
-
-
-def _layer_forward(
-    x: Tensor,
-    w_ih: Tensor | None,
-    bias: Tensor | None,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The forward pass. x [T, B, I] with w_ih [4H, I] and bias [4H] or None; or, when w_ih is
-    None, x is the input projection gx [T, B, 4H] itself.
-
-    Returns hs [T + 1, B, P] (hs[k] = h before step k, so out = hs[1:], h_n = hs[T]), out_packed
-    [T, B, P] (the output with rows that did not advance zeroed; [0] when not packed), c_n [B, H],
-    and for the backward cs [T + 1, B, H], gates [T, B, 4H] (activated) and h_raw [T, B, H] (o·tanh(c)
-    before the projection; [0] without one). No output aliases an input or another output.
-    """
-    gx = x
-    if w_ih is not None:  # all steps' input projections in one GEMM
-        gx = gemm.linear(x.reshape(-1, x.shape[-1]), w_ih, bias).view(*x.shape[:2], -1)  # [T, B, 4H]
+def _layer_forward(a: LayerInputs) -> LayerOutputs:
+    gx, own_gx = a.x, a.w_ih is not None
+    if own_gx:  # all steps' input projections in one GEMM
+        gx = gemm.linear(a.x.reshape(-1, a.x.shape[-1]), a.w_ih, a.bias).view(
+            *a.x.shape[:2], -1
+        )  # [T, B, 4H]
     T, B, _ = gx.shape
-    sizes = _sizes(batch_sizes, T, B)
-    if backend == "triton_persistent":
-        if w_hr is not None:
-            raise ValueError("backend 'triton_persistent' has no projection (proj_size); use 'triton_step'")
-        hs, cs, gates = triton_persistent.persistent_forward(gx.contiguous(), h0, c0, w_hh, batch_sizes)
-        h_raw = gx.new_empty(0)
-    else:
-        own_projection = w_ih is not None  # gx is ours: the reference backend may activate in it
-        hs, cs, gates, h_raw = _step_forward(gx, own_projection, h0, c0, w_hh, w_hr, sizes, backend)
+    acc = accumulation_dtype(gx.dtype)
+    saved = backends.get(a.backend).forward(
+        gx, own_gx, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc)
+    )
     out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
-    if batch_sizes is not None:  # rows that did not advance have no output at that step
-        out_packed = torch.where(_advanced(batch_sizes, B, hs.device).unsqueeze(2), hs[1:], 0)
-    c_n = cs[T].to(c0.dtype, copy=True)
-    return hs, out_packed, c_n, cs, gates, h_raw
+    if a.batch_sizes is not None:  # rows that did not advance have no output at that step
+        out_packed = torch.where(advanced(a.batch_sizes, B, gx.device).unsqueeze(2), saved.hs[1:], 0)
+    c_n = saved.cs[T].to(a.c0.dtype, copy=True)
+    h_raw = gx.new_empty(0) if saved.h_raw is None else saved.h_raw
+
+    def or_empty(t: Tensor | None) -> Tensor:
+        return gx.new_empty(0, dtype=acc) if t is None else t
+
+    return LayerOutputs(
+        saved.hs,
+        out_packed,
+        c_n,
+        saved.cs,
+        saved.gates,
+        h_raw,
+        or_empty(saved.c_new),
+        or_empty(saved.ln_saved),
+    )
 
 
-def _step_forward(
-    gx: Tensor,
-    own_projection: bool,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    sizes: tuple[int, ...],
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The time loop of the per-step backends: one GEMM and one gate step per step.
-    -> hs [T + 1, B, P], cs [T + 1, B, H], gates [T, B, 4H], h_raw [T, B, H] or [0]."""
-    steps = _steps(backend)
-    forward_into = steps.forward_into
-    T, B, G = gx.shape
-    H, P = G // 4, w_hh.shape[1]
-    dtype, acc, dev = gx.dtype, accumulation_dtype(gx.dtype), gx.device
-
-    hs = empty(T + 1, B, P, dtype=dtype, device=dev)  # hs[k] = h before step k, hs[0] = h0
-    cs = empty(T + 1, B, H, dtype=acc, device=dev)  # cs[k] = c before step k
-    # activated i, f, g, o [T, B, 4H], saved for backward. Activated in place, each step's
-    # pre-activations are written into its slot; our own input projection then is the buffer.
-    in_place = steps.activates_in_place and dtype == acc
-    gates = gx if in_place and own_projection else empty(T, B, G, dtype=acc, device=dev)
-    h_raw = empty(T, B, H, dtype=dtype, device=dev) if w_hr is not None else gx.new_empty(0)  # o·tanh(c)
-    pre = None if in_place else empty(B, G, dtype=dtype, device=dev)  # this step's pre-activations
-    hs[0] = h0
-    cs[0] = c0
-    recurrent = gemm.StepWeight(w_hh, B, T)  # h_{k−1}·W_hhᵀ
-    projection = None if w_hr is None else gemm.StepWeight(w_hr, B, T)  # o·tanh(c)·W_hrᵀ
-    # per-step views made once: slicing inside the time loop costs more than the math at small B
-    gx_k, hs_k, cs_k, gates_k = gx.unbind(0), hs.unbind(0), cs.unbind(0), gates.unbind(0)
-    h_raw_k = None if w_hr is None else h_raw.unbind(0)
-
-    for k, n in enumerate(sizes):
-        if n == B:
-            h_prev, c_prev, step_gates, c = hs_k[k], cs_k[k], gates_k[k], cs_k[k + 1]
-            step_pre = step_gates if in_place else pre
-            h = hs_k[k + 1] if w_hr is None else h_raw_k[k]
-            recurrent.addmm(gx_k[k], h_prev, out=step_pre)  # [B, 4H]
-        else:
-            h_prev, c_prev, step_gates, c = hs[k, :n], cs[k, :n], gates[k, :n], cs[k + 1, :n]
-            step_pre = step_gates if in_place else pre[:n]
-            h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
-            recurrent.addmm(gx[k, :n], h_prev, out=step_pre)  # [n, 4H]
-        forward_into(step_pre, c_prev, step_gates, c, h)
-        if w_hr is not None:
-            projection.mm(h, out=hs[k + 1, :n])  # [n, P]
-        if n < B:
-            hs[k + 1, n:] = hs[k, n:]
-            cs[k + 1, n:] = cs[k, n:]
-            gates[k, n:] = 0  # never read; written so that every output of the op is defined
-            if w_hr is not None:
-                h_raw[k, n:] = 0  # rows that did not step contribute nothing to ∂W_hr
-    return hs, cs, gates, h_raw
+def _fake_forward(a: LayerInputs) -> LayerOutputs:
+    T, B = a.x.shape[0], a.x.shape[1]
+    G = a.x.shape[2] if a.w_ih is None else a.w_ih.shape[0]
+    H, P = G // 4, a.w_hh.shape[1]
+    dtype, acc = a.x.dtype, accumulation_dtype(a.x.dtype)
+    x = a.x
+    return LayerOutputs(
+        x.new_empty(T + 1, B, P),
+        x.new_empty(0) if a.batch_sizes is None else x.new_empty(T, B, P),
+        a.c0.new_empty(B, H),
+        x.new_empty(T + 1, B, H, dtype=acc),
+        x.new_empty(T, B, G, dtype=acc),
+        x.new_empty(0, dtype=dtype) if a.w_hr is None else x.new_empty(T, B, H, dtype=dtype),
+        x.new_empty(T, B, H, dtype=acc) if a.flags & variants.ZONEOUT_C else x.new_empty(0, dtype=acc),
+        x.new_empty(T, B, G + 3, dtype=acc) if a.flags & variants.LAYER_NORM else x.new_empty(0, dtype=acc),
+    )
 
 
-def _layer_backward(
-    d_hs: Tensor,
-    d_out_packed: Tensor,
-    d_cn: Tensor,
-    x: Tensor,
-    w_ih: Tensor | None,
-    hs: Tensor,
-    cs: Tensor,
-    gates: Tensor,
-    h_raw: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    backend: str,
-    needs: Sequence[bool],
-) -> tuple[Tensor | None, ...]:
-    """The backward pass. d_hs [T + 1, B, P] is the gradient of ``hs`` (of out = hs[1:] and
-    h_n = hs[T]), d_out_packed [T, B, P] that of ``out_packed`` (packed input only), d_cn [B, H].
-    ``needs`` says which of (x, w_ih, bias, w_hh, w_hr) want a gradient.
+class BackwardInputs(NamedTuple):
+    """The backward op's arguments: the gradients of (hs, out_packed, c_n), the forward's saved
+    outputs, its inputs that the backward reads, and which of (x, w_ih, bias, w_hh, w_hr,
+    peephole, ln_hh, ln_c) want a gradient."""
 
-    Returns d_x (∂L/∂gx [T, B, 4H] when w_ih is None), d_w_ih, d_bias, d_h0, d_c0, d_w_hh, d_w_hr;
-    None where not needed. After the recurrence, ∂L/∂x is one GEMM and the weight gradients one more.
-    """
-    T, B, G = gates.shape
-    P = hs.shape[-1]
-    dtype, dev = hs.dtype, hs.device
-    d_hp = None
-    if backend == "triton_persistent":
-        d_hs = _with_packed_output_grad(d_hs, d_out_packed, batch_sizes)
-        d_pre, d_h, d_c = triton_persistent.persistent_backward(
-            d_hs.contiguous(), d_cn.to(cs.dtype), gates, cs, w_hh, batch_sizes
-        )
-    else:
-        # ∂L/∂pre-activations [T, B, 4H]: the gradient of gx when the caller gave gx, else used up here
-        allocate = empty if w_ih is None else partial(scratch, "d_pre")
-        d_pre = allocate(T, B, G, dtype=dtype, device=dev)
-        d_hp = None if w_hr is None else empty(T, B, P, dtype=dtype, device=dev)  # ∂L/∂h_t
-        d_h, d_c = _step_backward(
-            d_hs, d_out_packed, d_cn, gates, cs, w_hh, w_hr, _sizes(batch_sizes, T, B), backend, d_pre, d_hp
+    d_hs: Tensor
+    d_out_packed: Tensor
+    d_cn: Tensor
+    hs: Tensor
+    cs: Tensor
+    gates: Tensor
+    h_raw: Tensor
+    c_new: Tensor
+    ln_saved: Tensor
+    x: Tensor
+    w_ih: Tensor | None
+    w_hh: Tensor
+    w_hr: Tensor | None
+    batch_sizes: Tensor | None
+    backend: str
+    flags: int
+    peephole: Tensor | None
+    ln_hh: Tensor | None
+    ln_c: Tensor | None
+    zoneout: Tensor | None
+    dropout: Tensor | None
+    needs: list[bool]
+
+    def cell(self, acc: torch.dtype) -> Cell:
+        return LayerInputs.cell(self, acc)  # the same fields by name
+
+    def saved(self) -> LoopSaved:
+        def or_none(t: Tensor) -> Tensor | None:
+            return None if t.numel() == 0 else t
+
+        return LoopSaved(
+            self.hs, self.cs, self.gates, or_none(self.h_raw), or_none(self.c_new), or_none(self.ln_saved)
         )
 
-    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
-    d_pre_rows, h_prev_rows = d_pre.view(-1, G), hs[:-1].reshape(-1, P)  # [T·B, 4H], [T·B, P]
+
+class LayerGrads(NamedTuple):
+    """The backward op's outputs, each [0] where not needed (or where the input was None)."""
+
+    d_x: Tensor  # [T, B, I], or ∂L/∂gx [T, B, 4H] when the forward was given gx
+    d_w_ih: Tensor
+    d_bias: Tensor
+    d_h0: Tensor  # [B, P]
+    d_c0: Tensor  # [B, H] acc
+    d_w_hh: Tensor
+    d_w_hr: Tensor
+    d_peephole: Tensor  # [3, H] acc
+    d_ln_hh: Tensor  # [4H] acc
+    d_ln_c: Tensor  # [2, H] acc
+
+
+def _layer_backward(a: BackwardInputs) -> LayerGrads:
+    T, B, G = a.gates.shape
+    H, P = G // 4, a.hs.shape[-1]
+    dtype, acc, dev = a.hs.dtype, a.cs.dtype, a.hs.device
+    cell = a.cell(acc)
+    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = a.needs[:5]
+    gx_mode = a.w_ih is None
+    grads = backends.get(a.backend).backward(
+        a.d_hs, a.d_out_packed, a.d_cn, a.saved(), a.w_hh, a.w_hr, a.batch_sizes, cell, keep_d_pre=gx_mode
+    )
+    d_pre_rows = grads.d_pre.view(-1, G)  # [T·B, 4H]
+    h_prev = a.hs[:-1] if cell.dropout is None else a.hs[:-1] * cell.dropout  # the GEMM's input, h ⊙ m
+    h_prev_rows = h_prev.reshape(-1, P)  # [T·B, P]
+    none = a.hs.new_empty
     d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
-    if w_ih is None:
-        d_x = d_pre
+    d_w_hh_fused = needs_w_hh and grads.d_rec is grads.d_pre  # ∂W_hh reads ∂L/∂r: d_pre unless layer norm
+    if gx_mode:
+        d_x = grads.d_pre
     else:
-        x_rows = x.reshape(-1, x.shape[-1])  # [T·B, I]
+        x_rows = a.x.reshape(-1, a.x.shape[-1])  # [T·B, I]
         I = x_rows.shape[1]
         if needs_x:
-            d_x = gemm.mm(d_pre_rows, w_ih).view(T, B, I)  # [T, B, I]
+            d_x = gemm.mm(d_pre_rows, a.w_ih).view(T, B, I)  # [T, B, I]
         if needs_bias:
             d_bias = d_pre_rows.sum(0)  # [4H]
-        if needs_w_ih and needs_w_hh:  # one product over both, reading d_pre once: [4H, I + P]
-            x_h = scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
+        if needs_w_ih and d_w_hh_fused:  # one product over both, reading d_pre once: [4H, I + P]
+            x_h = loop.scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
             d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
             d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
         elif needs_w_ih:
             d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
     if needs_w_hh and d_w_hh is None:
-        d_w_hh = gemm.mm_tn(d_pre_rows, h_prev_rows)  # [4H, P]
-    if w_hr is not None and needs_w_hr:
-        d_w_hr = gemm.mm_tn(d_hp.view(-1, P), h_raw.view(-1, h_raw.shape[-1]))  # [P, H]
-    return d_x, d_w_ih, d_bias, d_h.to(dtype), d_c, d_w_hh, d_w_hr
+        d_w_hh = gemm.mm_tn(grads.d_rec.view(-1, G), h_prev_rows)  # [4H, P]
+    if a.w_hr is not None and needs_w_hr:
+        d_w_hr = gemm.mm_tn(grads.d_hp.view(-1, P), a.h_raw.view(-1, H))  # [P, H]
+    d_peephole = d_ln_hh = d_ln_c = None
+    if cell.peephole is not None:
+        d_a = grads.d_pre.view(T, B, 4, H).to(acc)
+        c_tilde = a.c_new if cell.zoneout_c else a.cs[1:]  # c̃ of every step
+        d_peephole = torch.stack(
+            [
+                (d_a[:, :, 0] * a.cs[:-1]).sum((0, 1)),  # p_i sees c_{t−1}
+                (d_a[:, :, 1] * a.cs[:-1]).sum((0, 1)),  # p_f sees c_{t−1}
+                (d_a[:, :, 3] * c_tilde).sum((0, 1)),  # p_o sees c̃
+            ]
+        )  # [3, H]
+    if cell.layer_norm:
+        d_ln_hh = (grads.d_pre.to(acc) * a.ln_saved[..., :G]).sum((0, 1))  # Σ ∂L/∂a ⊙ r̂  [4H]
+        d_ln_c = grads.d_ln_c_rows.sum((0, 1))  # [2, H]
+    return LayerGrads(
+        *(none(0) if g is None else g for g in (d_x, d_w_ih, d_bias)),
+        grads.d_h0.to(dtype),
+        grads.d_c0,
+        *(none(0) if g is None else g for g in (d_w_hh, d_w_hr, d_peephole, d_ln_hh, d_ln_c)),
+    )
 
 
-def _with_packed_output_grad(d_hs: Tensor, d_out_packed: Tensor, batch_sizes: Tensor | None) -> Tensor:
-    """d_hs [T + 1, B, P] with the packed output's gradient added where rows advanced (the
-    persistent kernels read one gradient per hs[k]); d_hs itself without packed input."""
-    if batch_sizes is None:
-        return d_hs
-    advanced = _advanced(batch_sizes, d_hs.shape[1], d_hs.device).unsqueeze(2)  # [T, B, 1]
-    d_hs = d_hs.clone()
-    d_hs[1:] += torch.where(advanced, d_out_packed, 0)
-    return d_hs
-
-
-def _loop_start_gradients(
-    d_hs: Tensor, d_out_packed: Tensor, d_cn: Tensor, acc: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """What the per-step reverse loops start from: the output gradient d_out [T, B, P], and ∂L/∂h
-    [B, P], ∂L/∂c [B, H] in acc, before the last step."""
-    if d_out_packed.numel() == 0:  # out = hs[1:] and h_n = hs[T]: d_hs[T] holds both
-        d_out = d_hs[1:].contiguous()
-        d_h = torch.zeros(d_hs.shape[1:], dtype=acc, device=d_hs.device)
-    else:  # out is out_packed; hs is seen only as h_n = hs[T]
-        d_out, d_h = d_out_packed.contiguous(), d_hs[-1].to(acc, copy=True)
-    return d_out, d_h, d_cn.to(acc, copy=True)
-
-
-def _step_backward(
-    d_hs: Tensor,
-    d_out_packed: Tensor,
-    d_cn: Tensor,
-    gates: Tensor,
-    cs: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    sizes: tuple[int, ...],
-    backend: str,
-    d_pre: Tensor,
-    d_hp: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """The reverse time loop of the per-step backends: writes d_pre [T, B, 4H] (and d_hp [T, B, P],
-    ∂L/∂h before the projection) and returns ∂L/∂h0 [B, P], ∂L/∂c0 [B, H] in fp32 (fp64)."""
-    T, B, _ = gates.shape
-    dtype, acc = d_pre.dtype, cs.dtype
-    d_out, d_h, d_c = _loop_start_gradients(d_hs, d_out_packed, d_cn, acc)
-    steps = _steps(backend)(gates, cs, d_pre)
-    d_out_k, d_pre_k = d_out.unbind(0), d_pre.unbind(0)
-    gemm_into_state = acc == dtype  # else: low-precision GEMM, fp32 state
-    recurrent = gemm.StepWeight(w_hh.t(), B, T)  # d_pre_k·W_hh
-    projection = None if w_hr is None else gemm.StepWeight(w_hr.t(), B, T)  # ∂L/∂h_t·W_hr
-
-    d_h[: sizes[-1]] += d_out_k[T - 1][: sizes[-1]]
-    for k in reversed(range(T)):
-        n = sizes[k]
-        d_h_rows, d_c_rows = (d_h, d_c) if n == B else (d_h[:n], d_c[:n])
-        if w_hr is None:
-            steps.backward_step(k, n, d_h_rows, d_c_rows)
-        else:
-            d_hp[k, :n] = d_h_rows
-            steps.backward_step(k, n, projection.mm(d_hp[k, :n]), d_c_rows)
-        d_pre_step = d_pre_k[k] if n == B else d_pre_k[k][:n]
-        if n < B:
-            d_pre[k, n:] = 0
-            if w_hr is not None:
-                d_hp[k, n:] = 0
-        # ∂L/∂h_{k−1} = d_pre_k·W_hh + output gradient k−1: one GEMM when the same rows
-        # advance at both steps
-        n_prev = sizes[k - 1] if k > 0 else 0
-        out = d_h_rows if gemm_into_state else None
-        if n_prev == n:
-            rows = recurrent.addmm(d_out_k[k - 1][:n], d_pre_step, out=out)
-        else:
-            rows = recurrent.mm(d_pre_step, out=out)  # [n, P]
-        if not gemm_into_state:
-            d_h_rows.copy_(rows)
-        if n_prev != n and n_prev > 0:
-            d_h[:n_prev] += d_out_k[k - 1][:n_prev]
-    return d_h, d_c
+def _fake_backward(a: BackwardInputs) -> LayerGrads:
+    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = a.needs[:5]
+    G, B, H = a.gates.shape[2], a.gates.shape[1], a.cs.shape[2]
+    gx_mode = a.w_ih is None
+    none = a.hs.new_empty(0)
+    return LayerGrads(
+        a.x.new_empty(a.x.shape) if gx_mode or needs_x else none.clone(),
+        a.w_ih.new_empty(a.w_ih.shape) if not gx_mode and needs_w_ih else none.clone(),
+        a.hs.new_empty(G) if not gx_mode and needs_bias else none.clone(),
+        a.hs.new_empty(B, a.hs.shape[2]),
+        a.cs.new_empty(B, H),
+        a.w_hh.new_empty(a.w_hh.shape) if needs_w_hh else none.clone(),
+        a.w_hr.new_empty(a.w_hr.shape) if a.w_hr is not None and needs_w_hr else none.clone(),
+        a.cs.new_empty(3, H) if a.flags & variants.PEEPHOLES else a.cs.new_empty(0),
+        a.cs.new_empty(G) if a.flags & variants.LAYER_NORM else a.cs.new_empty(0),
+        a.cs.new_empty(2, H) if a.flags & variants.LAYER_NORM else a.cs.new_empty(0),
+    )
 
 
 # ---- the registered operators: what torch.compile, torch.export and CUDA graphs see ----
-# The layer is one opaque op each way, with a fake (shape-only) implementation for tracing and its
-# autograd registered, so compilers never trace into the Python time loop above.
+# Their schemas are the one place the arguments are listed one by one; everything else reads the
+# NamedTuples above.
 
 
 @torch.library.custom_op("lstmlab::lstm_layer_fwd", mutates_args=())
@@ -436,24 +284,20 @@ def lstm_layer_fwd(
     w_hr: Tensor | None,
     batch_sizes: Tensor | None,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """See :func:`_layer_forward`: -> hs, out_packed, c_n, and cs, gates, h_raw for the backward."""
-    return _layer_forward(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    flags: int,
+    peephole: Tensor | None,
+    ln_hh: Tensor | None,
+    ln_c: Tensor | None,
+    zoneout: Tensor | None,
+    dropout: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See :class:`LayerInputs` and :class:`LayerOutputs`."""
+    return tuple(_layer_forward(LayerInputs(*_args(locals(), LayerInputs))))
 
 
 @lstm_layer_fwd.register_fake
-def _(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend):
-    T, B = x.shape[0], x.shape[1]
-    G = x.shape[2] if w_ih is None else w_ih.shape[0]
-    H, P = G // 4, w_hh.shape[1]
-    dtype, acc = x.dtype, accumulation_dtype(x.dtype)
-    hs = x.new_empty(T + 1, B, P)
-    out_packed = x.new_empty(0) if batch_sizes is None else x.new_empty(T, B, P)
-    c_n = c0.new_empty(B, H)
-    cs = x.new_empty(T + 1, B, H, dtype=acc)
-    gates = x.new_empty(T, B, G, dtype=acc)
-    h_raw = x.new_empty(0, dtype=dtype) if w_hr is None else x.new_empty(T, B, H, dtype=dtype)
-    return hs, out_packed, c_n, cs, gates, h_raw
+def _(*args):
+    return tuple(_fake_forward(LayerInputs(*args)))
 
 
 @torch.library.custom_op("lstmlab::lstm_layer_bwd", mutates_args=())
@@ -461,108 +305,107 @@ def lstm_layer_bwd(
     d_hs: Tensor,
     d_out_packed: Tensor,
     d_cn: Tensor,
-    x: Tensor,
-    w_ih: Tensor | None,
     hs: Tensor,
     cs: Tensor,
     gates: Tensor,
     h_raw: Tensor,
+    c_new: Tensor,
+    ln_saved: Tensor,
+    x: Tensor,
+    w_ih: Tensor | None,
     w_hh: Tensor,
     w_hr: Tensor | None,
     batch_sizes: Tensor | None,
     backend: str,
+    flags: int,
+    peephole: Tensor | None,
+    ln_hh: Tensor | None,
+    ln_c: Tensor | None,
+    zoneout: Tensor | None,
+    dropout: Tensor | None,
     needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """See :func:`_layer_backward`; a gradient that is not needed comes back as an empty tensor."""
-    grads = _layer_backward(
-        d_hs, d_out_packed, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, batch_sizes, backend, needs
-    )
-    return tuple(hs.new_empty(0) if g is None else g for g in grads)  # distinct: outputs may not alias
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See :class:`BackwardInputs` and :class:`LayerGrads`."""
+    return tuple(_layer_backward(BackwardInputs(*_args(locals(), BackwardInputs))))
 
 
 @lstm_layer_bwd.register_fake
-def _(d_hs, d_out_packed, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, batch_sizes, backend, needs):
-    needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = needs
-    G, B = gates.shape[2], gates.shape[1]
-    gx_mode = w_ih is None
-    return (
-        x.new_empty(x.shape) if gx_mode or needs_x else hs.new_empty(0),
-        w_ih.new_empty(w_ih.shape) if not gx_mode and needs_w_ih else hs.new_empty(0),
-        hs.new_empty(G) if not gx_mode and needs_bias else hs.new_empty(0),
-        hs.new_empty(B, hs.shape[2]),
-        cs.new_empty(B, cs.shape[2]),
-        w_hh.new_empty(w_hh.shape) if needs_w_hh else hs.new_empty(0),
-        w_hr.new_empty(w_hr.shape) if w_hr is not None and needs_w_hr else hs.new_empty(0),
-    )
+def _(*args):
+    return tuple(_fake_backward(BackwardInputs(*args)))
+
+
+def _args(scope: dict, record: type[NamedTuple]) -> list:
+    return [scope[name] for name in record._fields]
+
+
+# the differentiable inputs of the forward op, by position, and their names in BackwardInputs.needs
+_GRAD_INPUTS = ("x", "w_ih", "bias", "w_hh", "w_hr", "peephole", "ln_hh", "ln_c")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend = inputs
-    hs, _, _, cs, gates, h_raw = output
-    ctx.mark_non_differentiable(cs, gates, h_raw)
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, gates, h_raw)
-    ctx.backend = backend
-    ctx.has_bias = bias is not None
-    ctx.state_dtypes = (h0.dtype, c0.dtype)
+    a, out = LayerInputs(*inputs), LayerOutputs(*output)
+    ctx.mark_non_differentiable(out.cs, out.gates, out.h_raw, out.c_new, out.ln_saved)
+    ctx.save_for_backward(*out[:1], *out[3:], a.x, a.w_ih, a.bias, a.h0, a.c0, a.w_hh, a.w_hr,
+                          a.batch_sizes, a.peephole, a.ln_hh, a.ln_c, a.zoneout, a.dropout)  # fmt: skip
+    ctx.backend, ctx.flags = a.backend, a.flags
+    ctx.state_dtypes = (a.h0.dtype, a.c0.dtype)
 
 
-def _backward(ctx, d_hs, d_out_packed, d_cn, _d_cs, _d_gates, _d_h_raw):
-    x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, gates, h_raw = ctx.saved_tensors
-    needs_x, needs_w_ih, needs_bias, _, _, needs_w_hh, needs_w_hr = ctx.needs_input_grad[:7]
-    needs = [needs_x, needs_w_ih, needs_bias and ctx.has_bias, needs_w_hh, needs_w_hr]
-    grads = torch.ops.lstmlab.lstm_layer_bwd(
-        d_hs, d_out_packed, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, batch_sizes, ctx.backend, needs
-    )
-    d_x, d_w_ih, d_bias, d_h0, d_c0, d_w_hh, d_w_hr = grads  # empty where not needed
-    returned = (needs_x or w_ih is None, needs_w_ih, needs[2], needs_w_hh, needs_w_hr)
-    d_x, d_w_ih, d_bias, d_w_hh, d_w_hr = (
-        g if want else None for g, want in zip((d_x, d_w_ih, d_bias, d_w_hh, d_w_hr), returned, strict=True)
-    )
+def _backward(ctx, d_hs, d_out_packed, d_cn, *_saved_grads):
+    (hs, cs, gates, h_raw, c_new, ln_saved, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes,
+     peephole, ln_hh, ln_c, zoneout, dropout) = ctx.saved_tensors  # fmt: skip
+    a = LayerInputs(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, ctx.backend, ctx.flags,
+                    peephole, ln_hh, ln_c, zoneout, dropout)  # fmt: skip
+    wanted = dict(zip(LayerInputs._fields, ctx.needs_input_grad, strict=True))
+    wanted = {name: wanted[name] and getattr(a, name) is not None for name in _GRAD_INPUTS}
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the gradient itself must be differentiable (a gradient penalty), which
+        # the fused backward is not. Recompute the layer in differentiable ops and differentiate that.
+        from .transforms import layer_backward_differentiable
+
+        d_inputs = layer_backward_differentiable(a, ctx.needs_input_grad, (d_hs, d_out_packed, d_cn))
+        return tuple(d_inputs)
+    gx_mode = w_ih is None
+    needs = [wanted[name] for name in _GRAD_INPUTS]
+    g = LayerGrads(
+        *torch.ops.lstmlab.lstm_layer_bwd(
+            d_hs, d_out_packed, d_cn, hs, cs, gates, h_raw, c_new, ln_saved, x, w_ih, w_hh, w_hr,
+            batch_sizes, ctx.backend, ctx.flags, peephole, ln_hh, ln_c, zoneout, dropout, needs,
+        )
+    )  # fmt: skip
     h_dtype, c_dtype = ctx.state_dtypes
-    return d_x, d_w_ih, d_bias, d_h0.to(h_dtype), d_c0.to(c_dtype), d_w_hh, d_w_hr, None, None
+
+    def grad(name: str, value: Tensor, like: Tensor | None) -> Tensor | None:
+        return value.to(like.dtype) if wanted[name] else None
+
+    return (
+        g.d_x if gx_mode or wanted["x"] else None,
+        grad("w_ih", g.d_w_ih, w_ih),
+        grad("bias", g.d_bias, bias),
+        g.d_h0.to(h_dtype),
+        g.d_c0.to(c_dtype),
+        grad("w_hh", g.d_w_hh, w_hh),
+        grad("w_hr", g.d_w_hr, w_hr),
+        None,
+        None,
+        None,
+        grad("peephole", g.d_peephole, peephole),
+        grad("ln_hh", g.d_ln_hh, ln_hh),
+        grad("ln_c", g.d_ln_c, ln_c),
+        None,
+        None,
+    )
 
 
 lstm_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run_layer(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend) -> tuple[Tensor, Tensor, Tensor]:
-    hs, out_packed, c_n, *_ = torch.ops.lstmlab.lstm_layer_fwd(
-        x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend
-    )
-    out = hs[1:] if batch_sizes is None else out_packed  # [T, B, P]
-    return out, hs[-1], c_n
+# ---- the public functions: checked arguments in, (out, h_n, c_n) back ----
 
 
-def _check_layer_args(
-    T: int,
-    B: int,
-    G: int,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    batch_sizes: Sequence[int] | Tensor | None,
-    backend: str,
-) -> Tensor | None:
-    """Checks every shape before any work; returns ``batch_sizes`` as an int64 CPU tensor (or None),
-    the form the op takes: its values are read only by the op itself, so tracing never reads data."""
-    H = G // 4
-    P = H if w_hr is None else w_hr.shape[0]
-    expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P)}
-    if w_hr is not None:
-        expected["w_hr"] = (P, H)
-    got = {"h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr}
-    for name, shape in expected.items():
-        if tuple(got[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
-    _check_backend(backend)
-    if backend == "triton_persistent" and w_hr is not None:
-        raise ValueError("backend 'triton_persistent' has no projection (w_hr); use 'triton_step'")
-    return _batch_sizes_arg(batch_sizes, T, B)
-
-
-def _batch_sizes_arg(batch_sizes: Sequence[int] | Tensor | None, T: int, B: int) -> Tensor | None:
-    """``batch_sizes`` checked and as an int64 CPU tensor (or None), the form the ops take."""
+def batch_sizes_arg(batch_sizes: Sequence[int] | Tensor | None, T: int, B: int) -> Tensor | None:
+    """``batch_sizes`` checked and as an int64 CPU tensor (or None), the form the op takes: its
+    values are read only by the op itself, so tracing never reads data."""
     if batch_sizes is None:
         return None
     if isinstance(batch_sizes, Tensor):
@@ -578,6 +421,35 @@ def _batch_sizes_arg(batch_sizes: Sequence[int] | Tensor | None, T: int, B: int)
     return torch.tensor(sizes, dtype=torch.int64)
 
 
+def _check_cell_args(flags: int, T: int, B: int, H: int, P: int, cell: dict[str, Tensor | None]) -> None:
+    """Every tensor a flag needs is there with its shape, and none is given that no flag asks for."""
+    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0 or flags & ~variants.ALL_BITS:
+        raise ValueError(f"flags must be a combination of the bits in variants.py, got {flags!r}")
+    expected = {
+        "peephole": (variants.PEEPHOLES, (3, H)),
+        "ln_hh": (variants.LAYER_NORM, (4 * H,)),
+        "ln_c": (variants.LAYER_NORM, (2, H)),
+        "zoneout": (variants.ZONEOUT_C | variants.ZONEOUT_H, (T, B, 2, H)),
+        "dropout": (variants.RECURRENT_DROPOUT, (B, P)),
+    }
+    for name, (bits, shape) in expected.items():
+        tensor, wanted = cell[name], bool(flags & bits)
+        what = " or ".join(variants.flag_names(bits))
+        if wanted and tensor is None:
+            raise ValueError(f"flags ask for {what}, which needs {name} {shape}; got None")
+        if not wanted and tensor is not None:
+            raise ValueError(f"{name} was given but flags ({flags}) do not ask for {what}")
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if cell["zoneout"] is not None and cell["zoneout"].dtype != torch.uint8:
+        raise ValueError(f"zoneout masks must be uint8 (0 or 1), got {cell['zoneout'].dtype}")
+    if P != H and flags & variants.ZONEOUT_H:
+        raise ValueError(
+            f"zoneout on h mixes h_(t-1) [B, {P}] with the new h before its projection [B, {H}]; "
+            "it cannot be combined with proj_size"
+        )
+
+
 def lstm_layer(
     gx: Tensor,
     h0: Tensor,
@@ -586,21 +458,38 @@ def lstm_layer(
     w_hr: Tensor | None = None,
     batch_sizes: Sequence[int] | Tensor | None = None,
     backend: str = "reference",
+    *,
+    w_ih: Tensor | None = None,
+    bias: Tensor | None = None,
+    flags: int = 0,
+    peephole: Tensor | None = None,
+    ln_hh: Tensor | None = None,
+    ln_c: Tensor | None = None,
+    zoneout: Tensor | None = None,
+    dropout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Runs one LSTM layer in one direction over a sequence whose input projection is done.
+    r"""Runs one LSTM layer in one direction over a sequence, any cell variant.
 
     Args:
-        gx: [T, B, 4H] input projection x_t·W_ihᵀ + b_ih + b_hh for every step, gates i, f, g, o.
+        gx: [T, B, 4H] input projection x_t·W_ihᵀ + b_ih + b_hh for every step, gates i, f, g, o
+            (with layer norm: γ_ih ⊙ LN(x·W_ihᵀ) + b). With ``w_ih`` given, gx is the input x
+            [T, B, I] and the layer projects it itself (one GEMM; its backward then computes
+            ∂W_ih and ∂W_hh in one product, reading ∂L/∂gates once).
         h0: [B, P] initial hidden state (P = proj_size, or H without projection).
         c0: [B, H] initial cell state.
         w_hh: [4H, P] recurrent weights.
         w_hr: [P, H] projection weights, or None.
         batch_sizes: rows that advance at each step (packed sequences): a list of T ints or an
             integer tensor [T] (as ``PackedSequence.batch_sizes``), or None for all B.
-        backend: the implementation, one of ``KERNEL_BACKENDS``: ``"reference"`` (PyTorch),
-            ``"triton_step"`` (a fused Triton gate kernel per step) or ``"triton_persistent"`` (one
-            Triton kernel for all steps; no ``w_hr``). :func:`lstmlab.resolve_backend` picks one
-            for ``"auto"``/``"triton"`` as the modules do.
+        backend: the implementation, one of ``KERNEL_BACKENDS`` (`backends.py`);
+            :func:`lstmlab.resolve_backend` picks one for ``"auto"``/``"triton"`` as the modules
+            do. One that cannot run this layer raises, saying why.
+        w_ih: [4H, I] input weights, with ``bias`` [4H] (b_ih + b_hh) or None: see ``gx``.
+        flags: the cell variant's bits, ``CellVariant.flags`` plus ``variants.ZONEOUT_C`` /
+            ``ZONEOUT_H`` / ``RECURRENT_DROPOUT`` when their masks are given (training).
+        peephole: [3, H] (p_i, p_f, p_o). ln_hh: [4H] γ_hh. ln_c: [2, H] (γ_c, β_c).
+        zoneout: [T, B, 2, H] uint8 masks (z^c, z^h), 1 = keep the previous value.
+        dropout: [B, P] recurrent dropout mask, 0 or 1/(1 − p), dtype of gx.
 
     Returns:
         out [T, B, P] (h after every step; zero in rows that did not advance at that step),
@@ -613,11 +502,51 @@ def lstm_layer(
         >>> out.shape
         torch.Size([5, 3, 8])
     """
-    if gx.dim() != 3 or gx.shape[-1] % 4:
-        raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
-    T, B, G = gx.shape
-    batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, w_hr, batch_sizes, backend)
-    return _run_layer(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    x = gx
+    if x.dim() != 3:
+        expected = "x must be [T, B, I]" if w_ih is not None else "gx must be [T, B, 4H]"
+        raise ValueError(f"{expected}, got shape {tuple(x.shape)}")
+    T, B, I = x.shape
+    if w_ih is None:
+        if I % 4:
+            raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(x.shape)}")
+        G = I
+        if bias is not None:
+            raise ValueError("bias is added by the input projection: pass it with w_ih, or fold it into gx")
+    else:
+        if w_ih.dim() != 2 or w_ih.shape[0] % 4 or w_ih.shape[1] != I:
+            raise ValueError(f"w_ih must be [4H, {I}], got shape {tuple(w_ih.shape)}")
+        G = w_ih.shape[0]
+        if bias is not None and tuple(bias.shape) != (G,):
+            raise ValueError(f"bias must have shape ({G},), got {tuple(bias.shape)}")
+    H = G // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P)}
+    if w_hr is not None:
+        expected["w_hr"] = (P, H)
+    got = {"h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr}
+    for name, shape in expected.items():
+        if tuple(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(got[name].shape)}")
+    cell = {"peephole": peephole, "ln_hh": ln_hh, "ln_c": ln_c, "zoneout": zoneout, "dropout": dropout}
+    _check_cell_args(flags, T, B, H, P, cell)
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    backends.check_available(backend, x.device, B, H, P if w_hr is not None else 0, x.dtype, flags)
+    sizes = batch_sizes_arg(batch_sizes, T, B)
+    return run_layer(x, w_ih, bias, h0, c0, w_hh, w_hr, sizes, backend, flags, *cell.values())
+
+
+def run_layer(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """The op on checked arguments (:class:`LayerInputs`' order) -> out, h_n, c_n. Under a
+    torch.func transform or forward-mode AD the same function runs in differentiable ops."""
+    a = LayerInputs(*args)
+    from .transforms import layer_forward_differentiable, transform_active
+
+    if transform_active(a):
+        return layer_forward_differentiable(a)
+    out = LayerOutputs(*torch.ops.lstmlab.lstm_layer_fwd(*a))
+    return (out.hs[1:] if a.batch_sizes is None else out.out_packed), out.hs[-1], out.c_n
 
 
 def lstm_layer_from_input(
@@ -630,20 +559,10 @@ def lstm_layer_from_input(
     w_hr: Tensor | None = None,
     batch_sizes: Sequence[int] | Tensor | None = None,
     backend: str = "reference",
+    **cell,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Runs one LSTM layer in one direction over the inputs x, input projection included.
-
-    The same function as ``lstm_layer(F.linear(x, w_ih, bias), ...)``; doing the projection inside
-    the layer lets its backward compute ∂L/∂W_ih and ∂L/∂W_hh in one product, reading ∂L/∂gates once.
-
-    Args:
-        x: [T, B, I] inputs.
-        w_ih: [4H, I] input weights.
-        bias: [4H] (b_ih + b_hh), or None.
-        h0, c0, w_hh, w_hr, batch_sizes, backend: as in :func:`lstm_layer`.
-
-    Returns:
-        out [T, B, P], h_n [B, P], c_n [B, H], as :func:`lstm_layer`.
+    r"""One LSTM layer over the inputs x [T, B, I], input projection included:
+    ``lstm_layer(x, h0, c0, w_hh, w_hr, batch_sizes, backend, w_ih=w_ih, bias=bias, **cell)``.
 
     Example:
         >>> T, B, I, H = 5, 3, 4, 8
@@ -653,30 +572,21 @@ def lstm_layer_from_input(
         >>> out.shape
         torch.Size([5, 3, 8])
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
-    T, B, I = x.shape
-    if w_ih.dim() != 2 or w_ih.shape[0] % 4 or w_ih.shape[1] != I:
-        raise ValueError(f"w_ih must be [4H, {I}], got shape {tuple(w_ih.shape)}")
-    G = w_ih.shape[0]
-    if bias is not None and tuple(bias.shape) != (G,):
-        raise ValueError(f"bias must have shape ({G},), got {tuple(bias.shape)}")
-    batch_sizes = _check_layer_args(T, B, G, h0, c0, w_hh, w_hr, batch_sizes, backend)
-    return _run_layer(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, backend)
+    return lstm_layer(x, h0, c0, w_hh, w_hr, batch_sizes, backend, w_ih=w_ih, bias=bias, **cell)
 
 
 def gates_forward(pre: Tensor, c_prev: Tensor, backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
-    """The fused step alone: pre [B, 4H], c_prev [B, H] -> gates [B, 4H], c [B, H], h [B, H].
+    """The fused vanilla step alone: pre [B, 4H], c_prev [B, H] -> gates [B, 4H], c [B, H], h [B, H].
 
     gates and c come back in fp32 (fp64 for fp64 inputs), h in the dtype of ``pre``.
     """
-    forward_into = _steps(backend).forward_into
+    gate_math = backends.per_step(backend).gate_math
     B, G = pre.shape
     acc = accumulation_dtype(pre.dtype)
-    gates = empty(B, G, dtype=acc, device=pre.device)
-    c = empty(B, G // 4, dtype=acc, device=pre.device)
-    h = empty(B, G // 4, dtype=pre.dtype, device=pre.device)
-    forward_into(pre.contiguous(), c_prev.contiguous(), gates, c, h)
+    gates = loop.empty(B, G, dtype=acc, device=pre.device)
+    c = loop.empty(B, G // 4, dtype=acc, device=pre.device)
+    h = loop.empty(B, G // 4, dtype=pre.dtype, device=pre.device)
+    gate_math.gates_forward_into(pre.contiguous(), c_prev.contiguous(), gates, c, h)
     return gates, c, h
 
 
@@ -684,9 +594,14 @@ def gates_backward(
     dh: Tensor, dc: Tensor, gates: Tensor, c: Tensor, c_prev: Tensor, backend: str = "reference"
 ) -> tuple[Tensor, Tensor]:
     """Backward of :func:`gates_forward`: -> dpre [B, 4H] (dtype of ``dh``), dc_prev [B, H]."""
+    impl = backends.per_step(backend)
     B, G = gates.shape
-    d_pre = empty(B, G, dtype=dh.dtype, device=dh.device)
-    steps = _steps(backend)(gates.contiguous()[None], torch.stack([c_prev, c]), d_pre[None])
+    d_pre = loop.empty(B, G, dtype=dh.dtype, device=dh.device)
+    cs = torch.stack([c_prev, c])
+    step = loop._BackwardSteps(
+        impl.gate_math, impl.coefficients, Cell(), gates.contiguous()[None], cs, cs[1:],
+        None, d_pre[None], d_pre[None], None,
+    )  # fmt: skip
     d_c = dc.to(c.dtype, copy=True)  # the step writes dc_prev over it
-    steps.backward_step(0, B, dh.to(c.dtype), d_c)
+    step(0, B, dh.to(c.dtype), d_c)
     return d_pre, d_c

@@ -48,8 +48,8 @@ def lstm_cell_naive(
 
     A variant changes these as `variants.py` writes out. Its tensors: ``peephole`` [3, H]
     (p_i, p_f, p_o), ``ln_hh`` [4H] (γ_hh), ``ln_c`` (γ_c [H], β_c [H]), ``zoneout`` [B, 2, H] this
-    step's masks for c and h (1: keep the previous value), ``dropout`` [B, H] the recurrent dropout
-    mask (0 or 1/(1 − p)). A mask left out is not applied.
+    step's masks for c and h (1: keep the previous value; with ``w_hr`` only c's), ``dropout`` [B, P]
+    the recurrent dropout mask (0 or 1/(1 − p)). A mask left out is not applied.
     """
     d = h if dropout is None else h * dropout
     r = d @ w_hh.T  # [B, 4H]
@@ -74,7 +74,8 @@ def lstm_cell_naive(
     if zoneout is not None:
         z_c, z_h = zoneout.to(c.dtype).unbind(1)
         c_new = z_c * c + (1 - z_c) * c_new
-        h_new = z_h * h + (1 - z_h) * h_new
+        if w_hr is None:  # with a projection h_{t−1} [B, P] and h̃ [B, H] differ: only z^c applies
+            h_new = z_h * h + (1 - z_h) * h_new
     if w_hr is not None:
         h_new = h_new @ w_hr.T  # [B, P]
     return h_new, c_new

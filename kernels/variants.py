@@ -53,6 +53,7 @@ ZONEOUT_H = 1 << 9
 RECURRENT_DROPOUT = 1 << 10  # likewise, when a dropout mask is passed
 # the bits that describe the cell itself; the last three depend on the mode (train or eval)
 STRUCTURE_BITS = (1 << 8) - 1
+ALL_BITS = (1 << 11) - 1
 LN_EPS = 1e-5
 
 # "LSTM: A Search Space Odyssey" (Greff et al. 2017): their vanilla cell (V) has peepholes; every
@@ -117,6 +118,20 @@ class CellVariant:
         if name not in GREFF_VARIANTS:
             raise ValueError(f"Greff variant must be one of {sorted(GREFF_VARIANTS)}, got {name!r}")
         return cls(**GREFF_VARIANTS[name])
+
+    @classmethod
+    def from_flags(cls, flags: int) -> CellVariant:
+        """The structure a kernel flag word describes (its mask bits describe a mode, not the cell)."""
+        return cls(
+            peepholes=bool(flags & PEEPHOLES),
+            cifg=bool(flags & CIFG),
+            input_gate=not flags & NO_INPUT_GATE,
+            forget_gate=not flags & NO_FORGET_GATE,
+            output_gate=not flags & NO_OUTPUT_GATE,
+            input_activation=not flags & NO_INPUT_ACTIVATION,
+            output_activation=not flags & NO_OUTPUT_ACTIVATION,
+            layer_norm=bool(flags & LAYER_NORM),
+        )
 
     @property
     def is_vanilla(self) -> bool:

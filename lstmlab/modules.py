@@ -15,6 +15,7 @@ B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  D: directio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -26,10 +27,24 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmlab.backends import check_backend_name, resolve_backend
-from lstmlab.kernels import lstm_layer_from_input, variants
+from lstmlab.kernels import lstm_layer, variants
 from lstmlab.kernels.packed import pack_padded, pad_packed
-from lstmlab.kernels.variant_layer import lstm_variant_layer
+from lstmlab.kernels.transforms import COMPOSITE, transform_active
 from lstmlab.kernels.variants import CellVariant
+
+CELL_OPTIONS = tuple(f.name for f in dataclasses.fields(CellVariant))  # the variant's module keywords
+
+
+def _cell_variant(owner: str, options: dict[str, object], excluded: tuple[str, ...] = ()) -> CellVariant:
+    """The CellVariant of a module's keyword options: its fields are the keywords (one spec)."""
+    valid = [name for name in CELL_OPTIONS if name not in excluded]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"{owner}.__init__() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"the cell-variant options are {', '.join(valid)}"
+        )
+    return CellVariant(**options)
 
 
 def _check_size(name: str, value: object) -> None:
@@ -192,12 +207,12 @@ class _LSTMBase(nn.Module):
         """The cell variant's kernel bits (`kernels/variants.py`) the next forward uses: the
         variant's structure, plus the masks' in training mode. 0 for the vanilla cell."""
         v, flags = self.variant, self.variant.flags
-        if self.training:
+        if (v.zoneout_c or v.zoneout_h or v.recurrent_dropout) and self.training:
             flags |= variants.ZONEOUT_C * (v.zoneout_c > 0) | variants.ZONEOUT_H * (v.zoneout_h > 0)
             flags |= variants.RECURRENT_DROPOUT * (v.recurrent_dropout > 0)
         return flags
 
-    def _variant_layer(
+    def _layer(
         self,
         x: Tensor,
         suffix: str,
@@ -206,10 +221,10 @@ class _LSTMBase(nn.Module):
         batch_sizes: Tensor | None,
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One layer and direction of a cell variant: x [T, B, I] in the compute dtype ->
-        out [T, B, H], h_n [B, H], c_n [B, H]. Masks are drawn here, from torch's generator of the
-        device, in training only: zoneout per element and step, recurrent dropout once per sequence."""
-        dtype, (T, B), H = x.dtype, x.shape[:2], self.hidden_size
+        """One layer and direction, any cell: x [T, B, I] in the compute dtype -> out [T, B, P],
+        h_n [B, P], c_n [B, H]. Masks are drawn here, from torch's generator of the device, in
+        training only: zoneout per element and step, recurrent dropout once per sequence."""
+        dtype, (T, B), H, P = x.dtype, x.shape[:2], self.hidden_size, h0.shape[-1]
         v = self.variant
 
         def param(name: str) -> Tensor | None:
@@ -218,25 +233,23 @@ class _LSTMBase(nn.Module):
 
         b_ih, b_hh = param("bias_ih"), param("bias_hh")
         bias = None if b_ih is None else b_ih + b_hh
-        if v.layer_norm:  # γ_ih ⊙ LN(x·W_ihᵀ) + b, differentiated by autograd
-            gx = F.layer_norm(
-                F.linear(x, param("weight_ih")), (4 * H,), param("weight_ln_ih"), bias, variants.LN_EPS
-            )
-        else:
-            gx = F.linear(x, param("weight_ih"), bias)  # [T, B, 4H]
+        w_ih = param("weight_ih")
+        if v.layer_norm:  # γ_ih ⊙ LN(x·W_ihᵀ) + b, differentiated by autograd; the op takes gx
+            x = F.layer_norm(F.linear(x, w_ih), (4 * H,), param("weight_ln_ih"), bias, variants.LN_EPS)
+            w_ih = bias = None
         flags = self.kernel_flags()
         zoneout = dropout = None
         if flags & (variants.ZONEOUT_C | variants.ZONEOUT_H):  # [T, B, 2, H]: (z^c, z^h), 1 = keep
             p_keep = torch.tensor([v.zoneout_c, v.zoneout_h], device=x.device).view(2, 1)
             zoneout = (torch.rand(T, B, 2, H, device=x.device) < p_keep).to(torch.uint8)
-        if flags & variants.RECURRENT_DROPOUT:  # [B, H], 0 or 1/(1 − p): one mask per sequence
+        if flags & variants.RECURRENT_DROPOUT:  # [B, P], 0 or 1/(1 − p): one mask per sequence
             keep = 1.0 - v.recurrent_dropout  # drawn in fp32 whatever the dtype: a seed gives one mask
-            dropout = (torch.rand(B, H, device=x.device) < keep).to(dtype).div_(keep)
+            dropout = (torch.rand(B, P, device=x.device) < keep).to(dtype).div_(keep)
         ln_c = None if not v.layer_norm else torch.stack([param("weight_ln_c"), param("bias_ln_c")])
-        return lstm_variant_layer(
-            gx, h0, c0, param("weight_hh"), flags,
-            peephole=param("weight_peephole"), ln_hh=param("weight_ln_hh"), ln_c=ln_c,
-            zoneout=zoneout, dropout=dropout, batch_sizes=batch_sizes, backend=backend,
+        return lstm_layer(
+            x, h0, c0, param("weight_hh"), param("weight_hr"), batch_sizes, backend,
+            w_ih=w_ih, bias=bias, flags=flags, peephole=param("weight_peephole"),
+            ln_hh=param("weight_ln_hh"), ln_c=ln_c, zoneout=zoneout, dropout=dropout,
         )  # fmt: skip
 
     def _bias_pairs(self) -> list[tuple[Tensor, Tensor]]:
@@ -288,6 +301,7 @@ class _LSTMBase(nn.Module):
 
     def _pick_backend(
         self,
+        x: Tensor,
         device: torch.device,
         batch: int,
         dtype: torch.dtype,
@@ -298,7 +312,9 @@ class _LSTMBase(nn.Module):
         backend = resolve_backend(
             self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step, self.kernel_flags()
         )
-        self.last_backend = backend
+        # under a torch.func transform or forward-mode AD the layer runs in differentiable ops
+        # (lstmlab.kernels.transforms), whatever the backend: say so
+        self.last_backend = COMPOSITE if transform_active((x, *self.parameters())) else backend
         return backend
 
 
@@ -330,11 +346,11 @@ class LSTM(_LSTMBase):
             many steps: b_f ~ log U[1, T_max − 1], b_i = −b_f (on ``bias_ih``; ``bias_hh`` zeroed
             there). Default None: torch's init.
         peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
-        output_activation, layer_norm, zoneout_c, zoneout_h, recurrent_dropout: the cell variant
-            (:class:`lstmlab.kernels.variants.CellVariant`; equations in `kernels/variants.py` and
-            the README). All off by default: then the module is torch.nn.LSTM exactly. Zoneout and
-            recurrent dropout draw their masks from torch's generator in training only (identity
-            in eval mode). Not with ``proj_size``.
+        output_activation, layer_norm, zoneout_c, zoneout_h, recurrent_dropout: the cell variant,
+            keyword-only: the fields of :class:`lstmlab.kernels.variants.CellVariant` (equations in
+            `kernels/variants.py`). All off by default: then the module is torch.nn.LSTM exactly.
+            Zoneout and recurrent dropout draw their masks from torch's generator in training only
+            (identity in eval mode). ``zoneout_h`` does not combine with ``proj_size``.
 
     Inputs: input, (h_0, c_0)
         input [T, B, I], [B, T, I] with ``batch_first``, [T, I] unbatched, or a PackedSequence.
@@ -367,28 +383,16 @@ class LSTM(_LSTMBase):
         backend: str = "auto",
         forget_bias: float = 0.0,
         chrono_t_max: float | None = None,
-        peepholes: bool = False,
-        cifg: bool = False,
-        input_gate: bool = True,
-        forget_gate: bool = True,
-        output_gate: bool = True,
-        input_activation: bool = True,
-        output_activation: bool = True,
-        layer_norm: bool = False,
-        zoneout_c: float = 0.0,
-        zoneout_h: float = 0.0,
-        recurrent_dropout: float = 0.0,
+        **cell_options: bool | float,
     ) -> None:
-        variant = CellVariant(
-            peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
-            output_activation, layer_norm, zoneout_c, zoneout_h, recurrent_dropout,
-        )  # fmt: skip
+        variant = _cell_variant("LSTM", cell_options)
         super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max, variant)
         _check_lstm_args(num_layers, batch_first, dropout, bidirectional, proj_size, hidden_size)
-        if proj_size > 0 and not variant.is_vanilla:
+        if proj_size > 0 and variant.zoneout_h > 0:
             raise ValueError(
-                f"proj_size is not implemented for cell variants, got proj_size={proj_size} with "
-                f"{variant.changed()}; use proj_size=0, or the vanilla cell"
+                f"zoneout_h mixes h_(t-1) [B, proj_size] with the new h before its projection "
+                f"[B, hidden_size], so it cannot be combined with proj_size; got proj_size={proj_size} "
+                f"and zoneout_h={variant.zoneout_h}. Use zoneout_c, or proj_size=0"
             )
         self.num_layers = num_layers
         self.batch_first = batch_first
@@ -496,29 +500,18 @@ class LSTM(_LSTMBase):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, B, I] in the compute dtype -> output [T, B, D·P], h_n [D·L, B, P], c_n [D·L, B, H]:
         one layer op per layer and direction, the reverse direction over the time-flipped input."""
-        D, dtype = 2 if self.bidirectional else 1, x.dtype
+        D = 2 if self.bidirectional else 1
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction, suffix in enumerate(self._direction_suffixes(layer)):
-                w_ih, w_hh, b_ih, b_hh, w_hr = (
-                    getattr(self, f"{name}_{suffix}", None)
-                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-                )
-                bias = None if b_ih is None else (b_ih + b_hh).to(dtype)
-                w_hr = None if w_hr is None else w_hr.to(dtype)
                 x_dir, steps = layer_input, batch_sizes
                 if direction == 1:  # reverse: run forwards over the time-flipped sequence
                     x_dir = layer_input.flip(0)
                     steps = None if batch_sizes is None else batch_sizes.flip(0)
                 idx = layer * D + direction
-                if self.variant.is_vanilla:
-                    out, h, c = lstm_layer_from_input(
-                        x_dir, w_ih.to(dtype), bias, h0[idx], c0[idx], w_hh.to(dtype), w_hr, steps, backend
-                    )
-                else:
-                    out, h, c = self._variant_layer(x_dir, f"_{suffix}", h0[idx], c0[idx], steps, backend)
+                out, h, c = self._layer(x_dir, f"_{suffix}", h0[idx], c0[idx], steps, backend)
                 outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
                 h_n.append(h)
                 c_n.append(c)
@@ -555,11 +548,11 @@ class LSTM(_LSTMBase):
             )
 
         h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
-        backend = self._pick_backend(x.device, x.shape[1], compute_dtype, self.proj_size)
+        backend = self._pick_backend(x, x.device, x.shape[1], compute_dtype, self.proj_size)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
-        if torch.onnx.is_in_onnx_export():  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
-            from lstmlab import onnx_export
+        from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
+        if onnx_export.is_exporting():
             output, h_n, c_n = onnx_export.lstm_layers(self, x, h0, c0, batch_sizes)
         else:
             output, h_n, c_n = self._run_layers(x, h0, c0, batch_sizes, backend)
@@ -611,21 +604,10 @@ class LSTMCell(_LSTMBase):
         backend: str = "auto",
         forget_bias: float = 0.0,
         chrono_t_max: float | None = None,
-        peepholes: bool = False,
-        cifg: bool = False,
-        input_gate: bool = True,
-        forget_gate: bool = True,
-        output_gate: bool = True,
-        input_activation: bool = True,
-        output_activation: bool = True,
-        layer_norm: bool = False,
-        zoneout_c: float = 0.0,
-        zoneout_h: float = 0.0,
+        **cell_options: bool | float,
     ) -> None:
-        variant = CellVariant(
-            peepholes, cifg, input_gate, forget_gate, output_gate, input_activation,
-            output_activation, layer_norm, zoneout_c, zoneout_h,
-        )  # fmt: skip
+        # recurrent dropout keeps one mask per sequence, which a single step cannot
+        variant = _cell_variant("LSTMCell", cell_options, excluded=("recurrent_dropout",))
         super().__init__(input_size, hidden_size, bias, backend, forget_bias, chrono_t_max, variant)
         factory = {"device": device, "dtype": dtype}
         G = 4 * hidden_size
@@ -644,28 +626,31 @@ class LSTMCell(_LSTMBase):
         return [(self.bias_ih, self.bias_hh)]
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        # torch.nn.LSTMCell's checks, in its order, types and words: dimensions, then sizes, then dtypes
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)  # [B, I]
-        B, H = x.shape[0], self.hidden_size
-        dtype = self._compute_dtype(x, self.weight_ih, RuntimeError)
-        if x.shape[1] != self.input_size:
-            raise RuntimeError(
-                f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}"
-            )
-        if hx is None:
-            h0 = c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
-        else:
+        if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise RuntimeError(
                     f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
                 )
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead"
+                    )
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)  # [B, I]
+        B, H = x.shape[0], self.hidden_size
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}"
+            )
+        if hx is not None:
             h0, c0 = hx
-            want = 2 if is_batched else 1
-            if h0.dim() != want or c0.dim() != want:
+            if h0.dim() != input.dim() or c0.dim() != input.dim():
                 raise RuntimeError(
-                    f"LSTMCell: for {input.dim()}-D input, h_0 and c_0 should be {want}-D but got "
+                    f"LSTMCell: for {input.dim()}-D input, h_0 and c_0 should be {input.dim()}-D but got "
                     f"({h0.dim()}-D, {c0.dim()}-D) tensors"
                 )
             if not is_batched:
@@ -679,25 +664,21 @@ class LSTMCell(_LSTMBase):
                     raise RuntimeError(
                         f"hidden{i} has inconsistent hidden_size: got {state.shape[1]}, expected {H}"
                     )
+        dtype = self._compute_dtype(x, self.weight_ih, RuntimeError)
+        if hx is None:
+            h0 = c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+        else:
             self._check_state_dtypes(x, h0, c0)
         _check_same_device(x, self.weight_ih, (h0, c0))
 
-        backend = self._pick_backend(x.device, B, dtype, single_step=True)
-        if not self.variant.is_vanilla:
-            _, h1, c1 = self._variant_layer(
-                x.to(dtype).unsqueeze(0), "", h0.to(dtype), c0.to(dtype), None, backend
-            )
-            return (h1, c1) if is_batched else (h1.squeeze(0), c1.squeeze(0))
-        bias = None if self.bias_ih is None else (self.bias_ih + self.bias_hh).to(dtype)
-        w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
-        x = x.to(dtype).unsqueeze(0)  # [1, B, I]: one step of the layer
-        h0, c0 = h0.to(dtype), c0.to(dtype)
-        if torch.onnx.is_in_onnx_export():  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
-            from lstmlab import onnx_export
+        backend = self._pick_backend(x, x.device, B, dtype, single_step=True)
+        x, h0, c0 = x.to(dtype).unsqueeze(0), h0.to(dtype), c0.to(dtype)  # [1, B, I]: one step of the layer
+        from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
+        if onnx_export.is_exporting():
             _, h1, c1 = onnx_export.lstm_cell(self, x, h0, c0)
         else:
-            _, h1, c1 = lstm_layer_from_input(x, w_ih, bias, h0, c0, w_hh, None, None, backend)
+            _, h1, c1 = self._layer(x, "", h0, c0, None, backend)
         if not is_batched:
             h1, c1 = h1.squeeze(0), c1.squeeze(0)
         return h1, c1

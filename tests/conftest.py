@@ -30,3 +30,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the layer allocates starts as NaN, scratch buffers too (the reference backend
+    reuses them between calls): an element left unwritten shows up."""
+    from lstmlab.kernels import HAS_TRITON, loop
+
+    def nan_empty(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    def nan_scratch(name, *shape, dtype, device):  # fresh, so a stale value cannot hide a gap
+        return nan_empty(*shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(loop, "empty", nan_empty)
+    monkeypatch.setattr(loop, "scratch", nan_scratch)
+    if HAS_TRITON:
+        from lstmlab.kernels import triton_persistent
+
+        monkeypatch.setattr(triton_persistent, "empty", nan_empty)

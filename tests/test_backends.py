@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 import torch
+from lstmlab.kernels import backends
 
 import lstmlab
-from lstmlab import backends
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

