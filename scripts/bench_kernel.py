@@ -38,6 +38,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the input dtype on store, gates and c stay fp32.
 TOLERANCE = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 3e-2}
 PASSES = ("fwd", "bwd")
+OUT_FILES = ("results_kernel.csv", "results_kernel.md")  # what an earlier run left in its folder
 IMPLS = ("eager", "triton", "torch.compile")  # eager first: the ratio baseline
 
 MATRIX = {
@@ -218,9 +219,11 @@ def copy_bandwidth(device: torch.device, mib: int, args: argparse.Namespace) -> 
 # Driver
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     p = benchlib.common_parser(__doc__, dtypes=DTYPES, passes=PASSES, impls=IMPLS, min_run_time=0.5)
-    p.add_argument("--copy-mib", type=int, help="size of the copy_ bandwidth probe")
+    p.add_argument(
+        "--copy-mib", type=int, help="size of the copy_ bandwidth probe in MiB (default: the preset's)"
+    )
     p.add_argument(
         "--inject-fault",
         nargs="+",
@@ -228,7 +231,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=IMPLS,
         help="harness self-test: add 1.0 to this implementation's first output; its row must read FAILED",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = make_parser().parse_args(argv)
     benchlib.apply_preset(args, MATRIX)
     return args
 
@@ -238,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = args.out or benchlib.default_out_dir(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir = benchlib.claim_out_dir(
+            args.out, benchlib.default_out_dir(device), OUT_FILES, args.overwrite
+        )
+    except benchlib.OutDirTaken as err:
+        print(f"bench_kernel: {err}", file=sys.stderr)
+        return 2
     env = benchlib.environment(device)
 
     notes = []
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                     if impl == "eager":
                         eager_ms = float(row["median_ms"])
                     row["ratio_vs_eager"] = float(row["median_ms"]) / eager_ms
-                benchlib.print_row(row)
+                benchlib.print_row(row, (("ratio_vs_eager", "÷ eager"),))
                 writer.write(row)
                 rows.append(row)
         del inp, ref
@@ -307,8 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     if no_plots:
         print(f"WARNING: {no_plots}", file=sys.stderr)
         notes.append(no_plots + ".")
-    write_markdown(out_dir / "results_kernel.md", env, rows, notes)
-    plots = [] if no_plots else write_plots(out_dir, rows, args, copy_gbps, env["device"])
+    benchlib.write_markdown(
+        out_dir / "results_kernel.md", "lstmlab gate-kernel benchmark", env, rows, notes, MD_COLUMNS
+    )
+    plots = (
+        [] if no_plots else benchlib.write_plots(out_dir, plot_figures(rows, args, copy_gbps, env["device"]))
+    )
     print(f"wrote {out_dir / 'results_kernel.csv'}, {out_dir / 'results_kernel.md'}, {len(plots)} plots")
     return 0
 
@@ -338,43 +354,31 @@ def md_notes(device: torch.device) -> list[str]:
     ]
 
 
-def write_markdown(path: Path, env: dict[str, str], rows: list[dict[str, object]], notes: list[str]) -> None:
-    columns = [
-        ("impl", "impl"),
-        ("shape", "shape"),
-        ("dtype", "dtype"),
-        ("pass", "pass"),
-        ("status", "status"),
-        ("median ms", "median_ms"),
-        ("p20 ms", "p20_ms"),
-        ("p80 ms", "p80_ms"),
-        ("bytes", "bytes"),
-        ("GB/s", "gb_per_s"),
-        ("% copy", "pct_of_copy_bw"),
-        ("ratio", "ratio_vs_eager"),
-        ("err", "max_rel_err"),
-        ("first ms", "first_call_ms"),
-        ("note", "note"),
-    ]
-    text = benchlib.markdown_header("lstmlab gate-kernel benchmark", env, notes)
-    path.write_text(text + "\n" + benchlib.markdown_table(rows, columns) + "\n")
+MD_COLUMNS = [  # (header, row key) of results_kernel.md
+    ("impl", "impl"),
+    ("shape", "shape"),
+    ("dtype", "dtype"),
+    ("pass", "pass"),
+    ("status", "status"),
+    ("median ms", "median_ms"),
+    ("p20 ms", "p20_ms"),
+    ("p80 ms", "p80_ms"),
+    ("bytes", "bytes"),
+    ("GB/s", "gb_per_s"),
+    ("% copy", "pct_of_copy_bw"),
+    ("ratio", "ratio_vs_eager"),
+    ("err", "max_rel_err"),
+    ("first ms", "first_call_ms"),
+    ("note", "note"),
+]
 
 
-def write_plots(
-    out_dir: Path,
-    rows: list[dict[str, object]],
-    args: argparse.Namespace,
-    copy_gbps: float,
-    device_name: str,
-) -> list[Path]:
+def plot_figures(
+    rows: list[dict[str, object]], args: argparse.Namespace, copy_gbps: float, device_name: str
+) -> dict[str, tuple[str, list[benchlib.Panel]]]:
     """Per (dtype, pass): achieved GB/s vs batch at the largest hidden, copy_ as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     h_fix = max(args.hidden)
-    paths = []
+    figures = {}
     for dt, pass_ in itertools.product(args.dtypes, args.passes):
         sel = [
             r
@@ -383,25 +387,16 @@ def write_plots(
         ]
         if not sel:
             continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for impl in IMPLS:
-            pts = sorted((r["batch"], r["gb_per_s"]) for r in sel if r["impl"] == impl)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-        ax.axhline(copy_gbps, color="gray", linestyle="--", label="tensor.copy_")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("achieved GB/s")
-        ax.set_title(f"{device_name}: gates {pass_} {dt}, H = {h_fix}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"kernel_bw_{dt}_{pass_}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        lines = {impl: [(r["batch"], r["gb_per_s"]) for r in sel if r["impl"] == impl] for impl in IMPLS}
+        panel = benchlib.Panel(
+            {impl: pts for impl, pts in lines.items() if pts},
+            "batch",
+            "achieved GB/s",
+            f"gates {pass_} {dt}, H = {h_fix}",
+            hline=(copy_gbps, "tensor.copy_"),
+        )
+        figures[f"kernel_bw_{dt}_{pass_}.png"] = (device_name, [panel])
+    return figures
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ DTYPES: dict[str, tuple[torch.dtype, bool]] = {  # label -> (dtype, TF32 allowed
 TOLERANCE = {"fp32": 1e-3, "fp32-tf32": 5e-2, "fp16": 5e-2, "bf16": 1e-1}
 PASSES = ("fwd", "fwd+bwd")
 BASELINE = "torch.nn.LSTM"
+OUT_FILES = ("results.csv", "results.md")  # what an earlier run left in its folder (and its PNGs)
+# the ratios printed beside each time on the console, as in results.md
+CONSOLE_RATIOS = (("ratio_vs_baseline", f"÷ {BASELINE}"), ("ratio_vs_vanilla", "÷ vanilla"))
 # "torch.nn.LSTM-fp16": cuDNN in fp16 whatever the row's dtype, the only dtype in which PyTorch picks
 # cuDNN's persistent algorithm, the bar for lstmlab's persistent kernels (GPU rows not in fp16)
 IMPLS = (
@@ -331,127 +334,162 @@ def build_impls(
     """Yields (label, Impl) in timing order, baseline first; a construction error is yielded
     in place of the Impl so it becomes a FAILED row. On CPU each lstmlab row is repeated for
     every GEMM engine in ``cpu_gemms``."""
+    dtype = DTYPES[cfg.dtype][0]
+    torch.manual_seed(0)
+    master = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device)  # every LSTM's weights
+
+    torch_rows = {
+        "torch.nn.LSTM": torch_lstm_impl,
+        "torch.nn.LSTM-fp16": torch_lstm_fp16_impl,
+        "torch.nn.GRU": torch_gru_impl,
+        "LSTMCell-loop": cell_loop_impl,
+    }
+    for name, make in torch_rows.items():
+        if name in wanted:
+            impl = make(cfg, device, master, dtype)
+            if impl is not None:
+                yield name, impl
+    engines: list[str | None] = list(cpu_gemms) if device.type == "cpu" else [None]
+    for backend, engine in itertools.product(backends, engines):
+        yield from lstmlab_rows(cfg, device, master, dtype, backend, engine, wanted, variants)
+
+
+def torch_lstm_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype) -> Impl:
+    """The baseline: torch.nn.LSTM (cuDNN on a GPU, aten or oneDNN on the CPU)."""
+    m = copy.deepcopy(master).to(dtype)
+    return Impl(
+        "torch.nn.LSTM",
+        "included",
+        lstm_forward(m),
+        list(m.parameters()),
+        m.weight_hh_l0,
+        lambda: "cudnn" if device.type == "cuda" else "aten",
+        note="cuDNN cannot exclude the input projection" if device.type == "cuda" else "",
+        modules=[m],
+    )
+
+
+def torch_lstm_fp16_impl(
+    cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype
+) -> Impl | None:
+    """cuDNN in fp16 beside a row of another dtype (GPU only): the persistent kernels' bar."""
+    if device.type != "cuda" or dtype == torch.float16:
+        return None
+    m16 = copy.deepcopy(master).half()
+    return Impl(
+        "torch.nn.LSTM-fp16",
+        "included",
+        lstm_forward(m16),
+        list(m16.parameters()),
+        m16.weight_hh_l0,
+        lambda: "cudnn",
+        prepare=lambda x: x.half(),
+        note="cuDNN in fp16 (its persistent algorithm where PyTorch allows it); input cast untimed",
+        modules=[m16],
+        tol_dtype="fp16",
+    )
+
+
+def torch_gru_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype) -> Impl:
+    """torch.nn.GRU of the same sizes: another function, checked against itself in float64."""
+    torch.manual_seed(1)
+    gru = nn.GRU(cfg.input_size, cfg.hidden, cfg.layers, device=device).to(dtype)
+    return Impl(
+        "torch.nn.GRU",
+        "included",
+        gru_forward(gru),
+        list(gru.parameters()),
+        gru.weight_hh_l0,
+        lambda: "cudnn" if device.type == "cuda" else "aten",
+        reference="torch.nn.GRU fp64 (a GRU is not an LSTM)",
+        note="GRU cell: 3 gates, not the same function",
+        modules=[gru],
+    )
+
+
+def cell_loop_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype) -> Impl:
+    """The "vanilla PyTorch" LSTM: a Python loop over nn.LSTMCell."""
+    loop = LSTMCellLoop(master).to(dtype)
+    return Impl(
+        "LSTMCell-loop",
+        "included",
+        loop.forward,
+        list(loop.parameters()),
+        loop.cells[0].weight_hh,
+        lambda: "eager",
+        note="Python loop over nn.LSTMCell",
+        modules=[loop],
+    )
+
+
+def lstmlab_rows(
+    cfg: Config,
+    device: torch.device,
+    master: nn.LSTM,
+    dtype: torch.dtype,
+    backend: str,
+    engine: str | None,
+    wanted: set[str],
+    variants: Sequence[str],
+) -> Iterator[tuple[str, Impl | Unavailable | Exception]]:
+    """lstmlab's rows for one backend and CPU GEMM engine: the module (one per cell variant) and
+    the bare layer function; both 'unavailable' where the backend cannot run the shape."""
+    import lstmlab
+
+    tag = with_engine(backend, engine)
+    try:  # an explicit path that cannot run this shape is a fact about the shape, not a failure
+        lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype)
+    except RuntimeError as exc:
+        for impl in ("lstmlab.LSTM", "lstmlab.lstm_layer"):
+            if impl in wanted:
+                yield f"{impl}[{tag}]", Unavailable(str(exc))
+        return
+    if "lstmlab.LSTM" in wanted:
+        for variant in variants:
+            yield lstmlab_row(cfg, device, master, dtype, backend, engine, variant)
+    if "lstmlab.lstm_layer" in wanted:
+        label = f"lstmlab.lstm_layer[{tag}]"
+        if cfg.layers != 1:
+            print(f"  {label}: skipped, excluding the input projection needs --layers 1")
+            return
+        try:
+            yield label, lstm_layer_impl(cfg, device, master, dtype, backend, engine)
+        except Exception as exc:  # recorded as a FAILED row by the caller
+            yield label, exc
+
+
+def lstm_layer_impl(
+    cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype, backend: str, engine: str | None
+) -> Impl:
+    """lstmlab.kernels.lstm_layer on a precomputed gx: the recurrence without the input projection."""
     from lstmlab.kernels import lstm_layer
 
     import lstmlab
 
-    dtype = DTYPES[cfg.dtype][0]
-    torch.manual_seed(0)
-    master = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device)
+    # the functions take an implementation: 'triton' is resolved as the modules do
+    layer_backend = lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype)
+    w = copy.deepcopy(master).to(dtype)  # holds W_ih, W_hh, biases for the kernel call
+    h0 = torch.zeros(cfg.batch, cfg.hidden, device=device, dtype=dtype)
+    c0 = torch.zeros_like(h0)
 
-    if "torch.nn.LSTM" in wanted:
-        m = copy.deepcopy(master).to(dtype)
-        note = "cuDNN cannot exclude the input projection" if device.type == "cuda" else ""
-        yield (
-            "torch.nn.LSTM",
-            Impl(
-                "torch.nn.LSTM",
-                "included",
-                lstm_forward(m),
-                list(m.parameters()),
-                m.weight_hh_l0,
-                lambda: "cudnn" if device.type == "cuda" else "aten",
-                note=note,
-                modules=[m],
-            ),
-        )
-    if "torch.nn.LSTM-fp16" in wanted and device.type == "cuda" and dtype != torch.float16:
-        m16 = copy.deepcopy(master).half()
-        yield (
-            "torch.nn.LSTM-fp16",
-            Impl(
-                "torch.nn.LSTM-fp16",
-                "included",
-                lstm_forward(m16),
-                list(m16.parameters()),
-                m16.weight_hh_l0,
-                lambda: "cudnn",
-                prepare=lambda x: x.half(),
-                note="cuDNN in fp16 (its persistent algorithm where PyTorch allows it); input cast untimed",
-                modules=[m16],
-                tol_dtype="fp16",
-            ),
-        )
-    if "torch.nn.GRU" in wanted:
-        torch.manual_seed(1)
-        gru = nn.GRU(cfg.input_size, cfg.hidden, cfg.layers, device=device).to(dtype)
-        yield (
-            "torch.nn.GRU",
-            Impl(
-                "torch.nn.GRU",
-                "included",
-                gru_forward(gru),
-                list(gru.parameters()),
-                gru.weight_hh_l0,
-                lambda: "cudnn" if device.type == "cuda" else "aten",
-                reference="torch.nn.GRU fp64 (a GRU is not an LSTM)",
-                note="GRU cell: 3 gates, not the same function",
-                modules=[gru],
-            ),
-        )
-    if "LSTMCell-loop" in wanted:
-        loop = LSTMCellLoop(master).to(dtype)
-        yield (
-            "LSTMCell-loop",
-            Impl(
-                "LSTMCell-loop",
-                "included",
-                loop.forward,
-                list(loop.parameters()),
-                loop.cells[0].weight_hh,
-                lambda: "eager",
-                note="Python loop over nn.LSTMCell",
-                modules=[loop],
-            ),
-        )
-    engines: list[str | None] = list(cpu_gemms) if device.type == "cpu" else [None]
-    for backend, engine in itertools.product(backends, engines):
-        tag = with_engine(backend, engine)
-        try:  # an explicit path that cannot run this shape is a fact about the shape, not a failure
-            lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype)
-        except RuntimeError as exc:
-            for impl in ("lstmlab.LSTM", "lstmlab.lstm_layer"):
-                if impl in wanted:
-                    yield f"{impl}[{tag}]", Unavailable(str(exc))
-            continue
-        if "lstmlab.LSTM" in wanted:
-            for variant in variants:
-                yield lstmlab_row(cfg, device, master, dtype, backend, engine, variant)
-        if "lstmlab.lstm_layer" in wanted:
-            label = f"lstmlab.lstm_layer[{tag}]"
-            if cfg.layers != 1:
-                print(f"  {label}: skipped, excluding the input projection needs --layers 1")
-                continue
-            try:  # the functions take an implementation: 'triton' is resolved as the modules do
-                layer_backend = lstmlab.resolve_backend(backend, device, cfg.batch, cfg.hidden, dtype)
-            except Exception as exc:  # recorded as a FAILED row by the caller
-                yield label, exc
-                continue
-            w = copy.deepcopy(master).to(dtype)  # holds W_ih, W_hh, biases for the kernel call
-            h0 = torch.zeros(cfg.batch, cfg.hidden, device=device, dtype=dtype)
-            c0 = torch.zeros_like(h0)
+    def project(x: Tensor) -> Tensor:
+        return nn.functional.linear(x, w.weight_ih_l0, w.bias_ih_l0 + w.bias_hh_l0)  # (T, B, 4H)
 
-            def project(x: Tensor, w: nn.LSTM = w) -> Tensor:
-                return nn.functional.linear(x, w.weight_ih_l0, w.bias_ih_l0 + w.bias_hh_l0)
+    def run_layer(gx: Tensor) -> tuple[Tensor, ...]:
+        return lstm_layer(gx, h0, c0, w.weight_hh_l0, backend=layer_backend)
 
-            def run_layer(gx: Tensor, w=w, h0=h0, c0=c0, backend=layer_backend) -> tuple[Tensor, ...]:
-                return lstm_layer(gx, h0, c0, w.weight_hh_l0, backend=backend)
-
-            yield (
-                label,
-                Impl(
-                    "lstmlab.lstm_layer",
-                    "excluded",
-                    run_layer,
-                    [w.weight_hh_l0],
-                    w.weight_hh_l0,
-                    lambda backend=layer_backend, engine=engine: with_engine(backend, engine),
-                    prepare=project,
-                    note="gx = x W_ih^T + b precomputed outside the timed region",
-                    modules=[w],
-                    cpu_gemm=engine,
-                ),
-            )
+    return Impl(
+        "lstmlab.lstm_layer",
+        "excluded",
+        run_layer,
+        [w.weight_hh_l0],
+        w.weight_hh_l0,
+        lambda: with_engine(layer_backend, engine),
+        prepare=project,
+        note="gx = x W_ih^T + b precomputed outside the timed region",
+        modules=[w],
+        cpu_gemm=engine,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,11 +668,11 @@ def time_rows(
 # Driver
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     p = benchlib.common_parser(__doc__, dtypes=DTYPES, passes=PASSES, impls=IMPLS, min_run_time=1.0)
-    p.add_argument("--seq", type=int, nargs="+")
-    p.add_argument("--input-size", type=int, help="default: equal to the hidden size")
-    p.add_argument("--layers", type=int, nargs="+", default=[1])
+    p.add_argument("--seq", type=int, nargs="+", help="sequence lengths T (default: the device's preset)")
+    p.add_argument("--input-size", type=int, help="input size I (default: equal to the hidden size)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1], help="numbers of layers L (default: 1)")
     p.add_argument(
         "--backends",
         nargs="+",
@@ -673,6 +711,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="harness self-test: add 1.0 to this implementation's output (e.g. torch.nn.GRU,\n"
         "lstmlab.LSTM[reference]) so its check fails and the row must read FAILED",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = make_parser()
     args = p.parse_args(argv)
     device = benchlib.apply_preset(args, MATRIX)
     if device.type != "cuda" and "fp32-tf32" in args.dtypes:
@@ -710,8 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = args.out or benchlib.default_out_dir(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir = benchlib.claim_out_dir(
+            args.out, benchlib.default_out_dir(device), OUT_FILES, args.overwrite
+        )
+    except benchlib.OutDirTaken as err:
+        print(f"bench_layer: {err}", file=sys.stderr)
+        return 2
     env = benchlib.environment(device)
     backends, skip_reason = lstmlab_backends(args, device)
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
@@ -736,8 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     if no_plots:
         print(f"WARNING: {no_plots}", file=sys.stderr)
         notes.append(no_plots + ".")
-    write_markdown(out_dir / "results.md", env, rows, notes)
-    plots = [] if no_plots else write_plots(out_dir, rows, args, env["device"])
+    benchlib.write_markdown(out_dir / "results.md", "lstmlab layer benchmark", env, rows, notes, MD_COLUMNS)
+    plots = [] if no_plots else benchlib.write_plots(out_dir, plot_figures(rows, args, env["device"]))
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {len(plots)} plots")
     return 0
 
@@ -813,7 +861,7 @@ def run_config(
             row["ratio_vs_vanilla"] = float(row["median_ms"]) / float(same_path["median_ms"])
         if cudnn_fp16 and device.type == "cuda" and row.get("status") == "ok":
             row["ratio_vs_cudnn_fp16"] = float(row["median_ms"]) / float(cudnn_fp16[0]["median_ms"])
-        benchlib.print_row(row)
+        benchlib.print_row(row, CONSOLE_RATIOS)
         writer.write(row)
     return rows
 
@@ -870,88 +918,66 @@ def md_notes(device: torch.device, skip_reason: str, stopped_at: int | None, n_c
     return notes
 
 
-def write_markdown(path: Path, env: dict[str, str], rows: list[dict[str, object]], notes: list[str]) -> None:
-    columns = [
-        ("impl", "impl"),
-        ("backend", "backend"),
-        ("variant", "variant"),
-        ("input proj", "input_proj"),
-        ("shape", "shape"),
-        ("dtype", "dtype"),
-        ("pass", "pass"),
-        ("status", "status"),
-        ("median ms", "median_ms"),
-        ("p20 ms", "p20_ms"),
-        ("p80 ms", "p80_ms"),
-        ("µs/step", "us_per_step"),
-        ("tokens/s", "tokens_per_s"),
-        ("ratio", "ratio_vs_baseline"),
-        ("÷ vanilla", "ratio_vs_vanilla"),
-        ("÷ cuDNN fp16", "ratio_vs_cudnn_fp16"),
-        ("err", "max_rel_err"),
-        ("peak MiB", "peak_mem_mib"),
-        ("first ms", "first_call_ms"),
-        ("cudnn path", "cudnn_path"),
-        ("kernels", "kernels"),
-        ("note", "note"),
-    ]
-    text = benchlib.markdown_header("lstmlab layer benchmark", env, notes)
-    text += "\n" + benchlib.markdown_table(rows, columns) + "\n"
-    path.write_text(text)
+MD_COLUMNS = [  # (header, row key) of results.md
+    ("impl", "impl"),
+    ("backend", "backend"),
+    ("variant", "variant"),
+    ("input proj", "input_proj"),
+    ("shape", "shape"),
+    ("dtype", "dtype"),
+    ("pass", "pass"),
+    ("status", "status"),
+    ("median ms", "median_ms"),
+    ("p20 ms", "p20_ms"),
+    ("p80 ms", "p80_ms"),
+    ("µs/step", "us_per_step"),
+    ("tokens/s", "tokens_per_s"),
+    ("ratio", "ratio_vs_baseline"),
+    ("÷ vanilla", "ratio_vs_vanilla"),
+    ("÷ cuDNN fp16", "ratio_vs_cudnn_fp16"),
+    ("err", "max_rel_err"),
+    ("peak MiB", "peak_mem_mib"),
+    ("first ms", "first_call_ms"),
+    ("cudnn path", "cudnn_path"),
+    ("kernels", "kernels"),
+    ("note", "note"),
+]
 
 
-def write_plots(
-    out_dir: Path, rows: list[dict[str, object]], args: argparse.Namespace, device_name: str
-) -> list[Path]:
+def plot_figures(
+    rows: list[dict[str, object]], args: argparse.Namespace, device_name: str
+) -> dict[str, tuple[str, list[benchlib.Panel]]]:
     """Per (dtype, pass): median time vs batch and vs hidden, one line per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r.get("status") == "ok"]
     t_fix = max(args.seq)
     h_fix = sorted(args.hidden)[len(args.hidden) // 2]
     b_fix = 16 if 16 in args.batch else sorted(args.batch)[len(args.batch) // 2]
     l_fix = args.layers[0]
-    paths = []
+    figures = {}
     for dt, ps in itertools.product(args.dtypes, args.passes):
         sel = [r for r in ok if r["dtype"] == dt and r["pass"] == ps and r["layers"] == l_fix]
         sel = [r for r in sel if r["seq_len"] == t_fix]
         if not sel:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, x_key, fixed_key, fixed in (
-            (axes[0], "batch", "hidden", h_fix),
-            (axes[1], "hidden", "batch", b_fix),
-        ):
+        panels = []
+        for x_key, fixed_key, fixed in (("batch", "hidden", h_fix), ("hidden", "batch", b_fix)):
             lines: dict[str, list[tuple[float, float]]] = {}
             for r in sel:
-                if r[fixed_key] != fixed:
-                    continue
-                label = f"{r['impl']} [{r['backend']}]"
-                if r.get("variant", "vanilla") != "vanilla":
-                    label = f"{r['impl']}+{r['variant']} [{r['backend']}]"
-                if r["input_proj"] == "excluded":
-                    label += " (no input proj)"
-                lines.setdefault(label, []).append((r[x_key], r["median_ms"]))
-            for label, pts in sorted(lines.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel(x_key)
-            ax.set_ylabel("median time (ms)")
-            ax.set_title(f"{fixed_key} = {fixed}, T = {t_fix}, L = {l_fix}")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[1].legend(fontsize=7)
-        fig.suptitle(f"{device_name}, {dt}, {ps}")
-        fig.tight_layout()
-        path = out_dir / f"time_{dt}_{ps.replace('+', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+                if r[fixed_key] == fixed:
+                    lines.setdefault(plot_label(r), []).append((r[x_key], r["median_ms"]))
+            title = f"{fixed_key} = {fixed}, T = {t_fix}, L = {l_fix}"
+            panels.append(benchlib.Panel(dict(sorted(lines.items())), x_key, "median time (ms)", title))
+        figures[f"time_{dt}_{ps.replace('+', '_')}.png"] = (f"{device_name}, {dt}, {ps}", panels)
+    return figures
+
+
+def plot_label(row: dict[str, object]) -> str:
+    label = f"{row['impl']} [{row['backend']}]"
+    if row.get("variant", "vanilla") != "vanilla":
+        label = f"{row['impl']}+{row['variant']} [{row['backend']}]"
+    if row["input_proj"] == "excluded":
+        label += " (no input proj)"
+    return label
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import math
 import os
@@ -41,20 +42,64 @@ def common_parser(
 ) -> argparse.ArgumentParser:
     """The options every benchmark takes; a script adds its own and calls :func:`apply_preset`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=default_device, help=f"cpu or cuda (default here: {default_device})")
     p.add_argument("--quick", action="store_true", help="small preset (GPU: fits 3 min on one H100)")
-    p.add_argument("--batch", type=int, nargs="+")
-    p.add_argument("--hidden", type=int, nargs="+")
-    p.add_argument("--dtypes", nargs="+", choices=list(dtypes))
-    p.add_argument("--passes", nargs="+", choices=passes, default=list(passes))
-    p.add_argument("--impls", nargs="+", choices=impls, default=list(impls))
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes B (default: the device's preset)")
+    p.add_argument("--hidden", type=int, nargs="+", help="hidden sizes H (default: the device's preset)")
+    p.add_argument("--dtypes", nargs="+", choices=list(dtypes), help="dtypes (default: the device's preset)")
+    p.add_argument(
+        "--passes", nargs="+", choices=passes, default=list(passes), help="passes to time (default: all)"
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=impls,
+        default=list(impls),
+        help="implementations to time (default: all)",
+    )
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
     p.add_argument("--min-run-time", type=float, default=min_run_time, help="seconds per row (CPU)")
-    p.add_argument("--time-budget-s", type=float, help="start no new config after this")
+    p.add_argument("--time-budget-s", type=float, help="start no new config after this many seconds")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, help="results folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: bench-results/<device>-<date>/, or a new -2, -3, ... beside it\n"
+        "when that one holds an earlier run). A given --out that holds results is refused",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the results an --out folder holds")
     return p
+
+
+def claim_out_dir(requested: Path | None, default: Path, files: Sequence[str], overwrite: bool) -> Path:
+    """The folder this run writes ``files`` into, never one whose earlier results it would replace
+    silently: an explicit folder holding any of ``files`` raises :class:`OutDirTaken` (unless
+    ``overwrite``), the default one gives way to ``<default>-2``, ``-3``, ... and says so."""
+    if requested is not None:
+        held = [f for f in files if (requested / f).exists()]
+        if held and not overwrite:
+            raise OutDirTaken(
+                f"{requested} holds an earlier run's {', '.join(held)}: pass --overwrite to replace "
+                "them, or choose another --out"
+            )
+        if held:
+            print(f"--overwrite: replacing {', '.join(held)} in {requested}")
+        requested.mkdir(parents=True, exist_ok=True)
+        return requested
+    out, n = default, 1
+    while any((out / f).exists() for f in files):
+        n += 1
+        out = default.with_name(f"{default.name}-{n}")
+    if n > 1:
+        print(f"{default} holds an earlier run's results: writing to {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class OutDirTaken(FileExistsError):
+    """The results folder holds an earlier run's results (see :func:`claim_out_dir`)."""
 
 
 def apply_preset(args: argparse.Namespace, matrix: dict[str, dict[str, object]]) -> torch.device:
@@ -397,6 +442,18 @@ def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[st
     return "\n".join(lines)
 
 
+def write_markdown(
+    path: Path,
+    title: str,
+    env: dict[str, str],
+    rows: Sequence[dict[str, object]],
+    notes: Sequence[str],
+    columns: Sequence[tuple[str, str]],
+) -> None:
+    """``results*.md``: the title, the machine table, the notes, then one table row per result."""
+    path.write_text(markdown_header(title, env, notes) + "\n" + markdown_table(rows, columns) + "\n")
+
+
 def markdown_header(title: str, env: dict[str, str], notes: Sequence[str]) -> str:
     lines = [f"# {title}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
@@ -405,14 +462,17 @@ def markdown_header(title: str, env: dict[str, str], notes: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def print_row(row: dict[str, object]) -> None:
+def print_row(row: dict[str, object], ratios: Sequence[tuple[str, str]] = ()) -> None:
+    """One console line per row; ``ratios`` = (row key, label) of the ratios to show beside the
+    time, e.g. ``("ratio_vs_baseline", "÷ torch.nn.LSTM")``."""
     if row.get("status") == "ok":
         msg = (
             f"{row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]"
             f"  err {row['max_rel_err']:.2e}"
         )
-        if row.get("ratio_vs_vanilla"):
-            msg += f"  ÷ vanilla {row['ratio_vs_vanilla']:.3g}"
+        for key, name in ratios:
+            if row.get(key):
+                msg += f"  {name} {row[key]:.3g}"
     else:
         msg = f"{row.get('status')}: {row.get('note', '')}"
     label = " ".join(
@@ -421,3 +481,106 @@ def print_row(row: dict[str, object]) -> None:
     if row.get("variant", "vanilla") != "vanilla":
         label = label.replace(str(row["impl"]), f"{row['impl']}+{row['variant']}", 1)
     print(f"  {label:70s} {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+# (dashes, marker) per line: lines that coincide (two paths to the same kernel) stay visible.
+LINE_STYLES = [
+    ("-", "o"),
+    ("--", "s"),
+    ("-.", "^"),
+    (":", "D"),
+    ((0, (5, 1, 1, 1, 1, 1)), "v"),
+    ((0, (1, 1)), "P"),
+    ((0, (8, 2)), "X"),
+    ((0, (3, 1, 3, 1, 1, 1)), "*"),
+]
+
+
+@dataclasses.dataclass
+class Panel:
+    """One log-log plot: ``lines`` = label -> [(x, y), ...], drawn in the given order."""
+
+    lines: dict[str, list[tuple[float, float]]]
+    xlabel: str
+    ylabel: str
+    title: str
+    hline: tuple[float, str] | None = None  # (y, label): a reference level, e.g. copy_ bandwidth
+
+
+def write_plots(out_dir: Path, figures: dict[str, tuple[str, list[Panel]]]) -> list[Path]:
+    """``figures`` = file name -> (title, panels side by side); returns the PNGs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, (title, panels) in figures.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+        same_lines = all(list(p.lines) == list(panels[0].lines) for p in panels)
+        for n, (ax, panel) in enumerate(zip(axes[0], panels, strict=True)):
+            draw_panel(ax, panel, legend=not same_lines or n == len(panels) - 1)  # one legend if one set
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def draw_panel(ax, panel: Panel, legend: bool = True) -> None:
+    """Each line its own dashes and open marker, thinner than the one before it; log axes
+    labelled at values a reader can read off (see :func:`readable_log_axis`)."""
+    from matplotlib.ticker import NullLocator
+
+    xs, ys = [], []
+    for n, (label, pts) in enumerate(panel.lines.items()):
+        pts = sorted(pts)
+        dashes, marker = LINE_STYLES[n % len(LINE_STYLES)]
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            label=label,
+            ls=dashes,
+            marker=marker,
+            fillstyle="none",
+            lw=max(2.6 - 0.4 * n, 1.0),
+            markersize=9 - 3 * (n % 2),
+            zorder=3 + n,
+        )
+        xs += [p[0] for p in pts]
+        ys += [p[1] for p in pts]
+    if panel.hline is not None:
+        ax.axhline(panel.hline[0], color="gray", linestyle="--", label=panel.hline[1], zorder=1)
+        ys.append(panel.hline[0])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if xs:
+        ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+        ax.xaxis.set_minor_locator(NullLocator())  # the data's own x values, and nothing between
+    if ys:
+        readable_log_axis(ax.yaxis, min(ys), max(ys))
+    ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
+    ax.grid(True, which="major", alpha=0.3)
+    if panel.lines and legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def readable_log_axis(axis, lo: float, hi: float) -> None:
+    """Label a log axis at plain numbers: 1-2-5 (1-2-3-5 below 30x) steps over a range of 3x or
+    more, and over a narrower one about six evenly spaced round values (matplotlib's default
+    labels only powers of ten, so a 28-45 ms range read "30" and "40" and nothing else)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if hi / lo >= 30:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    elif hi / lo >= 3:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())

@@ -19,6 +19,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_kernel  # noqa: E402
 import bench_layer  # noqa: E402
+import benchlib  # noqa: E402
 import profile_layer  # noqa: E402
 
 TINY_LAYER = ["--device", "cpu", "--batch", "2", "--hidden", "8", "--seq", "3"]
@@ -54,9 +55,12 @@ def assert_failed_untimed(row: dict[str, str]) -> None:
     assert "correctness check failed" in row["note"], row
 
 
-def test_bench_layer_smoke(tmp_path: Path) -> None:
+def test_bench_layer_smoke(tmp_path: Path, capsys) -> None:
     argv = [*TINY_LAYER, "--inject-fault", "torch.nn.GRU", "lstmlab.lstm_layer[reference/auto]"]
     assert bench_layer.main([*argv, "--out", str(tmp_path)]) == 0
+    console = capsys.readouterr().out
+    loop_line = next(line for line in console.splitlines() if line.strip().startswith("LSTMCell-loop"))
+    assert "÷ torch.nn.LSTM " in loop_line  # the ratio to the baseline, on the console too
 
     header, rows = read_rows(tmp_path / "results.csv")
     assert header == ["device", *bench_layer.COLUMNS]
@@ -310,3 +314,61 @@ def test_bench_layer_writes_outside_docs_by_default_and_prints_no_profiler_noise
     (out_dir,) = (tmp_path / "bench-results").iterdir()
     assert (out_dir / "results.csv").exists()
     assert "USDT" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", [bench_layer, bench_kernel])
+def test_every_option_has_help(script) -> None:
+    parser = script.make_parser()
+    bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not (a.help or "").strip()]
+    assert bare == []
+
+
+def test_bench_layer_never_overwrites_an_earlier_run_silently(tmp_path: Path, capsys) -> None:
+    argv = [*TINY_LAYER, "--passes", "fwd", "--impls", "torch.nn.LSTM", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert bench_layer.main(argv) == 2  # the same --out again: refused, one line, nothing touched
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"bench_layer: {tmp_path} holds an earlier run's results.csv, results.md: pass --overwrite"
+    )
+    assert err.count("\n") == 1
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert bench_layer.main([*argv, "--overwrite"]) == 0
+    assert "--overwrite: replacing results.csv, results.md in" in capsys.readouterr().out
+
+
+def test_the_default_folder_gives_way_to_a_new_one_and_says_so(tmp_path: Path, capsys) -> None:
+    default = tmp_path / "cpu-2026-12-06"
+    default.mkdir()
+    (default / "results.csv").write_text("earlier")
+    (tmp_path / "cpu-2026-12-06-2").mkdir()
+    (tmp_path / "cpu-2026-12-06-2" / "results.md").write_text("earlier")
+    out = benchlib.claim_out_dir(None, default, bench_layer.OUT_FILES, overwrite=False)
+    assert out == tmp_path / "cpu-2026-12-06-3" and out.is_dir()
+    assert capsys.readouterr().out == f"{default} holds an earlier run's results: writing to {out}\n"
+    assert (default / "results.csv").read_text() == "earlier"
+
+
+@pytest.mark.parametrize(("lo", "hi", "at_least"), [(28.0, 45.0, 4), (0.08, 300.0, 6)])
+def test_a_log_time_axis_is_labelled_at_readable_values(lo, hi, at_least) -> None:
+    """A narrow range (28-45 ms) was labelled at 30 and 40 only; now about six round values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    panel = benchlib.Panel({"a": [(16, lo), (64, hi)], "b": [(16, lo), (64, hi)]}, "batch", "ms", "t")
+    benchlib.draw_panel(ax, panel)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.yaxis.get_ticklabels() if lo <= t.get_position()[1] <= hi]
+    plt.close(fig)
+    assert len([s for s in labels if s]) >= at_least, labels
+    assert all("10^" not in s and "times" not in s for s in labels)  # plain numbers
+    assert [t.get_text() for t in ax.xaxis.get_ticklabels()] == ["16", "64"]
+    lines = ax.get_lines()
+    assert (
+        len({(str(line.get_linestyle()), line.get_marker()) for line in lines}) == 2
+    )  # coinciding, both seen
