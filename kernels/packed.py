@@ -82,3 +82,37 @@ def _pack_padded_backward(ctx, d_data):
 
 pad_packed.register_autograd(_pad_packed_backward, setup_context=_pad_packed_setup)
 pack_padded.register_autograd(_pack_padded_backward, setup_context=_pack_padded_setup)
+
+
+# ---- under torch.func transforms and forward-mode AD: the same maps in differentiable ops ----
+
+
+def _steps_and_rows(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """(step, row) of every packed element, in packed order: [N] each, on the CPU."""
+    T = batch_sizes.shape[0]
+    longest = int(batch_sizes[0]) if T else 0
+    return (torch.arange(longest).unsqueeze(0) < batch_sizes.unsqueeze(1)).nonzero().unbind(1)
+
+
+def pad(data: Tensor, batch_sizes: Tensor, batch: int | None = None) -> Tensor:
+    """:func:`pad_packed`, or under a transform an index_put that every transform differentiates."""
+    from .transforms import transform_active
+
+    if not transform_active((data,)):
+        return pad_packed(data, batch_sizes, batch)
+    steps, rows = _steps_and_rows(batch_sizes)
+    longest = int(batch_sizes[0]) if batch_sizes.shape[0] else 0
+    if batch is not None and batch != longest:
+        raise RuntimeError(f"Expected a batch of {batch} sequences (from the hidden state), got {longest}")
+    padded = data.new_zeros(batch_sizes.shape[0], longest, data.shape[-1])
+    return padded.index_put((steps.to(data.device), rows.to(data.device)), data)
+
+
+def pack(padded: Tensor, batch_sizes: Tensor, rows: int) -> Tensor:
+    """:func:`pack_padded`, or under a transform a gather that every transform differentiates."""
+    from .transforms import transform_active
+
+    if not transform_active((padded,)):
+        return pack_padded(padded, batch_sizes, rows)
+    steps, batch_rows = _steps_and_rows(batch_sizes)
+    return padded[steps.to(padded.device), batch_rows.to(padded.device)]  # [N, F]

@@ -54,8 +54,8 @@ def _composite(a) -> tuple[Tensor, Tensor, Tensor]:
             ln_c=ln_c, zoneout=None if a.zoneout is None else a.zoneout[k, :n],
             dropout=None if a.dropout is None else a.dropout[:n],
         )  # fmt: skip
+        outs.append(h_new if n == B else torch.cat([h_new, torch.zeros_like(h[n:])]))
         if n < B:  # rows that do not advance carry their state and output zeros
-            outs.append(torch.cat([h_new, torch.zeros_like(h[n:])]))
             h_new, c_new = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
         h, c = h_new, c_new
         hs.append(h)

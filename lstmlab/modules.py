@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmlab.backends import check_backend_name, resolve_backend
 from lstmlab.kernels import lstm_layer, variants
-from lstmlab.kernels.packed import pack_padded, pad_packed
+from lstmlab.kernels.packed import pack, pad
 from lstmlab.kernels.transforms import COMPOSITE, transform_active
 from lstmlab.kernels.variants import CellVariant
 
@@ -531,7 +531,7 @@ class LSTM(_LSTMBase):
             if data.dim() != 2:
                 raise ValueError(f"input must have 2 dimensions, got {data.dim()}")
             batch_sizes = batch_sizes_t  # [T] int64 on the CPU: the op reads its values, tracing never does
-            x = pad_packed(data, batch_sizes_t, _packed_batch(sorted_indices, hx))  # [T, B, I] sorted
+            x = pad(data, batch_sizes_t, _packed_batch(sorted_indices, hx))  # [T, B, I] sorted
             is_batched = True
         else:
             if input.dim() not in (2, 3):
@@ -558,7 +558,7 @@ class LSTM(_LSTMBase):
             output, h_n, c_n = self._run_layers(x, h0, c0, batch_sizes, backend)
 
         if packed:
-            data = pack_padded(output, batch_sizes_t, data.shape[0])  # [N, D·P]
+            data = pack(output, batch_sizes_t, data.shape[0])  # [N, D·P]
             output = PackedSequence(data, batch_sizes_t, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
