@@ -125,7 +125,8 @@ def test_vmap_over_an_extra_batch_dimension(config):
     assert_close(vmap(everything(ours))(xs), [torch.stack(t) for t in zip(*looped, strict=True)], "loop")
 
 
-BACKENDS = ["reference", pytest.param("triton_step", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+BACKENDS = ["reference", pytest.param("triton_step", marks=needs_triton)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
