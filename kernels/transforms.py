@@ -8,6 +8,12 @@ same function written in differentiable PyTorch ops, one step at a time from `na
 (the oracle's equations), which every transform differentiates correctly, vmap included. Slower,
 and recorded as ``last_backend == "composite"`` by the modules.
 
+Where only reverse-mode transforms and vmap are active (torch.func.grad, vjp, jacrev, and
+per-sample gradients, vmap(grad(...))), the vanilla cell runs :class:`VanillaLayer` instead: an
+autograd.Function with the explicit backward of the fused op in functional ops, which vmap
+batches by itself. Its weight gradients are one product over all steps after the reverse loop, so
+per-sample gradients cost one batched product, not one accumulation per step.
+
 Double backward (``create_graph=True``) is decided only after the forward has run on the op: its
 registered backward then recomputes the layer here and differentiates that, keeping the graph.
 
@@ -19,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import naive
 from .variants import CellVariant
@@ -36,6 +44,99 @@ def transform_active(tensors) -> bool:
     if forward_ad._current_level < 0:
         return False
     return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def reverse_mode_only() -> bool:
+    """Whether every active torch.func transform is grad/vjp or vmap (no jvp: the explicit
+    backward of :class:`VanillaLayer` serves them)."""
+    return all(
+        i.key() in (TransformType.Grad, TransformType.Vmap) for i in retrieve_all_functorch_interpreters()
+    )
+
+
+class VanillaLayer(torch.autograd.Function):
+    """The vanilla cell over a sequence, in functional ops with its explicit backward.
+
+    gx [T, B, 4H], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H] or None, advanced [T, B, 1]
+    bool or None (packed rows) -> out [T, B, P] (zero where a row did not advance), h_n [B, P],
+    c_n [B, H], and for the backward cs [T + 1, B, H], gates [T, B, 4H], h_raw = o ⊙ tanh(c̃) and
+    tanh(c̃) [T, B, H]."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gx, h0, c0, w_hh, w_hr, advanced):
+        h, c = h0, c0
+        outs, cs, gates, h_raws, tanh_cs = [], [c0], [], [], []
+        for k in range(gx.shape[0]):
+            i, f, g, o = (gx[k] + h @ w_hh.T).chunk(4, dim=-1)  # [B, H] each
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c_new = f * c + i * g
+            tanh_c = c_new.tanh()
+            h_raw = o * tanh_c  # [B, H]
+            h_new = h_raw if w_hr is None else h_raw @ w_hr.T  # [B, P]
+            if advanced is not None:
+                c_new, h_new = torch.where(advanced[k], c_new, c), torch.where(advanced[k], h_new, h)
+                outs.append(torch.where(advanced[k], h_new, 0))
+            else:
+                outs.append(h_new)
+            h, c = h_new, c_new
+            cs.append(c)
+            gates.append(torch.cat([i, f, g, o], dim=-1))
+            h_raws.append(h_raw)
+            tanh_cs.append(tanh_c)
+        saved = (torch.stack(cs), torch.stack(gates), torch.stack(h_raws), torch.stack(tanh_cs))
+        return torch.stack(outs), h, c, *saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _gx, h0, _c0, w_hh, w_hr, advanced = inputs
+        out, _, _, cs, gates, h_raws, tanh_cs = output
+        ctx.mark_non_differentiable(cs, gates, h_raws, tanh_cs)
+        ctx.save_for_backward(h0, w_hh, w_hr, advanced, out, cs, gates, h_raws, tanh_cs)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
+        h0, w_hh, w_hr, advanced, out, cs, gates, h_raws, tanh_cs = ctx.saved_tensors
+        T = gates.shape[0]
+        dh, dc = d_hn, d_cn
+        d_pres, d_hs = [None] * T, [None] * T
+        for k in reversed(range(T)):
+            m = None if advanced is None else advanced[k]  # [B, 1]
+            dh = dh + (d_out[k] if m is None else torch.where(m, d_out[k], 0))  # ∂L/∂h_k
+            d_hs[k] = dh if m is None else torch.where(m, dh, 0)
+            d_raw = dh if w_hr is None else dh @ w_hr  # [B, H]
+            i, f, g, o = gates[k].chunk(4, dim=-1)
+            tanh_c = tanh_cs[k]  # of the step's own c̃, also in rows that did not advance
+            dc_total = dc + d_raw * o * (1 - tanh_c * tanh_c)
+            d_pre = torch.cat(
+                [dc_total * g * i * (1 - i), dc_total * cs[k] * f * (1 - f), dc_total * i * (1 - g * g),
+                 d_raw * tanh_c * o * (1 - o)], dim=-1,
+            )  # fmt: skip
+            dc_prev = dc_total * f
+            dh_prev = d_pre @ w_hh  # [B, P]
+            if m is not None:  # rows that did not advance pass their gradients straight through
+                d_pre = torch.where(m, d_pre, 0)
+                dc_prev, dh_prev = torch.where(m, dc_prev, dc), torch.where(m, dh_prev, dh)
+            d_pres[k], dh, dc = d_pre, dh_prev, dc_prev
+        d_pre = torch.stack(d_pres)  # [T, B, 4H]
+        h_prev = torch.cat([h0.unsqueeze(0), _states(out, h0, advanced)[:-1]])  # [T, B, P]
+        d_w_hh = d_pre.flatten(0, 1).T @ h_prev.flatten(0, 1)  # [4H, P]: one product over all steps
+        d_w_hr = None
+        if w_hr is not None:
+            d_w_hr = torch.stack(d_hs).flatten(0, 1).T @ h_raws.flatten(0, 1)  # [P, H]
+        return d_pre, dh, dc, d_w_hh, d_w_hr, None
+
+
+def _states(out: Tensor, h0: Tensor, advanced: Tensor | None) -> Tensor:
+    """h after every step [T, B, P] from the outputs: a row that did not advance keeps its h."""
+    if advanced is None:
+        return out
+    states, h = [], h0
+    for k in range(out.shape[0]):
+        h = torch.where(advanced[k], out[k], h)
+        states.append(h)
+    return torch.stack(states)
 
 
 def _composite(a) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,6 +166,13 @@ def _composite(a) -> tuple[Tensor, Tensor, Tensor]:
 
 def layer_forward_differentiable(a) -> tuple[Tensor, Tensor, Tensor]:
     """out [T, B, P], h_n [B, P], c_n [B, H], as the op's public functions return them."""
+    if a.flags == 0 and forward_ad._current_level < 0 and reverse_mode_only():
+        gx = a.x if a.w_ih is None else naive.input_projection_naive(a.x, a.w_ih, a.bias)  # [T, B, 4H]
+        advanced = None
+        if a.batch_sizes is not None:
+            advanced = (torch.arange(gx.shape[1]) < a.batch_sizes.unsqueeze(1)).unsqueeze(2).to(gx.device)
+        out, h_n, c_n, *_ = VanillaLayer.apply(gx, a.h0, a.c0, a.w_hh, a.w_hr, advanced)
+        return out, h_n, c_n
     hs, out_packed, c_n = _composite(a)
     return (hs[1:] if a.batch_sizes is None else out_packed), hs[-1], c_n
 

@@ -176,6 +176,7 @@ def test_packed_input_under_jvp_vmap_and_double_backward():
     datas = torch.stack([packed.data, v])
     looped = [torch.stack(t) for t in zip(*(run(ours)(d) for d in datas), strict=True)]
     assert_close(vmap(run(ours))(datas), looped, "packed vmap")
+    assert rel_err(jacrev(lambda d: run(ours)(d)[0])(packed.data), J) <= TOL  # the reverse-mode path
 
     def penalty(model):
         data = packed.data.clone().requires_grad_()
