@@ -92,13 +92,12 @@ def barrier_kernel(p_sync, n_steps, n_sync, spin_limit, ACQUIRE_LOAD: tl.constex
         aborted = tp._grid_barrier(p_sync, t + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
 
 
-def barrier_rows(args, device) -> list[dict]:
+def barrier_rows(args, device, emit) -> None:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         programs = sorted({p for p in (48, 96, 128, 132) if p <= sms} | {sms})
     else:  # the interpreter runs programs one after another: one program, atomic polls
         programs = [1]
-    rows = []
     for P in programs:
         for acquire in (False, True) if device.type == "cuda" else (False,):
             for warps in (4, 8):
@@ -114,10 +113,8 @@ def barrier_rows(args, device) -> list[dict]:
                 run()
                 exact = int(sync[0]) == steps * P and int(sync[1]) == 0
                 ms = bench_ms(run, args.warmup_ms, args.rep_ms, device) if exact else float("nan")
-                rows.append({"programs": P, "poll": "ld.acquire" if acquire else "atomic", "warps": warps,
+                emit({"programs": P, "poll": "ld.acquire" if acquire else "atomic", "warps": warps,
                              "us_per_step": 1000 * ms / steps, "count_exact": exact})  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 # --- forward and backward ablations ---------------------------------------------------------------
@@ -172,9 +169,8 @@ def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     }
 
 
-def ablation_rows(args, device) -> list[dict]:
+def ablation_rows(args, device, emit) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    rows = []
     for B in args.batch:
         H, T = args.hidden, args.seq
         check = make_inputs(args.check_seq, B, H, dtype, device, seed=1)
@@ -188,7 +184,11 @@ def ablation_rows(args, device) -> list[dict]:
         d_hs = torch.randn(T + 1, B, H, device=device, dtype=dtype)
         d_cn = torch.randn(B, H, device=device)
         _, cs_saved, gates_saved = tp.persistent_forward(**timed, spin_limit=args.spin_limit)
+        seen = set()
         for name, (cfg, acquire, save) in forward_ablations(B, H, dtype).items():
+            if (cfg, acquire, save) in seen:  # at B > 16 pick_config already ran 8 warps
+                continue
+            seen.add((cfg, acquire, save))
             tp.ACQUIRE_LOAD = acquire
             hs, _, _ = tp.persistent_forward(**check, config=cfg, spin_limit=args.spin_limit, save=save)
             err = rel_err(hs, ref_hs)
@@ -199,10 +199,9 @@ def ablation_rows(args, device) -> list[dict]:
                     tp.persistent_forward, **timed, config=cfg, spin_limit=args.spin_limit, save=save
                 )
                 ms = bench_ms(run, args.warmup_ms, args.rep_ms, device)
-            rows.append({"pass": "fwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
+            emit({"pass": "fwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
                          "warps": cfg.num_warps, "rel_err": err, "ok": ok, "ms": ms,
                          "us_per_step": 1000 * ms / T})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
         _, cs_check, gates_check = tp.persistent_forward(**check, spin_limit=args.spin_limit)
         for name, (cfg, acquire) in backward_ablations(B, H, dtype).items():
             tp.ACQUIRE_LOAD = acquire
@@ -224,18 +223,15 @@ def ablation_rows(args, device) -> list[dict]:
                     spin_limit=args.spin_limit,
                 )  # fmt: skip
                 ms = bench_ms(run, args.warmup_ms, args.rep_ms, device)
-            rows.append({"pass": "bwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
+            emit({"pass": "bwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
                          "warps": cfg.num_warps, "rel_err": err, "ok": ok, "ms": ms,
                          "us_per_step": 1000 * ms / T})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
         tp.ACQUIRE_LOAD = True
-    return rows
 
 
-def host_check_rows(args, device) -> list[dict]:
+def host_check_rows(args, device, emit) -> None:
     """What reading the timeout flag after every call (the old behaviour, SYNC_CHECK) costs a layer call."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    rows = []
     for T in (64, args.seq):
         timed = make_inputs(T, 16, args.hidden, dtype, device)
         for sync_check in (True, False):
@@ -247,11 +243,9 @@ def host_check_rows(args, device) -> list[dict]:
                 device,
             )
             read = "every call (sync)" if sync_check else "lazy"
-            rows.append({"B": 16, "H": args.hidden, "T": T, "flag read": read, "ms": ms})
-            print(json.dumps(rows[-1]), flush=True)
+            emit({"B": 16, "H": args.hidden, "T": T, "flag read": read, "ms": ms})
     tp.SYNC_CHECK = False
     tp.raise_pending_timeouts(wait=True)
-    return rows
 
 
 def markdown(env: dict, sections: dict[str, list[dict]]) -> str:
@@ -312,24 +306,34 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(json.dumps(env), flush=True)
     sections: dict[str, list[dict]] = {}
+    failed: list[str] = []
+
+    def write() -> None:  # after every row: a step stopped at its time limit keeps what it measured
+        (args.out / "persistent_bench.json").write_text(
+            json.dumps({"env": env, "sections": sections}, indent=1)
+        )
+        (args.out / "persistent_bench.md").write_text(markdown(env, sections) + "\n".join(failed) + "\n")
+
     runs = {
         "barrier": ("Grid barrier alone (µs per step)", barrier_rows),
         "ablations": ("Forward and backward, recurrence only", ablation_rows),
         "host": ("Host: the timeout flag read per call or lazily (layer call, save=False)", host_check_rows),
     }
-    failed = []
     for part in args.parts:
         title, fn = runs[part]
+        rows = sections[title] = []
+
+        def emit(row: dict, rows=rows) -> None:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write()
+
         try:
-            sections[title] = fn(args, device)
+            fn(args, device, emit)
         except Exception as e:  # one part failing must not lose the others' rows
             failed.append(f"{part}: {type(e).__name__}: {e}")
             print(failed[-1], file=sys.stderr, flush=True)
-            sections[title] = []
-        (args.out / "persistent_bench.json").write_text(
-            json.dumps({"env": env, "sections": sections}, indent=1)
-        )
-        (args.out / "persistent_bench.md").write_text(markdown(env, sections) + "\n".join(failed) + "\n")
+        write()
     print(markdown(env, sections))
     return 1 if failed or any(not r.get("ok", True) for rows in sections.values() for r in rows) else 0
 
