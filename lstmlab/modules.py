@@ -281,12 +281,15 @@ class _LSTMBase(nn.Module):
 
     def _compute_dtype(self, x: Tensor, weight: Tensor, error: type[Exception]) -> torch.dtype:
         """The dtype the layer runs in: autocast's if it is on, else the input's, which must then be
-        the weights' (raises ``error`` otherwise, as torch's LSTM and LSTMCell do)."""
+        the weights' (raises ``error`` otherwise, as torch's LSTM and LSTMCell do). LSTM's words are
+        torch's ("RNN input dtype ..."); for LSTMCell torch has only its matmul's "mat1 and mat2 must
+        have the same dtype", so ours says what to convert, with torch's exception type."""
         autocast_dtype = _autocast_dtype(x.device)
         weight_dtype = weight.dtype
         if x.dtype != weight_dtype and autocast_dtype is None:
+            owner = "RNN" if isinstance(self, LSTM) else type(self).__name__
             raise error(
-                f"{type(self).__name__} input dtype ({x.dtype}) does not match weight dtype "
+                f"{owner} input dtype ({x.dtype}) does not match weight dtype "
                 f"({weight_dtype}). Convert input: input.to({weight_dtype}), or convert model: "
                 f"model.to({x.dtype})"
             )

@@ -138,3 +138,93 @@ def test_invalid_cell_arguments(kwargs, exc, fragments):
 def test_dropout_with_one_layer_warns_like_torch():
     with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
         lstmlab.LSTM(4, 6, dropout=0.2)
+
+
+# ---- torch's error contract, case by case against torch itself ----
+# (make the module, call it): torch.nn's and ours must raise the same type with the same words, in
+# the same order (the first problem is the one reported). Where torch's words come from deep inside
+# (a matmul, oneDNN) ours say what is wrong instead, with torch's type: those are in CLEARER.
+D64, r = torch.float64, torch.randn
+
+
+def torch_cell(nn):
+    return nn.LSTMCell(10, 20)
+
+
+def torch_lstm(nn):
+    return nn.LSTM(10, 20, 2)
+
+
+TORCH_CASES = {
+    "cell_input_size": (torch_cell, lambda m: m(r(3, 11))),
+    "cell_h_size": (torch_cell, lambda m: m(r(3, 10), (r(3, 21), r(3, 20)))),
+    "cell_c_size": (torch_cell, lambda m: m(r(3, 10), (r(3, 20), r(3, 21)))),
+    "cell_h_batch": (torch_cell, lambda m: m(r(3, 10), (r(5, 20), r(5, 20)))),
+    "cell_c_batch": (torch_cell, lambda m: m(r(3, 10), (r(3, 20), r(5, 20)))),
+    "cell_size_before_dtype": (torch_cell, lambda m: m(r(3, 11, dtype=D64))),
+    "cell_4d_hx": (torch_cell, lambda m: m(r(3, 10), (r(2, 3, 1, 3), r(2, 3, 1, 3)))),
+    "cell_3d_input": (torch_cell, lambda m: m(r(2, 3, 10))),
+    "lstm_input_size": (torch_lstm, lambda m: m(r(5, 3, 11))),
+    "lstm_h_size": (torch_lstm, lambda m: m(r(5, 3, 10), (r(2, 3, 21), r(2, 3, 20)))),
+    "lstm_c_size": (torch_lstm, lambda m: m(r(5, 3, 10), (r(2, 3, 20), r(2, 3, 21)))),
+    "lstm_h_layers": (torch_lstm, lambda m: m(r(5, 3, 10), (r(1, 3, 20), r(2, 3, 20)))),
+    "lstm_h_batch": (torch_lstm, lambda m: m(r(5, 3, 10), (r(2, 4, 20), r(2, 4, 20)))),
+    "lstm_dtype": (torch_lstm, lambda m: m(r(5, 3, 10, dtype=D64))),
+    "lstm_dtype_before_size": (torch_lstm, lambda m: m(r(5, 3, 11, dtype=D64))),
+    "lstm_4d_input": (torch_lstm, lambda m: m(r(4, 5, 3, 10))),
+    "lstm_batched_unbatched_hx": (torch_lstm, lambda m: m(r(5, 3, 10), (r(2, 20), r(2, 20)))),
+    "lstm_unbatched_batched_hx": (torch_lstm, lambda m: m(r(5, 10), (r(2, 3, 20), r(2, 3, 20)))),
+    "cell_dtype": (torch_cell, lambda m: m(r(3, 10, dtype=D64))),
+    "cell_unbatched_input_batched_hx": (torch_cell, lambda m: m(r(10), (r(3, 20), r(3, 20)))),
+    "cell_state_dtype": (torch_cell, lambda m: m(r(3, 10), (r(3, 20, dtype=D64), r(3, 20, dtype=D64)))),
+    "lstm_state_dtype": (torch_lstm, lambda m: m(r(5, 3, 10), (r(2, 3, 20, dtype=D64), r(2, 3, 20, dtype=D64)))),
+    "lstm_hx_not_a_tuple": (torch_lstm, lambda m: m(r(5, 3, 10), r(2, 3, 20))),
+}
+CLEARER = {  # torch's message here comes from its internals; ours (same type) says what to fix
+    "cell_dtype": "LSTMCell input dtype (torch.float64) does not match weight dtype (torch.float32)",
+    "cell_unbatched_input_batched_hx": "LSTMCell: for 1-D input, h_0 and c_0 should be 1-D",
+    "cell_state_dtype": "LSTMCell: h_0 and c_0 must have the input's dtype (torch.float32)",
+    "lstm_state_dtype": "LSTM: h_0 and c_0 must have the input's dtype (torch.float32)",
+    "lstm_hx_not_a_tuple": "LSTM: hx must be a tuple (h_0, c_0) of two tensors, got Tensor",
+}
+
+
+def raised(make, call, namespace):
+    torch.manual_seed(0)
+    try:
+        call(make(namespace))
+    except Exception as e:  # the exception itself is what the test compares
+        return type(e), str(e)
+    return None, None
+
+
+@pytest.mark.parametrize("case", list(TORCH_CASES))
+def test_errors_are_torchs_type_order_and_words(case):
+    make, call = TORCH_CASES[case]
+    theirs, ours = raised(make, call, torch.nn), raised(make, call, lstmlab)
+    assert theirs[0] is not None, "torch accepts this input: not an error case"
+    assert ours[0] is theirs[0], (ours, theirs)
+    if case in CLEARER:
+        assert CLEARER[case] in ours[1]
+    else:
+        assert ours[1] == theirs[1]
+
+
+def test_an_option_free_cell_never_reads_training():
+    """torch's module tests treat a module whose forward reads self.training as one whose train and
+    eval modes differ; a cell without zoneout must not read it."""
+
+    class Watched(lstmlab.LSTMCell):
+        reads = 0
+
+        def __getattribute__(self, name):
+            if name == "training":
+                type(self).reads += 1
+            return super().__getattribute__(name)
+
+    plain, zoned = Watched(3, 4), Watched(3, 4, zoneout_c=0.5)
+    Watched.reads = 0
+    plain(torch.randn(2, 3))
+    assert Watched.reads == 0
+    zoned(torch.randn(2, 3))
+    assert Watched.reads > 0  # the spy sees a read: a cell with zoneout reads its mode
