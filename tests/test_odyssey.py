@@ -37,6 +37,40 @@ def test_model_config_declares_the_cell_variant_with_its_names_and_defaults():
     assert set(VARIANT_KEYS) <= set(LSTMLAB_KEYS)
 
 
+def test_the_variant_keys_are_derived_from_the_cell_variant_not_restated(monkeypatch):
+    """ModelConfig ends with CellVariant's fields; a new option becomes a key with no edit here."""
+    names = [f.name for f in dataclasses.fields(config.ModelConfig)]
+    assert names[-len(VARIANT_KEYS) :] == list(VARIANT_KEYS)  # CellVariant's, in its order
+
+    @dataclasses.dataclass(frozen=True)
+    class Wider(CellVariant):
+        new_option: float = 0.25
+
+    monkeypatch.setattr(config, "CellVariant", Wider)
+
+    @dataclasses.dataclass
+    @config.with_cell_variant_fields
+    class Schema:
+        kind: str = "lstmlab"
+
+    fields = {f.name: f for f in dataclasses.fields(Schema)}
+    assert list(fields) == ["kind", *VARIANT_KEYS, "new_option"]
+    assert (fields["new_option"].type, fields["new_option"].default) == (float, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [("model.zoneout_c=lots", "Error merging override model.zoneout_c=lots"),
+     ("model.cifg=maybe", "Error merging override model.cifg=maybe"),
+     ("model.peepholse=true", "Could not override 'model.peepholse'")],
+)  # fmt: skip
+def test_a_wrong_variant_key_or_type_fails_at_composition(override, error):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=error):
+        compose([override])
+
+
 @pytest.mark.parametrize("path", sorted((CONF / "variant").glob("*.yaml")), ids=lambda p: p.stem)
 def test_each_variant_file_sets_exactly_its_variant(path):
     values = OmegaConf.to_container(OmegaConf.load(path)) or {}

@@ -14,6 +14,7 @@ This module imports nothing from Hydra at import time: the ConfigStore registrat
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lstmlab.backends import BACKENDS, resolve_backend
+from lstmlab.kernels.variants import CellVariant
 from lstmlab.runner.build import LSTMLAB_KEYS, VARIANT_KEYS, cell_variant
 from lstmlab.runner.models import MODEL_KINDS
 from lstmlab.runner.tasks import TASKS
@@ -74,14 +76,27 @@ class LoggerKind(_StrEnum):
     wandb = "wandb"
 
 
+def with_cell_variant_fields(cls: type) -> type:
+    """Give a config class, before ``@dataclass``, one field per option of the cell variant:
+    CellVariant's name, type and default, so the variant is spelled out once (kernels/variants.py)
+    and a new option is a config key, typed and checked at composition, without an edit here."""
+    for option in dataclasses.fields(CellVariant):
+        cls.__annotations__[option.name] = option.type  # "bool" / "float", resolved as ours are
+        setattr(cls, option.name, option.default)
+    return cls
+
+
 @dataclass
+@with_cell_variant_fields
 class ModelConfig:
     """Every model kind takes every key, so one command line can sweep all four kinds. The keys
     from ``backend`` on are lstmlab.LSTM's own (``LSTMLAB_KEYS``); a torch model ignores them, and
     the runner logs one note for each one set away from its default for a torch model.
 
-    The cell variant's keys are lstmlab.kernels.variants.CellVariant's, with its defaults (all
-    off: torch.nn.LSTM's cell); ``conf/variant/`` sets Greff et al.'s variants by name."""
+    After ``chrono_t_max`` come the cell variant's keys, added by :func:`with_cell_variant_fields`
+    from lstmlab.kernels.variants.CellVariant with its types and defaults (all off: torch.nn.LSTM's
+    cell): ``peepholes``, ``cifg``, ``input_gate``, ..., ``recurrent_dropout``. CellVariant's
+    docstring says what each does; ``conf/variant/`` sets Greff et al.'s variants by name."""
 
     kind: ModelKind = MISSING
     hidden_size: int = 128
@@ -91,17 +106,6 @@ class ModelConfig:
     backend: Backend = Backend.auto  # the backend that ran is summary.json's "backend"
     forget_bias: float = 0.0  # added to the forget-gate bias at init
     chrono_t_max: float | None = None  # chrono init (Tallec & Ollivier 2018): dependencies up to ~T
-    peepholes: bool = False  # diagonal weights from the cell to the gates (Gers & Schmidhuber 2000)
-    cifg: bool = False  # couple the input and forget gates: f = 1 - i
-    input_gate: bool = True  # false: i = 1 (Greff's NIG)
-    forget_gate: bool = True  # false: f = 1 (NFG)
-    output_gate: bool = True  # false: o = 1 (NOG)
-    input_activation: bool = True  # false: no tanh on the candidate g (NIAF)
-    output_activation: bool = True  # false: no tanh on the cell before the output gate (NOAF)
-    layer_norm: bool = False  # layer norm of both projections and the cell (Ba et al. 2016)
-    zoneout_c: float = 0.0  # in training, a cell unit keeps its value with this probability
-    zoneout_h: float = 0.0  # the same for the hidden state (Krueger et al. 2016)
-    recurrent_dropout: float = 0.0  # dropout of h_{t-1}, one mask per sequence (Gal & Ghahramani)
 
 
 @dataclass
