@@ -22,27 +22,41 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--impl", choices=["lstmlab", "torch"], default="lstmlab")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument(
+        "--impl", choices=["lstmlab", "torch"], default="lstmlab", help="lstmlab.LSTM or torch.nn.LSTM"
+    )
     p.add_argument("--backend", default="reference", help="lstmlab backend")
     p.add_argument("--cpu-gemm", choices=CPU_GEMM_ENGINES, default="auto", help="lstmlab CPU GEMMs")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--seq", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64, help="batch size B")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size H (= input size)")
+    p.add_argument("--seq", type=int, default=100, help="sequence length T")
     p.add_argument("--steps", type=int, default=5, help="profiled forward+backward calls")
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--top", type=int, default=15, help="ops in the printed table")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="folder for profile_<impl>.txt")
     p.add_argument("--trace", action="store_true", help="also write a Chrome trace (large)")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace the files an earlier run left in --out")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     import lstmlab
 
     args = parse_args(argv)
+    if args.out:  # checked before profiling, so a refusal costs nothing
+        files = [f"profile_{args.impl}.txt", *([f"trace_{args.impl}.json"] if args.trace else [])]
+        try:
+            benchlib.claim_out_dir(args.out, args.out, files, args.overwrite)
+        except benchlib.OutDirTaken as err:
+            print(f"profile_layer: {err}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -256,6 +256,8 @@ def test_profile_layer_names_lstmlab_ops(tmp_path: Path) -> None:
     )
     assert "lstmlab::lstm_layer_fwd" in text and "lstmlab::lstm_layer_bwd" in text
     assert not list(tmp_path.glob("trace_*.json"))
+    assert profile_layer.main([*argv, "--out", str(tmp_path)]) == 2  # the same file again: refused
+    assert (tmp_path / "profile_lstmlab.txt").read_text() == text
 
 
 @pytest.mark.cuda
@@ -316,7 +318,7 @@ def test_bench_layer_writes_outside_docs_by_default_and_prints_no_profiler_noise
     assert "USDT" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script", [bench_layer, bench_kernel])
+@pytest.mark.parametrize("script", [bench_layer, bench_kernel, profile_layer])
 def test_every_option_has_help(script) -> None:
     parser = script.make_parser()
     bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not (a.help or "").strip()]

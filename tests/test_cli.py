@@ -79,3 +79,12 @@ def test_the_entry_points_go_through_the_guard():
         "lstmlab-report": "lstmlab.runner.cli:report",
         "lstmlab-sample": "lstmlab.runner.cli:sample",
     }
+
+
+def test_the_forecast_report_on_a_folder_without_runs_is_one_line(tmp_path, capsys):
+    from lstmlab.analysis import forecast_report
+
+    with pytest.raises(SystemExit) as exit_:
+        forecast_report.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"forecast_report: no finished forecast run under {tmp_path}\n"

@@ -258,6 +258,8 @@ def test_the_report_marks_a_worse_variant_and_not_an_equal_one(tmp_path, monkeyp
     assert out.endswith(
         f"odyssey_report.md, {tmp_path / 'out'}/odyssey.png, {tmp_path / 'out'}/odyssey.json\n"
     )
+    report_main(["--odyssey", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])  # again: said
+    assert capsys.readouterr().out.endswith("odyssey.json (replacing the earlier ones)\n")
 
     result = json.loads((tmp_path / "out" / "odyssey.json").read_text())
     adding = result["tasks"]["adding"]["variants"]

@@ -85,7 +85,7 @@ def test_rebuild_draws_the_runs_initial_weights(tmp_path, monkeypatch):
     assert not torch.equal(trained["rnn.weight_hh_l0"], rebuilt["rnn.weight_hh_l0"])
 
 
-def test_grad_retention_report(tmp_path, monkeypatch):
+def test_grad_retention_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(memory_report, "LENGTHS", [1, 4])
     monkeypatch.setattr(memory_report, "N_EXAMPLES", 16)
     runs = [["model=lstmlab"], ["model=torch_lstm"], ["model=lstmlab_chrono"]]
@@ -103,6 +103,17 @@ def test_grad_retention_report(tmp_path, monkeypatch):
     )
     assert "lstmlab.LSTM ran its reference backend." in doc
     assert (tmp_path / "out" / "grad_retention.png").stat().st_size > 0
+
+    # Again into the same folder (by default the committed docs/results): refused, nothing touched.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        memory_report.main(["grad_retention", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(f"memory_report: {tmp_path / 'out'} holds grad_retention.md, ")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    memory_report.main(
+        ["grad_retention", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"), "--overwrite"]
+    )
 
 
 def test_bidirectional_and_horizon_reports(tmp_path):

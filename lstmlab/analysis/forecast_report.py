@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sweep_dir", help="a multirun directory of forecast runs")
     args = parser.parse_args(argv)
-    print(write_forecast_report(args.sweep_dir), end="")
+    sweep_dir = Path(args.sweep_dir)
+    replacing = (sweep_dir / "forecast.md").exists()  # rebuilt from the runs, which stay untouched
+    try:
+        print(write_forecast_report(sweep_dir), end="")
+    except FileNotFoundError as err:
+        print(f"forecast_report: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    note = " (replacing the earlier report)" if replacing else ""
+    print(f"wrote {sweep_dir / 'forecast.md'} and {sweep_dir / 'forecast.png'}{note}")
 
 
 if __name__ == "__main__":

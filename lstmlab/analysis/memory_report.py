@@ -25,7 +25,7 @@ import torch
 
 from lstmlab.analysis.probes import N_EXAMPLES, decades_per_step, grad_norm_curve
 from lstmlab.runner import build
-from lstmlab.runner.loggers import collect_runs
+from lstmlab.runner.loggers import finished_runs
 from lstmlab.runner.models import SequenceModel
 from lstmlab.runner.tasks import derive_seed
 
@@ -446,22 +446,36 @@ def _plot_horizon(by_cell: dict[tuple[str, int, str], list[dict[str, Any]]], pat
 
 
 EXPERIMENTS = {"grad_retention": grad_retention, "bidirectional": bidirectional, "horizon": horizon}
+OUT_NAMES = {
+    "grad_retention": "grad_retention",
+    "bidirectional": "bidirectional",
+    "horizon": "memory_horizon",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lstmlab.analysis.memory_report", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    parser.add_argument("sweep_dir")
-    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS), help="which sweep this is")
+    parser.add_argument("sweep_dir", help="the sweep's folder (searched for summary.json)")
+    parser.add_argument("--out", default="docs/results", help="where the table, plot and json go")
     parser.add_argument("--command", default=None, help="the command to record (default: this one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files --out already holds")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runs = collect_runs(args.sweep_dir)
-    if not runs:
-        raise FileNotFoundError(f"no summary.json under {args.sweep_dir}: no run there has finished")
     out = Path(args.out)
+    name = OUT_NAMES[args.experiment]
+    held = [f"{name}.{ext}" for ext in ("md", "png", "json") if (out / f"{name}.{ext}").exists()]
+    try:
+        if held and not args.overwrite:  # the default --out is the committed docs/results
+            raise FileExistsError(
+                f"{out} holds {', '.join(held)}: pass --overwrite to replace them, or another --out"
+            )
+        runs = finished_runs(args.sweep_dir)
+    except (FileExistsError, FileNotFoundError) as err:
+        print(f"memory_report: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     out.mkdir(parents=True, exist_ok=True)
     command = args.command or "python -m lstmlab.analysis.memory_report " + " ".join(sys.argv[1:])
     print(EXPERIMENTS[args.experiment](runs, out, command), end="")

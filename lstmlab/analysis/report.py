@@ -234,8 +234,10 @@ def main(argv: list[str] | None = None) -> None:
             from lstmlab.analysis.odyssey import FILES, write_odyssey_report
 
             out = Path(args.out or args.sweep_dir)
+            replacing = any((out / f).exists() for f in FILES)
             print(write_odyssey_report(args.sweep_dir, out), end="")
-            print(f"wrote {', '.join(str(out / f) for f in FILES)}")
+            note = " (replacing the earlier ones)" if replacing else ""
+            print(f"wrote {', '.join(str(out / f) for f in FILES)}{note}")
             return
         sweep_dir = Path(args.sweep_dir)
         replacing = _replacing(sweep_dir)
