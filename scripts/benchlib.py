@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from lstmlab.analysis.plots import line_style, readable_log_axis
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -486,18 +488,6 @@ def print_row(row: dict[str, object], ratios: Sequence[tuple[str, str]] = ()) ->
 # ---------------------------------------------------------------------------------------------
 # Plots
 
-# (dashes, marker) per line: lines that coincide (two paths to the same kernel) stay visible.
-LINE_STYLES = [
-    ("-", "o"),
-    ("--", "s"),
-    ("-.", "^"),
-    (":", "D"),
-    ((0, (5, 1, 1, 1, 1, 1)), "v"),
-    ((0, (1, 1)), "P"),
-    ((0, (8, 2)), "X"),
-    ((0, (3, 1, 3, 1, 1, 1)), "*"),
-]
-
 
 @dataclasses.dataclass
 class Panel:
@@ -540,18 +530,7 @@ def draw_panel(ax, panel: Panel, legend: bool = True) -> None:
     xs, ys = [], []
     for n, (label, pts) in enumerate(panel.lines.items()):
         pts = sorted(pts)
-        dashes, marker = LINE_STYLES[n % len(LINE_STYLES)]
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            label=label,
-            ls=dashes,
-            marker=marker,
-            fillstyle="none",
-            lw=max(2.6 - 0.4 * n, 1.0),
-            markersize=9 - 3 * (n % 2),
-            zorder=3 + n,
-        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **line_style(n))
         xs += [p[0] for p in pts]
         ys += [p[1] for p in pts]
     if panel.hline is not None:
@@ -568,19 +547,3 @@ def draw_panel(ax, panel: Panel, legend: bool = True) -> None:
     ax.grid(True, which="major", alpha=0.3)
     if panel.lines and legend:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-
-
-def readable_log_axis(axis, lo: float, hi: float) -> None:
-    """Label a log axis at plain numbers: 1-2-5 (1-2-3-5 below 30x) steps over a range of 3x or
-    more, and over a narrower one about six evenly spaced round values (matplotlib's default
-    labels only powers of ten, so a 28-45 ms range read "30" and "40" and nothing else)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
-    if hi / lo >= 30:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    elif hi / lo >= 3:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-    else:
-        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())

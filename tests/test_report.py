@@ -122,6 +122,9 @@ def test_every_curve_is_visible_even_a_single_evaluation(tmp_path, monkeypatch):
     widths = [line.get_linewidth() for line in curves]
     assert widths == sorted(widths, reverse=True) and len(set(widths)) == 4  # the later, thinner, on top
     assert [line.get_zorder() for line in curves] == sorted(line.get_zorder() for line in curves)
+    saved["fig"].canvas.draw()
+    labels = [t.get_text() for t in ax.yaxis.get_ticklabels() if t.get_text()]
+    assert labels and all(label.replace(".", "").isdigit() for label in labels), labels  # "0.05", not 5e-2
 
 
 def test_the_report_says_what_test_acc_counts_and_that_it_replaced_an_earlier_one(tmp_path, capsys):

@@ -23,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lstmlab.analysis.plots import line_style, readable_log_axis
 from lstmlab.runner.loggers import finished_runs
 
 log = logging.getLogger("lstmlab.analysis.report")
@@ -44,18 +45,6 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
 
 
 MODEL_ORDER = ("lstmlab", "torch_lstm", "torch_gru", "torch_rnn")  # rows and lines in this order
-
-# (dashes, marker) per curve, in MODEL_ORDER: two models that compute the same function (lstmlab
-# and torch_lstm from the same weights) draw the same curve, and must both stay visible.
-CURVE_STYLES = [
-    ("-", "o"),
-    ("--", "s"),
-    ("-.", "^"),
-    (":", "D"),
-    ((0, (5, 1, 1, 1, 1, 1)), "v"),
-    ((0, (1, 1)), "P"),
-    ((0, (8, 2)), "X"),
-]
 
 
 def _grouped(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -120,7 +109,7 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
     tasks = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        drawn = 0
+        drawn, values = 0, []
         for label, group in groups.items():
             if group[0]["task"] != task or not group[0]["curve"]:
                 continue
@@ -131,25 +120,23 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
                     if math.isfinite(row[key]):
                         per_step[row["step"]].append(row[key])
             steps = sorted(per_step)
-            dashes, marker = CURVE_STYLES[drawn % len(CURVE_STYLES)]
             ax.plot(
                 steps,
                 [statistics.mean(per_step[s]) for s in steps],
                 label=label,
-                ls=dashes,
-                lw=max(3.0 - 0.6 * drawn, 1.0),
-                marker=marker,
                 markevery=max(1, len(steps) // 10),  # about ten markers on a long curve
-                fillstyle="none",
-                markersize=11 - 4 * (drawn % 2),  # nested: one point of two curves shows both
-                zorder=3 + drawn,  # later and thinner on top
+                **line_style(drawn),
             )
+            values += [statistics.mean(per_step[s]) for s in steps]
             drawn += 1
         first = next(r for r in runs if r["task"] == task)
         metric = first["metric"]
         base = first["baseline"][metric]
         ax.axhline(base, color="0.6", ls=":", lw=1, label=f"trivial baseline ({base:.3g})", zorder=1)
         ax.set(xlabel="step", ylabel=f"validation {metric}", title=task, yscale="log")
+        positive = [v for v in [*values, base] if v > 0]
+        if positive:
+            readable_log_axis(ax.yaxis, min(positive), max(positive))
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

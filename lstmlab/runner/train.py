@@ -227,10 +227,11 @@ def load_warning(threads: int, load: float, cores: int) -> str | None:
     then every parallel op waits for its slowest thread, and ms/step measures the machine's load."""
     if threads + load <= cores:
         return None
+    remedy = "lower trainer.num_threads or run" if threads > 1 else "run"
     return (
         f"this run's {threads} CPU thread{'s' if threads > 1 else ''} and a load of {load:.1f} "
-        f"(1-minute average) need more than the {cores} cores: ms/step will be inflated. "
-        "Lower trainer.num_threads, or run when the machine is idle"
+        f"(1-minute average) need more than the {cores} cores: ms/step will be inflated; "
+        f"{remedy} when the machine is idle to time it"
     )
 
 
