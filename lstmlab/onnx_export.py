@@ -1,23 +1,23 @@
-"""ONNX export of `LSTM` and `LSTMCell`: what their forward runs while ``torch.onnx.export`` traces it.
+"""ONNX export of `LSTM` and `LSTMCell`: what their forward runs while ``torch.onnx.export`` runs.
 
-The modules call :func:`lstm_layers` / :func:`lstm_cell` only when ``torch.onnx.is_in_onnx_export()``
-(their ``# ONNX export hook``); eager, compiled and exported-for-torch runs never reach this file.
-Each layer becomes one ONNX ``LSTM`` node (both directions in one node), so runtimes use their
-fused kernels and the file takes any batch and sequence length. How the node gets into the graph
-depends on the exporter, both through torch.onnx's own extension points, with nothing for the user
-to pass:
+The modules call :func:`lstm_layers` / :func:`lstm_cell` only when :func:`is_exporting` (their
+``# ONNX export hook``); eager, compiled and ``torch.export`` runs never reach the rest of this file.
+Each layer becomes one ONNX ``LSTM`` node (both directions in it), so runtimes use their fused
+kernels, and the file takes any batch and sequence length. Both exporters get the node through
+torch.onnx's own extension points, with nothing for the user to pass:
 
-- ``dynamo=True`` (torch.export, then the ONNX translation): ``torch.onnx.ops.symbolic_multi_out``
-  puts the node itself in the exported program; its translation to ONNX is built in.
-- ``dynamo=False`` (TorchScript tracing): an ``autograd.Function`` whose ``symbolic`` emits the node;
-  its ``forward`` computes the node's outputs (ONNX's equations, in PyTorch) for the tracer.
+- ``dynamo=True`` (torch.export, then translation): ``torch.onnx.ops.symbolic_multi_out`` puts the
+  node itself in the exported program, and the exporter translates it as it is.
+- ``dynamo=False`` (TorchScript tracing): an ``autograd.Function`` whose ``symbolic`` emits the node.
 
 ONNX's ``LSTM`` is ours with the gates stacked i, o, f, c (ours: i, f, g, o), the two biases side by
 side (``B`` = [Wb, Rb]), peepholes ``P`` in the order i, o, f, and the output gate's peephole on the
 new cell C_t, as ours. CIFG is its ``input_forget``: f = 1 − i. It has no projection, no layer norm
-and no gate removals: those raise, naming the option.
+and no gate removal: those cells export as one loop per layer whose body is the cell's equations
+(``Scan`` from torch's scan operator with dynamo=True, ``Loop`` from a scripted loop with
+dynamo=False). What no graph can hold exactly (training-mode masks, packed input) raises, naming it.
 
-B: batch  T: time  I: input size  H: hidden size  D: directions  L: layers
+B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  D: directions  L: layers
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# torch.onnx.export(dynamo=True) sets this flag for its whole run, whichever way it captures the model
-from torch.onnx._internal.exporter import _flags as _dynamo_exporter_flags
+try:  # private: torch.onnx.export(dynamo=True) sets its flag for the whole run, whatever the capture
+    from torch.onnx._internal.exporter import _flags as _dynamo_exporter_flags
+except ImportError:  # a torch that moved it: is_in_onnx_export() alone, still right in the common case
+    _dynamo_exporter_flags = None
 
 from lstmlab.kernels.variants import LN_EPS as _LN_EPS
 
@@ -46,11 +48,11 @@ def is_exporting() -> bool:
 
     ``torch.onnx.is_in_onnx_export()`` alone misses one case. The dynamo exporter captures the model
     with ``torch.export`` non-strict first, where it is True, and if that fails, strict, where Dynamo
-    folds it to a constant False. A strict capture would then record our training ops, and the
-    user would read a conversion error about them instead of the first capture's error. The
-    exporter's own flag is read as a plain global, which Dynamo sees as True.
+    folds it to a constant False. That capture would then record lstmlab's registered ops, and the
+    user would read a conversion error about them instead of the first capture's error (ours, when
+    we raise). The exporter's own flag is a plain global, which Dynamo reads as it is.
     """
-    return torch.onnx.is_in_onnx_export() or _dynamo_exporter_flags._is_onnx_exporting
+    return torch.onnx.is_in_onnx_export() or getattr(_dynamo_exporter_flags, "_is_onnx_exporting", False)
 
 
 def _to_onnx_gates(w: Tensor) -> Tensor:
