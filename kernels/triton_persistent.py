@@ -160,6 +160,7 @@ def lstm_persistent_fwd_kernel(
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,  # variants.py's bits but LAYER_NORM
     SAVE: tl.constexpr,  # store gates and every c_t for a backward; else only h_t (and c in a ring)
+    ONE_CHUNK: tl.constexpr,  # B ≤ BLOCK_B: c_{t−1}, own h_{t−1} and gx_t stay in registers across steps
     SYNC: tl.constexpr,
     ACQUIRE_LOAD: tl.constexpr,  # the barrier polls with ld.acquire (CUDA), else an atomic
     DOT_PRECISION: tl.constexpr,
@@ -188,12 +189,26 @@ def lstm_persistent_fwd_kernel(
         b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
         b_po = tl.load(p_peep + 2 * H + o_u, mask=m_u, other=0)[None, :]
 
+    if ONE_CHUNK:  # the state as the launch finds it; then carried in registers, gx_{t+1} prefetched
+        t0 = tl.cast(t_start, tl.int64)
+        o_b = tl.arange(0, BLOCK_B)
+        o_own = o_b[:, None] * H + o_u[None, :]
+        m_own = (o_b < B)[:, None] & m_u[None, :]
+        p_c0 = p_cs + (t0 if SAVE else t0 % 2) * B * H
+        b_c_reg = tl.load(p_c0 + o_own, mask=m_own, other=0, cache_modifier=".cg")  # [BLOCK_B, U]
+        b_h_reg = tl.load(p_hs + t0 * B * H + o_own, mask=m_own, other=0, cache_modifier=".cg")
+        o_gate = o_b[:, None] * G + o_r[None, :]
+        b_gx_reg = tl.load(p_gx + t0 * B * G + o_gate, mask=(o_b < B)[:, None] & m_uq[None, :], other=0)
+
     aborted = tl.program_id(0) < 0
     for t in range(t_start, t_end):
         t64 = tl.cast(t, tl.int64)
         n_rows = B
         if PACKED:
             n_rows = tl.load(p_sizes + t)
+        n_chunks = tl.cdiv(B, BLOCK_B)
+        if ONE_CHUNK:
+            n_chunks = 1
         # after an abort every value this program writes is NaN
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         p_h_prev = p_hs + t64 * B * H  # [B, H] slices of step t
@@ -204,33 +219,33 @@ def lstm_persistent_fwd_kernel(
         # multiplies a whole [BLOCK_B, H] tile)
         p_d_prev = p_hd + (t64 % 2) * B * H if F_RECURRENT_DROPOUT & FLAGS else p_h_prev
         # batch rows in chunks of BLOCK_B: the h tile of one chunk is what fits on chip
-        for i_b in range(0, tl.cdiv(B, BLOCK_B)):
+        for i_b in range(0, n_chunks):
             o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
             m_b = o_b < B
             o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
             m_own = m_b[:, None] & m_u[None, :]
             o_gate = o_b[:, None] * G + o_r[None, :]  # [BLOCK_B, 4U]
             m_gate = m_b[:, None] & m_uq[None, :]
+            if ONE_CHUNK:
+                b_c, b_h, b_gx = b_c_reg, b_h_reg, b_gx_reg
+            else:  # this program's own state as it stored it (c in acc, h in the dtype of hs), read
+                # before the dot, and gx_t; .cg like every load of data written during the launch
+                b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_gx = tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0)
 
             # .cg: h_{t−1} was written by other SMs; read it from L2, never from a stale L1 line
             p_h_all = p_d_prev + o_b[:, None] * H + o_k[None, :]
             b_hp = tl.load(p_h_all, mask=m_b[:, None] & m_k[None, :], other=0, cache_modifier=".cg")
             b_pre = _dot(b_hp, tl.trans(b_w), acc, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, 4U]
-            b_pre += tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0).to(acc)
+            b_pre += b_gx.to(acc)
             if (F_SPLIT_GATES & FLAGS) == 0:
                 b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
                 if SAVE:
                     tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
-
-                # this program's own state, as it stored it: c in acc, h in the dtype of hs (.cg like
-                # every load of data written during the launch: L1 caches are not coherent between SMs)
-                b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
-                b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
                 b_i, b_f, b_g, b_o = _split_gates(b_act, BLOCK_B, U)
                 b_c_next = b_f * b_c + b_i * b_g
             else:  # gate by gate: peepholes need c_{t−1} and c̃, CIFG crosses gates
-                b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
-                b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
                 b_i, b_f, b_g, b_a_o = _split_gates(b_pre + b_poison, BLOCK_B, U)  # pre-activations
                 b_one = tl.full((BLOCK_B, U), 1, acc) + b_poison  # a removed gate
                 if F_PEEPHOLES & FLAGS:
@@ -273,6 +288,10 @@ def lstm_persistent_fwd_kernel(
                 b_m = tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
                 p_d_next = p_hd + ((t64 + 1) % 2) * B * H + o_own
                 tl.store(p_d_next, (b_h.to(acc) * b_m).to(b_h.dtype), mask=m_own)
+            if ONE_CHUNK:  # gx_{t+1} is a launch input: its load overlaps the barrier
+                b_c_reg, b_h_reg = b_c, b_h
+                m_next = m_gate & (o_gate * 0 + t64 + 1 < t_end)  # a tensor: the interpreter masks no scalars
+                b_gx_reg = tl.load(p_gx + (t64 + 1) * B * G + o_gate, mask=m_next, other=0)
         if SYNC:  # h_t complete in every program before anyone reads it
             aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
 
@@ -603,9 +622,8 @@ def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start,
     args = (gx, w_hh, hs, cs, *(sync if x is None else x for x in (gates, *tensors, hd)))  # sync: never read
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, B, H, spin_limit, n_sync)
     meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None)
-    return args, meta | dict(FLAGS=flags, SAVE=gates is not None, SYNC=sync_on) | _compile_options(
-        gx.dtype, cfg
-    )
+    meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=cfg.block_b >= B, SYNC=sync_on)
+    return args, meta | _compile_options(gx.dtype, cfg)
 
 
 def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, sync, t_start, t_end, spin_limit,

@@ -213,12 +213,16 @@ def test_forward_without_save_gives_the_same_states(case):
     assert torch.equal(hs_unsaved, hs) and torch.equal(c_n[0], cs[-1]) and torch.equal(c_new[1], c_new[0])
 
 
-def test_one_launch_with_barriers_matches_per_step_launches():
+@pytest.mark.parametrize("block_b", [4, 8], ids=["chunks", "one_chunk"])
+def test_one_launch_with_barriers_matches_per_step_launches(block_b):
     """The barrier path with every variant: on CPU with one program (in two batch chunks), on a GPU
     with several. The dropout ring's two slots alternate across the steps of one launch."""
     variant, flags = CASES["all"]
     _skip_unless_available(torch.float32, variant.flags | flags)
-    config = SMALL if DEVICE.type == "cuda" else tp.Config(units=16, num_warps=4, block_b=4)
+    # block_b = 8 ≥ B: one chunk, whose c, own h and next gx stay in registers across the steps of a
+    # launch; per-step launches read them back from memory
+    units = 4 if DEVICE.type == "cuda" else 16
+    config = tp.Config(units=units, num_warps=4, block_b=block_b)
     spin_limit = 1 << 20 if DEVICE.type == "cuda" else 4
     inputs = make_inputs(variant, flags, torch.float32)
     c_new = [torch.zeros(T, B, H, device=DEVICE) for _ in range(2)]
