@@ -602,6 +602,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # The barrier's poll: an ld.acquire.gpu through inline PTX on CUDA, an atomic under the interpreter.
 ACQUIRE_LOAD = not TRITON_INTERPRET
+# With one batch chunk, the forward keeps c, own h and the next gx in registers (False: the chunked
+# path, which reads them from memory each step; for ablations).
+REGISTER_STATE = True
 
 
 def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
@@ -622,7 +625,8 @@ def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start,
     args = (gx, w_hh, hs, cs, *(sync if x is None else x for x in (gates, *tensors, hd)))  # sync: never read
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, B, H, spin_limit, n_sync)
     meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None)
-    meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=cfg.block_b >= B, SYNC=sync_on)
+    one_chunk = REGISTER_STATE and cfg.block_b >= B
+    meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=one_chunk, SYNC=sync_on)
     return args, meta | _compile_options(gx.dtype, cfg)
 
 

@@ -143,18 +143,20 @@ def reference(inputs: dict, d_hs: torch.Tensor, d_cn: torch.Tensor):
 
 
 # One change at a time from the kernels as they were before the second generation (8 warps on every
-# dot, atomic polls, gates and c always stored, the backward's 4H contraction in one warp-duplicated
-# dot), then all of them. fwd: (config or None for pick_config, ACQUIRE_LOAD, save).
+# dot, atomic polls, gates and c always stored, c/h/gx read from memory each step, the backward's 4H
+# contraction in one warp-duplicated dot), then all of them.
+# fwd: (config, ACQUIRE_LOAD, save, REGISTER_STATE: c, own h and gx_{t+1} in registers with one chunk)
 def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     new = tp.pick_config(B, H, dtype, backward=False)
     old = tp.Config(units=new.units, num_warps=8, block_b=new.block_b)
     return {
-        "before (8 warps, atomic poll, gates and c stored)": (old, False, True),
-        "warps from the tile (pick_config)": (new, False, True),
-        "ld.acquire poll": (old, True, True),
-        "save=False (no gates, c in a ring)": (old, False, False),
-        "all of the above": (new, True, False),
-        "all but save (what training runs)": (new, True, True),
+        "before (8 warps, atomic poll, gates and c stored, state from memory)": (old, False, True, False),
+        "warps from the tile (pick_config)": (new, False, True, False),
+        "ld.acquire poll": (old, True, True, False),
+        "save=False (no gates, c in a ring)": (old, False, False, False),
+        "c, h, gx_{t+1} in registers (one chunk only)": (old, False, True, True),
+        "all of the above": (new, True, False, True),
+        "all but save (what training runs)": (new, True, True, True),
     }
 
 
@@ -185,11 +187,13 @@ def ablation_rows(args, device, emit) -> None:
         d_cn = torch.randn(B, H, device=device)
         _, cs_saved, gates_saved = tp.persistent_forward(**timed, spin_limit=args.spin_limit)
         seen = set()
-        for name, (cfg, acquire, save) in forward_ablations(B, H, dtype).items():
-            if (cfg, acquire, save) in seen:  # at B > 16 pick_config already ran 8 warps
+        for name, spec in forward_ablations(B, H, dtype).items():
+            cfg, acquire, save, registers = spec
+            registers &= cfg.block_b >= B  # several chunks: no registers across steps
+            if (cfg, acquire, save, registers) in seen:  # e.g. at B > 16 pick_config already runs 8 warps
                 continue
-            seen.add((cfg, acquire, save))
-            tp.ACQUIRE_LOAD = acquire
+            seen.add((cfg, acquire, save, registers))
+            tp.ACQUIRE_LOAD, tp.REGISTER_STATE = acquire, registers
             hs, _, _ = tp.persistent_forward(**check, config=cfg, spin_limit=args.spin_limit, save=save)
             err = rel_err(hs, ref_hs)
             ok = err < args.rtol
@@ -226,7 +230,7 @@ def ablation_rows(args, device, emit) -> None:
             emit({"pass": "bwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
                          "warps": cfg.num_warps, "rel_err": err, "ok": ok, "ms": ms,
                          "us_per_step": 1000 * ms / T})  # fmt: skip
-        tp.ACQUIRE_LOAD = True
+        tp.ACQUIRE_LOAD, tp.REGISTER_STATE = True, True
 
 
 def host_check_rows(args, device, emit) -> None:
