@@ -1,0 +1,235 @@
+"""Benchmark one LSTM layer on the CPU: the fused C++ kernel against torch.nn.LSTM (oneDNN) and the
+reference backend, interleaved in one process.
+
+Every row times the whole layer, x [T, B, I] -> out [T, B, H], as the caller of the kernel will run
+it: the input projection as one GEMM before the time loop (``gemm.linear``), ∂x and ∂W as GEMMs
+after it (``gemm.mm`` / ``gemm.mm_tn``), through a ``torch.autograd.Function``. Each implementation
+is first checked against ``torch.nn.LSTM`` in fp64 on the same weights (outputs and every gradient).
+
+    python scripts/bench_cpu_kernel.py          # B 16 64, H 64 128 256, T 100, 1 and 2 threads
+    python scripts/bench_cpu_kernel.py --batch 16 --hidden 64 --threads 1 --min-run-time 1
+
+Prints a markdown table with the machine's header (commit, CPU, torch, load before and after).
+"""
+
+# T: time  B: batch  I: input size  H: hidden  G = 4H: stacked gates (i, f, g, o)
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+from lstmlab.kernels import cpu_kernel, gemm, lstm_layer_from_input, variants
+
+IMPLS = ("torch.nn.LSTM", "cpu_kernel", "reference")
+
+
+class FusedLayer(torch.autograd.Function):
+    """x -> out, h_n, c_n through the fused kernel; the GEMMs outside the loop as the layer runs them."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, bias, w_hh, h0, c0, flags, peephole):
+        T, B, I = x.shape
+        gx = gemm.linear(x.reshape(T * B, I), w_ih, bias).view(T, B, -1)  # [T, B, 4H]
+        hs, cs, gates, _, _ = cpu_kernel.sequence_forward(
+            gx, h0, c0, w_hh, None, None, flags=flags, peephole=peephole
+        )
+        ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, peephole)
+        ctx.flags = flags
+        return hs[1:], hs[-1], cs[-1]
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        x, w_ih, w_hh, hs, cs, gates, peephole = ctx.saved_tensors
+        T, B, I = x.shape
+        H = cs.shape[-1]
+        d_hs = torch.zeros_like(hs)
+        d_hs[1:] = d_out
+        d_hs[-1] += d_hn
+        d_pre, d_h0, d_c0, _ = cpu_kernel.sequence_backward(
+            d_hs, d_cn, gates, cs, hs.new_empty(0), hs.new_empty(0), w_hh, None, None,
+            flags=ctx.flags, peephole=peephole,
+        )  # fmt: skip
+        rows = d_pre.view(T * B, 4 * H)
+        d_x = gemm.mm(rows, w_ih).view(T, B, I)
+        d_w_ih = gemm.mm_tn(rows, x.reshape(T * B, I))
+        d_w_hh = gemm.mm_tn(rows, hs[:-1].reshape(T * B, H))
+        d_peephole = None
+        if peephole is not None:
+            d_a = d_pre.view(T, B, 4, H)
+            d_peephole = torch.stack(
+                [(d_a[:, :, 0] * cs[:-1]).sum((0, 1)), (d_a[:, :, 1] * cs[:-1]).sum((0, 1)),
+                 (d_a[:, :, 3] * cs[1:]).sum((0, 1))]
+            )  # fmt: skip
+        return d_x, d_w_ih, rows.sum(0), d_w_hh, d_h0, d_c0, None, d_peephole
+
+
+def make_impl(name: str, lstm: nn.LSTM, flags: int = 0, peephole: Tensor | None = None):
+    """fn(x, h0, c0) -> (out, h_n, c_n) with the weights of ``lstm`` (one layer, no projection)."""
+    w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
+    if name == "torch.nn.LSTM":
+
+        def fn(x, h0, c0):
+            out, (h_n, c_n) = lstm(x, (h0[None], c0[None]))
+            return out, h_n[0], c_n[0]
+
+    elif name == "cpu_kernel":
+
+        def fn(x, h0, c0):
+            bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+            if torch.is_grad_enabled():
+                return FusedLayer.apply(x, w_ih, bias, w_hh, h0, c0, flags, peephole)
+            # inference, as the layer's op will run it: nothing kept for a backward
+            T, B, I = x.shape
+            gx = gemm.linear(x.reshape(T * B, I), w_ih, bias).view(T, B, -1)  # [T, B, 4H]
+            hs, cs, *_ = cpu_kernel.sequence_forward(
+                gx, h0, c0, w_hh, None, None, flags=flags, peephole=peephole, save=False
+            )
+            return hs[1:], hs[-1], cs[-1]
+
+    elif name == "reference":
+
+        def fn(x, h0, c0):
+            bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+            return lstm_layer_from_input(x, w_ih, bias, h0, c0, w_hh, backend="reference")
+
+    else:
+        raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
+    return fn
+
+
+def check(name: str, T: int, B: int, H: int) -> float:
+    """Max relative error of every output and gradient against torch.nn.LSTM, in fp64."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(H, H, dtype=torch.float64)
+    x = torch.randn(T, B, H, dtype=torch.float64, requires_grad=True)
+    h0, c0 = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    results = []
+    for impl in ("torch.nn.LSTM", name):
+        x.grad = None
+        lstm.zero_grad()
+        outs = make_impl(impl, lstm)(x, h0, c0)
+        sum((o * (k + 1)).sum() for k, o in enumerate(outs)).backward()
+        grads = [x.grad, lstm.weight_ih_l0.grad, lstm.weight_hh_l0.grad, lstm.bias_ih_l0.grad]
+        results.append([t.detach().clone() for t in (*outs, *grads)])
+    return benchlib.max_rel_err(results[1], results[0])
+
+
+def time_interleaved(
+    calls, min_run_time_s: float, clock, rounds: int = 15
+) -> list[tuple[float, float, float]]:
+    """(median, 20 %, 80 %) in ms per call of each ``(fn, grad_to_none)``, in ``rounds`` round-robin
+    blocks (benchlib.time_interleaved with a choice of clock): a burst of load hits every impl."""
+
+    def run(fn, grads, n: int) -> float:
+        t0 = clock()
+        for _ in range(n):
+            for t in grads or []:
+                t.grad = None
+            fn()
+        return (clock() - t0) / n
+
+    block_s = min_run_time_s / rounds / max(len(calls), 1)
+    per_call = [run(fn, grads, 1) for fn, grads in calls]  # warm-up and first estimate
+    counts = [max(1, round(block_s / max(t, 1e-6))) for t in per_call]
+    samples: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for k, (fn, grads) in enumerate(calls):
+            samples[k].append(run(fn, grads, counts[k]) * 1e3)
+    qs = torch.tensor(benchlib.QUANTILES, dtype=torch.float64)
+    return [tuple(torch.quantile(torch.tensor(t, dtype=torch.float64), qs).tolist()) for t in samples]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--seq", type=int, default=100)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--variant", choices=["vanilla", "peepholes"], default="vanilla")
+    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per row, all impls together")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (time.process_time), which other processes on the cores do "
+        "not inflate; meaningful for one thread only (idle OpenMP workers spin)",
+    )
+    args = p.parse_args()
+
+    reason = cpu_kernel.load_error()
+    if reason is not None:
+        raise SystemExit(reason)
+    env = benchlib.environment(torch.device("cpu"))
+    env["vector_isa"] = torch.ops.lstmlab_cpu.vec_isa()
+    env["cpu_gemm"] = gemm.describe_cpu_gemm()
+    for name in args.impls:
+        if name != "torch.nn.LSTM":
+            err = check(name, 7, 3, 12)
+            print(f"check {name}: max rel err against torch.nn.LSTM in fp64 {err:.1e}")
+            if err > 1e-9:
+                raise SystemExit(f"{name} does not compute torch.nn.LSTM's function (rel err {err:.1e})")
+
+    flags = variants.PEEPHOLES if args.variant == "peepholes" else 0
+    rows = []
+    for threads, B, H, passes in itertools.product(args.threads, args.batch, args.hidden, args.passes):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        lstm = nn.LSTM(H, H)
+        peephole = torch.randn(3, H) * 0.1 if flags else None
+        x = torch.randn(args.seq, B, H, requires_grad=passes == "fwd+bwd")
+        h0, c0 = torch.zeros(B, H), torch.zeros(B, H)
+        calls = []
+        for name in args.impls:
+            f = make_impl(name, lstm, flags if name == "cpu_kernel" else 0, peephole)
+            if passes == "fwd":
+
+                def call(f=f, x=x, h0=h0, c0=c0):
+                    with torch.no_grad():
+                        f(x, h0, c0)
+
+                calls.append((call, None))
+            else:
+
+                def call(f=f, x=x, h0=h0, c0=c0):
+                    out, _, _ = f(x, h0, c0)
+                    out.sum().backward()
+
+                calls.append((call, [x, *lstm.parameters()]))
+        times = time_interleaved(
+            calls, args.min_run_time, time.process_time if args.clock == "cpu" else time.perf_counter
+        )
+        base = times[0][0]
+        row = {"threads": threads, "B": B, "H": H, "T": args.seq, "pass": passes, "clock": args.clock}
+        for name, (med, p20, _) in zip(args.impls, times, strict=True):
+            row[f"{name} ms"] = f"{med:.2f} ({p20:.2f})"
+            row[f"{name} ×"] = f"{med / base:.2f}"
+        row["load"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(row, flush=True)
+        rows.append(row)
+    env["load_avg_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print()
+    for k, v in env.items():
+        print(f"- {k}: {v}")
+    print()
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
