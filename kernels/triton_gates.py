@@ -6,9 +6,11 @@ The recurrent GEMMs around them stay in cuBLAS (`layer.py`). Math in the dtype o
 buffer (fp32, or fp64 for fp64 inputs), cast on store.
 
 Cell variants (`variants.py`: peepholes, CIFG, Greff's ablations, layer norm, zoneout) run in
-their own kernels, one ``tl.constexpr`` switch per flag bit, through ``variant_gates_forward_into``
-and ``variant_gates_backward_into``; with no bit that concerns the step they call the vanilla
-kernels, so the vanilla cell runs exactly the code it ran before variants existed. Layer
+their own kernels through ``variant_gates_forward_into`` and ``variant_gates_backward_into``; the
+variant's flag word is one ``tl.constexpr`` FLAGS, tested as ``F_… & FLAGS`` (the encoding the
+persistent kernels share, defined here), so each combination compiles only the code it uses; with
+no bit that concerns the step they call the vanilla kernels, so the vanilla cell runs exactly the
+code it ran before variants existed. Layer
 norm needs statistics over whole rows: its programs each own one row and loop over H in blocks.
 
 B: batch  n: rows that advance this step  H: hidden size  G = 4H: stacked gates (i, f, g, o)
@@ -25,6 +27,21 @@ from torch import Tensor
 
 from . import variants
 from .variants import LN_EPS, flag_names
+
+# The cell variants' bits (variants.py) as compile-time constants: a kernel takes the flag word as
+# one tl.constexpr FLAGS and tests `F_… & FLAGS`, so FLAGS = 0 compiles to the vanilla cell's code.
+# The one encoding of both Triton files: triton_persistent.py imports these.
+F_PEEPHOLES = tl.constexpr(variants.PEEPHOLES)
+F_CIFG = tl.constexpr(variants.CIFG)
+F_NO_INPUT_GATE = tl.constexpr(variants.NO_INPUT_GATE)
+F_NO_FORGET_GATE = tl.constexpr(variants.NO_FORGET_GATE)
+F_NO_OUTPUT_GATE = tl.constexpr(variants.NO_OUTPUT_GATE)
+F_NO_INPUT_ACTIVATION = tl.constexpr(variants.NO_INPUT_ACTIVATION)
+F_NO_OUTPUT_ACTIVATION = tl.constexpr(variants.NO_OUTPUT_ACTIVATION)
+F_LAYER_NORM = tl.constexpr(variants.LAYER_NORM)
+F_ZONEOUT_C = tl.constexpr(variants.ZONEOUT_C)
+F_ZONEOUT_H = tl.constexpr(variants.ZONEOUT_H)
+F_RECURRENT_DROPOUT = tl.constexpr(variants.RECURRENT_DROPOUT)
 
 
 @triton.jit
@@ -173,9 +190,7 @@ def _variant_fwd_cell(
     o_h, m_h, H, b_mean_r, b_rstd_r,
     p_pre_row, p_rec_row, p_c_prev_row, p_peep, stride_peep, p_ln_hh, p_z_row,
     p_gates_row, p_c_row, p_c_new_row, p_ln_saved_row,
-    PEEPHOLES: tl.constexpr, CIFG: tl.constexpr, NO_INPUT_GATE: tl.constexpr,
-    NO_FORGET_GATE: tl.constexpr, NO_OUTPUT_GATE: tl.constexpr, NO_INPUT_ACTIVATION: tl.constexpr,
-    LAYER_NORM: tl.constexpr, ZONEOUT_C: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     # gates, c̃ (into p_c_new_row) and c_t of one block of H; returns c̃ and o for h_t
     acc_dtype = p_c_new_row.dtype.element_ty
@@ -183,7 +198,7 @@ def _variant_fwd_cell(
     b_a_f = tl.load(p_pre_row + H + o_h, mask=m_h, other=0).to(acc_dtype)
     b_a_g = tl.load(p_pre_row + 2 * H + o_h, mask=m_h, other=0).to(acc_dtype)
     b_a_o = tl.load(p_pre_row + 3 * H + o_h, mask=m_h, other=0).to(acc_dtype)
-    if LAYER_NORM:
+    if F_LAYER_NORM & FLAGS:
         b_a_i += _ln_hh_gate(p_rec_row, p_ln_hh, p_ln_saved_row, o_h, m_h, b_mean_r, b_rstd_r, acc_dtype)
         b_a_f += _ln_hh_gate(p_rec_row, p_ln_hh, p_ln_saved_row, H + o_h, m_h, b_mean_r, b_rstd_r, acc_dtype)
         b_a_g += _ln_hh_gate(
@@ -193,29 +208,29 @@ def _variant_fwd_cell(
             p_rec_row, p_ln_hh, p_ln_saved_row, 3 * H + o_h, m_h, b_mean_r, b_rstd_r, acc_dtype
         )
     b_c_prev = tl.load(p_c_prev_row + o_h, mask=m_h, other=0)
-    if PEEPHOLES:
+    if F_PEEPHOLES & FLAGS:
         b_a_i += tl.load(p_peep + o_h, mask=m_h, other=0) * b_c_prev
         b_a_f += tl.load(p_peep + stride_peep + o_h, mask=m_h, other=0) * b_c_prev
     b_one = tl.zeros_like(b_c_prev) + 1
-    b_i = b_one if NO_INPUT_GATE else _sigmoid(b_a_i)
-    if CIFG:
+    b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_a_i)
+    if F_CIFG & FLAGS:
         b_f = 1 - b_i
-    elif NO_FORGET_GATE:
+    elif F_NO_FORGET_GATE & FLAGS:
         b_f = b_one
     else:
         b_f = _sigmoid(b_a_f)
-    b_g = b_a_g if NO_INPUT_ACTIVATION else _tanh(b_a_g)
+    b_g = b_a_g if F_NO_INPUT_ACTIVATION & FLAGS else _tanh(b_a_g)
     b_c_new = b_f * b_c_prev + b_i * b_g
-    if PEEPHOLES:
+    if F_PEEPHOLES & FLAGS:
         b_a_o += tl.load(p_peep + 2 * stride_peep + o_h, mask=m_h, other=0) * b_c_new
-    b_o = b_one if NO_OUTPUT_GATE else _sigmoid(b_a_o)
+    b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
 
     tl.store(p_gates_row + o_h, b_i, mask=m_h)
     tl.store(p_gates_row + H + o_h, b_f, mask=m_h)
     tl.store(p_gates_row + 2 * H + o_h, b_g, mask=m_h)
     tl.store(p_gates_row + 3 * H + o_h, b_o, mask=m_h)
     tl.store(p_c_new_row + o_h, b_c_new, mask=m_h)
-    if ZONEOUT_C:
+    if F_ZONEOUT_C & FLAGS:
         b_z_c = tl.load(p_z_row + o_h, mask=m_h, other=0) != 0
         tl.store(p_c_row + o_h, tl.where(b_z_c, b_c_prev, b_c_new), mask=m_h)
     return b_c_new, b_o
@@ -224,10 +239,10 @@ def _variant_fwd_cell(
 @triton.jit
 def _variant_fwd_h(
     o_h, m_h, b_o, b_y, p_h_prev_row, p_z_row, stride_z_k, p_h_row,
-    NO_OUTPUT_ACTIVATION: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
-    b_h = b_o * b_y if NO_OUTPUT_ACTIVATION else b_o * _tanh(b_y)
-    if ZONEOUT_H:
+    b_h = b_o * b_y if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_y)
+    if F_ZONEOUT_H & FLAGS:
         b_z_h = tl.load(p_z_row + stride_z_k + o_h, mask=m_h, other=0) != 0
         b_h_prev = tl.load(p_h_prev_row + o_h, mask=m_h, other=0).to(b_h.dtype)
         b_h = tl.where(b_z_h, b_h_prev, b_h)
@@ -242,10 +257,7 @@ def lstm_variant_fwd_kernel(
     stride_pre, stride_rec, stride_c_prev, stride_h_prev, stride_peep, stride_ln_c, stride_z, stride_z_k,
     stride_gates, stride_c, stride_h, stride_c_new, stride_ln_saved,
     EPS: tl.constexpr, BLOCK_H: tl.constexpr,
-    PEEPHOLES: tl.constexpr, CIFG: tl.constexpr, NO_INPUT_GATE: tl.constexpr,
-    NO_FORGET_GATE: tl.constexpr, NO_OUTPUT_GATE: tl.constexpr, NO_INPUT_ACTIVATION: tl.constexpr,
-    NO_OUTPUT_ACTIVATION: tl.constexpr, LAYER_NORM: tl.constexpr, ZONEOUT_C: tl.constexpr,
-    ZONEOUT_H: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     # p_c_new: where c̃ goes (the c_t buffer itself without ZONEOUT_C); p_c is written only with it
     i_b = tl.program_id(0).to(tl.int64)
@@ -261,7 +273,7 @@ def lstm_variant_fwd_kernel(
     p_c_new_row = p_c_new + i_b * stride_c_new
     p_ln_saved_row = p_ln_saved + i_b * stride_ln_saved
 
-    if LAYER_NORM:  # grid (n,): the program owns its row, for the statistics over 4H and over H
+    if F_LAYER_NORM & FLAGS:  # grid (n,): the program owns its row, for the statistics over 4H and over H
         b_mean_r, b_rstd_r = _row_mean_rstd(p_rec_row, 4 * H, acc_dtype, EPS, BLOCK_H)
         for start in range(0, H, BLOCK_H):
             o_h = start + tl.arange(0, BLOCK_H)
@@ -270,8 +282,7 @@ def lstm_variant_fwd_kernel(
                 o_h, m_h, H, b_mean_r, b_rstd_r,
                 p_pre_row, p_rec_row, p_c_prev_row, p_peep, stride_peep, p_ln_hh, p_z_row,
                 p_gates_row, p_c_row, p_c_new_row, p_ln_saved_row,
-                PEEPHOLES, CIFG, NO_INPUT_GATE, NO_FORGET_GATE, NO_OUTPUT_GATE, NO_INPUT_ACTIVATION,
-                LAYER_NORM, ZONEOUT_C,
+                FLAGS,
             )  # fmt: skip
         tl.debug_barrier()  # c̃ and o are read back below, by threads that may not have written them
         b_mean_c, b_rstd_c = _row_mean_rstd(p_c_new_row, H, acc_dtype, EPS, BLOCK_H)
@@ -287,7 +298,7 @@ def lstm_variant_fwd_kernel(
             b_o = tl.load(p_gates_row + 3 * H + o_h, mask=m_h, other=0)
             _variant_fwd_h(
                 o_h, m_h, b_o, b_y, p_h_prev_row, p_z_row, stride_z_k, p_h_row,
-                NO_OUTPUT_ACTIVATION, ZONEOUT_H,
+                FLAGS,
             )  # fmt: skip
     else:  # grid (n, cdiv(H, BLOCK_H))
         o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -296,12 +307,11 @@ def lstm_variant_fwd_kernel(
             o_h, m_h, H, 0.0, 0.0,
             p_pre_row, p_rec_row, p_c_prev_row, p_peep, stride_peep, p_ln_hh, p_z_row,
             p_gates_row, p_c_row, p_c_new_row, p_ln_saved_row,
-            PEEPHOLES, CIFG, NO_INPUT_GATE, NO_FORGET_GATE, NO_OUTPUT_GATE, NO_INPUT_ACTIVATION,
-            LAYER_NORM, ZONEOUT_C,
+            FLAGS,
         )  # fmt: skip
         _variant_fwd_h(
             o_h, m_h, b_o, b_c_new, p_h_prev_row, p_z_row, stride_z_k, p_h_row,
-            NO_OUTPUT_ACTIVATION, ZONEOUT_H,
+            FLAGS,
         )  # fmt: skip
 
 
@@ -309,12 +319,12 @@ def lstm_variant_fwd_kernel(
 def _variant_bwd_dy(
     o_h, m_h, H, b_mean_c, b_rstd_c,
     p_dh_row, p_gates_row, p_c_new_row, p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-    NO_OUTPUT_ACTIVATION: tl.constexpr, LAYER_NORM: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     # the part before the cell's layer norm: ∂L/∂y (y = LN(c̃) or c̃), ŷ, ∂L/∂o, z^h ⊙ dh
     acc_dtype = p_gates_row.dtype.element_ty
     b_dh = tl.load(p_dh_row + o_h, mask=m_h, other=0).to(acc_dtype)
-    if ZONEOUT_H:
+    if F_ZONEOUT_H & FLAGS:
         b_z_h = tl.load(p_z_row + stride_z_k + o_h, mask=m_h, other=0) != 0
         b_dh_prev = tl.where(b_z_h, b_dh, 0)
         b_dh = tl.where(b_z_h, 0, b_dh)
@@ -322,13 +332,13 @@ def _variant_bwd_dy(
         b_dh_prev = tl.zeros_like(b_dh)
     b_o = tl.load(p_gates_row + 3 * H + o_h, mask=m_h, other=0)
     b_y_hat = tl.load(p_c_new_row + o_h, mask=m_h, other=0)
-    if LAYER_NORM:
+    if F_LAYER_NORM & FLAGS:
         b_y_hat = (b_y_hat - b_mean_c) * b_rstd_c
         b_y = tl.load(p_ln_c + o_h, mask=m_h, other=0) * b_y_hat
         b_y += tl.load(p_ln_c + stride_ln_c + o_h, mask=m_h, other=0)
     else:
         b_y = b_y_hat
-    if NO_OUTPUT_ACTIVATION:
+    if F_NO_OUTPUT_ACTIVATION & FLAGS:
         b_act = b_y
         b_dy = b_dh * b_o
     else:
@@ -342,31 +352,28 @@ def _variant_bwd_cell(
     o_h, m_h, H, b_mean_c, b_rstd_c, b_mean_g, b_mean_gy,
     p_dh_row, p_dc_row, p_gates_row, p_c_prev_row, p_c_new_row, p_peep, stride_peep,
     p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-    PEEPHOLES: tl.constexpr, CIFG: tl.constexpr, NO_INPUT_GATE: tl.constexpr,
-    NO_FORGET_GATE: tl.constexpr, NO_OUTPUT_GATE: tl.constexpr, NO_INPUT_ACTIVATION: tl.constexpr,
-    NO_OUTPUT_ACTIVATION: tl.constexpr, LAYER_NORM: tl.constexpr, ZONEOUT_C: tl.constexpr,
-    ZONEOUT_H: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     # one block of H: ∂L/∂a (i, f, g, o), ∂L/∂c_{t−1} and z^h ⊙ dh; reads only, stores nothing
     b_dy, b_y_hat, b_do, b_o, b_dh_prev = _variant_bwd_dy(
         o_h, m_h, H, b_mean_c, b_rstd_c,
         p_dh_row, p_gates_row, p_c_new_row, p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-        NO_OUTPUT_ACTIVATION, LAYER_NORM, ZONEOUT_H,
+        FLAGS,
     )  # fmt: skip
     b_dc = tl.load(p_dc_row + o_h, mask=m_h, other=0).to(b_dy.dtype)
-    if ZONEOUT_C:
+    if F_ZONEOUT_C & FLAGS:
         b_z_c = tl.load(p_z_row + o_h, mask=m_h, other=0) != 0
         b_dc_prev = tl.where(b_z_c, b_dc, 0)
         b_dc = tl.where(b_z_c, 0, b_dc)
     else:
         b_dc_prev = tl.zeros_like(b_dc)
-    if LAYER_NORM:
+    if F_LAYER_NORM & FLAGS:
         b_g_c = b_dy * tl.load(p_ln_c + o_h, mask=m_h, other=0)
         b_dc += _ln_bwd(b_g_c, b_y_hat, b_rstd_c, b_mean_g, b_mean_gy)
     else:
         b_dc += b_dy
-    b_da_o = tl.zeros_like(b_dc) if NO_OUTPUT_GATE else b_do * b_o * (1 - b_o)
-    if PEEPHOLES:
+    b_da_o = tl.zeros_like(b_dc) if F_NO_OUTPUT_GATE & FLAGS else b_do * b_o * (1 - b_o)
+    if F_PEEPHOLES & FLAGS:
         b_dc += tl.load(p_peep + 2 * stride_peep + o_h, mask=m_h, other=0) * b_da_o
 
     b_i = tl.load(p_gates_row + o_h, mask=m_h, other=0)
@@ -377,12 +384,12 @@ def _variant_bwd_cell(
     b_df = b_dc * b_c_prev
     b_dg = b_dc * b_i
     b_dc_prev += b_dc * b_f
-    if CIFG:  # f = 1 − i
+    if F_CIFG & FLAGS:  # f = 1 − i
         b_di -= b_df
-    b_da_i = tl.zeros_like(b_dc) if NO_INPUT_GATE else b_di * b_i * (1 - b_i)
-    b_da_f = tl.zeros_like(b_dc) if NO_FORGET_GATE or CIFG else b_df * b_f * (1 - b_f)
-    b_da_g = b_dg if NO_INPUT_ACTIVATION else b_dg * (1 - b_g * b_g)
-    if PEEPHOLES:
+    b_da_i = tl.zeros_like(b_dc) if F_NO_INPUT_GATE & FLAGS else b_di * b_i * (1 - b_i)
+    b_da_f = tl.zeros_like(b_dc) if (F_NO_FORGET_GATE | F_CIFG) & FLAGS else b_df * b_f * (1 - b_f)
+    b_da_g = b_dg if F_NO_INPUT_ACTIVATION & FLAGS else b_dg * (1 - b_g * b_g)
+    if F_PEEPHOLES & FLAGS:
         b_dc_prev += tl.load(p_peep + o_h, mask=m_h, other=0) * b_da_i
         b_dc_prev += tl.load(p_peep + stride_peep + o_h, mask=m_h, other=0) * b_da_f
     return b_da_i, b_da_f, b_da_g, b_da_o, b_dc_prev, b_dh_prev
@@ -398,10 +405,10 @@ def _ln_hh_bwd_sums(b_da, o_g, m_h, p_ln_hh, p_r_hat_row):
 @triton.jit
 def _store_gate_grad(
     b_da, o_g, m_h, p_dpre_row, p_drec_row, p_ln_hh, p_r_hat_row, b_rstd_r, b_mean_g, b_mean_gr,
-    LAYER_NORM: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     tl.store(p_dpre_row + o_g, b_da.to(p_dpre_row.dtype.element_ty), mask=m_h)
-    if LAYER_NORM:
+    if F_LAYER_NORM & FLAGS:
         b_g = b_da * tl.load(p_ln_hh + o_g, mask=m_h, other=0)
         b_r_hat = tl.load(p_r_hat_row + o_g, mask=m_h, other=0)
         b_drec = _ln_bwd(b_g, b_r_hat, b_rstd_r, b_mean_g, b_mean_gr)
@@ -417,10 +424,7 @@ def lstm_variant_bwd_kernel(
     stride_ln_c, stride_z, stride_z_k, stride_dpre, stride_drec, stride_dc_prev, stride_dh_prev,
     stride_d_ln_c, stride_d_ln_c_k,
     BLOCK_H: tl.constexpr,
-    PEEPHOLES: tl.constexpr, CIFG: tl.constexpr, NO_INPUT_GATE: tl.constexpr,
-    NO_FORGET_GATE: tl.constexpr, NO_OUTPUT_GATE: tl.constexpr, NO_INPUT_ACTIVATION: tl.constexpr,
-    NO_OUTPUT_ACTIVATION: tl.constexpr, LAYER_NORM: tl.constexpr, ZONEOUT_C: tl.constexpr,
-    ZONEOUT_H: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     # dc_prev may alias dc and dh_prev dh: each element is read before it is written, in one block
     i_b = tl.program_id(0).to(tl.int64)
@@ -438,7 +442,7 @@ def lstm_variant_bwd_kernel(
     p_dh_prev_row = p_dh_prev + i_b * stride_dh_prev
     p_d_ln_c_row = p_d_ln_c + i_b * stride_d_ln_c
 
-    if LAYER_NORM:  # grid (n,); three passes over the row: sums for LN(c̃), sums for LN(r), stores
+    if F_LAYER_NORM & FLAGS:  # grid (n,); three passes over the row: sums for LN(c̃), sums for LN(r), stores
         b_rstd_r = tl.load(p_ln_saved_row + 4 * H)
         b_mean_c = tl.load(p_ln_saved_row + 4 * H + 1)
         b_rstd_c = tl.load(p_ln_saved_row + 4 * H + 2)
@@ -450,7 +454,7 @@ def lstm_variant_bwd_kernel(
             b_dy, b_y_hat, _, _, _ = _variant_bwd_dy(
                 o_h, m_h, H, b_mean_c, b_rstd_c,
                 p_dh_row, p_gates_row, p_c_new_row, p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-                NO_OUTPUT_ACTIVATION, LAYER_NORM, ZONEOUT_H,
+                FLAGS,
             )  # fmt: skip
             tl.store(p_d_ln_c_row + o_h, b_dy * b_y_hat, mask=m_h)
             tl.store(p_d_ln_c_row + stride_d_ln_c_k + o_h, b_dy, mask=m_h)
@@ -469,8 +473,7 @@ def lstm_variant_bwd_kernel(
                 o_h, m_h, H, b_mean_c, b_rstd_c, b_mean_g_c, b_mean_gy_c,
                 p_dh_row, p_dc_row, p_gates_row, p_c_prev_row, p_c_new_row, p_peep, stride_peep,
                 p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-                PEEPHOLES, CIFG, NO_INPUT_GATE, NO_FORGET_GATE, NO_OUTPUT_GATE, NO_INPUT_ACTIVATION,
-                NO_OUTPUT_ACTIVATION, LAYER_NORM, ZONEOUT_C, ZONEOUT_H,
+                FLAGS,
             )  # fmt: skip
             b_g, b_gr = _ln_hh_bwd_sums(b_da_i, o_h, m_h, p_ln_hh, p_ln_saved_row)
             b_sum_g += b_g
@@ -494,27 +497,26 @@ def lstm_variant_bwd_kernel(
                 o_h, m_h, H, b_mean_c, b_rstd_c, b_mean_g_c, b_mean_gy_c,
                 p_dh_row, p_dc_row, p_gates_row, p_c_prev_row, p_c_new_row, p_peep, stride_peep,
                 p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-                PEEPHOLES, CIFG, NO_INPUT_GATE, NO_FORGET_GATE, NO_OUTPUT_GATE, NO_INPUT_ACTIVATION,
-                NO_OUTPUT_ACTIVATION, LAYER_NORM, ZONEOUT_C, ZONEOUT_H,
+                FLAGS,
             )  # fmt: skip
             _store_gate_grad(
                 b_da_i, o_h, m_h, p_dpre_row, p_drec_row, p_ln_hh, p_ln_saved_row,
-                b_rstd_r, b_mean_g_r, b_mean_gr_r, LAYER_NORM,
+                b_rstd_r, b_mean_g_r, b_mean_gr_r, FLAGS,
             )  # fmt: skip
             _store_gate_grad(
                 b_da_f, H + o_h, m_h, p_dpre_row, p_drec_row, p_ln_hh, p_ln_saved_row,
-                b_rstd_r, b_mean_g_r, b_mean_gr_r, LAYER_NORM,
+                b_rstd_r, b_mean_g_r, b_mean_gr_r, FLAGS,
             )  # fmt: skip
             _store_gate_grad(
                 b_da_g, 2 * H + o_h, m_h, p_dpre_row, p_drec_row, p_ln_hh, p_ln_saved_row,
-                b_rstd_r, b_mean_g_r, b_mean_gr_r, LAYER_NORM,
+                b_rstd_r, b_mean_g_r, b_mean_gr_r, FLAGS,
             )  # fmt: skip
             _store_gate_grad(
                 b_da_o, 3 * H + o_h, m_h, p_dpre_row, p_drec_row, p_ln_hh, p_ln_saved_row,
-                b_rstd_r, b_mean_g_r, b_mean_gr_r, LAYER_NORM,
+                b_rstd_r, b_mean_g_r, b_mean_gr_r, FLAGS,
             )  # fmt: skip
             tl.store(p_dc_prev_row + o_h, b_dc_prev, mask=m_h)
-            if ZONEOUT_H:
+            if F_ZONEOUT_H & FLAGS:
                 tl.store(p_dh_prev_row + o_h, b_dh_prev, mask=m_h)
     else:  # grid (n, cdiv(H, BLOCK_H))
         o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -523,8 +525,7 @@ def lstm_variant_bwd_kernel(
             o_h, m_h, H, 0.0, 0.0, 0.0, 0.0,
             p_dh_row, p_dc_row, p_gates_row, p_c_prev_row, p_c_new_row, p_peep, stride_peep,
             p_ln_c, stride_ln_c, p_z_row, stride_z_k,
-            PEEPHOLES, CIFG, NO_INPUT_GATE, NO_FORGET_GATE, NO_OUTPUT_GATE, NO_INPUT_ACTIVATION,
-            NO_OUTPUT_ACTIVATION, LAYER_NORM, ZONEOUT_C, ZONEOUT_H,
+            FLAGS,
         )  # fmt: skip
         dpre_ty = p_dpre.dtype.element_ty
         tl.store(p_dpre_row + o_h, b_da_i.to(dpre_ty), mask=m_h)
@@ -532,7 +533,7 @@ def lstm_variant_bwd_kernel(
         tl.store(p_dpre_row + 2 * H + o_h, b_da_g.to(dpre_ty), mask=m_h)
         tl.store(p_dpre_row + 3 * H + o_h, b_da_o.to(dpre_ty), mask=m_h)
         tl.store(p_dc_prev_row + o_h, b_dc_prev, mask=m_h)
-        if ZONEOUT_H:
+        if F_ZONEOUT_H & FLAGS:
             tl.store(p_dh_prev_row + o_h, b_dh_prev, mask=m_h)
 
 
@@ -583,23 +584,19 @@ def gates_backward_into(
     )  # fmt: skip
 
 
-# the kernels' switches, named as the flag bits of variants.py; RECURRENT_DROPOUT acts before the step
-_SWITCHES = (
-    "PEEPHOLES", "CIFG", "NO_INPUT_GATE", "NO_FORGET_GATE", "NO_OUTPUT_GATE", "NO_INPUT_ACTIVATION",
-    "NO_OUTPUT_ACTIVATION", "LAYER_NORM", "ZONEOUT_C", "ZONEOUT_H",
-)  # fmt: skip
 _STEP_BITS = variants.STRUCTURE_BITS | variants.ZONEOUT_C | variants.ZONEOUT_H
 _KNOWN_BITS = _STEP_BITS | variants.RECURRENT_DROPOUT
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.cache  # once per flags: the launchers run once per step
-def _switches(flags: int) -> dict[str, bool]:
+def _kernel_flags(flags: int) -> int:
+    """The step kernels' FLAGS: ``flags`` checked, without RECURRENT_DROPOUT (it acts before the step)."""
     if not isinstance(flags, int) or flags < 0 or flags & ~_KNOWN_BITS:
         raise ValueError(f"flags must be a combination of the bits in variants.py, got {flags!r}")
     if flags & variants.CIFG and flags & (variants.NO_INPUT_GATE | variants.NO_FORGET_GATE):
         raise ValueError(f"cifg couples f = 1 − i and needs both gates, got flags: {_describe(flags)}")
-    return {name: bool(flags & getattr(variants, name)) for name in _SWITCHES}
+    return flags & _STEP_BITS
 
 
 def _describe(flags: int) -> str:
@@ -725,7 +722,7 @@ def variant_gates_forward_into(
         >>> variant_gates_forward_into(flags, pre, None, c_prev, None, peephole, None, None, None,
         ...                            gates, c, h, None, None)
     """
-    switches = _switches(flags)
+    kernel_flags = _kernel_flags(flags)
     if check:  # the layer checks its first step only: the rest have the same shapes and dtypes
         _check_forward_args(
             flags, pre, rec, c_prev, h_prev, peephole, ln_hh, ln_c, zoneout, gates, c, h, c_new, ln_saved
@@ -738,7 +735,7 @@ def variant_gates_forward_into(
         return
     c_tilde = c_new if c_new is not None else c  # where c̃ goes; c_t itself without zoneout on c
     BLOCK_H = _block_h(H)
-    grid = (n,) if switches["LAYER_NORM"] else (n, triton.cdiv(H, BLOCK_H))
+    grid = (n,) if kernel_flags & variants.LAYER_NORM else (n, triton.cdiv(H, BLOCK_H))
     stand_in = c_prev  # for the pointers of tensors the flags leave out: never read or written
     lstm_variant_fwd_kernel[grid](
         pre, rec if rec is not None else stand_in, c_prev, h_prev if h_prev is not None else stand_in,
@@ -749,7 +746,7 @@ def variant_gates_forward_into(
         pre.stride(0), _stride(rec), c_prev.stride(0), _stride(h_prev), _stride(peephole),
         _stride(ln_c), _stride(zoneout), _stride(zoneout, 1),
         gates.stride(0), c.stride(0), h.stride(0), c_tilde.stride(0), _stride(ln_saved),
-        EPS=LN_EPS, BLOCK_H=BLOCK_H, **switches,
+        EPS=LN_EPS, BLOCK_H=BLOCK_H, FLAGS=kernel_flags,
     )  # fmt: skip
 
 
@@ -833,7 +830,7 @@ def variant_gates_backward_into(
     ∂p_i = da_i ⊙ c_{t−1}, ∂p_f = da_f ⊙ c_{t−1}, ∂p_o = da_o ⊙ c̃, ∂γ_hh = d_pre ⊙ r̂.
     With no bit that concerns the step this is :func:`gates_backward_into`, today's kernel.
     """
-    switches = _switches(flags)
+    kernel_flags = _kernel_flags(flags)
     if check:  # the layer checks its first step only: the rest have the same shapes and dtypes
         _check_backward_args(
             flags, dh, dc, gates, c_prev, c_new, ln_saved, peephole, ln_hh, ln_c, zoneout,
@@ -846,7 +843,7 @@ def variant_gates_backward_into(
     if n == 0:
         return
     BLOCK_H = _block_h(H)
-    grid = (n,) if switches["LAYER_NORM"] else (n, triton.cdiv(H, BLOCK_H))
+    grid = (n,) if kernel_flags & variants.LAYER_NORM else (n, triton.cdiv(H, BLOCK_H))
     stand_in = c_prev  # for the pointers of tensors the flags leave out: never read or written
     lstm_variant_bwd_kernel[grid](
         dh, dc, gates, c_prev, c_new, ln_saved if ln_saved is not None else stand_in,
@@ -859,5 +856,5 @@ def variant_gates_backward_into(
         _stride(ln_saved), _stride(peephole), _stride(ln_c), _stride(zoneout), _stride(zoneout, 1),
         d_pre.stride(0), _stride(d_rec), dc_prev.stride(0), _stride(dh_prev),
         _stride(d_ln_c), _stride(d_ln_c, 1),
-        BLOCK_H=BLOCK_H, **switches,
+        BLOCK_H=BLOCK_H, FLAGS=kernel_flags,
     )  # fmt: skip

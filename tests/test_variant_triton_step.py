@@ -2,8 +2,8 @@
 
 `triton_gates.variant_gates_forward_into` / `variant_gates_backward_into` against
 `naive.lstm_cell_naive` differentiated by autograd in float64. The kernels' ∂L/∂r_t (the raw
-recurrent product, before layer norm) has no counterpart there, so `cell_from_r` below writes the
-same step split at r_t, from naive.py's equations. Every tensor is a view with a row stride inside
+recurrent product, before layer norm) is the gradient of `naive.lstm_step_naive`, the same step
+from r_t on. Every tensor is a view with a row stride inside
 a larger NaN-filled buffer with spare rows (as the layer's packed steps pass them): the outputs
 must come back finite and everything around them NaN. Triton runs through its CPU interpreter
 without a GPU (conftest).
@@ -17,7 +17,6 @@ from lstmlab.kernels.variants import (
     CIFG,
     GREFF_VARIANTS,
     LAYER_NORM,
-    LN_EPS,
     NO_FORGET_GATE,
     PEEPHOLES,
     RECURRENT_DROPOUT,
@@ -43,44 +42,6 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def step_flags(variant: CellVariant) -> int:
     """The flags the layer passes in training: the variant's bits plus those of the masks it draws."""
     return variant.flags | ZONEOUT_C * (variant.zoneout_c > 0) | ZONEOUT_H * (variant.zoneout_h > 0)
-
-
-def cell_from_r(gx, r, h_prev, c_prev, variant, peephole, ln_hh, ln_c, z_c, z_h):
-    """naive.lstm_cell_naive from r_t = d_t·W_hhᵀ on, also returning what the kernels save."""
-    if variant.layer_norm:
-        mean_r = r.mean(-1, keepdim=True)
-        rstd_r = 1 / torch.sqrt(((r - mean_r) ** 2).mean(-1, keepdim=True) + LN_EPS)
-        r_hat = (r - mean_r) * rstd_r
-        r = ln_hh * r_hat
-    a_i, a_f, a_g, a_o = (gx + r).chunk(4, dim=-1)
-    if variant.peepholes:
-        a_i = a_i + peephole[0] * c_prev
-        a_f = a_f + peephole[1] * c_prev
-    one = torch.ones_like(c_prev)
-    i = torch.sigmoid(a_i) if variant.input_gate else one
-    f = torch.sigmoid(a_f) if variant.forget_gate else one
-    if variant.cifg:
-        f = 1 - i
-    g = torch.tanh(a_g) if variant.input_activation else a_g
-    c_new = f * c_prev + i * g
-    if variant.peepholes:
-        a_o = a_o + peephole[2] * c_new
-    o = torch.sigmoid(a_o) if variant.output_gate else one
-    y = c_new
-    if variant.layer_norm:
-        mean_c = c_new.mean(-1, keepdim=True)
-        rstd_c = 1 / torch.sqrt(((c_new - mean_c) ** 2).mean(-1, keepdim=True) + LN_EPS)
-        y = ln_c[0] * (c_new - mean_c) * rstd_c + ln_c[1]
-    h_new = o * (torch.tanh(y) if variant.output_activation else y)
-    out = {
-        "gates": torch.cat([i, f, g, o], dim=-1),
-        "c_new": c_new,
-        "c": z_c * c_prev + (1 - z_c) * c_new,
-        "h": z_h * h_prev + (1 - z_h) * h_new,
-    }
-    if variant.layer_norm:
-        out["ln_saved"] = torch.cat([r_hat, rstd_r, mean_c, rstd_c], dim=-1)
-    return out
 
 
 def inside(t: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
@@ -128,7 +89,7 @@ def make_step(n: int, H: int, dtype: torch.dtype, seed: int = 0) -> dict:
 
 
 def oracle(variant: CellVariant, flags: int, s: dict) -> tuple[dict, dict, torch.Tensor]:
-    """Forward outputs, autograd gradients of naive.lstm_cell_naive, and ∂L/∂r_t from cell_from_r."""
+    """Forward outputs, autograd gradients of naive.lstm_cell_naive, and ∂L/∂r_t from lstm_step_naive."""
     leaves = {k: s[k].clone().requires_grad_() for k in ("gx", "h_prev", "c_prev", "w_hh", "peephole")}
     leaves["ln_hh"] = s["ln_hh"].clone().requires_grad_()
     leaves["gamma_c"], leaves["beta_c"] = (t.clone().requires_grad_() for t in s["ln_c"])
@@ -147,9 +108,10 @@ def oracle(variant: CellVariant, flags: int, s: dict) -> tuple[dict, dict, torch
     )
 
     r = (s["h_prev"] @ s["w_hh"].T).requires_grad_()
-    split = cell_from_r(
-        s["gx"], r, s["h_prev"], s["c_prev"], variant, s["peephole"], s["ln_hh"], s["ln_c"], z_c, z_h
-    )
+    split = naive.lstm_step_naive(
+        s["gx"], r, s["h_prev"], s["c_prev"], variant=variant, peephole=s["peephole"], ln_hh=s["ln_hh"],
+        ln_c=tuple(s["ln_c"]), zoneout=torch.stack([z_c, z_h], dim=1),
+    )  # fmt: skip
     assert rel_err(split["h"], h) < 1e-14 and rel_err(split["c"], c) < 1e-14  # the split is the same step
     (d_r,) = torch.autograd.grad((split["h"] * s["dh"]).sum() + (split["c"] * s["dc"]).sum(), r)
     return {k: v.detach() for k, v in split.items()}, grads, d_r
@@ -396,7 +358,7 @@ every_switch = v.STRUCTURE_BITS & ~v.CIFG | v.ZONEOUT_C | v.ZONEOUT_H
 combined = v.PEEPHOLES | v.CIFG | v.LAYER_NORM | v.ZONEOUT_C | v.ZONEOUT_H
 for flags in (every_switch, combined):
     for kernel in (tg.lstm_variant_fwd_kernel, tg.lstm_variant_bwd_kernel):
-        const = {"BLOCK_H": 256} | tg._switches(flags)
+        const = {"BLOCK_H": 256, "FLAGS": tg._kernel_flags(flags)}
         const |= {"EPS": v.LN_EPS} if "EPS" in kernel.arg_names else {}
         names = [n for n in kernel.arg_names if n not in const]
         types = ["*bf16" if n in IO else "*u8" if n == "p_z" else "*fp32" if n[:2] == "p_" else "i32"
