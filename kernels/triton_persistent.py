@@ -8,20 +8,21 @@ between steps (design and diagram: docs/persistent.md).
 Forward, program p owns units j ∈ [pU, pU + U): the 4U rows of W_hh that produce their four gates,
 stacked unit-major with the gate fastest, so one [B, H]×[H, 4U] dot per step yields all of them.
   step t: h_{t−1} [B, H] from global memory (L2) -> dot + gx_t -> gates -> c_t in fp32
-          -> store own slice of h_t, c_t, gates -> grid barrier
-The batch is walked in chunks of BLOCK_B rows (the h chunk and W_hh are the on-chip tiles); each
-program reads its own c_{t−1} and h_{t−1} back from what it stored, so chunks need no registers
-across steps, and a launch can start or stop at any step.
+          -> store own slice of h_t (and c_t, gates when saved) -> prefetch gx_{t+1} -> grid barrier
+With one batch chunk (B ≤ BLOCK_B) c_{t−1}, own h_{t−1} and gx_t stay in registers across steps
+(loaded at t_start, so a launch can start or stop at any step); with several chunks of BLOCK_B rows
+each program reads its own c_{t−1} and h_{t−1} back from what it stored.
 Backward, program p owns the same units but the 4H columns j of W_hh, since
 ∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
   step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
           -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
-∂W_hh, ∂W_ih and ∂x are one GEMM each after the loop, in the caller.
+The dot's [16, U] output is one warp's mma tile, so the 4H contraction is split across the warps
+(a 3-D dot over SPLIT_K slices, summed). ∂W_hh, ∂W_ih and ∂x are one GEMM each after the loop.
 
-The barrier is bounded: a program that waits too long marks the run aborted, every program then
-writes NaN, and the host raises PersistentKernelTimeout. Without a GPU (TRITON_INTERPRET=1) the
-interpreter runs programs one after another, so the same kernels run one launch per step with the
-barrier compiled out (SYNC=False).
+The barrier is bounded: a program that waits too long marks the run aborted and every program then
+writes NaN; the next launcher call raises PersistentKernelTimeout (the flag is read lazily, with no
+host sync per call). Without a GPU (TRITON_INTERPRET=1) the interpreter runs programs one after
+another, so the same kernels run one launch per step with the barrier compiled out (SYNC=False).
 
 B: batch  T: time  H: hidden size  G = 4H: stacked gates (i, f, g, o)  U: hidden units per program
 P = ceil(H / U): programs  acc: fp32 (fp64 for fp64 inputs)
