@@ -161,16 +161,13 @@ def loop_start_gradients(
 
 
 class _ForwardSteps:
-    """One call's forward gate step: the vanilla function for flags = 0, else the variant's."""
+    """One call's forward gate step of a cell variant (the loop calls the vanilla step directly)."""
 
     def __init__(self, gate_math: ModuleType, cell: Cell, c_new: Tensor | None, ln_saved: Tensor | None):
         self.gate_math, self.cell, self.c_new, self.ln_saved = gate_math, cell, c_new, ln_saved
 
     def __call__(self, k, n, pre, rec, c_prev, h_prev, gates, c, h) -> None:
         cell = self.cell
-        if cell.flags == 0:
-            self.gate_math.gates_forward_into(pre, c_prev, gates, c, h)
-            return
         self.gate_math.variant_gates_forward_into(
             cell.flags, pre, rec, c_prev, h_prev if cell.zoneout_h else None,
             cell.peephole, cell.ln_hh, cell.ln_c,
@@ -294,6 +291,8 @@ class PerStepBackend:
         hs[0] = h0
         cs[0] = c0
         step = _ForwardSteps(self.gate_math, cell, c_new, ln_saved)
+        vanilla_step = self.gate_math.gates_forward_into if cell.flags == 0 else None
+        layer_norm = cell.layer_norm
         recurrent = gemm.StepWeight(w_hh, B, T)  # h_{k−1}·W_hhᵀ
         projection = None if w_hr is None else gemm.StepWeight(w_hr, B, T)  # o·tanh(c)·W_hrᵀ
         # per-step views made once: slicing inside the time loop costs more than the math at small B
@@ -311,12 +310,15 @@ class PerStepBackend:
                 h = hs[k + 1, :n] if w_hr is None else h_raw[k, :n]
             d = h_prev if dropout is None else torch.mul(h_prev, dropout[:n], out=dropped[:n])
             rec = None  # r_t apart from gx_t: only layer norm needs it
-            if cell.layer_norm:  # the step normalises r_t itself and adds gx_t
+            if layer_norm:  # the step normalises r_t itself and adds gx_t
                 rec = recurrent.mm(d, out=step_pre)
                 step_pre = gx_step
             else:
                 recurrent.addmm(gx_step, d, out=step_pre)  # [n, 4H]
-            step(k, n, step_pre, rec, c_prev, h_prev, step_gates, c, h)
+            if vanilla_step is not None:
+                vanilla_step(step_pre, c_prev, step_gates, c, h)
+            else:
+                step(k, n, step_pre, rec, c_prev, h_prev, step_gates, c, h)
             if w_hr is not None:
                 projection.mm(h, out=hs[k + 1, :n])  # [n, P]
             if n < B:  # rows that do not advance carry their state; the rest is never read
