@@ -294,3 +294,37 @@ def test_variant_double_backward_matches_finite_differences():
             weight[idx] += eps
         numeric[idx] = (up - down) / (2 * eps)
     assert rel_err(analytic, numeric) <= 1e-6
+
+
+# ---- on a GPU ----
+
+
+@pytest.mark.cuda
+def test_jvp_double_backward_and_per_sample_gradients_on_cuda():
+    """CUDA tensors with backend='triton': tangents, a gradient penalty and per-sample gradients
+    against torch.nn.LSTM on the CPU in float64 (cuDNN has no forward-mode formula)."""
+    config = {"num_layers": 2}
+    ours, theirs = twins(config, backend="triton")
+    ours = ours.cuda()
+    x, v = inputs(config)
+    actual = jvp(everything(ours), (x.cuda(),), (v.cuda(),))
+    assert_close(
+        [t.cpu() for t in torch.utils._pytree.tree_leaves(actual)], jvp(everything(theirs), (x,), (v,)), "jvp"
+    )
+
+    def penalty(model, x):
+        x = x.clone().requires_grad_()
+        (d_x,) = torch.autograd.grad(model(x)[0].square().sum(), x, create_graph=True)
+        return torch.autograd.grad(d_x.square().sum(), list(model.parameters()))
+
+    assert_close([g.cpu() for g in penalty(ours, x.cuda())], penalty(theirs, x), "double backward")
+    assert ours.last_backend in ("triton_step", "triton_persistent")
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(B, T, I, generator=g, dtype=DT), torch.randn(B, H, generator=g, dtype=DT)
+    batched = per_sample_grads(ours, xs.cuda(), ys.cuda())
+    for b in range(B):
+        theirs.zero_grad()
+        out, _ = theirs(xs[b].unsqueeze(1))
+        (out[-1, 0] - ys[b]).square().sum().backward()
+        for name, p in theirs.named_parameters():
+            assert rel_err(batched[name][b].cpu(), p.grad) <= TOL, (name, b)
