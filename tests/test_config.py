@@ -212,6 +212,7 @@ def test_the_module_and_the_config_agree_on_chrono_t_max():
 @pytest.mark.parametrize("backend", ["triton", "triton_step", "triton_persistent"])
 def test_a_triton_backend_that_cannot_run_here_is_a_config_error(backend, monkeypatch):
     import lstmlab.kernels.backends
+
     from lstmlab.runner.config import check_runnable
 
     monkeypatch.setattr(lstmlab.kernels.backends, "TRITON_INTERPRET", False)  # CPU tensors, no interpreter
