@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="the directory of a finished task=charlm run")
     parser.add_argument("--prompt", default="def ", help="text to start from (default: 'def ')")
     parser.add_argument("--chars", type=int, default=500, help="characters to generate")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.8, help="divides the logits (default: 0.8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     args = parser.parse_args(argv)
     if not args.prompt:
         parser.error("--prompt must not be empty")
