@@ -94,7 +94,8 @@ def make_problem(T, B, H, P, flags, proj, sizes, dtype=torch.float64, seed=0):
     if flags & variants.RECURRENT_DROPOUT:
         x["dropout"] = ((torch.rand(B, P, generator=g) > 0.3) / 0.7).to(dtype)
     batch_sizes = None if sizes is None else torch.tensor(sizes, dtype=torch.int64)
-    grads = {"out": rand(T, B, P), "h_n": rand(B, P), "c_n": rand(B, H)}
+    # "h0": a gradient reaching hs[0] from outside the recurrence (d_hs[0] of the contract)
+    grads = {"out": rand(T, B, P), "h_n": rand(B, P), "c_n": rand(B, H), "h0": rand(B, P)}
     return x, batch_sizes, grads
 
 
@@ -108,7 +109,7 @@ def oracle(x, batch_sizes, grads, flags):
         dropout=None if x["dropout"] is None else x["dropout"].double(),
     )  # fmt: skip
     loss = (out * grads["out"].double()).sum() + (h_n * grads["h_n"].double()).sum()
-    loss = loss + (c_n * grads["c_n"].double()).sum()
+    loss = loss + (c_n * grads["c_n"].double()).sum() + (leaves["h0"] * grads["h0"].double()).sum()
     loss.backward()
     wanted = [k for k in leaves if k != "dropout"]
     return (out, h_n, c_n), {k: leaves[k].grad for k in wanted}
@@ -134,6 +135,7 @@ def run_kernel(x, batch_sizes, grads, flags):
     d_hs = torch.zeros_like(hs)
     d_hs[1:] = torch.where(step, grads["out"], 0)
     d_hs[T] += grads["h_n"]
+    d_hs[0] = grads["h0"]
     d_pre, d_h0, d_c0, d_hp = cpu_kernel.sequence_backward(
         d_hs, grads["c_n"], gates, cs, h_raw, c_new, x["w_hh"], x["w_hr"], batch_sizes, flags=flags, **masks
     )
@@ -199,7 +201,7 @@ def test_matches_oracle_fp64(library, case, proj, packing):
 @pytest.mark.parametrize(
     "shape,proj,flags",
     [
-        ((4, 20, 72, 40), True, 0),  # two unit blocks of 48 and 24 units: vector tails, projection
+        ((4, 48, 100, 72), True, 0),  # blocks of 64 + 36 units and 48 + 24 columns: vector tails
         ((3, 33, 100, 100), False, variants.PEEPHOLES | variants.RECURRENT_DROPOUT | variants.ZONEOUT_H),
         ((3, 70, 300, 300), False, 0),  # larger GEMMs than the per-step micro-kernel's blocks
     ],
