@@ -357,6 +357,7 @@ def lstm_persistent_bwd_kernel(
     SPLIT_K: tl.constexpr,  # slices of the 4H contraction, one per warp (1: one 2-D dot)
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # B ≤ BLOCK_B: ∂L/∂h, ∂L/∂c in registers, gates and c loaded before the barrier
     SYNC: tl.constexpr,
     ACQUIRE_LOAD: tl.constexpr,
     FINISH: tl.constexpr,  # end with step t_start's recurrent part: p_dh becomes ∂L/∂hs[t_start]
@@ -386,11 +387,26 @@ def lstm_persistent_bwd_kernel(
         b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
         b_po = tl.load(p_peep + 2 * H + o_u, mask=m_u, other=0)[None, :]
 
+    if ONE_CHUNK:  # the state as the launch finds it, then carried in registers
+        o_b = tl.arange(0, BLOCK_B)
+        o_own = o_b[:, None] * H + o_u[None, :]
+        m_own = (o_b < B)[:, None] & m_u[None, :]
+        b_dh_reg = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
+        b_dc_reg = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
+
     aborted = tl.program_id(0) < 0
     i_bar = tl.program_id(0) * 0  # barriers passed in this launch
     for s in range(t_start, t_end):
         t = t_start + t_end - 1 - s  # steps run backwards
         t64 = tl.cast(t, tl.int64)
+        n_chunks = tl.cdiv(B, BLOCK_B)
+        if ONE_CHUNK:  # launch inputs of step t: their loads overlap the barrier
+            n_chunks = 1
+            p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
+            b_gates_pf = tl.load(p_gate, mask=(o_b < B)[:, None] & (o_uq < H)[None, :], other=0)
+            p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
+            b_c_pf = tl.load(p_c + o_own, mask=m_own, other=0)
+            b_c_prev_pf = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
         if SYNC:  # noqa: SIM102 (Triton cannot `and` a constexpr with a runtime condition)
             if t + 1 < T:  # ∂L/∂hs[t + 1] needs step t + 1's ∂L/∂pre from every program
                 i_bar += 1
@@ -399,25 +415,27 @@ def lstm_persistent_bwd_kernel(
         if PACKED:
             n_rows = tl.load(p_sizes + t)
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
-        for i_b in range(0, tl.cdiv(B, BLOCK_B)):
+        for i_b in range(0, n_chunks):
             o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
             m_b = o_b < B
             o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
             m_own = m_b[:, None] & m_u[None, :]
-            b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
-            b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
+            if ONE_CHUNK:
+                b_dh, b_dc = b_dh_reg, b_dc_reg
+                b_gates, b_c, b_c_prev = b_gates_pf, b_c_pf, b_c_prev_pf
+            else:
+                b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
+                p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
+                b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
+                # c̃ (the cell before zoneout) and c_{t−1}
+                p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
+                b_c = tl.load(p_c + o_own, mask=m_own, other=0)
+                b_c_prev = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
             if t + 1 < T:
                 b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t + 1, B, H, o_b, o_own,
                                m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
-
-            p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-            b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
             b_i, b_f, b_g, b_o = _split_gates(b_gates, BLOCK_B, U)
-            if F_ZONEOUT_C & FLAGS:  # c̃, the cell before zoneout
-                b_c = tl.load(p_cnew + t64 * B * H + o_own, mask=m_own, other=0)
-            else:
-                b_c = tl.load(p_cs + (t64 + 1) * B * H + o_own, mask=m_own, other=0)
-            b_c_prev = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
             if FLAGS == 0:
                 b_tanh_c = _tanh(b_c)
                 b_dc_step = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
@@ -479,8 +497,14 @@ def lstm_persistent_bwd_kernel(
             tl.store(p_dp + H, b_df.to(dpre_ty), mask=m_own)
             tl.store(p_dp + 2 * H, b_dg.to(dpre_ty), mask=m_own)
             tl.store(p_dp + 3 * H, b_do.to(dpre_ty), mask=m_own)
-            tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
-            tl.store(p_dc + o_own, b_dc, mask=m_own)
+            if ONE_CHUNK:  # stored once, after the launch's last step
+                b_dh_reg, b_dc_reg = b_dh + b_poison, b_dc
+                m_last = m_own & (o_own * 0 + t == t_start)  # a tensor: the interpreter masks no scalars
+                tl.store(p_dh + o_own, b_dh_reg, mask=m_last)
+                tl.store(p_dc + o_own, b_dc_reg, mask=m_last)
+            else:
+                tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
+                tl.store(p_dc + o_own, b_dc, mask=m_own)
 
     if FINISH:
         if SYNC:
@@ -641,6 +665,7 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
     meta = dict(
         U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), SPLIT_K=cfg.split_k, PACKED=sizes is not None
     )
+    meta |= dict(ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B)
     return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | _compile_options(d_pre.dtype, cfg)
 
 

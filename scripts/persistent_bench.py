@@ -161,13 +161,16 @@ def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
 
 
 def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
+    """bwd: (config, ACQUIRE_LOAD, REGISTER_STATE: ∂L/∂h, ∂L/∂c in registers and the saved gates and c
+    loaded before the barrier, with one chunk)."""
     new = tp.pick_config(B, H, dtype, backward=True)
     old = tp.Config(units=new.units, num_warps=8, block_b=new.block_b, split_k=1)
     return {
-        "before (8 warps on one [16, 8] tile, atomic poll)": (old, False),
-        "split-K, one slice per warp (pick_config)": (new, False),
-        "ld.acquire poll": (old, True),
-        "all of the above": (new, True),
+        "before (8 warps on one [16, 8] tile, atomic poll, state from memory)": (old, False, False),
+        "split-K, one slice per warp (pick_config)": (new, False, False),
+        "ld.acquire poll": (old, True, False),
+        "state in registers, inputs before the barrier (one chunk only)": (old, False, True),
+        "all of the above": (new, True, True),
     }
 
 
@@ -207,8 +210,13 @@ def ablation_rows(args, device, emit) -> None:
                          "warps": cfg.num_warps, "rel_err": err, "ok": ok, "ms": ms,
                          "us_per_step": 1000 * ms / T})  # fmt: skip
         _, cs_check, gates_check = tp.persistent_forward(**check, spin_limit=args.spin_limit)
-        for name, (cfg, acquire) in backward_ablations(B, H, dtype).items():
-            tp.ACQUIRE_LOAD = acquire
+        seen = set()
+        for name, (cfg, acquire, registers) in backward_ablations(B, H, dtype).items():
+            registers &= cfg.block_b >= B
+            if (cfg, acquire, registers) in seen:
+                continue
+            seen.add((cfg, acquire, registers))
+            tp.ACQUIRE_LOAD, tp.REGISTER_STATE = acquire, registers
             grads = tp.persistent_backward(
                 d_hs_check,
                 d_cn_check,

@@ -420,6 +420,7 @@ def compile_kernel(backward, B, H, dt, cfg, flags):
     if backward:
         fn = tp.lstm_persistent_bwd_kernel
         const = {"BLOCK_G": tp._block(4 * H), "SPLIT_K": cfg.split_k, "FINISH": True}
+        const["ONE_CHUNK"] = B <= cfg.block_b
     else:
         fn = tp.lstm_persistent_fwd_kernel
         const = {"BLOCK_H": tp._block(H), "SAVE": True, "ONE_CHUNK": B <= cfg.block_b}
