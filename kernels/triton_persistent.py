@@ -17,7 +17,9 @@ Backward, program p owns the same units but the 4H columns j of W_hh, since
   step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
           -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
 The dot's [16, U] output is one warp's mma tile, so the 4H contraction is split across the warps
-(a 3-D dot over SPLIT_K slices, summed). ∂W_hh, ∂W_ih and ∂x are one GEMM each after the loop.
+(a 3-D dot over SPLIT_K slices, summed). With one chunk ∂L/∂h and ∂L/∂c stay in registers and step
+t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are one GEMM each after
+the loop, in the caller.
 
 The barrier is bounded: a program that waits too long marks the run aborted and every program then
 writes NaN; the next launcher call raises PersistentKernelTimeout (the flag is read lazily, with no
