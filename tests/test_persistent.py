@@ -412,6 +412,20 @@ def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp cover
                      "warps": warps})
     return dots
 
+def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, and its local_loads
+    lines = ttgir.splitlines()
+    start = next(i for i, line in enumerate(lines) if "scf.for" in line)
+    depth, end = 0, len(lines)
+    for i in range(start, len(lines)):
+        depth += lines[i].count("{") - lines[i].count("}")
+        if depth == 0:
+            end = i
+            break
+    body = lines[start:end]
+    found = (re.search(r"%(\w+) = tt\.load", x) for x in body)
+    loads = sorted({re.sub(r"_\d+$", "", m[1]) for m in found if m})
+    return loads, sum("ttg.local_load" in x for x in body)
+
 def compile_kernel(backward, B, H, dt, cfg, flags):
     acc, w = "*fp32", f"*{dt}"
     pointers = {"p_gx": w, "p_w": w, "p_hs": w, "p_cs": acc, "p_gates": acc, "p_dhs": w, "p_dpre": w,
@@ -437,7 +451,7 @@ def compile_kernel(backward, B, H, dt, cfg, flags):
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     return (*registers(ptx), compiled.metadata.shared, dot_layouts(compiled.asm["ttgir"]),
-            "ld.acquire.gpu" in ptx)
+            "ld.acquire.gpu" in ptx, *time_loop(compiled.asm["ttgir"]))
 
 compiled = {}  # B enters as a multiple of 16 and as B ≤ block_b: B = 64 and 128 share a kernel
 for spec in sys.argv[1:]:
@@ -452,11 +466,12 @@ for spec in sys.argv[1:]:
     key = (backward, B <= cfg.block_b, B % 16 == 0 or B, H, dt, cfg, flags)
     if key not in compiled:
         compiled[key] = compile_kernel(backward, B, H, dt, cfg, flags)
-    regs, spills, shared, dots, acquire = compiled[key]
+    regs, spills, shared, dots, acquire, loop_loads, loop_local_loads = compiled[key]
     fit = {sms: tp.resident_programs(regs, cfg.num_warps, shared, sms=sms) for sms in (132, 114)}
     print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared, "warps": cfg.num_warps,
                       "programs": cfg.programs(H), "fit": fit[132], "fit_114": fit[114], "dots": dots,
-                      "acquire_load": acquire}), flush=True)
+                      "acquire_load": acquire, "loop_loads": loop_loads,
+                      "loop_local_loads": loop_local_loads}), flush=True)
 """
 
 # the issue's shape grid (B 16-128, H 256-1024) in bf16, fwd and bwd; fp16 shares bf16's tile sizes; fp32
@@ -471,6 +486,16 @@ HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd
 # (128 programs) persistent_unavailable_reason sends the layer to the per-step kernels there
 NOT_RESIDENT_ON_114_SMS = {f"bf16,{b},1024,bwd" for b in (16, 64, 128)}
 NOT_RESIDENT_ON_114_SMS |= {"bf16,64,1024,fwd", "bf16,128,1024,fwd", "fp32,16,1024,fwd"}
+
+
+# What the time loop may load with one batch chunk (B = 16), vanilla cell, packed input: the step's
+# batch size, the operand of the dot (h_{t−1}, ∂L/∂pre_{t+1}) and launch inputs (gx_{t+1} prefetched;
+# the saved gates, c_t, c_{t−1} and ∂L/∂hs[t+1]), never the program's own state, which stays in
+# registers. Names as triton ≥ 3.9 gives them (the Python variable's), so checked there only.
+LOOP_LOADS = {
+    "fwd": ["b_gx_reg", "b_hp", "n_rows"],
+    "bwd": ["b_c_pf", "b_c_prev_pf", "b_dh", "b_dp", "b_gates_pf", "n_rows"],
+}
 
 
 def duplicated_warps(dot: dict) -> bool:
@@ -552,5 +577,10 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             checks["resident on 132 SMs"] = row["programs"] <= row["fit"]
             on_114 = row["programs"] <= row["fit_114"]
             checks["resident on 114 SMs as expected"] = on_114 == (spec not in NOT_RESIDENT_ON_114_SMS)
+            # the ldmatrix reads of the two dot operands from shared memory, nothing else
+            checks["at most 2 local_loads in the time loop"] = row["loop_local_loads"] <= 2
+            dt, b, _, d, *variant = spec.split(",")
+            if b == "16" and dt != "fp32" and not variant and TRITON_VERSION >= (3, 9):
+                checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
         failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
     assert not failures, "\n".join(failures)
