@@ -874,6 +874,14 @@ def _grid(
     return P, n_sync, torch.zeros(2, dtype=torch.int32, device=device)
 
 
+def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
+    S, K = cfg.split_k, _block(4 * H)
+    if not backward and S != 1:
+        raise ValueError(f"split_k splits the backward's contraction; the forward takes split_k=1, got {cfg}")
+    if S < 1 or S & (S - 1) or K // S < 16:
+        raise ValueError(f"split_k must be a power of two with 4H padded ({K}) / split_k ≥ 16, got {cfg}")
+
+
 def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int) -> None:
     reason = persistent_unavailable_reason(B, H, dtype, device, flags)
     if reason is not None:
@@ -1039,6 +1047,7 @@ def persistent_forward(
         hd = empty(2, B, H, dtype=dtype, device=device)
         hd[0] = hs[0] * variant[1][2]
     cfg = config or pick_config(B, H, dtype, backward=False)
+    _check_split_k(cfg, H, backward=False)
     P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
     if _single_launch(device, single_launch):
         args, meta = _kernel_args_fwd(
@@ -1124,6 +1133,7 @@ def persistent_backward(
     if T == 0:
         return d_pre, d_h, d_c
     cfg = config or pick_config(B, H, dtype, backward=True)
+    _check_split_k(cfg, H, backward=True)
     P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
 
     def launch(t_start: int, t_end: int, sync_on: bool, finish: bool) -> None:

@@ -308,6 +308,18 @@ def test_launchers_reject_bad_shapes():
         run_forward(inputs, [5, 4, 3, 2, 1])
 
 
+def test_launchers_reject_a_split_k_they_cannot_run():
+    inputs = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"the forward takes split_k=1"):
+        tp.persistent_forward(**inputs, config=tp.Config(units=4, num_warps=4, block_b=4, split_k=2))
+    hs, cs, gates = run_forward(inputs, None, config=SMALL)
+    for split_k in (3, 8):  # not a power of two; 64 / 8 < 16
+        with pytest.raises(ValueError, match=r"split_k must be a power of two with 4H padded \(64\)"):
+            tp.persistent_backward(
+                torch.zeros_like(hs), cs[0], gates, cs, inputs["w_hh"], config=tp.Config(4, 4, 4, split_k)
+            )
+
+
 def test_resident_programs_counts_the_scarcest_resource():
     # 80 registers × 256 threads: 3 blocks by registers; 99 KiB shared memory: 2 by shared memory
     assert tp.resident_programs(80, 8, 99 * 1024, sms=132) == 264
