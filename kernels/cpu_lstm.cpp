@@ -49,9 +49,10 @@ constexpr int64_t ZONEOUT_H = 1 << 9;
 constexpr int64_t RECURRENT_DROPOUT = 1 << 10;
 constexpr int64_t SUPPORTED = (1 << 11) - 1 - LAYER_NORM;
 
-// Below this many multiply-adds per step and block, a second thread costs more than it saves
-// (an OpenMP fork/join per region is a few µs; see docs/benchmarks/cpu-*-cpp-kernel.md).
-constexpr int64_t MIN_MACS_PER_BLOCK = 1 << 17;
+// Multiply-adds per step and thread below which a step stays on one thread: each region is an
+// OpenMP fork/join, and on the shared 2-core machine where this was written a second thread never
+// paid up to B64 H256 (docs/benchmarks/cpu-2026-12-06-cpp-kernel.md); not tuned on an idle machine.
+constexpr int64_t MIN_MACS_PER_BLOCK = 1 << 20;
 
 using at::vec::Vectorized;
 

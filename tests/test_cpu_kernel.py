@@ -201,8 +201,10 @@ def test_matches_oracle_fp64(library, case, proj, packing):
 @pytest.mark.parametrize(
     "shape,proj,flags",
     [
-        ((4, 48, 100, 72), True, 0),  # blocks of 64 + 36 units and 48 + 24 columns: vector tails
-        ((3, 33, 100, 100), False, variants.PEEPHOLES | variants.RECURRENT_DROPOUT | variants.ZONEOUT_H),
+        # on two threads: blocks of 80 + 70 units and 80 + 56 columns (vector tails)
+        ((3, 112, 150, 136), True, 0),
+        # on two threads: blocks of 64 + 36 units
+        ((3, 64, 100, 100), False, variants.PEEPHOLES | variants.RECURRENT_DROPOUT | variants.ZONEOUT_H),
         ((3, 70, 300, 300), False, 0),  # larger GEMMs than the per-step micro-kernel's blocks
     ],
     ids=["proj", "variant", "large"],
