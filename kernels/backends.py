@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ except ImportError:
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # what a request may name: the backends, and the two rules below that choose among them
-REQUESTS = ("auto", "triton", "triton_step", "triton_persistent", "reference")
+REQUESTS = ("auto", "triton", "triton_step", "triton_persistent", "cpu", "reference")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,55 @@ class _Persistent:
         return LoopGrads(d_pre, d_pre, d_h, d_c, None, None)
 
 
+@torch.compiler.assume_constant_result  # the first answer builds the library: never traced
+def cpu_kernel_reason(
+    hidden: int, dtype: torch.dtype, device: torch.device, flags: int, proj_size: int
+) -> str | None:
+    """Why the fused CPU kernel cannot run this layer, or None (its first answer builds the library,
+    cpu_kernel.py; the batch never matters)."""
+    from . import cpu_kernel
+
+    with _disable_current_modes():
+        return cpu_kernel.unavailable_reason(1, hidden, dtype, device, flags, proj_size)
+
+
+def _cpu_unavailable_reason(device, batch, hidden, proj_size, dtype, flags) -> str | None:
+    if device.type != "cpu":  # answered here: asking the kernel module would build the library
+        return f"the fused CPU kernel runs on CPU tensors, not {device.type}"
+    return cpu_kernel_reason(hidden, dtype, device, flags, proj_size)
+
+
+class _CpuKernel:
+    """cpu_kernel.py's C++ time loop behind the loop contract."""
+
+    @staticmethod
+    def forward(gx, own_gx, h0, c0, w_hh, w_hr, batch_sizes, cell: Cell, save: bool = True) -> LoopSaved:
+        from . import cpu_kernel
+
+        hs, cs, gates, h_raw, c_new = cpu_kernel.sequence_forward(
+            gx.contiguous(), h0, c0, w_hh, w_hr, batch_sizes,
+            flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout,
+        )  # fmt: skip
+        return LoopSaved(
+            hs, cs, gates, None if w_hr is None else h_raw, c_new if cell.zoneout_c else None, None
+        )
+
+    @staticmethod
+    def backward(d_hs, d_out_packed, d_cn, saved: LoopSaved, w_hh, w_hr, batch_sizes, cell: Cell,
+                 keep_d_pre: bool) -> LoopGrads:  # fmt: skip
+        from . import cpu_kernel
+
+        empty = saved.hs.new_empty(0)
+        d_hs = with_packed_output_grad(d_hs, d_out_packed, batch_sizes).contiguous()
+        d_pre, d_h0, d_c0, d_hp = cpu_kernel.sequence_backward(
+            d_hs, d_cn, saved.gates, saved.cs,
+            empty if saved.h_raw is None else saved.h_raw, empty if saved.c_new is None else saved.c_new,
+            w_hh, w_hr, batch_sizes,
+            flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout,
+        )  # fmt: skip
+        return LoopGrads(d_pre, d_pre, d_h0, d_c0, None if w_hr is None else d_hp, None)
+
+
 class _PerStep:
     """A :class:`PerStepBackend` behind the loop contract: the caller's ∂L/∂gx is its own buffer
     when kept (the op returns it), else scratch (used up in the weight GEMMs)."""
@@ -185,6 +235,8 @@ TABLE: dict[str, Backend] = {
                 "a fused Triton gate kernel per step, a GEMM between"),
         Backend("triton_persistent", lambda: _Persistent, _persistent_unavailable_reason,
                 "one Triton kernel for all steps (no proj_size, no layer norm)"),
+        Backend("cpu", lambda: _CpuKernel, _cpu_unavailable_reason,
+                "the fused C++ time loop on the CPU (cpu_kernel.py; no layer norm, no bf16)"),
     )
 }  # fmt: skip
 KERNEL_BACKENDS = tuple(TABLE)
@@ -241,6 +293,11 @@ def check_available(
         )
 
 
+@functools.cache  # one warning per distinct reason, per process
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def check_backend_name(backend: object) -> str:
     if backend not in REQUESTS:
         raise ValueError(f"backend must be one of {REQUESTS}, got {backend!r}")
@@ -268,6 +325,15 @@ def resolve_backend(
         check_available(requested, *shape)
         return requested
     if requested == "auto":
+        if device.type == "cpu":
+            if unavailable_reason("cpu", *shape) is None:
+                return "cpu"
+            # a cell the kernel lacks (layer norm, bf16) is the rule; a kernel that cannot be built
+            # at all (no compiler) is worth saying, once
+            broken = cpu_kernel_reason(1, torch.float32, device, 0, 0)
+            if broken is not None and not torch.compiler.is_compiling():
+                _warn_once(f"backend='auto' runs the 'reference' backend on the CPU: {broken}")
+            return "reference"
         if device.type != "cuda" or unavailable_reason("triton_step", *shape) is not None:
             return "reference"
         requested = "triton"

@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
-from lstmlab.kernels import backends
+from lstmlab.kernels import backends, variants
 
 import lstmlab
 
@@ -28,8 +29,23 @@ def test_reference_is_always_available():
     assert lstmlab.resolve_backend("reference", "cuda") == "reference"
 
 
-def test_auto_is_reference_on_cpu_even_with_the_interpreter():
-    assert lstmlab.resolve_backend("auto", "cpu") == "reference"
+def test_auto_is_the_fused_cpu_kernel_on_cpu_even_with_the_interpreter():
+    assert lstmlab.resolve_backend("auto", "cpu") == "cpu"
+    assert lstmlab.resolve_backend("auto", "cpu", flags=variants.LAYER_NORM) == "reference"  # not in C++
+
+
+def test_without_the_cpu_kernel_auto_falls_back_once_with_the_reason_and_an_explicit_request_raises(
+    monkeypatch,
+):
+    monkeypatch.setattr(backends, "cpu_kernel_reason", lambda *args: "g++ not found (no compiler)")
+    backends._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"'reference' backend on the CPU: g\+\+ not found"):
+        assert lstmlab.resolve_backend("auto", "cpu", 4, 8) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the same reason does not warn again
+        assert lstmlab.resolve_backend("auto", "cpu", 4, 8) == "reference"
+    with pytest.raises(RuntimeError, match=r"backend='cpu' was requested but g\+\+ not found"):
+        lstmlab.resolve_backend("cpu", "cpu", 4, 8)
 
 
 def fake_persistent_check(monkeypatch, reason):
@@ -149,7 +165,7 @@ def test_unknown_backend_name():
     with pytest.raises(
         ValueError,
         match=r"backend must be one of \('auto', 'triton', 'triton_step', 'triton_persistent', "
-        r"'reference'\), got 'tpu'",
+        r"'cpu', 'reference'\), got 'tpu'",
     ):
         lstmlab.resolve_backend("tpu", "cpu")
 
@@ -166,7 +182,7 @@ def test_import_works_without_triton_and_says_so():
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "OK reference (4, 1, 3)" in result.stdout
+    assert "OK cpu (4, 1, 3)" in result.stdout
 
 
 LIBRARY_MODULES = [

@@ -109,7 +109,7 @@ def test_fullgraph_compile_matches_torch_lstm(name):
             leaves, x = make_input(seed, T, B, batch_first=kwargs.get("batch_first", False))
             assert_same(compiled, theirs, leaves, x, labels_for(theirs, 1))
     on_gpu = DEVICE == "cuda" and HAS_TRITON
-    assert ours.last_backend in (("triton_persistent", "triton_step") if on_gpu else ("reference",))
+    assert ours.last_backend in (("triton_persistent", "triton_step") if on_gpu else ("cpu",))
 
 
 def test_fullgraph_compile_with_initial_state_and_unbatched_input():

@@ -252,7 +252,7 @@ def test_scratch_buffers_are_reused_and_never_leak_between_calls():
     """A small call after a large one reuses the large buffers (no new allocation) and computes
     exactly what it computes on fresh memory; clear_workspace() frees them."""
     torch.manual_seed(0)
-    model = lstmlab.LSTM(6, 8)
+    model = lstmlab.LSTM(6, 8, backend="reference")
     small, large = torch.randn(4, 2, 6), torch.randn(9, 5, 6)
     loop.clear_workspace()
     fresh = _grads(model, small)
@@ -267,9 +267,10 @@ def test_scratch_buffers_are_reused_and_never_leak_between_calls():
     assert not loop._workspace.buffers
 
 
-def test_threads_do_not_share_scratch_buffers():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_threads_do_not_share_scratch_buffers(backend):
     torch.manual_seed(0)
-    model = lstmlab.LSTM(6, 8)
+    model = lstmlab.LSTM(6, 8, backend=backend)
     inputs = [torch.randn(7, 3, 6) for _ in range(4)]
     expected = [_grads(model, x) for x in inputs]
     results = [None] * len(inputs)

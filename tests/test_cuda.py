@@ -63,7 +63,8 @@ def test_triton_matches_cudnn(shape, dtype, backend):
     expected = grads(truth.double(), x.double(), tuple(s.double() for s in hx))
     theirs = grads(cudnn.to(dtype), x.to(dtype), tuple(s.to(dtype) for s in hx))
     actual = grads(ours.to(dtype), x.to(dtype), tuple(s.to(dtype) for s in hx))
-    fits = lstmlab.kernels.backends.persistent_unavailable_reason(B, H, dtype, torch.device("cuda"), P) is None
+    reason = lstmlab.kernels.backends.persistent_unavailable_reason(B, H, dtype, torch.device("cuda"), P)
+    fits = reason is None
     assert ours.last_backend == ("triton_persistent" if backend == "triton" and fits else "triton_step")
     labels = [
         "output",

@@ -105,7 +105,8 @@ def test_device_mismatch():
             dict(backend="cudnn"),
             ValueError,
             [
-                "backend must be one of ('auto', 'triton', 'triton_step', 'triton_persistent', 'reference')",
+                "backend must be one of ('auto', 'triton', 'triton_step', 'triton_persistent', 'cpu', "
+                "'reference')",
                 "'cudnn'",
             ],
         ),

@@ -16,7 +16,7 @@ import lstmlab
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 # "triton" runs the per-step kernels on a CPU (through the interpreter) and, on a GPU, the persistent
 # ones where the shape qualifies; the persistent kernels have a test of their own below
-BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=needs_triton)]
 TOL = 1e-10
 
 
@@ -222,19 +222,20 @@ def test_forget_bias_and_chrono_init():
     assert b_f.max() > 2.0
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["reference", *(pytest.param(b, marks=needs_triton) for b in ("triton_step", "triton_persistent"))],
-)
+TRITON_BACKENDS = [pytest.param(b, marks=needs_triton) for b in ("triton_step", "triton_persistent")]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", *TRITON_BACKENDS])
 def test_last_backend_records_what_ran(backend):
     device = device_for(backend)
     model = lstmlab.LSTM(2, 3, backend=backend, device=device)
     assert model.last_backend is None
     model(torch.randn(4, 1, 2, device=device))
     assert model.last_backend == backend
-    cell = lstmlab.LSTMCell(2, 3, backend="triton_step" if backend != "reference" else backend, device=device)
+    cell_backend = backend if backend in ("reference", "cpu") else "triton_step"
+    cell = lstmlab.LSTMCell(2, 3, backend=cell_backend, device=device)
     cell(torch.randn(1, 2, device=device))
-    assert cell.last_backend == ("reference" if backend == "reference" else "triton_step")
+    assert cell.last_backend == cell_backend
 
 
 @needs_triton

@@ -259,7 +259,7 @@ def test_variant_transforms_match_the_ops_reverse_mode(variant):
         return model(x)[0]
 
     J = op_jacobian(out, x)  # [T, B, 2H, T, B, I]
-    assert model.last_backend == "reference"
+    assert model.last_backend in ("cpu", "reference")  # the op ran: the fused kernel where it has the cell
     expected_tangent = (J * v).sum((-3, -2, -1))
     assert rel_err(jvp(out, (x,), (v,))[1], expected_tangent) <= TOL
     assert rel_err(jacrev(out)(x), J) <= TOL

@@ -105,6 +105,22 @@ def test_reference_layer_matches_the_oracle_on_packed_steps(case):
     assert_layer_matches_oracle(case, "reference", batch_sizes=[3, 3, 2, 2, 1])
 
 
+# the fused C++ kernel (backend "cpu") has every variant but layer norm
+CPU_CASES = [case for case, (variant, *_) in LAYER_CASES.items() if not variant.layer_norm]
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_cpu_kernel_layer_matches_the_oracle(case):
+    assert_layer_matches_oracle(case, "cpu")
+    assert_layer_matches_oracle(case, "cpu", batch_sizes=[3, 3, 2, 2, 1])
+
+
+def test_layer_norm_is_refused_by_the_cpu_kernel():
+    leaves, _, flags = layer_inputs(CellVariant(layer_norm=True), 0.0, 0.0, 0.0, "cpu")
+    with pytest.raises(RuntimeError, match=r"backend='cpu' was requested but layer norm is not in"):
+        ours(flags, leaves, {}, "cpu")
+
+
 # through the interpreter every case costs seconds: the Triton paths run the widest cases here (the
 # kernels' own files test every variant step by step: test_variant_triton_step.py,
 # test_variant_persistent.py)
@@ -150,7 +166,7 @@ def test_gradcheck_on_every_input_of_the_op():
     assert torch.autograd.gradcheck(layer, tuple(leaves.values()))
 
 
-PROJ_BACKENDS = ["reference", pytest.param("triton_step", marks=needs_triton)]
+PROJ_BACKENDS = ["reference", pytest.param("triton_step", marks=needs_triton)]  # the cpu kernel: below
 
 
 @pytest.mark.parametrize("backend", PROJ_BACKENDS)
