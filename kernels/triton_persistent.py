@@ -160,6 +160,7 @@ def lstm_persistent_fwd_kernel(
     U: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # slices of the H contraction side by side, summed (1: one 2-D dot)
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,  # variants.py's bits but LAYER_NORM
     SAVE: tl.constexpr,  # store gates and every c_t for a backward; else only h_t (and c in a ring)
@@ -183,8 +184,12 @@ def lstm_persistent_fwd_kernel(
     o_r = o_q * H + o_uq  # [4U] stacked rows of W_hh = columns of gx and gates
 
     # this program's 4U rows of W_hh, loaded once and kept on chip for the whole sequence
-    p_w_rows = p_w + o_r[:, None] * H + o_k[None, :]
-    b_w = tl.load(p_w_rows, mask=m_uq[:, None] & m_k[None, :], other=0)  # [4U, BLOCK_H]
+    if SPLIT_K == 1:
+        b_w = tl.load(p_w + o_r[:, None] * H + o_k[None, :], mask=m_uq[:, None] & m_k[None, :], other=0)
+    else:  # [S, BLOCK_H / S, 4U]: slice s of the H columns, transposed, for the 3-D dot
+        o_k3 = (tl.arange(0, SPLIT_K) * (BLOCK_H // SPLIT_K))[:, None, None]
+        o_k3 += tl.arange(0, BLOCK_H // SPLIT_K)[None, :, None]
+        b_w = tl.load(p_w + o_r[None, None, :] * H + o_k3, mask=m_uq[None, None, :] & (o_k3 < H), other=0)
     # tanh(x) = 2σ(2x) − 1: one sigmoid activates all four gates of the stacked tile
     b_s = tl.where(o_q == 2, 2.0, 1.0).to(acc)[None, :]  # [1, 4U]
     if F_PEEPHOLES & FLAGS:  # [1, U] each
@@ -238,9 +243,16 @@ def lstm_persistent_fwd_kernel(
                 b_gx = tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0)
 
             # .cg: h_{t−1} was written by other SMs; read it from L2, never from a stale L1 line
-            p_h_all = p_d_prev + o_b[:, None] * H + o_k[None, :]
-            b_hp = tl.load(p_h_all, mask=m_b[:, None] & m_k[None, :], other=0, cache_modifier=".cg")
-            b_pre = _dot(b_hp, tl.trans(b_w), acc, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, 4U]
+            if SPLIT_K == 1:
+                p_h_all = p_d_prev + o_b[:, None] * H + o_k[None, :]
+                b_hp = tl.load(p_h_all, mask=m_b[:, None] & m_k[None, :], other=0, cache_modifier=".cg")
+                b_pre = _dot(b_hp, tl.trans(b_w), acc, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, 4U]
+            else:  # [S, BLOCK_B, H/S]×[S, H/S, 4U], then Σ over s
+                o_kh = (tl.arange(0, SPLIT_K) * (BLOCK_H // SPLIT_K))[:, None, None]
+                o_kh += tl.arange(0, BLOCK_H // SPLIT_K)[None, None, :]
+                p_h_all = p_d_prev + o_b[None, :, None] * H + o_kh
+                b_hp = tl.load(p_h_all, mask=m_b[None, :, None] & (o_kh < H), other=0, cache_modifier=".cg")
+                b_pre = tl.sum(_dot(b_hp, b_w, acc, DOT_PRECISION, UPCAST_DOT), axis=0)
             b_pre += b_gx.to(acc)
             if (F_SPLIT_GATES & FLAGS) == 0:
                 b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
@@ -536,9 +548,9 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 @dataclass(frozen=True)
 class Config:
     """Launch configuration of one persistent kernel: U units per program, warps per program, the
-    batch rows of one chunk (a program walks the batch in chunks of block_b rows each step) and, in
-    the backward, split_k: the slices of the 4H contraction that run side by side (one per warp),
-    summed after the dot (1: one [block_b, 4H]×[4H, U] dot)."""
+    batch rows of one chunk (a program walks the batch in chunks of block_b rows each step) and
+    split_k: the slices of the dot's contraction (4H in the backward, H in the forward) that run side
+    by side, one per warp, summed after the dot (1: one 2-D dot)."""
 
     units: int
     num_warps: int
@@ -651,7 +663,9 @@ def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start,
     flags, tensors = variant
     args = (gx, w_hh, hs, cs, *(sync if x is None else x for x in (gates, *tensors, hd)))  # sync: never read
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, B, H, spin_limit, n_sync)
-    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), PACKED=sizes is not None)
+    meta = dict(
+        U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), SPLIT_K=cfg.split_k, PACKED=sizes is not None
+    )
     one_chunk = REGISTER_STATE and cfg.block_b >= B
     meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=one_chunk, SYNC=sync_on)
     return args, meta | _compile_options(gx.dtype, cfg)
@@ -875,11 +889,10 @@ def _grid(
 
 
 def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
-    S, K = cfg.split_k, _block(4 * H)
-    if not backward and S != 1:
-        raise ValueError(f"split_k splits the backward's contraction; the forward takes split_k=1, got {cfg}")
+    S, K = cfg.split_k, _block(4 * H if backward else H)
     if S < 1 or S & (S - 1) or K // S < 16:
-        raise ValueError(f"split_k must be a power of two with 4H padded ({K}) / split_k ≥ 16, got {cfg}")
+        what = "4H" if backward else "H"
+        raise ValueError(f"split_k must be a power of two with {what} padded ({K}) / split_k ≥ 16, got {cfg}")
 
 
 def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int) -> None:

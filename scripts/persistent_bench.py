@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -157,6 +158,14 @@ def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
         "c, h, gx_{t+1} in registers (one chunk only)": (old, False, True, True),
         "all of the above": (new, True, False, True),
         "all but save (what training runs)": (new, True, True, True),
+        # the H contraction in 4 slices, one per warp: 4 independent 16-MMA chains instead of one 64-long
+        # chain per warp (vs the row above; not the default: 40 bytes of spills at H768 with triton 3.9)
+        "split-K x4 over 4 warps (B <= 16), all but save": (
+            replace(new, num_warps=4, split_k=4),
+            True,
+            True,
+            True,
+        ),
     }
 
 
@@ -193,6 +202,8 @@ def ablation_rows(args, device, emit) -> None:
         for name, spec in forward_ablations(B, H, dtype).items():
             cfg, acquire, save, registers = spec
             registers &= cfg.block_b >= B  # several chunks: no registers across steps
+            if cfg.split_k > 1 and cfg.block_b != 16:
+                continue
             if (cfg, acquire, save, registers) in seen:  # e.g. at B > 16 pick_config already runs 8 warps
                 continue
             seen.add((cfg, acquire, save, registers))
