@@ -74,7 +74,7 @@ def test_bench_layer_smoke(tmp_path: Path, capsys) -> None:
         by_impl = {r["impl"]: r for r in rows if r["pass"] == pass_}
         gpu_only = {"torch.nn.LSTM-fp16"}  # cuDNN in fp16: a GPU row
         assert sorted(by_impl) == sorted(set(bench_layer.IMPLS) - gpu_only)
-        assert by_impl["lstmlab.LSTM"]["backend"] == "reference/auto"  # last_backend/GEMM engine
+        assert by_impl["lstmlab.LSTM"]["backend"] == "cpu/auto"  # last_backend/GEMM engine
         assert by_impl["lstmlab.lstm_layer"]["input_proj"] == "excluded"
         for impl in ("torch.nn.LSTM", "LSTMCell-loop", "lstmlab.LSTM"):
             assert_timed(by_impl[impl])
