@@ -270,6 +270,7 @@ def test_sync_check_raises_in_the_call_that_timed_out(monkeypatch):
     """LSTMLAB_PERSISTENT_SYNC_CHECK=1 (SYNC_CHECK): each launcher reads its own flag before it returns."""
     _skip_unless_available(torch.float32)
     zeros_allocator(monkeypatch)
+    tp.raise_pending_timeouts(wait=True)  # on a GPU, earlier tests' launches may still be queued
     monkeypatch.setattr(tp, "SYNC_CHECK", True)
     inputs = make_inputs(torch.float32)
     with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
