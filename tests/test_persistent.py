@@ -449,7 +449,9 @@ def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp cover
             per_warp = [a * b for a, b in zip(field("sizePerThread"), field("threadsPerWarp"))]
             layouts[name] = (kind, per_warp, field("warpsPerCTA"))
     dots = []
-    for shape, name in re.findall(r"tt\.dot .* -> tensor<([\dx]+)x\w+, (#\w+)>", ttgir):
+    # tt.dot (mma.sync, FMA) or ttng.warp_group_dot (wgmma, Hopper's MMAv3, from M = 64 per 4 warps)
+    dot_re = r"(?:tt\.dot|ttng\.warp_group_dot) .* -> tensor<([\dx]+)x\w+, (#\w+)>"
+    for shape, name in re.findall(dot_re, ttgir):
         kind, per_warp, warps = layouts.get(name, (name, None, None))  # None: a layout this cannot read
         dots.append({"shape": [int(x) for x in shape.split("x")], "kind": kind, "per_warp": per_warp,
                      "warps": warps})
