@@ -44,7 +44,20 @@ import triton.language as tl
 from torch import Tensor
 
 from . import variants
-from .triton_gates import _sigmoid, _tanh
+from .triton_gates import (
+    F_CIFG,
+    F_NO_FORGET_GATE,
+    F_NO_INPUT_ACTIVATION,
+    F_NO_INPUT_GATE,
+    F_NO_OUTPUT_ACTIVATION,
+    F_NO_OUTPUT_GATE,
+    F_PEEPHOLES,
+    F_RECURRENT_DROPOUT,
+    F_ZONEOUT_C,
+    F_ZONEOUT_H,
+    _sigmoid,
+    _tanh,
+)
 
 # Triton decides at import time whether kernels run compiled or through its CPU interpreter.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -56,19 +69,10 @@ ABORT = tl.constexpr(1 << 30)
 # seconds, far beyond any step, so only programs that are not co-resident ever reach it.
 SPIN_LIMIT = 1 << 22
 
-# The cell variants' bits (variants.py) as compile-time switches: each kernel takes FLAGS as a
-# tl.constexpr and tests `F_… & FLAGS`, so the vanilla cell (FLAGS = 0) compiles to the code it had
-# before variants existed. Layer norm is not among them (see LAYER_NORM_REASON).
-F_PEEPHOLES = tl.constexpr(variants.PEEPHOLES)
-F_CIFG = tl.constexpr(variants.CIFG)
-F_NO_INPUT_GATE = tl.constexpr(variants.NO_INPUT_GATE)
-F_NO_FORGET_GATE = tl.constexpr(variants.NO_FORGET_GATE)
-F_NO_OUTPUT_GATE = tl.constexpr(variants.NO_OUTPUT_GATE)
-F_NO_INPUT_ACTIVATION = tl.constexpr(variants.NO_INPUT_ACTIVATION)
-F_NO_OUTPUT_ACTIVATION = tl.constexpr(variants.NO_OUTPUT_ACTIVATION)
-F_ZONEOUT_C = tl.constexpr(variants.ZONEOUT_C)
-F_ZONEOUT_H = tl.constexpr(variants.ZONEOUT_H)
-F_RECURRENT_DROPOUT = tl.constexpr(variants.RECURRENT_DROPOUT)
+# The cell variants' bits as compile-time switches, the encoding triton_gates.py defines for both
+# Triton files: each kernel takes FLAGS as a tl.constexpr and tests `F_… & FLAGS`, so the vanilla cell
+# (FLAGS = 0) compiles to the code it had before variants existed. Layer norm is not among them (see
+# LAYER_NORM_REASON).
 # gate math that one stacked activation of [BLOCK_B, 4U] cannot do: the gates are split first
 F_SPLIT_GATES = tl.constexpr(
     variants.PEEPHOLES
