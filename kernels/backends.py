@@ -139,6 +139,7 @@ class _Persistent:
         hs, cs, gates = triton_persistent.persistent_forward(
             gx.contiguous(), h0, c0, w_hh, batch_sizes,
             flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout, c_new=c_new,
+            save=save,
         )  # fmt: skip
         return LoopSaved(hs, cs, gates, None, c_new, None)
 
@@ -183,7 +184,7 @@ class _CpuKernel:
 
         hs, cs, gates, h_raw, c_new = cpu_kernel.sequence_forward(
             gx.contiguous(), h0, c0, w_hh, w_hr, batch_sizes,
-            flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout,
+            flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout, save=save,
         )  # fmt: skip
         return LoopSaved(
             hs, cs, gates, None if w_hr is None else h_raw, c_new if cell.zoneout_c else None, None

@@ -39,7 +39,8 @@ class LayerInputs(NamedTuple):
     by name). x is [T, B, I] with w_ih [4H, I], or, when w_ih is None, the input projection gx
     [T, B, 4H] itself; bias [4H] (b_ih + b_hh) or None; h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr
     [P, H] or None; batch_sizes [T] int64 on the CPU or None; the cell's flags and tensors as
-    :class:`lstmlab.kernels.loop.Cell`."""
+    :class:`lstmlab.kernels.loop.Cell`; ``save``: whether a backward may follow (if not, nothing
+    for it is kept: the outputs after c_n are [0], and a backend may skip storing its gates)."""
 
     x: Tensor
     w_ih: Tensor | None
@@ -56,6 +57,7 @@ class LayerInputs(NamedTuple):
     ln_c: Tensor | None
     zoneout: Tensor | None
     dropout: Tensor | None
+    save: bool
 
     def cell(self, acc: torch.dtype) -> Cell:
         def to_acc(t: Tensor | None) -> Tensor | None:
@@ -93,26 +95,26 @@ def _layer_forward(a: LayerInputs) -> LayerOutputs:
         gx = gemm.linear(a.x.reshape(-1, a.x.shape[-1]), a.w_ih, a.bias).view(
             *a.x.shape[:2], -1
         )  # [T, B, 4H]
-    T, B, _ = gx.shape
+    B = gx.shape[1]
     acc = accumulation_dtype(gx.dtype)
     saved = backends.get(a.backend).forward(
-        gx, own_gx, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc)
+        gx, own_gx, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc), save=a.save
     )
     out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
     if a.batch_sizes is not None:  # rows that did not advance have no output at that step
         out_packed = torch.where(advanced(a.batch_sizes, B, gx.device).unsqueeze(2), saved.hs[1:], 0)
-    c_n = saved.cs[T].to(a.c0.dtype, copy=True)
-    h_raw = gx.new_empty(0) if saved.h_raw is None else saved.h_raw
+    c_n = saved.cs[-1].to(a.c0.dtype, copy=True)  # without save a backend may keep c_T alone
+    h_raw = gx.new_empty(0) if saved.h_raw is None or not a.save else saved.h_raw
 
     def or_empty(t: Tensor | None) -> Tensor:
-        return gx.new_empty(0, dtype=acc) if t is None else t
+        return gx.new_empty(0, dtype=acc) if t is None or not a.save else t
 
     return LayerOutputs(
         saved.hs,
         out_packed,
         c_n,
-        saved.cs,
-        saved.gates,
+        or_empty(saved.cs),
+        or_empty(saved.gates),
         h_raw,
         or_empty(saved.c_new),
         or_empty(saved.ln_saved),
@@ -125,15 +127,19 @@ def _fake_forward(a: LayerInputs) -> LayerOutputs:
     H, P = G // 4, a.w_hh.shape[1]
     dtype, acc = a.x.dtype, accumulation_dtype(a.x.dtype)
     x = a.x
+
+    def kept(wanted: bool, *shape: int, dtype: torch.dtype = acc) -> Tensor:
+        return x.new_empty(*shape, dtype=dtype) if wanted and a.save else x.new_empty(0, dtype=dtype)
+
     return LayerOutputs(
         x.new_empty(T + 1, B, P),
         x.new_empty(0) if a.batch_sizes is None else x.new_empty(T, B, P),
         a.c0.new_empty(B, H),
-        x.new_empty(T + 1, B, H, dtype=acc),
-        x.new_empty(T, B, G, dtype=acc),
-        x.new_empty(0, dtype=dtype) if a.w_hr is None else x.new_empty(T, B, H, dtype=dtype),
-        x.new_empty(T, B, H, dtype=acc) if a.flags & variants.ZONEOUT_C else x.new_empty(0, dtype=acc),
-        x.new_empty(T, B, G + 3, dtype=acc) if a.flags & variants.LAYER_NORM else x.new_empty(0, dtype=acc),
+        kept(True, T + 1, B, H),
+        kept(True, T, B, G),
+        kept(a.w_hr is not None, T, B, H, dtype=dtype),
+        kept(bool(a.flags & variants.ZONEOUT_C), T, B, H),
+        kept(bool(a.flags & variants.LAYER_NORM), T, B, G + 3),
     )
 
 
@@ -290,6 +296,7 @@ def lstm_layer_fwd(
     ln_c: Tensor | None,
     zoneout: Tensor | None,
     dropout: Tensor | None,
+    save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :class:`LayerInputs` and :class:`LayerOutputs`."""
     return tuple(_layer_forward(LayerInputs(*_args(locals(), LayerInputs))))
@@ -355,7 +362,7 @@ def _backward(ctx, d_hs, d_out_packed, d_cn, *_saved_grads):
     (hs, cs, gates, h_raw, c_new, ln_saved, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes,
      peephole, ln_hh, ln_c, zoneout, dropout) = ctx.saved_tensors  # fmt: skip
     a = LayerInputs(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, ctx.backend, ctx.flags,
-                    peephole, ln_hh, ln_c, zoneout, dropout)  # fmt: skip
+                    peephole, ln_hh, ln_c, zoneout, dropout, True)  # fmt: skip
     wanted = dict(zip(LayerInputs._fields, ctx.needs_input_grad, strict=True))
     wanted = {name: wanted[name] and getattr(a, name) is not None for name in _GRAD_INPUTS}
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -392,6 +399,7 @@ def _backward(ctx, d_hs, d_out_packed, d_cn, *_saved_grads):
         grad("peephole", g.d_peephole, peephole),
         grad("ln_hh", g.d_ln_hh, ln_hh),
         grad("ln_c", g.d_ln_c, ln_c),
+        None,
         None,
         None,
     )
@@ -540,7 +548,9 @@ def lstm_layer(
 def run_layer(*args) -> tuple[Tensor, Tensor, Tensor]:
     """The op on checked arguments (:class:`LayerInputs`' order) -> out, h_n, c_n. Under a
     torch.func transform or forward-mode AD the same function runs in differentiable ops."""
-    a = LayerInputs(*args)
+    # a backward may follow only if grad mode is on and an input asks for one: else nothing is kept
+    save = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
+    a = LayerInputs(*args, save)
     from .transforms import layer_forward_differentiable, transform_active
 
     if transform_active(a):

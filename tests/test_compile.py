@@ -228,7 +228,7 @@ def layer_args(with_w_ih, proj, packed, dtype=torch.float64):
     sizes = torch.tensor([3, 2, 2, 1]) if packed else None
     w_hr = rand(P, H) if proj else None
     cell = (None,) * 5  # the vanilla cell: flags 0, no variant tensors
-    return (x, w_ih, bias, rand(B, P), rand(B, H), rand(4 * H, P), w_hr, sizes, "reference", 0, *cell)
+    return (x, w_ih, bias, rand(B, P), rand(B, H), rand(4 * H, P), w_hr, sizes, "reference", 0, *cell, True)
 
 
 OP_CASES = [(True, False, False), (False, False, False), (True, True, True), (False, True, True)]
@@ -241,7 +241,7 @@ def test_opcheck_layer_ops(with_w_ih, proj, packed):
     args = layer_args(with_w_ih, proj, packed)
     torch.library.opcheck(lstm_layer_fwd, args)
     out = LayerOutputs(*lstm_layer_fwd(*args))
-    x, w_ih, _, _, _, w_hh, w_hr, sizes, backend, flags, *cell = args
+    x, w_ih, _, _, _, w_hh, w_hr, sizes, backend, flags, *cell, _save = args
     d_hs, d_out, d_cn = torch.randn_like(out.hs), torch.randn_like(out.out_packed), torch.randn_like(out.c_n)
     needs = [True, with_w_ih, with_w_ih, True, proj, False, False, False]
     bwd_args = (d_hs, d_out, d_cn, out.hs, out.cs, out.gates, out.h_raw, out.c_new, out.ln_saved, x, w_ih,

@@ -460,7 +460,7 @@ def test_opcheck_the_layer_op_with_a_variant():
     leaves, masks, flags = layer_inputs(variant, *probabilities, device="cpu")
     sizes = torch.tensor([3, 3, 2, 2, 1])
     args = (leaves["gx"], None, None, leaves["h0"], leaves["c0"], leaves["w_hh"], None, sizes, "reference",
-            flags, leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], *masks.values())  # fmt: skip
+            flags, leaves["peephole"], leaves["ln_hh"], leaves["ln_c"], *masks.values(), True)  # fmt: skip
     torch.library.opcheck(layer.lstm_layer_fwd, args)
     out = layer.LayerOutputs(*layer.lstm_layer_fwd(*args))
     d_hs, d_out, d_cn = torch.randn_like(out.hs), torch.randn_like(out.out_packed), torch.randn_like(out.c_n)
@@ -488,3 +488,25 @@ def test_fullgraph_compile_of_a_variant_matches_eager():
         expected_grads = torch.autograd.grad(model(x)[0].square().sum(), list(model.parameters()))
         for a, e in zip(grads, expected_grads, strict=True):
             assert rel_err(a, e) <= 1e-6, mode
+
+
+@pytest.mark.parametrize(
+    "backend", ["reference", "cpu", pytest.param("triton_step", marks=needs_triton),
+                pytest.param("triton_persistent", marks=needs_triton)],
+)  # fmt: skip
+def test_without_a_backward_nothing_is_kept_and_the_outputs_are_the_same(backend):
+    """Under no_grad the op keeps nothing for a backward (save=False), and computes the same outputs."""
+    case = "all_but_layer_norm"
+    variant, zoneout_c, zoneout_h, dropout_p = LAYER_CASES[case]
+    leaves, masks, flags = layer_inputs(variant, zoneout_c, zoneout_h, dropout_p, device_for(backend))
+    expected = ours(flags, leaves, masks, backend, [3, 3, 2, 2, 1])
+    detached = {k: v.detach() for k, v in leaves.items()}
+    with torch.no_grad():
+        actual = ours(flags, detached, masks, backend, [3, 3, 2, 2, 1])
+        args = (detached["gx"], None, None, detached["h0"], detached["c0"], detached["w_hh"], None,
+                torch.tensor([3, 3, 2, 2, 1]), backend, flags, detached["peephole"], None, None,
+                *masks.values(), False)  # fmt: skip
+        kept = layer.LayerOutputs(*layer.lstm_layer_fwd(*args))
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.equal(a, e.detach())
+    assert all(t.numel() == 0 for t in kept[3:])  # cs, gates, h_raw, c_new, ln_saved
