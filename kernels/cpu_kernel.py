@@ -60,6 +60,10 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
     "DEFAULT": [],
 }
+# at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel` compiles to
+# nothing and every block runs on the calling thread. The library then uses the libgomp.so.1 that
+# torch has loaded already (same soname).
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 # what the first build says it will take, from the measurements in the module docstring
 BUILD_SECONDS = "20–40 s"
 # Set by tests: every buffer the kernel allocates starts as NaN, so an element it forgets to write fails.
@@ -80,7 +84,7 @@ def vector_isa() -> str:
 
 def _library_name(isa: str) -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join([torch.__version__, sys.version, *ISA_FLAGS[isa]]).encode())
+    digest.update(" ".join([torch.__version__, sys.version, *ISA_FLAGS[isa], *OPENMP_FLAGS]).encode())
     return f"lstmlab_cpu_lstm_{isa.lower()}_{digest.hexdigest()[:12]}"
 
 
@@ -115,7 +119,8 @@ def _load() -> None:
         cpp_extension.load(
             name,
             [str(SOURCE)],
-            extra_cflags=["-O3", *ISA_FLAGS[isa]],
+            extra_cflags=["-O3", *ISA_FLAGS[isa], *OPENMP_FLAGS],
+            extra_ldflags=OPENMP_FLAGS,
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,

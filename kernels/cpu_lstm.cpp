@@ -49,10 +49,11 @@ constexpr int64_t ZONEOUT_H = 1 << 9;
 constexpr int64_t RECURRENT_DROPOUT = 1 << 10;
 constexpr int64_t SUPPORTED = (1 << 11) - 1 - LAYER_NORM;
 
-// Multiply-adds per step and thread below which a step stays on one thread: each region is an
-// OpenMP fork/join, and on the shared 2-core machine where this was written a second thread never
-// paid up to B64 H256 (docs/benchmarks/cpu-2026-12-06-cpp-kernel.md); not tuned on an idle machine.
-constexpr int64_t MIN_MACS_PER_BLOCK = 1 << 20;
+// Multiply-adds per step and thread below which a step stays on one thread (each region is an OpenMP
+// fork/join). Measured on the shared 2-core EPYC, kernel alone, T = 100: two threads took 0.70× the
+// time of one at B16 H64, 0.55× at B16 H128 and H256, 0.55× at B64 H256, but 1.3× at B64 H64
+// (not understood); B8–16 H32 stay on one thread (docs/benchmarks/cpu-2026-12-06-cpp-kernel.md).
+constexpr int64_t MIN_MACS_PER_BLOCK = 1 << 17;
 
 using at::vec::Vectorized;
 
