@@ -187,8 +187,10 @@ def _flags_problem(flags: int, proj_size: int) -> str | None:
     return None
 
 
-def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int, P: int) -> None:
-    reason = unavailable_reason(B, H, dtype, device, flags, P if P != H else 0)
+def _check_available(
+    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int, proj_size: int
+) -> None:
+    reason = unavailable_reason(B, H, dtype, device, flags, proj_size)
     if reason is not None:
         raise RuntimeError(f"the fused CPU kernel cannot run B={B}, H={H}, {dtype}: {reason}")
 
@@ -289,7 +291,7 @@ def sequence_forward(
     H = G // 4
     P = H if w_hr is None else w_hr.shape[0]
     dtype = gx.dtype
-    _check_available(B, H, dtype, gx.device, flags, P)
+    _check_available(B, H, dtype, gx.device, flags, 0 if w_hr is None else P)
     _check_shape("h0", h0, (B, P), None)
     _check_shape("c0", c0, (B, H), None)
     _check_shape("w_hh", w_hh, (G, P), dtype)
@@ -352,7 +354,7 @@ def sequence_backward(
     H = G // 4
     P = H if w_hr is None else w_hr.shape[0]
     dtype = d_hs.dtype
-    _check_available(B, H, dtype, d_hs.device, flags, P)
+    _check_available(B, H, dtype, d_hs.device, flags, 0 if w_hr is None else P)
     _check_shape("d_hs", d_hs, (T + 1, B, P), dtype)
     _check_shape("d_cn", d_cn, (B, H), None)
     _check_shape("gates", gates, (T, B, G), dtype)
