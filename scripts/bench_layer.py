@@ -62,7 +62,7 @@ IMPLS = (
     "lstmlab.LSTM",
     "lstmlab.lstm_layer",
 )
-LSTMLAB_BACKENDS = ("triton_persistent", "triton_step", "reference", "triton")
+LSTMLAB_BACKENDS = ("triton_persistent", "triton_step", "cpu", "reference", "triton")
 
 MATRIX = {
     "cuda": {
@@ -677,8 +677,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--backends",
         nargs="+",
         choices=LSTMLAB_BACKENDS,
-        help="lstmlab backends, one row each (default: the persistent kernels, the per-step ones and\n"
-        "the reference; 'triton' lets lstmlab choose between the first two)",
+        help="lstmlab backends, one row each (default: the persistent kernels, the per-step ones, the C++\n"
+        "CPU kernel (cpu) and the reference; 'triton' lets lstmlab choose between the first two)",
     )
     p.add_argument(
         "--variants",
@@ -725,9 +725,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def lstmlab_backends(args: argparse.Namespace, device: torch.device) -> tuple[list[str], str]:
     """Backends to run on this device, and a printed reason for those left out."""
-    wanted = args.backends or ["triton_persistent", "triton_step", "reference"]
+    wanted = args.backends or ["triton_persistent", "triton_step", "cpu", "reference"]
     if device.type == "cuda":
-        return wanted, ""
+        return [b for b in wanted if b != "cpu"], ""
     reason = ""
     skipped = [b for b in wanted if b.startswith("triton")]
     if skipped:

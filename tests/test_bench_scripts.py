@@ -74,7 +74,8 @@ def test_bench_layer_smoke(tmp_path: Path, capsys) -> None:
         by_impl = {r["impl"]: r for r in rows if r["pass"] == pass_}
         gpu_only = {"torch.nn.LSTM-fp16"}  # cuDNN in fp16: a GPU row
         assert sorted(by_impl) == sorted(set(bench_layer.IMPLS) - gpu_only)
-        assert by_impl["lstmlab.LSTM"]["backend"] == "cpu/auto"  # last_backend/GEMM engine
+        lstm_rows = [r["backend"] for r in rows if r["pass"] == pass_ and r["impl"] == "lstmlab.LSTM"]
+        assert lstm_rows == ["cpu/auto", "reference/auto"]  # a row per CPU backend: last_backend/GEMM engine
         assert by_impl["lstmlab.lstm_layer"]["input_proj"] == "excluded"
         for impl in ("torch.nn.LSTM", "LSTMCell-loop", "lstmlab.LSTM"):
             assert_timed(by_impl[impl])
@@ -92,7 +93,8 @@ def test_bench_layer_smoke(tmp_path: Path, capsys) -> None:
 @pytest.mark.skipif(gemm.onednn_unavailable_reason() is not None, reason="oneDNN GEMM unavailable")
 def test_bench_layer_one_row_per_cpu_gemm_engine(tmp_path: Path) -> None:
     argv = [*TINY_LAYER, "--passes", "fwd+bwd", "--impls", "torch.nn.LSTM", "lstmlab.LSTM"]
-    argv += ["lstmlab.lstm_layer", "--cpu-gemm", "blas", "onednn", "--out", str(tmp_path)]
+    argv += ["lstmlab.lstm_layer", "--cpu-gemm", "blas", "onednn", "--backends", "reference"]
+    argv += ["--out", str(tmp_path)]  # the GEMM engines matter to the reference backend's loop
     assert bench_layer.main(argv) == 0
     _, rows = read_rows(tmp_path / "results.csv")
     assert sorted((r["impl"], r["backend"]) for r in rows if r["impl"] != "torch.nn.LSTM") == [
@@ -128,7 +130,8 @@ def test_bench_layer_variant_rows_are_checked_and_compared_with_vanilla(tmp_path
 
 def test_bench_layer_two_layers_and_tokens(tmp_path: Path) -> None:
     argv = [*TINY_LAYER, "--layers", "2", "--passes", "fwd", "--impls", "torch.nn.LSTM"]
-    argv += ["LSTMCell-loop", "lstmlab.LSTM", "lstmlab.lstm_layer", "--out", str(tmp_path)]
+    argv += ["LSTMCell-loop", "lstmlab.LSTM", "lstmlab.lstm_layer", "--backends", "cpu"]
+    argv += ["--out", str(tmp_path)]
     assert bench_layer.main(argv) == 0
     _, rows = read_rows(tmp_path / "results.csv")
     # lstm_layer excludes the input projection of one layer only: no row for two layers.
@@ -147,7 +150,7 @@ def test_bench_layer_cpu_skips_triton_with_reason(tmp_path: Path, capsys) -> Non
     skipped = "'triton_persistent', 'triton_step' skipped on CPU"
     assert skipped in capsys.readouterr().out
     _, rows = read_rows(tmp_path / "results.csv")
-    assert [r["backend"] for r in rows] == ["reference/auto"]
+    assert [r["backend"] for r in rows] == ["cpu/auto", "reference/auto"]
     assert skipped in (tmp_path / "results.md").read_text()
 
 

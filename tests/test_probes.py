@@ -101,7 +101,7 @@ def test_grad_retention_report(tmp_path, monkeypatch, capsys):
     assert (
         "Hidden size 8, 1 layer(s). 'trained': after 2 steps on adding T=10 (adam, lr 0.001, batch 16)" in doc
     )
-    assert "lstmlab.LSTM ran its reference backend." in doc
+    assert "lstmlab.LSTM ran its cpu backend." in doc
     assert (tmp_path / "out" / "grad_retention.png").stat().st_size > 0
 
     # Again into the same folder (by default the committed docs/results): refused, nothing touched.

@@ -162,7 +162,7 @@ def test_the_readme_multirun_reports_four_models_over_three_seeds(tmp_path, caps
         row = next(line for line in report.splitlines() if line.startswith(f"| {model} ("))
         assert " ± " in row and row.endswith("| 3 |")
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| lstmlab (adding) | reference |" in proc.stdout  # the table on the console
+    assert "| lstmlab (adding) | cpu |" in proc.stdout  # the table on the console
 
     rows = [
         line.split(" (")[0] for line in report.splitlines() if line.startswith("| ") and " (adding)" in line
