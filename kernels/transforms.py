@@ -55,23 +55,29 @@ def reverse_mode_only() -> bool:
 
 
 class VanillaLayer(torch.autograd.Function):
-    """The vanilla cell over a sequence, in functional ops with its explicit backward.
+    """The vanilla cell over a sequence, in functional ops with its explicit backward (few ops per
+    step: under vmap each op has a cost of its own).
 
     gx [T, B, 4H], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H] or None, advanced [T, B, 1]
     bool or None (packed rows) -> out [T, B, P] (zero where a row did not advance), h_n [B, P],
-    c_n [B, H], and for the backward cs [T + 1, B, H], gates [T, B, 4H], h_raw = o ⊙ tanh(c̃) and
-    tanh(c̃) [T, B, H]."""
+    c_n [B, H], and for the backward hs [T, B, P] (h after each step), cs [T + 1, B, H], gates
+    [T, B, 4H], h_raw = o ⊙ tanh(c̃) and tanh(c̃) [T, B, H]."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(gx, h0, c0, w_hh, w_hr, advanced):
+        H = c0.shape[-1]
+        # tanh(x) = 2σ(2x) − 1: one sigmoid activates all four gates
+        scale = torch.ones(4 * H, dtype=gx.dtype, device=gx.device)
+        scale[2 * H : 3 * H] = 2
+        shift = scale - 1  # [4H]: 1 on g, else 0
         h, c = h0, c0
-        outs, cs, gates, h_raws, tanh_cs = [], [c0], [], [], []
+        outs, hs, cs, gates, h_raws, tanh_cs = [], [], [c0], [], [], []
         for k in range(gx.shape[0]):
-            i, f, g, o = (gx[k] + h @ w_hh.T).chunk(4, dim=-1)  # [B, H] each
-            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-            c_new = f * c + i * g
+            act = torch.addmm(gx[k], h, w_hh.T).mul_(scale).sigmoid_().mul_(scale).sub_(shift)  # [B, 4H]
+            i, f, g, o = act.chunk(4, dim=-1)
+            c_new = torch.addcmul(f * c, i, g)
             tanh_c = c_new.tanh()
             h_raw = o * tanh_c  # [B, H]
             h_new = h_raw if w_hr is None else h_raw @ w_hr.T  # [B, P]
@@ -81,62 +87,62 @@ class VanillaLayer(torch.autograd.Function):
             else:
                 outs.append(h_new)
             h, c = h_new, c_new
+            hs.append(h)
             cs.append(c)
-            gates.append(torch.cat([i, f, g, o], dim=-1))
+            gates.append(act)
             h_raws.append(h_raw)
             tanh_cs.append(tanh_c)
-        saved = (torch.stack(cs), torch.stack(gates), torch.stack(h_raws), torch.stack(tanh_cs))
+        saved = (
+            torch.stack(hs),
+            torch.stack(cs),
+            torch.stack(gates),
+            torch.stack(h_raws),
+            torch.stack(tanh_cs),
+        )
         return torch.stack(outs), h, c, *saved
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _gx, h0, _c0, w_hh, w_hr, advanced = inputs
-        out, _, _, cs, gates, h_raws, tanh_cs = output
-        ctx.mark_non_differentiable(cs, gates, h_raws, tanh_cs)
-        ctx.save_for_backward(h0, w_hh, w_hr, advanced, out, cs, gates, h_raws, tanh_cs)
+        _, _, _, hs, cs, gates, h_raws, tanh_cs = output
+        ctx.mark_non_differentiable(hs, cs, gates, h_raws, tanh_cs)
+        ctx.save_for_backward(h0, w_hh, w_hr, advanced, hs, cs, gates, h_raws, tanh_cs)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
-        h0, w_hh, w_hr, advanced, out, cs, gates, h_raws, tanh_cs = ctx.saved_tensors
+        h0, w_hh, w_hr, advanced, hs, cs, gates, h_raws, tanh_cs = ctx.saved_tensors
         T = gates.shape[0]
+        # every step's local derivatives at once, before the loop: the loop is then linear in (∂h, ∂c)
+        i, f, g, o = gates.chunk(4, dim=-1)  # [T, B, H] each
+        carry = o * (1 - tanh_cs * tanh_cs)  # ∂c̃ per unit of ∂(o ⊙ tanh c̃)
+        coef_o = tanh_cs * o * (1 - o)
+        coef_ifg = torch.stack(
+            [g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)], dim=-2
+        )  # [T, B, 3, H]
+        if advanced is not None:
+            d_out = torch.where(advanced, d_out, 0)  # rows that did not advance output constants
         dh, dc = d_hn, d_cn
         d_pres, d_hs = [None] * T, [None] * T
         for k in reversed(range(T)):
             m = None if advanced is None else advanced[k]  # [B, 1]
-            dh = dh + (d_out[k] if m is None else torch.where(m, d_out[k], 0))  # ∂L/∂h_k
+            dh = dh + d_out[k]  # ∂L/∂h_k
             d_hs[k] = dh if m is None else torch.where(m, dh, 0)
             d_raw = dh if w_hr is None else dh @ w_hr  # [B, H]
-            i, f, g, o = gates[k].chunk(4, dim=-1)
-            tanh_c = tanh_cs[k]  # of the step's own c̃, also in rows that did not advance
-            dc_total = dc + d_raw * o * (1 - tanh_c * tanh_c)
-            d_pre = torch.cat(
-                [dc_total * g * i * (1 - i), dc_total * cs[k] * f * (1 - f), dc_total * i * (1 - g * g),
-                 d_raw * tanh_c * o * (1 - o)], dim=-1,
-            )  # fmt: skip
-            dc_prev = dc_total * f
+            dc_total = torch.addcmul(dc, d_raw, carry[k])
+            d_pre = torch.cat([(dc_total.unsqueeze(-2) * coef_ifg[k]).flatten(-2), d_raw * coef_o[k]], dim=-1)
+            dc_prev = dc_total * f[k]
             dh_prev = d_pre @ w_hh  # [B, P]
             if m is not None:  # rows that did not advance pass their gradients straight through
                 d_pre = torch.where(m, d_pre, 0)
                 dc_prev, dh_prev = torch.where(m, dc_prev, dc), torch.where(m, dh_prev, dh)
             d_pres[k], dh, dc = d_pre, dh_prev, dc_prev
         d_pre = torch.stack(d_pres)  # [T, B, 4H]
-        h_prev = torch.cat([h0.unsqueeze(0), _states(out, h0, advanced)[:-1]])  # [T, B, P]
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # [T, B, P]
         d_w_hh = d_pre.flatten(0, 1).T @ h_prev.flatten(0, 1)  # [4H, P]: one product over all steps
         d_w_hr = None
         if w_hr is not None:
             d_w_hr = torch.stack(d_hs).flatten(0, 1).T @ h_raws.flatten(0, 1)  # [P, H]
         return d_pre, dh, dc, d_w_hh, d_w_hr, None
-
-
-def _states(out: Tensor, h0: Tensor, advanced: Tensor | None) -> Tensor:
-    """h after every step [T, B, P] from the outputs: a row that did not advance keeps its h."""
-    if advanced is None:
-        return out
-    states, h = [], h0
-    for k in range(out.shape[0]):
-        h = torch.where(advanced[k], out[k], h)
-        states.append(h)
-    return torch.stack(states)
 
 
 def _composite(a) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,5 +1,7 @@
 """Per-sample gradients of lstmlab.LSTM (torch.func.vmap(grad) over functional_call) against one
-ordinary forward + backward of the same batch, timed interleaved in one process.
+ordinary forward + backward of the same batch on each backend asked for (the per-sample path is the
+same whatever the backend: torch.func runs the layer in functional ops), timed interleaved in one
+process.
 
     python scripts/bench_per_sample.py                 # the default grid, one thread
     python scripts/bench_per_sample.py --threads 2 --batch 16 64 --hidden 64 128
@@ -72,27 +74,35 @@ def main() -> None:
     parser.add_argument("--input", type=int, default=8, help="input size I")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each, interleaved")
+    parser.add_argument(
+        "--backends", nargs="+", default=["reference", "cpu"], help="backends of the ordinary backward"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     print(f"# per-sample gradients, {platform.processor() or platform.machine()}, {args.threads} thread(s)")
     print(f"torch {torch.__version__}, commit {commit.strip() or '?'}, load {os.getloadavg()[0]:.2f}")
-    print("\n| B | H | T | check (max rel err) | per-sample ms | ordinary fwd+bwd ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    columns = " | ".join(f"ordinary on {b} ms | ratio to it" for b in args.backends)
+    print(f"\n| B | H | T | check (max rel err) | per-sample ms | {columns} |")
+    print("|---" * (5 + 2 * len(args.backends)) + "|")
     for B in args.batch:
         for H in args.hidden:
-            torch.manual_seed(0)
-            model = lstmlab.LSTM(args.input, H)
+            models = []
+            for backend in args.backends:  # the same weights on every backend
+                torch.manual_seed(0)
+                models.append(lstmlab.LSTM(args.input, H, backend=backend))
             x, y = torch.randn(B, args.seq, args.input), torch.randn(B, H)
-            error = check(model, x, y)
-            a, b = per_sample(model), ordinary(model)
-            a(x, y), b(x, y)  # warm-up
-            ta, tb = [], []
-            for _ in range(args.repeats):  # interleaved: a load change hits both
-                ta += timed(a, x, y, 1)
-                tb += timed(b, x, y, 1)
-            ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
-            print(f"| {B} | {H} | {args.seq} | {error:.1e} | {ma:.1f} | {mb:.1f} | {ma / mb:.2f} |")
+            error = check(models[0], x, y)
+            fns = [per_sample(models[0]), *(ordinary(m) for m in models)]
+            times = [[] for _ in fns]
+            for fn in fns:
+                fn(x, y)  # warm-up
+            for _ in range(args.repeats):  # interleaved: a load change hits all
+                for fn, t in zip(fns, times, strict=True):
+                    t += timed(fn, x, y, 1)
+            ms = [statistics.median(t) * 1e3 for t in times]
+            cells = " | ".join(f"{m:.1f} | {ms[0] / m:.2f}" for m in ms[1:])
+            print(f"| {B} | {H} | {args.seq} | {error:.1e} | {ms[0]:.1f} | {cells} |")
     print(f"\nload after: {os.getloadavg()[0]:.2f} (medians of {args.repeats} interleaved runs)")
 
 
