@@ -2,7 +2,8 @@
 every cell (`torch.ops.lstmlab.lstm_layer_fwd` / `lstm_layer_bwd`, `layer.py`; the vanilla cell is
 the variant with no flags, `variants.py`), run by one of the backends of one table (`backends.py`):
 the gate math in PyTorch (`reference`, `torch_gates.py`) or fused Triton kernels (`triton_step`,
-`triton_gates.py`; `triton_persistent`, `triton_persistent.py`), every matrix product on the engine
+`triton_gates.py`; `triton_persistent`, `triton_persistent.py`) or a fused C++ time loop on the CPU
+(`cpu`, `cpu_kernel.py` + `cpu_lstm.cpp`, built on first use), every matrix product on the engine
 `gemm` picks (oneDNN for fp32 on CPU), the shared time loop (`loop.py`), and the textbook oracle
 (`naive`). Under torch.func transforms the same function runs in differentiable ops (`transforms.py`)."""
 
