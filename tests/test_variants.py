@@ -508,5 +508,5 @@ def test_without_a_backward_nothing_is_kept_and_the_outputs_are_the_same(backend
                 *masks.values(), False)  # fmt: skip
         kept = layer.LayerOutputs(*layer.lstm_layer_fwd(*args))
     for a, e in zip(actual, expected, strict=True):
-        assert torch.equal(a, e.detach())
+        assert rel_err(a, e) <= TOL  # the same arithmetic (a GPU kernel may keep c in registers instead)
     assert all(t.numel() == 0 for t in kept[3:])  # cs, gates, h_raw, c_new, ln_saved
