@@ -25,6 +25,10 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
+#include <torch/version.h>
+#if !defined(TORCH_VERSION_MAJOR) || !defined(TORCH_VERSION_MINOR)
+#error "torch/version.h defines no TORCH_VERSION_MAJOR/MINOR: the GEMM choice below needs them"
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -101,20 +105,30 @@ inline V keep_mask(const uint8_t* z, int64_t count) {
 // C[M, N] = A[M, K]·B[K, N], row-major with leading dimensions. fp32: ATen's oneDNN brgemm
 // micro-kernel (it falls back to the BLAS without oneDNN's ukernels); measured 1.2–2× faster than
 // at::mm_out (MKL) at the per-step shapes here. fp64: at::mm_out (MKL) on views of the buffers.
+template <typename T>
+inline void gemm_mm_out(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                        int64_t ldc) {
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
+  auto b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  at::mm_out(c, a, b);
+}
+
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, /*add_C=*/false, A, B, C);
+#else  // the fp32 brgemm overload is checked on torch 2.13 only: older torch takes the BLAS
+  gemm_mm_out(M, N, K, A, lda, B, ldb, C, ldc);
+#endif
 }
 
 inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
                  double* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  auto opt = at::TensorOptions().dtype(at::kDouble);
-  auto a = at::from_blob(const_cast<double*>(A), {M, K}, {lda, 1}, opt);
-  auto b = at::from_blob(const_cast<double*>(B), {K, N}, {ldb, 1}, opt);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
-  at::mm_out(c, a, b);
+  gemm_mm_out(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 // A split of `n` columns into blocks of a multiple of `lanes`, at most `max_blocks` of them.
