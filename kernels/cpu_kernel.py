@@ -241,6 +241,30 @@ def _check_batch_sizes(batch_sizes: Tensor | None, T: int) -> None:
         )
 
 
+def _check_layer(
+    T: int,
+    B: int,
+    G: int,
+    P: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    flags: int,
+    variant: dict,
+) -> None:
+    """The checks both directions share: the kernel can run the layer, and its weights, batch sizes
+    and variant tensors have their shapes and dtypes."""
+    H = G // 4
+    _check_available(B, H, dtype, device, flags, 0 if w_hr is None else P)
+    _check_shape("w_hh", w_hh, (G, P), dtype)
+    if w_hr is not None:
+        _check_shape("w_hr", w_hr, (P, H), dtype)
+    _check_batch_sizes(batch_sizes, T)
+    _check_variant(flags, variant, T, B, H, P, dtype)
+
+
 def sequence_forward(
     gx: Tensor,
     h0: Tensor,
@@ -291,14 +315,10 @@ def sequence_forward(
     H = G // 4
     P = H if w_hr is None else w_hr.shape[0]
     dtype = gx.dtype
-    _check_available(B, H, dtype, gx.device, flags, 0 if w_hr is None else P)
+    variant = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout}
+    _check_layer(T, B, G, P, dtype, gx.device, w_hh, w_hr, batch_sizes, flags, variant)
     _check_shape("h0", h0, (B, P), None)
     _check_shape("c0", c0, (B, H), None)
-    _check_shape("w_hh", w_hh, (G, P), dtype)
-    if w_hr is not None:
-        _check_shape("w_hr", w_hr, (P, H), dtype)
-    _check_batch_sizes(batch_sizes, T)
-    _check_variant(flags, {"peephole": peephole, "zoneout": zoneout, "dropout": dropout}, T, B, H, P, dtype)
     hs, cs, gates, h_raw, c_new = torch.ops.lstmlab_cpu.sequence_forward(
         gx, h0, c0, w_hh, w_hr, batch_sizes, flags, peephole, zoneout, dropout, save, POISON_OUTPUTS
     )
@@ -354,18 +374,14 @@ def sequence_backward(
     H = G // 4
     P = H if w_hr is None else w_hr.shape[0]
     dtype = d_hs.dtype
-    _check_available(B, H, dtype, d_hs.device, flags, 0 if w_hr is None else P)
+    variant = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout}
+    _check_layer(T, B, G, P, dtype, d_hs.device, w_hh, w_hr, batch_sizes, flags, variant)
     _check_shape("d_hs", d_hs, (T + 1, B, P), dtype)
     _check_shape("d_cn", d_cn, (B, H), None)
     _check_shape("gates", gates, (T, B, G), dtype)
     _check_shape("cs", cs, (T + 1, B, H), dtype)
-    _check_shape("w_hh", w_hh, (G, P), dtype)
-    if w_hr is not None:
-        _check_shape("w_hr", w_hr, (P, H), dtype)
     if flags & variants.ZONEOUT_C:
         _check_shape("c_new", c_new, (T, B, H), dtype)
-    _check_batch_sizes(batch_sizes, T)
-    _check_variant(flags, {"peephole": peephole, "zoneout": zoneout, "dropout": dropout}, T, B, H, P, dtype)
     d_pre, d_h0, d_c0, d_hp = torch.ops.lstmlab_cpu.sequence_backward(
         d_hs, d_cn.to(dtype), gates, cs, c_new, w_hh, w_hr, batch_sizes, flags, peephole, zoneout, dropout,
         POISON_OUTPUTS,

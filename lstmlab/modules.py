@@ -305,16 +305,15 @@ class _LSTMBase(nn.Module):
     def _pick_backend(
         self,
         x: Tensor,
-        device: torch.device,
         batch: int,
         dtype: torch.dtype,
         proj_size: int = 0,
         single_step: bool = False,
     ) -> str:
-        """The implementation for this call (lstmlab.backends has the rule), kept in last_backend."""
-        backend = resolve_backend(
-            self.backend, device, batch, self.hidden_size, dtype, proj_size, single_step, self.kernel_flags()
-        )
+        """The implementation for a call on input ``x`` (the rule: lstmlab.backends), kept in last_backend."""
+        flags = self.kernel_flags()
+        H = self.hidden_size
+        backend = resolve_backend(self.backend, x.device, batch, H, dtype, proj_size, single_step, flags)
         # under a torch.func transform or forward-mode AD the layer runs in differentiable ops
         # (lstmlab.kernels.transforms), whatever the backend: say so
         self.last_backend = COMPOSITE if transform_active((x, *self.parameters())) else backend
@@ -551,7 +550,7 @@ class LSTM(_LSTMBase):
             )
 
         h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
-        backend = self._pick_backend(x, x.device, x.shape[1], compute_dtype, self.proj_size)
+        backend = self._pick_backend(x, x.shape[1], compute_dtype, self.proj_size)
         x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
         from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
@@ -674,7 +673,7 @@ class LSTMCell(_LSTMBase):
             self._check_state_dtypes(x, h0, c0)
         _check_same_device(x, self.weight_ih, (h0, c0))
 
-        backend = self._pick_backend(x, x.device, B, dtype, single_step=True)
+        backend = self._pick_backend(x, B, dtype, single_step=True)
         x, h0, c0 = x.to(dtype).unsqueeze(0), h0.to(dtype), c0.to(dtype)  # [1, B, I]: one step of the layer
         from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
