@@ -6,7 +6,12 @@ is asked for) and ``unavailable_reason(device, batch, hidden, proj_size, dtype, 
 the backend can run that layer, else one line saying why not. Every implementation keeps one
 contract (`loop.py`): ``forward(gx, own_gx, h0, c0, w_hh, w_hr, batch_sizes, cell) -> LoopSaved``
 and ``backward(d_hs, d_out_packed, d_cn, saved, w_hh, w_hr, batch_sizes, cell, keep_d_pre) ->
-LoopGrads``. A new backend is one file with that contract plus one row here.
+LoopGrads``. A new backend is one file with that contract plus one row here. A backend may also
+offer ``forward_from_input(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, cell, save)``, the same
+forward with the input projection inside its steps (the C++ CPU kernel): the layer then calls it
+instead of computing gx [T, B, 4H] first; and ``backward_from_input(x, w_ih, <backward's
+arguments>, want_x, want_w) -> (LoopGrads, ∂x, ∂[W_ih | W_hh])``, the backward with ∂x and ∂W
+inside its steps.
 
 Requested (``LSTM(backend=...)``)  ->  what runs (``last_backend``, one of ``KERNEL_BACKENDS``)
 
@@ -32,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import loop, variants
@@ -163,10 +169,15 @@ def cpu_kernel_reason(
 ) -> str | None:
     """Why the fused CPU kernel cannot run this layer, or None (its first answer builds the library,
     cpu_kernel.py; the batch never matters)."""
+    return _cpu_kernel_reason(hidden, dtype, flags, proj_size)
+
+
+@functools.lru_cache(maxsize=256)  # asked on every layer call; the answer never changes in a process
+def _cpu_kernel_reason(hidden: int, dtype: torch.dtype, flags: int, proj_size: int) -> str | None:
     from . import cpu_kernel
 
     with _disable_current_modes():
-        return cpu_kernel.unavailable_reason(1, hidden, dtype, device, flags, proj_size)
+        return cpu_kernel.unavailable_reason(1, hidden, dtype, "cpu", flags, proj_size)
 
 
 def _cpu_unavailable_reason(device, batch, hidden, proj_size, dtype, flags) -> str | None:
@@ -180,11 +191,20 @@ class _CpuKernel:
 
     @staticmethod
     def forward(gx, own_gx, h0, c0, w_hh, w_hr, batch_sizes, cell: Cell, save: bool = True) -> LoopSaved:
+        return _CpuKernel.forward_from_input(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, cell, save)
+
+    @staticmethod
+    def forward_from_input(
+        x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, cell: Cell, save: bool = True
+    ) -> LoopSaved:
+        """The input projection inside each step's product ([x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b): no
+        [T, B, 4H] gx is written or read. With w_ih None, x is gx."""
         from . import cpu_kernel
 
         hs, cs, gates, h_raw, c_new = cpu_kernel.sequence_forward(
-            gx.contiguous(), h0, c0, w_hh, w_hr, batch_sizes,
+            x.contiguous(), h0, c0, w_hh, w_hr, batch_sizes,
             flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout, save=save,
+            w_ih=w_ih, bias=bias,
         )  # fmt: skip
         return LoopSaved(
             hs, cs, gates, None if w_hr is None else h_raw, c_new if cell.zoneout_c else None, None
@@ -193,17 +213,32 @@ class _CpuKernel:
     @staticmethod
     def backward(d_hs, d_out_packed, d_cn, saved: LoopSaved, w_hh, w_hr, batch_sizes, cell: Cell,
                  keep_d_pre: bool) -> LoopGrads:  # fmt: skip
+        grads, _, _ = _CpuKernel.backward_from_input(
+            None, None, d_hs, d_out_packed, d_cn, saved, w_hh, w_hr, batch_sizes, cell, keep_d_pre
+        )
+        return grads
+
+    @staticmethod
+    def backward_from_input(
+        x, w_ih, d_hs, d_out_packed, d_cn, saved: LoopSaved, w_hh, w_hr, batch_sizes, cell: Cell,
+        keep_d_pre: bool, want_x: bool = False, want_w: bool = False,
+    ) -> tuple[LoopGrads, Tensor | None, Tensor | None]:  # fmt: skip
+        """The backward with ∂x (want_x) and ∂W (want_w) inside its steps: ∂pre_k·[W_ih | W_hh] gives
+        ∂x_k with ∂h, and ∂W += ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] -> (grads, ∂x [T, B, I] or None,
+        ∂[W_ih | W_hh] [4H, I + P] or None). x and w_ih None: the plain backward."""
         from . import cpu_kernel
 
         empty = saved.hs.new_empty(0)
         d_hs = with_packed_output_grad(d_hs, d_out_packed, batch_sizes).contiguous()
-        d_pre, d_h0, d_c0, d_hp = cpu_kernel.sequence_backward(
+        d_pre, d_h0, d_c0, d_hp, d_x, d_w = cpu_kernel.sequence_backward(
             d_hs, d_cn, saved.gates, saved.cs,
             empty if saved.h_raw is None else saved.h_raw, empty if saved.c_new is None else saved.c_new,
             w_hh, w_hr, batch_sizes,
             flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout,
+            w_ih=w_ih if want_x or want_w else None, x=x if want_w else None, hs=saved.hs if want_w else None,
         )  # fmt: skip
-        return LoopGrads(d_pre, d_pre, d_h0, d_c0, None if w_hr is None else d_hp, None)
+        grads = LoopGrads(d_pre, d_pre, d_h0, d_c0, None if w_hr is None else d_hp, None)
+        return grads, d_x if want_x else None, d_w if want_w else None
 
 
 class _PerStep:

@@ -278,11 +278,15 @@ def sequence_forward(
     zoneout: Tensor | None = None,
     dropout: Tensor | None = None,
     save: bool = True,
+    w_ih: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""All T steps of one LSTM layer and direction (the cell of ``flags``, variants.py) on the CPU.
 
     Args:
-        gx: [T, B, 4H] input projection incl. biases (fp32 or fp64).
+        gx: [T, B, 4H] input projection incl. biases (fp32 or fp64); with ``w_ih``, the input x
+            [T, B, I] itself, and each step's product takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b in
+            one pass (no [T, B, 4H] buffer is written or read).
         h0: [B, P] and c0: [B, H] initial states (cast to the dtype of gx).
         w_hh: [4H, P] recurrent weights, dtype of gx.
         w_hr: [P, H] projection weights (proj_size), dtype of gx, or None (P = H).
@@ -294,6 +298,8 @@ def sequence_forward(
         dropout: [B, P] dtype of gx (0 or 1/(1 − p)), iff RECURRENT_DROPOUT: multiplies h_{t−1}
             before the recurrent GEMM.
         save: False for inference: gates, h_raw and c_new are not kept (returned as [0]).
+        w_ih: [4H, I] input weights, dtype of x, or None (``gx`` is the projection already).
+        bias: [4H] b_ih + b_hh, dtype of x, or None; only with ``w_ih``.
 
     Returns:
         hs [T + 1, B, P] (hs[0] = h0, hs[k + 1] = h after step k), cs [T + 1, B, H] (cs[0] = c0, c
@@ -309,18 +315,42 @@ def sequence_forward(
         >>> hs.shape
         torch.Size([6, 3, 8])
     """
-    if gx.dim() != 3 or gx.shape[-1] % 4:
+    if w_ih is None and (gx.dim() != 3 or gx.shape[-1] % 4):
         raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
-    T, B, G = gx.shape
+    if w_ih is not None and (gx.dim() != 3 or w_ih.dim() != 2):
+        raise ValueError(
+            f"with w_ih, x must be [T, B, I] and w_ih [4H, I], got {tuple(gx.shape)}, {tuple(w_ih.shape)}"
+        )
+    T, B = gx.shape[:2]
+    G = gx.shape[2] if w_ih is None else w_ih.shape[0]
     H = G // 4
     P = H if w_hr is None else w_hr.shape[0]
     dtype = gx.dtype
     variant = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout}
     _check_layer(T, B, G, P, dtype, gx.device, w_hh, w_hr, batch_sizes, flags, variant)
+    if w_ih is not None:
+        _check_shape("w_ih", w_ih, (G, gx.shape[2]), dtype)
+    if bias is not None:
+        if w_ih is None:
+            raise ValueError("bias goes with w_ih (the fused input projection): gx includes the biases")
+        _check_shape("bias", bias, (G,), dtype)
     _check_shape("h0", h0, (B, P), None)
     _check_shape("c0", c0, (B, H), None)
     hs, cs, gates, h_raw, c_new = torch.ops.lstmlab_cpu.sequence_forward(
-        gx, h0, c0, w_hh, w_hr, batch_sizes, flags, peephole, zoneout, dropout, save, POISON_OUTPUTS
+        gx,
+        w_ih,
+        bias,
+        h0,
+        c0,
+        w_hh,
+        w_hr,
+        batch_sizes,
+        flags,
+        peephole,
+        zoneout,
+        dropout,
+        save,
+        POISON_OUTPUTS,
     )
     return hs, cs, gates, h_raw, c_new
 
@@ -340,7 +370,10 @@ def sequence_backward(
     peephole: Tensor | None = None,
     zoneout: Tensor | None = None,
     dropout: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w_ih: Tensor | None = None,
+    x: Tensor | None = None,
+    hs: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""The reverse recurrence of :func:`sequence_forward`.
 
     Args:
@@ -351,11 +384,17 @@ def sequence_backward(
         gates, cs, h_raw, c_new: as :func:`sequence_forward` returned them (with save=True); h_raw
             is not read (∂W_hr = Σ d_hpᵀ·h_raw is the caller's).
         w_hh, w_hr, batch_sizes, flags, peephole, zoneout, dropout: those of the forward.
+        w_ih: [4H, I] input weights, or None. Given, each step's product is
+            ∂pre_k·[W_ih | W_hh] and ∂x comes back too (no GEMM over all steps after the loop).
+        x: [T, B, I] the layer's input (only with w_ih) and hs: [T + 1, B, P] the forward's h, or
+            None. With hs, ∂W = Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] is accumulated step by step inside
+            the loop (x only when w_ih is given) and comes back as d_w [4H, I + P].
 
     Returns:
         d_pre [T, B, 4H] (∂L/∂gx; 0 in rows that did not advance and for a removed gate), d_h0
         [B, P], d_c0 [B, H], d_hp [T, B, P] (∂L/∂h_t after the projection, 0 in rows that did not
-        advance; [0] without w_hr), all in the dtype of d_hs. Left to the caller:
+        advance; [0] without w_hr), d_x [T, B, I] (∂pre·W_ih; [0] without w_ih), d_w [4H, I + P]
+        (∂W_ih | ∂W_hh; [0] without hs), all in the dtype of d_hs. Left to the caller:
         ∂W_hh = Σ_t d_pre_tᵀ·(hs[t] ⊙ m), ∂W_hr = Σ_t d_hp_tᵀ·h_raw_t, and the peepholes'
         Σ ∂a_i ⊙ c_{t−1}, Σ ∂a_f ⊙ c_{t−1}, Σ ∂a_o ⊙ c̃ (c̃ = c_new, or cs[1:] without ZONEOUT_C).
 
@@ -363,10 +402,10 @@ def sequence_backward(
         >>> T, B, H = 5, 3, 8
         >>> gx, z, w_hh = torch.randn(T, B, 4 * H), torch.zeros(B, H), torch.randn(4 * H, H)
         >>> hs, cs, gates, h_raw, c_new = sequence_forward(gx, z, z, w_hh, None, None)
-        >>> d_pre, d_h0, d_c0, d_hp = sequence_backward(torch.randn_like(hs), z, gates, cs, h_raw, c_new,
-        ...                                             w_hh, None, None)
-        >>> d_pre.shape
-        torch.Size([5, 3, 32])
+        >>> d_pre, d_h0, d_c0, d_hp, d_x, d_w = sequence_backward(torch.randn_like(hs), z, gates, cs,
+        ...                                                       h_raw, c_new, w_hh, None, None, hs=hs)
+        >>> d_w.shape
+        torch.Size([32, 8])
     """
     if gates.dim() != 3 or gates.shape[-1] % 4:
         raise ValueError(f"gates must be [T, B, 4H], got shape {tuple(gates.shape)}")
@@ -382,11 +421,19 @@ def sequence_backward(
     _check_shape("cs", cs, (T + 1, B, H), dtype)
     if flags & variants.ZONEOUT_C:
         _check_shape("c_new", c_new, (T, B, H), dtype)
-    d_pre, d_h0, d_c0, d_hp = torch.ops.lstmlab_cpu.sequence_backward(
-        d_hs, d_cn.to(dtype), gates, cs, c_new, w_hh, w_hr, batch_sizes, flags, peephole, zoneout, dropout,
-        POISON_OUTPUTS,
+    if w_ih is not None:
+        _check_shape("w_ih", w_ih, (G, w_ih.shape[-1] if w_ih.dim() == 2 else -1), dtype)
+    if (x is None) != (w_ih is None or hs is None):
+        raise ValueError("x goes with w_ih and hs (∂W_ih in the loop): give all three, or no x")
+    if x is not None:
+        _check_shape("x", x, (T, B, w_ih.shape[1]), dtype)
+    if hs is not None:
+        _check_shape("hs", hs, (T + 1, B, P), dtype)
+    d_pre, d_h0, d_c0, d_hp, d_x, d_w = torch.ops.lstmlab_cpu.sequence_backward(
+        d_hs, d_cn.to(dtype), gates, cs, c_new, w_hh, w_ih, w_hr, x, hs, batch_sizes, flags, peephole,
+        zoneout, dropout, POISON_OUTPUTS,
     )  # fmt: skip
-    return d_pre, d_h0, d_c0, d_hp
+    return d_pre, d_h0, d_c0, d_hp, d_x, d_w
 
 
 __all__ = ["load_error", "sequence_backward", "sequence_forward", "unavailable_reason", "vector_isa"]

@@ -2,16 +2,17 @@
 // time loop (the Python side and the contract: kernels/cpu_kernel.py).
 //
 // Forward, step k (n rows advance):
-//   region 1, one block of U units per thread: pre = d_{k}·W_hhᵀ for the block's 4U gate columns
-//     (one GEMM), then the gate math of those units for every row in one vectorised pass
+//   region 1, one block of units per thread, walked by panels of L = V::size() units and tiles of R
+//     rows: the tile's recurrent products d_k·W_hhᵀ for the panel's 4L gate columns accumulate in
+//     R × 4 vector registers (our own micro-kernel, W_hh packed by panels once per call), and the
+//     gate math runs on them in the registers: no product is stored
 //   region 2, projection only, one block of P columns per thread: h = h_raw·W_hrᵀ
 // Backward, step k:
 //   region 1, unit blocks: ∂h_raw = ∂h·W_hr for the block's units (projection only), then the gate
 //     derivatives of those units: ∂pre_k, ∂c_{k−1}
 //   region 2, column blocks of P: ∂h_{k−1} = (∂pre_k·W_hh) ⊙ m + z^h ⊙ ∂h̃_k + ∂L/∂hs[k]
 // The blocks of a region are independent, so each region is one at::parallel_for and the only
-// synchronisation is its end. W_hhᵀ is permuted once per call so that a unit block's four gates are
-// adjacent columns: one GEMM per block per step.
+// synchronisation is its end.
 //
 // B: batch  T: time  H: hidden  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
 // U: hidden units per block  V: lanes of at::vec::Vectorized<scalar_t>  acc: scalar_t (fp32 or fp64)
@@ -20,7 +21,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -60,6 +64,12 @@ constexpr int64_t SUPPORTED = (1 << 11) - 1 - LAYER_NORM;
 constexpr int64_t MIN_MACS_PER_BLOCK = 1 << 17;
 
 using at::vec::Vectorized;
+
+// Rows of one register tile of the fused forward step: R rows × 4 gate vectors of accumulators, the
+// four W vectors and a broadcast must fit the vector registers: 32 with AVX-512 (R = 6: 29), 16
+// with AVX2 and the portable build (R = 2: 13).
+template <typename V>
+constexpr int TILE_ROWS = sizeof(V) >= 64 ? 6 : 2;
 
 // σ(x) = 1 / (1 + e^{−x}), never inf or NaN for finite x: for x ≪ 0, e^{−x} is inf (Sleef's exp,
 // fp64) or clamped to FLT_MAX (exp_u20) and σ is 0. fp32 takes ATen's inlined exp_u20 (≤ 20 ulp):
@@ -184,7 +194,11 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
 template <typename scalar_t>
 struct Forward {
   int64_t T, B, H, P, G, flags;
-  const scalar_t* gx;    // [T, B, G]
+  const scalar_t* gx;    // [T, B, G] input projection incl. biases, or nullptr: fused (x, I, bias_panels)
+  const scalar_t* x;     // [T, B, I] input, when the input projection is fused into the step's product
+  int64_t I;             // input features (0 when gx is given)
+  const scalar_t* bias_panels;  // [⌈H/L⌉, 4L] b_ih + b_hh by panels (fused, with a bias) or nullptr
+  scalar_t* xd;          // [B, I + P] scratch: [x_t | d_t] rows of the step (fused), else nullptr
   scalar_t* hs;          // [T + 1, B, P]
   scalar_t* cs;          // [T + 1, B, H]
   scalar_t* gates;       // [T, B, G] or nullptr (save = false)
@@ -195,81 +209,197 @@ struct Forward {
   const uint8_t* zone;   // [T, B, 2, H] (ZONEOUT_*)
   const scalar_t* drop;  // [B, P] (RECURRENT_DROPOUT)
   scalar_t* dbuf;        // [2, B, P]: h ⊙ m, slot k % 2 is step k's GEMM operand (RECURRENT_DROPOUT)
-  scalar_t* pre;         // [B, G] scratch: the GEMM's output in the permuted column order
-  const scalar_t* w_p;   // [P, G] W_hhᵀ, columns permuted unit block by unit block
+  const scalar_t* w_panels;  // [⌈H/L⌉, I + P, 4L] [W_ih | W_hh]ᵀ by panels of L units: i, f, g, o of those units
   const scalar_t* w_hr_t;  // [H, P] W_hrᵀ (projection)
 };
 
-// Step k, rows < n, units [u0, u0 + ub) of one block: gates, c, and h (or h_raw); rows ≥ n carry.
+// The gate math of one row r (rows < n) and `cnt` ≤ L units from u, given the recurrent products of
+// those units' four gates, rec [4, L]: c, h (or h_raw), and the saved gates.
+template <typename scalar_t>
+inline void gate_step(const Forward<scalar_t>& a, int64_t k, int64_t r, int64_t u, int64_t cnt, const scalar_t* rec) {
+  using V = Vectorized<scalar_t>;
+  constexpr int64_t L = V::size();
+  const int64_t B = a.B, H = a.H, P = a.P, G = a.G, f = a.flags;
+  const bool proj = a.h_raw != nullptr;
+  const int64_t row = k * B + r;  // of [T, B, ·] tensors
+  V a_i = V::loadu(rec), a_f = V::loadu(rec + L), a_g = V::loadu(rec + 2 * L), a_o = V::loadu(rec + 3 * L);
+  if (a.gx) {  // else the product included x_t·W_ihᵀ + b
+    const scalar_t* x_r = a.gx + row * G + u;
+    a_i = a_i + load<V>(x_r, cnt);
+    a_f = a_f + load<V>(x_r + H, cnt);
+    a_g = a_g + load<V>(x_r + 2 * H, cnt);
+    a_o = a_o + load<V>(x_r + 3 * H, cnt);
+  }
+  const V c_prev = load<V>(a.cs + row * H + u, cnt);
+  V pi(0), pf(0), po(0);
+  if (f & PEEPHOLES) {
+    pi = load<V>(a.peep + u, cnt);
+    pf = load<V>(a.peep + H + u, cnt);
+    po = load<V>(a.peep + 2 * H + u, cnt);
+    a_i = a_i + pi * c_prev;
+    a_f = a_f + pf * c_prev;
+  }
+  V i = (f & NO_INPUT_GATE) ? V(1) : sigmoid(a_i);
+  V fg = (f & CIFG) ? V(1) - i : (f & NO_FORGET_GATE) ? V(1) : sigmoid(a_f);
+  V g = (f & NO_INPUT_ACTIVATION) ? a_g : tanh_(a_g);
+  V c = fg * c_prev + i * g;  // c̃
+  if (f & PEEPHOLES) a_o = a_o + po * c;
+  V o = (f & NO_OUTPUT_GATE) ? V(1) : sigmoid(a_o);
+  V h = o * ((f & NO_OUTPUT_ACTIVATION) ? c : tanh_(c));  // h̃
+  if (a.gates) {
+    scalar_t* g_out = a.gates + row * G + u;
+    store(i, g_out, cnt);
+    store(fg, g_out + H, cnt);
+    store(g, g_out + 2 * H, cnt);
+    store(o, g_out + 3 * H, cnt);
+  }
+  const uint8_t* z_r = a.zone ? a.zone + row * 2 * H + u : nullptr;
+  if (f & ZONEOUT_C) {
+    if (a.c_new) store(c, a.c_new + row * H + u, cnt);
+    c = V::blendv(c, c_prev, keep_mask<V, scalar_t>(z_r, cnt));
+  }
+  if (f & ZONEOUT_H) h = V::blendv(h, load<V>(a.hs + row * P + u, cnt), keep_mask<V, scalar_t>(z_r + H, cnt));
+  store(c, a.cs + (row + B) * H + u, cnt);
+  if (proj) {
+    store(h, a.h_raw + k * a.h_raw_step + r * H + u, cnt);
+  } else {
+    store(h, a.hs + (row + B) * P + u, cnt);
+    if (f & RECURRENT_DROPOUT)  // the next step's GEMM operand, h ⊙ m
+      store(h * load<V>(a.drop + r * P + u, cnt), a.dbuf + ((k + 1) % 2) * B * P + r * P + u, cnt);
+  }
+}
+
+// A tile of R rows of `a` (element (i, kk) at a[i·lda + kk·ldk]) times one packed panel [K, 4L]:
+// out[i·ldo + c] = init + Σ_kk a(i, kk)·w[kk·4L + c] for i < R, c < 4L, where init is bias[c], or
+// out itself (accumulate), or 0. The products stay in R × 4 vector registers over the whole
+// contraction (our micro-kernel: W streams four vectors per kk, `a` is broadcast). The results go
+// through memory (an L1 tile or a scratch row): handing the registers on to the gate math directly
+// made GCC keep a copy of every accumulator in memory, stored at each kk (2× slower).
+template <int R, typename scalar_t>
+inline void panel_tile(const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
+                       const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate) {
+  using V = Vectorized<scalar_t>;
+  constexpr int64_t L = V::size();
+  V acc[R][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+    for (int q = 0; q < 4; ++q)
+      acc[i][q] = accumulate ? V::loadu(out + i * ldo + q * L) : bias ? V::loadu(bias + q * L) : V(0);
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const scalar_t* wk = w + kk * 4 * L;
+    const scalar_t* ak = a + kk * ldk;
+    const V w0 = V::loadu(wk), w1 = V::loadu(wk + L), w2 = V::loadu(wk + 2 * L), w3 = V::loadu(wk + 3 * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V ai(ak[i * lda]);
+      acc[i][0] = at::vec::fmadd(ai, w0, acc[i][0]);
+      acc[i][1] = at::vec::fmadd(ai, w1, acc[i][1]);
+      acc[i][2] = at::vec::fmadd(ai, w2, acc[i][2]);
+      acc[i][3] = at::vec::fmadd(ai, w3, acc[i][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+    for (int q = 0; q < 4; ++q) acc[i][q].store(out + i * ldo + q * L);
+}
+
+// panel_tile for `rows` < R rows: a tile of exactly that many.
+template <int R, typename scalar_t>
+inline void panel_tail(int64_t rows, const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
+                       const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      panel_tile<R>(a, lda, ldk, w, K, bias, out, ldo, accumulate);
+    } else {
+      panel_tail<R - 1>(rows, a, lda, ldk, w, K, bias, out, ldo, accumulate);
+    }
+  }
+}
+
+// out [n, 4L] (row stride ldo) = (out if accumulate) + a [n, K]·panel [K, 4L] (+ bias [4L]), any n;
+// a's element (i, kk) at a[i·lda + kk·ldk].
+template <typename scalar_t>
+void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
+                   const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate = false) {
+  constexpr int R = TILE_ROWS<Vectorized<scalar_t>>;
+  int64_t r = 0;
+  for (; r + R <= n; r += R) panel_tile<R>(a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
+  panel_tail<R - 1>(n - r, a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
+}
+
+// A weight [N, K] (row n is output column n) packed by panels of 4L output columns, zero beyond N:
+// [⌈N/4L⌉, K, 4L], the layout panel_tile streams.
+at::Tensor pack_panels(const at::Tensor& w, int64_t lanes) {
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + 4 * lanes - 1) / (4 * lanes);
+  return at::constant_pad_nd(w, {0, 0, 0, panels * 4 * lanes - N})  // [panels·4L, K]
+      .view({panels, 4 * lanes, K})
+      .permute({0, 2, 1})
+      .contiguous();
+}
+
+// Rows [r0, r0 + R) (R ≤ TILE_ROWS), the L units of one panel from u: the pre-activations of their
+// four gates, [x_t | d_t]·W_panel [I + P, 4L] + b (fused input projection) or d_t·W_panel [P, 4L]
+// (gx added in gate_step), then the gate math of each row.
+template <int R, typename scalar_t>
+inline void step_tile(const Forward<scalar_t>& a, int64_t k, const scalar_t* d, int64_t r0, int64_t u, int64_t cnt,
+                      const scalar_t* w) {
+  constexpr int64_t L = Vectorized<scalar_t>::size();
+  const int64_t K = a.I + a.P;  // d holds [x_t | d_t] rows with the fused projection, else d_t
+  const scalar_t* bias = a.bias_panels ? a.bias_panels + (u / L) * 4 * L : nullptr;
+  alignas(64) scalar_t rec[R][4 * L];
+  panel_tile<R>(d + r0 * K, K, 1, w, K, bias, rec[0], 4 * L, false);
+  for (int i = 0; i < R; ++i) gate_step(a, k, r0 + i, u, cnt, rec[i]);
+}
+
+// The last n − r0 < R rows of a panel, as one tile of exactly that many rows.
+template <int R, typename scalar_t>
+inline void step_tail(const Forward<scalar_t>& a, int64_t k, const scalar_t* d, int64_t r0, int64_t rows, int64_t u,
+                      int64_t cnt, const scalar_t* w) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      step_tile<R>(a, k, d, r0, u, cnt, w);
+    } else {
+      step_tail<R - 1>(a, k, d, r0, rows, u, cnt, w);
+    }
+  }
+}
+
+// Step k, rows < n, units [u0, u0 + ub) of one block (whole panels): gates, c, and h (or h_raw);
+// rows ≥ n carry.
 template <typename scalar_t>
 void forward_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t u0, int64_t ub) {
   using V = Vectorized<scalar_t>;
-  const int64_t B = a.B, H = a.H, P = a.P, G = a.G, f = a.flags;
+  constexpr int64_t L = V::size();
+  constexpr int R = TILE_ROWS<V>;
+  const int64_t B = a.B, H = a.H, P = a.P, f = a.flags;
   const bool proj = a.h_raw != nullptr;
-  const scalar_t* d_prev = (f & RECURRENT_DROPOUT) ? a.dbuf + (k % 2) * B * P : a.hs + k * B * P;
-  // one GEMM: the block's 4·ub gate columns, i, f, g, o of its units side by side
-  gemm(n, 4 * ub, P, d_prev, P, a.w_p + 4 * u0, G, a.pre + 4 * u0, G);
-  V pi(0), pf(0), po(0);
-  for (int64_t r = 0; r < B; ++r) {
-    const int64_t row = k * B + r;  // of [T, B, ·] tensors
-    scalar_t* c_out = a.cs + (row + B) * H + u0;
+  // the product's left operand: [x_t | d_t] rows (fused projection, copied by the step), else d_t
+  const scalar_t* d_prev = a.xd ? a.xd : (f & RECURRENT_DROPOUT) ? a.dbuf + (k % 2) * B * P : a.hs + k * B * P;
+  for (int64_t u = u0; u < u0 + ub; u += L) {
+    const int64_t cnt = std::min<int64_t>(L, H - u);
+    const scalar_t* w = a.w_panels + (u / L) * (a.I + P) * 4 * L;
+    int64_t r = 0;
+    for (; r + R <= n; r += R) step_tile<R>(a, k, d_prev, r, u, cnt, w);
+    step_tail<R - 1>(a, k, d_prev, r, n - r, u, cnt, w);
+  }
+  for (int64_t r = n; r < B; ++r) {  // a row that does not advance: carries c and h, has no gates
+    const int64_t row = k * B + r;
     const scalar_t* c_in = a.cs + row * H + u0;
-    scalar_t* h_out = proj ? a.h_raw + k * a.h_raw_step + r * H + u0 : a.hs + (row + B) * P + u0;
-    const scalar_t* h_in = a.hs + row * P + u0;  // P = H without projection
-    scalar_t* g_out = a.gates ? a.gates + row * G + u0 : nullptr;
-    scalar_t* dnext = (f & RECURRENT_DROPOUT) ? a.dbuf + ((k + 1) % 2) * B * P + r * P + u0 : nullptr;
-    if (r >= n) {  // a row that does not advance: carries c and h, has no gates
-      std::copy(c_in, c_in + ub, c_out);
-      if (proj) {
-        std::fill(h_out, h_out + ub, scalar_t(0));  // rows that did not step add nothing to ∂W_hr
-      } else {
-        std::copy(h_in, h_in + ub, h_out);
-        if (dnext) std::copy(a.dbuf + (k % 2) * B * P + r * P + u0, a.dbuf + (k % 2) * B * P + r * P + u0 + ub, dnext);
+    std::copy(c_in, c_in + ub, a.cs + (row + B) * H + u0);
+    if (proj) {
+      scalar_t* h_out = a.h_raw + k * a.h_raw_step + r * H + u0;
+      std::fill(h_out, h_out + ub, scalar_t(0));  // rows that did not step add nothing to ∂W_hr
+    } else {
+      const scalar_t* h_in = a.hs + row * P + u0;
+      std::copy(h_in, h_in + ub, a.hs + (row + B) * P + u0);
+      if (f & RECURRENT_DROPOUT) {
+        const scalar_t* d_in = a.dbuf + (k % 2) * B * P + r * P + u0;
+        std::copy(d_in, d_in + ub, a.dbuf + ((k + 1) % 2) * B * P + r * P + u0);
       }
-      if (g_out)
-        for (int q = 0; q < 4; ++q) std::fill(g_out + q * H, g_out + q * H + ub, scalar_t(0));
-      if (a.c_new) std::fill(a.c_new + row * H + u0, a.c_new + row * H + u0 + ub, scalar_t(0));
-      continue;
     }
-    const scalar_t* p_r = a.pre + r * G + 4 * u0;
-    const scalar_t* x_r = a.gx + row * G + u0;
-    const uint8_t* z_r = a.zone ? a.zone + row * 2 * H + u0 : nullptr;
-    for (int64_t j = 0; j < ub; j += V::size()) {
-      const int64_t cnt = std::min<int64_t>(V::size(), ub - j);
-      V a_i = load<V>(p_r + j, cnt) + load<V>(x_r + j, cnt);
-      V a_f = load<V>(p_r + ub + j, cnt) + load<V>(x_r + H + j, cnt);
-      V a_g = load<V>(p_r + 2 * ub + j, cnt) + load<V>(x_r + 2 * H + j, cnt);
-      V a_o = load<V>(p_r + 3 * ub + j, cnt) + load<V>(x_r + 3 * H + j, cnt);
-      V c_prev = load<V>(c_in + j, cnt);
-      if (f & PEEPHOLES) {
-        pi = load<V>(a.peep + u0 + j, cnt);
-        pf = load<V>(a.peep + H + u0 + j, cnt);
-        po = load<V>(a.peep + 2 * H + u0 + j, cnt);
-        a_i = a_i + pi * c_prev;
-        a_f = a_f + pf * c_prev;
-      }
-      V i = (f & NO_INPUT_GATE) ? V(1) : sigmoid(a_i);
-      V fg = (f & CIFG) ? V(1) - i : (f & NO_FORGET_GATE) ? V(1) : sigmoid(a_f);
-      V g = (f & NO_INPUT_ACTIVATION) ? a_g : tanh_(a_g);
-      V c = fg * c_prev + i * g;  // c̃
-      if (f & PEEPHOLES) a_o = a_o + po * c;
-      V o = (f & NO_OUTPUT_GATE) ? V(1) : sigmoid(a_o);
-      V h = o * ((f & NO_OUTPUT_ACTIVATION) ? c : tanh_(c));  // h̃
-      if (g_out) {
-        store(i, g_out + j, cnt);
-        store(fg, g_out + H + j, cnt);
-        store(g, g_out + 2 * H + j, cnt);
-        store(o, g_out + 3 * H + j, cnt);
-      }
-      if (f & ZONEOUT_C) {
-        if (a.c_new) store(c, a.c_new + row * H + u0 + j, cnt);
-        c = V::blendv(c, c_prev, keep_mask<V, scalar_t>(z_r + j, cnt));
-      }
-      if (f & ZONEOUT_H) h = V::blendv(h, load<V>(h_in + j, cnt), keep_mask<V, scalar_t>(z_r + H + j, cnt));
-      store(c, c_out + j, cnt);
-      store(h, h_out + j, cnt);
-      if (dnext && !proj) store(h * load<V>(a.drop + r * P + u0 + j, cnt), dnext + j, cnt);
-    }
+    if (a.gates)
+      for (int q = 0; q < 4; ++q) std::fill(a.gates + row * a.G + q * H + u0, a.gates + row * a.G + q * H + u0 + ub, scalar_t(0));
+    if (a.c_new) std::fill(a.c_new + row * H + u0, a.c_new + row * H + u0 + ub, scalar_t(0));
   }
 }
 
@@ -293,14 +423,18 @@ void project_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t p0,
 }
 
 template <typename scalar_t>
-std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& c0,
+std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<at::Tensor>& w_ih,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                      const std::vector<int64_t>& sizes, int64_t flags,
                                      const std::optional<at::Tensor>& peephole,
                                      const std::optional<at::Tensor>& zoneout,
                                      const std::optional<at::Tensor>& dropout, bool save, bool poison) {
   using V = Vectorized<scalar_t>;
-  const int64_t T = gx.size(0), B = gx.size(1), G = gx.size(2), H = G / 4, P = w_hh.size(1);
+  // with w_ih, `gx` is the input x [T, B, I] and the projection is fused into each step's product
+  const bool fused = w_ih.has_value();
+  const int64_t T = gx.size(0), B = gx.size(1), G = w_hh.size(0), H = G / 4, P = w_hh.size(1);
+  const int64_t I = fused ? gx.size(2) : 0;
   const auto dt = gx.scalar_type();
   const bool proj = w_hr.has_value();
   TORCH_CHECK(!(proj && (flags & ZONEOUT_H)), "zoneout on h needs P = H: it mixes h_{t-1} [B, P] with h~ [B, H]");
@@ -312,19 +446,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const at::Tensor& h0,
   hs[0].copy_(h0);
   cs[0].copy_(c0);
 
-  const Blocks units(H, max_blocks<scalar_t>(B, 4 * H, P), V::size());
+  const Blocks units(H, max_blocks<scalar_t>(B, 4 * H, I + P), V::size());
   const Blocks cols(P, max_blocks<scalar_t>(B, P, H), V::size());
-  // W_hhᵀ [P, G] with the columns of block b at [4·u0, 4·(u0 + ub)): i, f, g, o of its units
-  auto w_p = alloc({P, G}, dt, poison);
-  {
-    auto w_t = w_hh.t();  // [P, G]
-    for (int64_t b = 0; b < units.count; ++b) {
-      const int64_t u0 = units.begin(b), ub = units.width(b);
-      for (int64_t q = 0; q < 4; ++q)
-        w_p.narrow(1, 4 * u0 + q * ub, ub).copy_(w_t.narrow(1, q * H + u0, ub));
-    }
-  }
-  auto pre = alloc({B, G}, dt, poison);
+  // [W_ih | W_hh]ᵀ by panels of L units (zero beyond H): panel p, row k holds W[q·H + pL + l, k] at
+  // q·L + l; the bias likewise
+  constexpr int64_t L = V::size();
+  const int64_t panels = (H + L - 1) / L;
+  auto by_panels = [&](const at::Tensor& w) -> at::Tensor {  // [4H, K] -> [panels, K, 4, L]
+    const int64_t K = w.size(1);
+    return at::constant_pad_nd(w.view({4, H, K}), {0, 0, 0, panels * L - H})  // [4, ⌈H/L⌉·L, K]
+        .view({4, panels, L, K})
+        .permute({1, 3, 0, 2})
+        .contiguous();
+  };
+  at::Tensor w_panels = by_panels(fused ? at::cat({*w_ih, w_hh}, 1) : w_hh);  // [panels, I + P, 4, L]
+  auto xd = fused ? alloc({B, I + P}, dt, poison) : at::Tensor();
+  at::Tensor bias_panels = fused && bias.has_value() ? by_panels(bias->view({G, 1})) : at::Tensor();  // [panels, 1, 4, L]
   auto w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   auto dbuf = (flags & RECURRENT_DROPOUT) ? alloc({2, B, P}, dt, poison) : at::Tensor();
   if (dbuf.defined()) {
@@ -333,15 +470,24 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const at::Tensor& h0,
   }
 
   Forward<scalar_t> a{T, B, H, P, G, flags,
-                      gx.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+                      fused ? nullptr : gx.data_ptr<scalar_t>(), fused ? gx.data_ptr<scalar_t>() : nullptr, I,
+                      bias_panels.defined() ? bias_panels.data_ptr<scalar_t>() : nullptr,
+                      xd.defined() ? xd.data_ptr<scalar_t>() : nullptr, hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                       save ? gates.data_ptr<scalar_t>() : nullptr,
                       proj ? h_raw.data_ptr<scalar_t>() : nullptr, save ? B * H : 0,
                       c_new.numel() ? c_new.data_ptr<scalar_t>() : nullptr,
                       ptr_or_null<scalar_t>(peephole), ptr_or_null<uint8_t>(zoneout), ptr_or_null<scalar_t>(dropout),
-                      dbuf.defined() ? dbuf.data_ptr<scalar_t>() : nullptr, pre.data_ptr<scalar_t>(),
-                      w_p.data_ptr<scalar_t>(), proj ? w_hr_t.data_ptr<scalar_t>() : nullptr};
+                      dbuf.defined() ? dbuf.data_ptr<scalar_t>() : nullptr, w_panels.data_ptr<scalar_t>(),
+                      proj ? w_hr_t.data_ptr<scalar_t>() : nullptr};
   for (int64_t k = 0; k < T; ++k) {
     const int64_t n = sizes[k];
+    if (a.xd) {  // [x_t | d_t] for the rows that step: one contiguous operand, one loop over I + P
+      const scalar_t* d = (flags & RECURRENT_DROPOUT) ? a.dbuf + (k % 2) * B * P : a.hs + k * B * P;
+      for (int64_t r = 0; r < n; ++r) {
+        std::copy_n(a.x + (k * B + r) * I, I, a.xd + r * (I + P));
+        std::copy_n(d + r * P, P, a.xd + r * (I + P) + I);
+      }
+    }
     at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) forward_block(a, k, n, units.begin(b), units.width(b));
     });
@@ -363,7 +509,9 @@ struct Backward {
   const scalar_t* gates;  // [T, B, G]
   const scalar_t* cs;     // [T + 1, B, H]
   const scalar_t* c_til;  // [T, B, H]: c̃ (c_new under ZONEOUT_C, else cs + B·H)
-  const scalar_t* w_hh;   // [G, P]
+  const scalar_t* w_panels;  // [⌈(I + P)/4L⌉, G, 4L] [W_ih | W_hh] packed by panels of output columns
+  int64_t I;              // input features when ∂x is fused into the product (w_ih given), else 0
+  int64_t ldr;            // row stride of rec: the packed columns, ⌈(I + P)/4L⌉·4L
   const scalar_t* w_hr;   // [P, H] (projection) or nullptr
   const scalar_t* peep;   // [3, H]
   const uint8_t* zone;    // [T, B, 2, H]
@@ -374,8 +522,44 @@ struct Backward {
   scalar_t* dc;           // [B, H] state: ∂L/∂cs[k + 1], then ∂L/∂cs[k]
   scalar_t* dh_raw;       // [B, H] scratch: ∂L/∂h̃ before the projection (projection only)
   scalar_t* carry;        // [B, H] scratch: z^h ⊙ ∂L/∂h_k, what reaches h_{k−1} directly (ZONEOUT_H)
-  scalar_t* rec;          // [B, P] scratch: ∂pre_k·W_hh
+  scalar_t* rec;          // [B, ldr] scratch: ∂pre_k·[W_ih | W_hh] = [∂x_k | ∂L/∂(h_{k−1} ⊙ m)]
+  scalar_t* d_x;          // [T, B, I] out (∂x fused) or nullptr
+  // ∂W accumulated step by step (∂W fused), else nullptr:
+  const scalar_t* x;      // [T, B, I] the layer input (I > 0)
+  const scalar_t* hs;     // [T + 1, B, P] the forward's h
+  scalar_t* xh_panels;    // [⌈(I + P)/4L⌉, B, 4L] scratch: [x_k | h_{k−1} ⊙ m] by panels of columns
+  scalar_t* d_w;          // [G, ldr] out: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m], ∂[W_ih | W_hh] (padded columns)
 };
+
+// Step k: [x_k | h_{k−1} ⊙ m] for rows < n into xh_panels, the right operand of step k's ∂W product.
+template <typename scalar_t>
+void pack_inputs(const Backward<scalar_t>& a, int64_t k, int64_t n) {
+  constexpr int64_t L4 = 4 * Vectorized<scalar_t>::size();
+  const int64_t B = a.B, P = a.P, I = a.I;
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* x_r = a.x ? a.x + (k * B + r) * I : nullptr;
+    const scalar_t* h_r = a.hs + (k * B + r) * P;  // hs[k] = h_{k−1}
+    const scalar_t* m_r = (a.flags & RECURRENT_DROPOUT) ? a.drop + r * P : nullptr;
+    for (int64_t c = 0; c < I + P; ++c) {
+      const scalar_t v = c < I ? x_r[c] : m_r ? h_r[c - I] * m_r[c - I] : h_r[c - I];
+      a.xh_panels[(c / L4) * B * L4 + r * L4 + c % L4] = v;
+    }
+  }
+}
+
+// Step k, the gate rows of units [u0, u0 + ub): ∂W[rows, :] += ∂pre_k[:n, rows]ᵀ·[x_k | h_{k−1} ⊙ m].
+template <typename scalar_t>
+void accumulate_dw(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t u0, int64_t ub) {
+  constexpr int64_t L4 = 4 * Vectorized<scalar_t>::size();
+  const int64_t B = a.B, H = a.H, G = a.G;
+  if (n == 0) return;
+  for (int64_t q = 0; q < 4; ++q) {
+    const int64_t g0 = q * H + u0;  // ub rows of ∂W; row i reads column g0 + i of ∂pre_k
+    for (int64_t c = 0; c < a.ldr; c += L4)
+      panel_product(ub, a.d_pre + k * B * G + g0, 1, G, a.xh_panels + (c / L4) * B * L4, n,
+                    (const scalar_t*)nullptr, a.d_w + g0 * a.ldr + c, a.ldr, /*accumulate=*/true);
+  }
+}
 
 // Step k, units [u0, u0 + ub): ∂pre_k of rows < n (0 for the rest) and ∂c_{k−1} in place.
 template <typename scalar_t>
@@ -453,24 +637,44 @@ void backward_block(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t u
       store(dc_prev, dc_r + j, cnt);
     }
   }
+  if (a.d_w) accumulate_dw(a, k, n, u0, ub);  // this block's ∂pre columns are final
 }
 
-// Step k, columns [p0, p0 + pb): ∂L/∂hs[k] from step k's ∂pre (rows < n) or carried (rows ≥ n),
-// plus the gradient from outside; with a projection also d_hp[k − 1] = ∂L/∂hs[k].
+// Step k, output columns [c0, c0 + cw) of [∂x_k | ∂h] (whole panels of 4L columns): the product
+// ∂pre_k·[W_ih | W_hh] for rows < n; then ∂x_k (columns < I; 0 in rows that did not step) and
+// ∂L/∂hs[k] (columns ≥ I) from it (rows < n) or carried (rows ≥ n), plus the gradient from
+// outside; with a projection also d_hp[k − 1] = ∂L/∂hs[k].
 template <typename scalar_t>
-void grad_h_block(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t n_prev, int64_t p0, int64_t pb) {
+void grad_h_block(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t n_prev, int64_t c0, int64_t cw) {
   using V = Vectorized<scalar_t>;
-  const int64_t B = a.B, H = a.H, P = a.P, G = a.G, f = a.flags;
-  gemm(n, pb, G, a.d_pre + k * B * G, G, a.w_hh + p0, P, a.rec + p0, P);
+  constexpr int64_t L4 = 4 * V::size();
+  const int64_t B = a.B, H = a.H, P = a.P, G = a.G, I = a.I, f = a.flags;
+  for (int64_t c = c0; c < c0 + cw; c += L4)
+    panel_product(n, a.d_pre + k * B * G, G, 1, a.w_panels + (c / L4) * G * L4, G, (const scalar_t*)nullptr,
+                  a.rec + c, a.ldr);
+  const int64_t c1 = std::min(c0 + cw, I + P);
+  if (a.d_x && c0 < I) {  // ∂x_k [B, I], columns [c0, min(c1, I))
+    const int64_t xe = std::min(c1, I);
+    for (int64_t r = 0; r < B; ++r) {
+      scalar_t* dx_r = a.d_x + (k * B + r) * I;
+      if (r < n) {
+        std::copy(a.rec + r * a.ldr + c0, a.rec + r * a.ldr + xe, dx_r + c0);
+      } else {
+        std::fill(dx_r + c0, dx_r + xe, scalar_t(0));
+      }
+    }
+  }
+  const int64_t p0 = std::max(c0, I) - I, pb = c1 - I - p0;  // the ∂h columns [p0, p0 + pb) of P
   const scalar_t* ext = a.d_hs + k * B * P;
-  for (int64_t r = 0; r < B; ++r) {
+  for (int64_t r = 0; pb > 0 && r < B; ++r) {
     scalar_t* dh_r = a.dh + r * P + p0;
+    const scalar_t* rec_r = a.rec + r * a.ldr + I + p0;
     for (int64_t j = 0; j < pb; j += V::size()) {
       const int64_t cnt = std::min<int64_t>(V::size(), pb - j);
       const int64_t o = r * P + p0 + j;
       V d = load<V>(dh_r + j, cnt);
       if (r < n) {
-        d = load<V>(a.rec + o, cnt);
+        d = load<V>(rec_r + j, cnt);
         if (f & RECURRENT_DROPOUT) d = d * load<V>(a.drop + o, cnt);
         if (f & ZONEOUT_H) d = d + load<V>(a.carry + r * H + p0 + j, cnt);  // P = H
       }
@@ -484,7 +688,9 @@ void grad_h_block(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t n_p
 template <typename scalar_t>
 std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& d_cn, const at::Tensor& gates,
                                       const at::Tensor& cs, const at::Tensor& c_new, const at::Tensor& w_hh,
-                                      const std::optional<at::Tensor>& w_hr, const std::vector<int64_t>& sizes,
+                                      const std::optional<at::Tensor>& w_ih, const std::optional<at::Tensor>& w_hr,
+                                      const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& hs,
+                                      const std::vector<int64_t>& sizes,
                                       int64_t flags, const std::optional<at::Tensor>& peephole,
                                       const std::optional<at::Tensor>& zoneout,
                                       const std::optional<at::Tensor>& dropout, bool poison) {
@@ -500,25 +706,39 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
   dc.copy_(d_cn);
   auto dh_raw = proj ? alloc({B, H}, dt, poison) : at::Tensor();
   auto carry = (flags & ZONEOUT_H) ? alloc({B, H}, dt, poison) : at::Tensor();
-  auto rec = alloc({B, P}, dt, poison);
+  // [W_ih | W_hh] as a weight of output columns [I + P, G], packed by panels: ∂x fused with ∂h
+  const int64_t I = w_ih.has_value() ? w_ih->size(1) : 0;
+  at::Tensor w_panels = pack_panels(I ? at::cat({*w_ih, w_hh}, 1).t() : w_hh.t(), V::size());  // [⌈(I+P)/4L⌉, G, 4L]
+  const int64_t ldr = w_panels.size(0) * 4 * V::size();
+  auto rec = alloc({B, ldr}, dt, poison);
+  auto d_x = I ? alloc({T, B, I}, dt, poison) : alloc({0}, dt, false);
+  // ∂W in the loop when the forward's h (and, with w_ih, x) are given
+  const bool fuse_dw = hs.has_value();
+  TORCH_CHECK(!fuse_dw || (x.has_value() == (I > 0)), "∂W in the loop needs x exactly when w_ih is given");
+  at::Tensor d_w = fuse_dw ? at::zeros({G, ldr}, gates.options()) : alloc({0}, dt, false);
+  at::Tensor xh_panels = fuse_dw ? at::zeros({ldr / (4 * V::size()), B, 4 * V::size()}, gates.options()) : at::Tensor();
   if (proj && T > 0) {  // d_hp[T − 1] = ∂L/∂hs[T] where rows advanced at the last step
     const int64_t n = sizes[T - 1];
     d_hp[T - 1].narrow(0, 0, n).copy_(dh.narrow(0, 0, n));
     d_hp[T - 1].narrow(0, n, B - n).zero_();
   }
   const Blocks units(H, max_blocks<scalar_t>(B, 4 * H, P), V::size());
-  const Blocks cols(P, max_blocks<scalar_t>(B, P, 4 * H), V::size());
+  const Blocks cols(I + P, max_blocks<scalar_t>(B, I + P, 4 * H), 4 * V::size());
   Backward<scalar_t> a{T, B, H, P, G, flags,
                        d_hs.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                        (flags & ZONEOUT_C) ? c_new.data_ptr<scalar_t>() : cs.data_ptr<scalar_t>() + B * H,
-                       w_hh.data_ptr<scalar_t>(), proj ? w_hr->data_ptr<scalar_t>() : nullptr,
+                       w_panels.data_ptr<scalar_t>(), I, ldr, proj ? w_hr->data_ptr<scalar_t>() : nullptr,
                        ptr_or_null<scalar_t>(peephole), ptr_or_null<uint8_t>(zoneout), ptr_or_null<scalar_t>(dropout),
                        d_pre.data_ptr<scalar_t>(), proj ? d_hp.data_ptr<scalar_t>() : nullptr,
                        dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
                        proj ? dh_raw.data_ptr<scalar_t>() : nullptr,
-                       carry.defined() ? carry.data_ptr<scalar_t>() : nullptr, rec.data_ptr<scalar_t>()};
+                       carry.defined() ? carry.data_ptr<scalar_t>() : nullptr, rec.data_ptr<scalar_t>(),
+                       I ? d_x.data_ptr<scalar_t>() : nullptr, x.has_value() ? x->data_ptr<scalar_t>() : nullptr,
+                       fuse_dw ? hs->data_ptr<scalar_t>() : nullptr,
+                       fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr, fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr};
   for (int64_t k = T - 1; k >= 0; --k) {
     const int64_t n = sizes[k], n_prev = k > 0 ? sizes[k - 1] : 0;
+    if (fuse_dw) pack_inputs(a, k, n);
     at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) backward_block(a, k, n, units.begin(b), units.width(b));
     });
@@ -526,7 +746,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
       for (int64_t b = b0; b < b1; ++b) grad_h_block(a, k, n, n_prev, cols.begin(b), cols.width(b));
     });
   }
-  return {d_pre, dh, dc, d_hp};
+  if (fuse_dw) d_w = d_w.narrow(1, 0, I + P);  // [G, I + P]: ∂W_ih | ∂W_hh
+  return {d_pre, dh, dc, d_hp, d_x, d_w};
 }
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
@@ -538,26 +759,39 @@ void check_flags(int64_t flags) {
   TORCH_CHECK(flags >= 0 && !(flags & ~SUPPORTED), "unknown flag bits ", flags & ~SUPPORTED);
 }
 
-std::vector<at::Tensor> sequence_forward(const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& c0,
+std::vector<at::Tensor> sequence_forward(const at::Tensor& gx, const std::optional<at::Tensor>& w_ih,
+                                         const std::optional<at::Tensor>& bias, const at::Tensor& h0, const at::Tensor& c0,
                                          const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                          const std::optional<at::Tensor>& batch_sizes, int64_t flags,
                                          const std::optional<at::Tensor>& peephole,
                                          const std::optional<at::Tensor>& zoneout,
                                          const std::optional<at::Tensor>& dropout, bool save, bool poison) {
   check_flags(flags);
-  TORCH_CHECK(gx.dim() == 3 && gx.size(2) % 4 == 0, "gx must be [T, B, 4H], got ", gx.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, "w_hh must be [4H, P], got ", w_hh.sizes());
+  if (w_ih.has_value()) {
+    TORCH_CHECK(gx.dim() == 3 && w_ih->dim() == 2 && w_ih->size(0) == w_hh.size(0) && w_ih->size(1) == gx.size(2),
+                "with w_ih, x must be [T, B, I] and w_ih [4H, I]; got x ", gx.sizes(), ", w_ih ", w_ih->sizes(),
+                ", w_hh ", w_hh.sizes());
+    TORCH_CHECK(!bias.has_value() || bias->numel() == w_hh.size(0), "bias must be [4H], got ", bias->sizes());
+  } else {
+    TORCH_CHECK(gx.dim() == 3 && gx.size(2) == w_hh.size(0), "gx must be [T, B, 4H] (4H = ", w_hh.size(0),
+                "), got ", gx.sizes());
+    TORCH_CHECK(!bias.has_value(), "a bias goes with w_ih (the fused input projection); gx includes it");
+  }
   const auto sizes = step_sizes(batch_sizes, gx.size(0), gx.size(1));
   auto gx_c = gx.contiguous(), w = w_hh.contiguous();
+  auto w_i = contiguous(w_ih), b = contiguous(bias);
   auto w_r = contiguous(w_hr), pe = contiguous(peephole), z = contiguous(zoneout), d = contiguous(dropout);
   if (gx.scalar_type() == at::kDouble)
-    return forward_impl<double>(gx_c, h0, c0, w, w_r, sizes, flags, pe, z, d, save, poison);
+    return forward_impl<double>(gx_c, w_i, b, h0, c0, w, w_r, sizes, flags, pe, z, d, save, poison);
   TORCH_CHECK(gx.scalar_type() == at::kFloat, "the fused CPU kernel runs fp32 and fp64, got ", gx.scalar_type());
-  return forward_impl<float>(gx_c, h0, c0, w, w_r, sizes, flags, pe, z, d, save, poison);
+  return forward_impl<float>(gx_c, w_i, b, h0, c0, w, w_r, sizes, flags, pe, z, d, save, poison);
 }
 
 std::vector<at::Tensor> sequence_backward(const at::Tensor& d_hs, const at::Tensor& d_cn, const at::Tensor& gates,
                                           const at::Tensor& cs, const at::Tensor& c_new, const at::Tensor& w_hh,
-                                          const std::optional<at::Tensor>& w_hr,
+                                          const std::optional<at::Tensor>& w_ih, const std::optional<at::Tensor>& w_hr,
+                                          const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& hs,
                                           const std::optional<at::Tensor>& batch_sizes, int64_t flags,
                                           const std::optional<at::Tensor>& peephole,
                                           const std::optional<at::Tensor>& zoneout,
@@ -567,12 +801,21 @@ std::vector<at::Tensor> sequence_backward(const at::Tensor& d_hs, const at::Tens
   const auto sizes = step_sizes(batch_sizes, gates.size(0), gates.size(1));
   auto dhs = d_hs.contiguous(), g = gates.contiguous(), c = cs.contiguous(), cn = c_new.contiguous();
   auto w = w_hh.contiguous();
+  TORCH_CHECK(!w_ih.has_value() || (w_ih->dim() == 2 && w_ih->size(0) == w_hh.size(0)),
+              "w_ih must be [4H, I] with 4H = ", w_hh.size(0), ", got ", w_ih.has_value() ? w_ih->sizes() : at::IntArrayRef{});
+  auto w_i = contiguous(w_ih), x_c = contiguous(x), hs_c = contiguous(hs);
+  TORCH_CHECK(!x.has_value() || (x->dim() == 3 && x->size(0) == gates.size(0) && x->size(1) == gates.size(1) &&
+                                 w_ih.has_value() && x->size(2) == w_ih->size(1)),
+              "x must be [T, B, I] with I = w_ih.size(1)");
+  TORCH_CHECK(!hs.has_value() || (hs->dim() == 3 && hs->size(0) == gates.size(0) + 1 && hs->size(1) == gates.size(1) &&
+                                  hs->size(2) == w_hh.size(1)),
+              "hs must be [T + 1, B, P]");
   auto w_r = contiguous(w_hr), pe = contiguous(peephole), z = contiguous(zoneout), d = contiguous(dropout);
   if (gates.scalar_type() == at::kDouble)
-    return backward_impl<double>(dhs, d_cn, g, c, cn, w, w_r, sizes, flags, pe, z, d, poison);
+    return backward_impl<double>(dhs, d_cn, g, c, cn, w, w_i, w_r, x_c, hs_c, sizes, flags, pe, z, d, poison);
   TORCH_CHECK(gates.scalar_type() == at::kFloat, "the fused CPU kernel runs fp32 and fp64, got ",
               gates.scalar_type());
-  return backward_impl<float>(dhs, d_cn, g, c, cn, w, w_r, sizes, flags, pe, z, d, poison);
+  return backward_impl<float>(dhs, d_cn, g, c, cn, w, w_i, w_r, x_c, hs_c, sizes, flags, pe, z, d, poison);
 }
 
 std::vector<int64_t> flag_bits() {
@@ -595,12 +838,12 @@ std::string vec_isa() {
 
 TORCH_LIBRARY(lstmlab_cpu, m) {
   m.def(
-      "sequence_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "sequence_forward(Tensor gx, Tensor? w_ih, Tensor? bias, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "int flags, Tensor? peephole, Tensor? zoneout, Tensor? dropout, bool save, bool poison) "
       "-> Tensor[]");
   m.def(
       "sequence_backward(Tensor d_hs, Tensor d_cn, Tensor gates, Tensor cs, Tensor c_new, Tensor w_hh, "
-      "Tensor? w_hr, Tensor? batch_sizes, int flags, Tensor? peephole, Tensor? zoneout, Tensor? dropout, "
+      "Tensor? w_ih, Tensor? w_hr, Tensor? x, Tensor? hs, Tensor? batch_sizes, int flags, Tensor? peephole, Tensor? zoneout, Tensor? dropout, "
       "bool poison) -> Tensor[]");
   m.def("flag_bits() -> int[]", flag_bits);
   m.def("vec_isa() -> str", vec_isa);

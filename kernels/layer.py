@@ -91,15 +91,19 @@ class LayerOutputs(NamedTuple):
 
 def _layer_forward(a: LayerInputs) -> LayerOutputs:
     gx, own_gx = a.x, a.w_ih is not None
-    if own_gx:  # all steps' input projections in one GEMM
-        gx = gemm.linear(a.x.reshape(-1, a.x.shape[-1]), a.w_ih, a.bias).view(
-            *a.x.shape[:2], -1
-        )  # [T, B, 4H]
+    impl = backends.get(a.backend)
+    acc = accumulation_dtype(a.x.dtype)
+    if own_gx and hasattr(impl, "forward_from_input"):  # the backend fuses the input projection
+        saved = impl.forward_from_input(
+            a.x, a.w_ih, a.bias, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc), save=a.save
+        )
+    else:
+        if own_gx:  # all steps' input projections in one GEMM
+            gx = gemm.linear(a.x.reshape(-1, a.x.shape[-1]), a.w_ih, a.bias).view(
+                *a.x.shape[:2], -1
+            )  # [T, B, 4H]
+        saved = impl.forward(gx, own_gx, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc), save=a.save)
     B = gx.shape[1]
-    acc = accumulation_dtype(gx.dtype)
-    saved = backends.get(a.backend).forward(
-        gx, own_gx, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc), save=a.save
-    )
     out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
     if a.batch_sizes is not None:  # rows that did not advance have no output at that step
         out_packed = torch.where(advanced(a.batch_sizes, B, gx.device).unsqueeze(2), saved.hs[1:], 0)
@@ -205,32 +209,46 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
     cell = a.cell(acc)
     needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = a.needs[:5]
     gx_mode = a.w_ih is None
-    grads = backends.get(a.backend).backward(
-        a.d_hs, a.d_out_packed, a.d_cn, a.saved(), a.w_hh, a.w_hr, a.batch_sizes, cell, keep_d_pre=gx_mode
-    )
+    impl = backends.get(a.backend)
+    args = (a.d_hs, a.d_out_packed, a.d_cn, a.saved(), a.w_hh, a.w_hr, a.batch_sizes, cell)
+    d_x = d_w = None  # ∂x, ∂[W_ih | W_hh] [4H, I + P] when the backend computes them in its steps
+    if not gx_mode and hasattr(impl, "backward_from_input"):
+        grads, d_x, d_w = impl.backward_from_input(
+            a.x, a.w_ih, *args, keep_d_pre=False, want_x=needs_x, want_w=needs_w_ih or needs_w_hh
+        )
+    else:
+        grads = impl.backward(*args, keep_d_pre=gx_mode)
     d_pre_rows = grads.d_pre.view(-1, G)  # [T·B, 4H]
-    h_prev = a.hs[:-1] if cell.dropout is None else a.hs[:-1] * cell.dropout  # the GEMM's input, h ⊙ m
-    h_prev_rows = h_prev.reshape(-1, P)  # [T·B, P]
+
+    def h_prev_rows() -> Tensor:  # [T·B, P] the recurrent GEMM's input of every step, h ⊙ m
+        h_prev = a.hs[:-1] if cell.dropout is None else a.hs[:-1] * cell.dropout
+        return h_prev.reshape(-1, P)
+
     none = a.hs.new_empty
-    d_x = d_w_ih = d_bias = d_w_hh = d_w_hr = None
+    d_w_ih = d_bias = d_w_hh = d_w_hr = None
     d_w_hh_fused = needs_w_hh and grads.d_rec is grads.d_pre  # ∂W_hh reads ∂L/∂r: d_pre unless layer norm
+    if d_w is not None:  # no output aliases another
+        I = a.x.shape[-1]
+        d_w_ih = d_w[:, :I].contiguous() if needs_w_ih else None
+        d_w_hh = d_w[:, I:].contiguous() if needs_w_hh else None
+        needs_w_ih = False
     if gx_mode:
         d_x = grads.d_pre
     else:
         x_rows = a.x.reshape(-1, a.x.shape[-1])  # [T·B, I]
         I = x_rows.shape[1]
-        if needs_x:
+        if needs_x and d_x is None:
             d_x = gemm.mm(d_pre_rows, a.w_ih).view(T, B, I)  # [T, B, I]
         if needs_bias:
             d_bias = d_pre_rows.sum(0)  # [4H]
         if needs_w_ih and d_w_hh_fused:  # one product over both, reading d_pre once: [4H, I + P]
             x_h = loop.scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
-            d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows], dim=1, out=x_h))
+            d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows()], dim=1, out=x_h))
             d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
         elif needs_w_ih:
             d_w_ih = gemm.mm_tn(d_pre_rows, x_rows)  # [4H, I]
     if needs_w_hh and d_w_hh is None:
-        d_w_hh = gemm.mm_tn(grads.d_rec.view(-1, G), h_prev_rows)  # [4H, P]
+        d_w_hh = gemm.mm_tn(grads.d_rec.view(-1, G), h_prev_rows())  # [4H, P]
     if a.w_hr is not None and needs_w_hr:
         d_w_hr = gemm.mm_tn(grads.d_hp.view(-1, P), a.h_raw.view(-1, H))  # [P, H]
     d_peephole = d_ln_hh = d_ln_c = None
@@ -352,6 +370,9 @@ _GRAD_INPUTS = ("x", "w_ih", "bias", "w_hh", "w_hr", "peephole", "ln_hh", "ln_c"
 def _setup_context(ctx, inputs, output) -> None:
     a, out = LayerInputs(*inputs), LayerOutputs(*output)
     ctx.mark_non_differentiable(out.cs, out.gates, out.h_raw, out.c_new, out.ln_saved)
+    # The saved outputs never get a gradient: without this autograd would fill a zero tensor for
+    # each of them on every backward (gates alone is [T, B, 4H]). _backward fills only what it reads.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*out[:1], *out[3:], a.x, a.w_ih, a.bias, a.h0, a.c0, a.w_hh, a.w_hr,
                           a.batch_sizes, a.peephole, a.ln_hh, a.ln_c, a.zoneout, a.dropout)  # fmt: skip
     ctx.backend, ctx.flags = a.backend, a.flags
@@ -363,6 +384,13 @@ def _backward(ctx, d_hs, d_out_packed, d_cn, *_saved_grads):
      peephole, ln_hh, ln_c, zoneout, dropout) = ctx.saved_tensors  # fmt: skip
     a = LayerInputs(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, ctx.backend, ctx.flags,
                     peephole, ln_hh, ln_c, zoneout, dropout, True)  # fmt: skip
+    # None: that output did not reach the loss (grads are not materialised, see _setup_context)
+    if d_hs is None:
+        d_hs = torch.zeros_like(hs)
+    if d_out_packed is None:
+        d_out_packed = hs.new_zeros(0) if batch_sizes is None else torch.zeros_like(hs[1:])
+    if d_cn is None:
+        d_cn = c0.new_zeros(c0.shape)
     wanted = dict(zip(LayerInputs._fields, ctx.needs_input_grad, strict=True))
     wanted = {name: wanted[name] and getattr(a, name) is not None for name in _GRAD_INPUTS}
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():

@@ -37,6 +37,7 @@ B: batch  T: time  H: hidden size  G = 4H: stacked gates (i, f, g, o)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 # bits of CellVariant.flags: what the kernels switch on (a tl.constexpr each)
@@ -176,6 +177,7 @@ FLAG_NAMES = {
 }
 
 
-def flag_names(flags: int) -> list[str]:
+@functools.cache  # argument checks on every layer call name the bits they test
+def flag_names(flags: int) -> tuple[str, ...]:
     """The names of the bits set in ``flags`` (error messages, logs)."""
-    return [name for bit, name in FLAG_NAMES.items() if flags & bit]
+    return tuple(name for bit, name in FLAG_NAMES.items() if flags & bit)

@@ -1,10 +1,12 @@
 """Benchmark one LSTM layer on the CPU: the fused C++ kernel against torch.nn.LSTM (oneDNN) and the
 reference backend, interleaved in one process.
 
-Every row times the whole layer, x [T, B, I] -> out [T, B, H], as the caller of the kernel will run
-it: the input projection as one GEMM before the time loop (``gemm.linear``), ∂x and ∂W as GEMMs
-after it (``gemm.mm`` / ``gemm.mm_tn``), through a ``torch.autograd.Function``. Each implementation
-is first checked against ``torch.nn.LSTM`` in fp64 on the same weights (outputs and every gradient).
+Every row times the whole layer, x [T, B, I] -> out [T, B, H], as ``lstmlab.LSTM`` runs it: the
+layer's op (``lstm_layer_from_input``) on the ``cpu`` backend, whose forward takes the input
+projection inside each step's product, and whose backward runs ∂x and ∂W as GEMMs after the loop
+(``gemm.mm`` / ``gemm.mm_tn``); ``fwd`` is inference under ``torch.no_grad()`` (nothing saved).
+Each implementation is first checked against ``torch.nn.LSTM`` in fp64 on the same weights
+(outputs and every gradient).
 
     python scripts/bench_cpu_kernel.py          # B 16 64, H 64 128 256, T 100, 1 and 2 threads
     python scripts/bench_cpu_kernel.py --batch 16 --hidden 64 --threads 1 --min-run-time 1
@@ -34,46 +36,6 @@ from lstmlab.kernels import cpu_kernel, gemm, lstm_layer_from_input, variants
 IMPLS = ("torch.nn.LSTM", "cpu_kernel", "reference")
 
 
-class FusedLayer(torch.autograd.Function):
-    """x -> out, h_n, c_n through the fused kernel; the GEMMs outside the loop as the layer runs them."""
-
-    @staticmethod
-    def forward(ctx, x, w_ih, bias, w_hh, h0, c0, flags, peephole):
-        T, B, I = x.shape
-        gx = gemm.linear(x.reshape(T * B, I), w_ih, bias).view(T, B, -1)  # [T, B, 4H]
-        hs, cs, gates, _, _ = cpu_kernel.sequence_forward(
-            gx, h0, c0, w_hh, None, None, flags=flags, peephole=peephole
-        )
-        ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, peephole)
-        ctx.flags = flags
-        return hs[1:], hs[-1], cs[-1]
-
-    @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn):
-        x, w_ih, w_hh, hs, cs, gates, peephole = ctx.saved_tensors
-        T, B, I = x.shape
-        H = cs.shape[-1]
-        d_hs = torch.zeros_like(hs)
-        d_hs[1:] = d_out
-        d_hs[-1] += d_hn
-        d_pre, d_h0, d_c0, _ = cpu_kernel.sequence_backward(
-            d_hs, d_cn, gates, cs, hs.new_empty(0), hs.new_empty(0), w_hh, None, None,
-            flags=ctx.flags, peephole=peephole,
-        )  # fmt: skip
-        rows = d_pre.view(T * B, 4 * H)
-        d_x = gemm.mm(rows, w_ih).view(T, B, I)
-        d_w_ih = gemm.mm_tn(rows, x.reshape(T * B, I))
-        d_w_hh = gemm.mm_tn(rows, hs[:-1].reshape(T * B, H))
-        d_peephole = None
-        if peephole is not None:
-            d_a = d_pre.view(T, B, 4, H)
-            d_peephole = torch.stack(
-                [(d_a[:, :, 0] * cs[:-1]).sum((0, 1)), (d_a[:, :, 1] * cs[:-1]).sum((0, 1)),
-                 (d_a[:, :, 3] * cs[1:]).sum((0, 1))]
-            )  # fmt: skip
-        return d_x, d_w_ih, rows.sum(0), d_w_hh, d_h0, d_c0, None, d_peephole
-
-
 def make_impl(name: str, lstm: nn.LSTM, flags: int = 0, peephole: Tensor | None = None):
     """fn(x, h0, c0) -> (out, h_n, c_n) with the weights of ``lstm`` (one layer, no projection)."""
     w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
@@ -85,17 +47,11 @@ def make_impl(name: str, lstm: nn.LSTM, flags: int = 0, peephole: Tensor | None 
 
     elif name == "cpu_kernel":
 
-        def fn(x, h0, c0):
+        def fn(x, h0, c0):  # the layer's op on the cpu backend, as lstmlab.LSTM runs it
             bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
-            if torch.is_grad_enabled():
-                return FusedLayer.apply(x, w_ih, bias, w_hh, h0, c0, flags, peephole)
-            # inference, as the layer's op will run it: nothing kept for a backward
-            T, B, I = x.shape
-            gx = gemm.linear(x.reshape(T * B, I), w_ih, bias).view(T, B, -1)  # [T, B, 4H]
-            hs, cs, *_ = cpu_kernel.sequence_forward(
-                gx, h0, c0, w_hh, None, None, flags=flags, peephole=peephole, save=False
+            return lstm_layer_from_input(
+                x, w_ih, bias, h0, c0, w_hh, backend="cpu", flags=flags, peephole=peephole
             )
-            return hs[1:], hs[-1], cs[-1]
 
     elif name == "reference":
 

@@ -136,7 +136,7 @@ def run_kernel(x, batch_sizes, grads, flags):
     d_hs[1:] = torch.where(step, grads["out"], 0)
     d_hs[T] += grads["h_n"]
     d_hs[0] = grads["h0"]
-    d_pre, d_h0, d_c0, d_hp = cpu_kernel.sequence_backward(
+    d_pre, d_h0, d_c0, d_hp, _, _ = cpu_kernel.sequence_backward(
         d_hs, grads["c_n"], gates, cs, h_raw, c_new, x["w_hh"], x["w_hr"], batch_sizes, flags=flags, **masks
     )
     Pd = hs.shape[-1]
@@ -226,6 +226,69 @@ def test_fp32_threads(library, threads, shape, proj, flags):
 
 
 @needs_library
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("packing", ["dense", "decreasing"])
+@pytest.mark.parametrize(
+    "dtype,shape,proj,case,threads",
+    [
+        # (T, B, H, P, I). fp64 panels hold 8 units with AVX-512 (4 with AVX2), fp32 16 (8): H = 21 and
+        # 37 end in a partial panel; B = 13 is two register tiles of 6 rows and one row (AVX2: tiles
+        # of 2). The backward's product has I + P output columns in panels of 4L (32 fp64, 64 fp32):
+        # I = 30, 40 and 70 put the ∂x/∂h boundary inside a panel and ∂x across two.
+        (torch.float64, (4, 13, 21, 21, 3), False, "vanilla", 1),
+        (torch.float64, (4, 13, 21, 9, 30), True, "dropout", 1),
+        (torch.float64, (4, 8, 17, 17, 40), False, "all_masks", 1),
+        (torch.float64, (3, 7, 9, 9, 3), False, "cifg", 1),
+        (torch.float32, (4, 13, 37, 37, 70), False, "zoneout_c", 2),
+    ],
+    ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2threads"],
+)
+def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, threads, packing, bias):
+    """With w_ih, each forward step's product takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b in one pass,
+    each backward step's ∂pre_k·[W_ih | W_hh] gives ∂x_k with ∂h, and ∂W accumulates step by step:
+    the same outputs as the kernel given gx = x·W_ihᵀ + b (tested against the oracle above),
+    ∂x = ∂pre·W_ih and ∂W = ∂preᵀ·[x | h ⊙ m] over all steps."""
+    torch.set_num_threads(threads)
+    flags = FLAG_CASES[case]
+    T_, B_, H_, P_, I_ = shape
+    sizes = None if PACKING[packing] is None else sorted(torch.randint(1, B_ + 1, (T_,)).tolist())[::-1]
+    x, batch_sizes, _ = make_problem(T_, B_, H_, P_, flags, proj, sizes, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    inp = torch.randn(T_, B_, I_, generator=g, dtype=torch.float64).to(dtype)
+    w_ih = (torch.randn(4 * H_, I_, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    b = (torch.randn(4 * H_, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    gx = torch.nn.functional.linear(inp, w_ih, b)
+    masks = {"peephole": x["peephole"], "zoneout": x["zoneout"], "dropout": x["dropout"]}
+    rest = (x["h0"], x["c0"], x["w_hh"], x["w_hr"], batch_sizes)
+    expected = cpu_kernel.sequence_forward(gx, *rest, flags=flags, **masks)
+    fused = cpu_kernel.sequence_forward(inp, *rest, flags=flags, **masks, w_ih=w_ih, bias=b)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    names = ("hs", "cs", "gates", "h_raw", "c_new")
+
+    def check(names, actual, wanted):
+        for name, got, want in zip(names, actual, wanted, strict=True):
+            assert not got.isnan().any(), f"{name} has elements the kernel did not write"
+            assert got.shape == want.shape, name
+            if want.numel():
+                assert rel_err(got, want) < tol, f"{name}: rel err {rel_err(got, want):.2e}"
+
+    check(names, fused, expected)
+    hs, cs, gates, h_raw, c_new = expected
+    d_hs = torch.randn(hs.shape, generator=g, dtype=torch.float64).to(dtype)
+    d_cn = torch.randn(cs.shape[1:], generator=g, dtype=torch.float64).to(dtype)
+    bwd = (d_hs, d_cn, gates, cs, h_raw, c_new, x["w_hh"], x["w_hr"], batch_sizes)
+    *plain, no_dx, _ = cpu_kernel.sequence_backward(*bwd, flags=flags, **masks)
+    *with_dx, d_x, d_w = cpu_kernel.sequence_backward(*bwd, flags=flags, **masks, w_ih=w_ih, x=inp, hs=hs)
+    assert no_dx.numel() == 0
+    check(("d_pre", "d_h0", "d_c0", "d_hp"), with_dx, plain)
+    check(("d_x",), [d_x], [(plain[0].reshape(-1, 4 * H_) @ w_ih).view(T_, B_, I_)])
+    # ∂W accumulated in the loop: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m]
+    h_in = hs[:-1] if x["dropout"] is None else hs[:-1] * x["dropout"]
+    x_h = torch.cat([inp, h_in], dim=2).reshape(T_ * B_, -1)  # [T·B, I + P]
+    check(("d_w",), [d_w], [plain[0].reshape(-1, 4 * H_).T @ x_h])
+
+
+@needs_library
 def test_inference_keeps_no_saved_tensors(library):
     x, batch_sizes, _ = make_problem(T, B, H, P, variants.ZONEOUT_C, True, PACKING["decreasing"])
     masks = {"peephole": None, "zoneout": x["zoneout"], "dropout": None}
@@ -254,7 +317,7 @@ def test_empty_sequence(library):
     gx, h0, c0 = torch.randn(0, 2, 16), torch.randn(2, 4), torch.randn(2, 4)
     hs, cs, gates, _, _ = cpu_kernel.sequence_forward(gx, h0, c0, torch.randn(16, 4), None, None)
     assert hs.shape == (1, 2, 4) and torch.equal(hs[0], h0) and torch.equal(cs[0], c0)
-    d_pre, d_h0, d_c0, _ = cpu_kernel.sequence_backward(
+    d_pre, d_h0, d_c0, _, _, _ = cpu_kernel.sequence_backward(
         torch.ones(1, 2, 4), torch.full((2, 4), 2.0), gates, cs, torch.empty(0), torch.empty(0),
         torch.randn(16, 4), None, None,
     )  # fmt: skip
