@@ -1,12 +1,18 @@
 """The fused CPU LSTM kernel (`cpu_lstm.cpp`): one layer and direction over a whole sequence, forward
 and backward, in one C++ time loop.
 
-Per step the C++ loop runs one GEMM for the recurrent product and one vectorised pass
-(``at::vec::Vectorized``) over the gates, split over threads by blocks of hidden units
-(``at::parallel_for``); with a projection one more GEMM each way. The fp32 GEMM is ATen's oneDNN
-micro-kernel (``at::native::cpublas::brgemm``), fp64's ``at::mm_out``. The input projection before
-the loop and ∂W after it are the caller's, one GEMM each, as in the other backends. The contract is
-that of ``triton_persistent.persistent_forward`` / ``persistent_backward``, plus the projection.
+Per step the C++ loop runs one product and the gate math, split over threads by blocks of hidden
+units (``at::parallel_for``). The product is our own micro-kernel: a tile of 6 batch rows (2 with
+AVX2) × 4 vectors of gate columns (i, f, g, o of one panel of units) held in vector registers over
+the whole contraction, with the weights packed by panels once per call; the gate math
+(``at::vec::Vectorized``) reads it from an L1 tile. Given the layer's input and W_ih, the forward
+takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b per step (no [T, B, 4H] input projection is written or
+read), and the backward takes ∂pre_t·[W_ih | W_hh] (∂x with ∂h) and accumulates
+∂W += ∂pre_tᵀ·[x_t | h_{t−1} ⊙ m] step by step, so nothing is left for GEMMs after the loop but
+the projection's and the bias's (Σ ∂pre). With a projection (proj_size) h = h_raw·W_hrᵀ is ATen's
+oneDNN micro-kernel (``at::native::cpublas::brgemm``, fp32) or ``at::mm_out`` (fp64). Given gx
+instead, the contract is that of ``triton_persistent.persistent_forward`` / ``persistent_backward``,
+plus the projection.
 
 Build: just in time, on first use, with ``torch.utils.cpp_extension.load`` into
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one library per source hash,

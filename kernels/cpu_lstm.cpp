@@ -2,15 +2,18 @@
 // time loop (the Python side and the contract: kernels/cpu_kernel.py).
 //
 // Forward, step k (n rows advance):
+//   (fused input projection: [x_k | d_k] rows copied into one [B, I + P] operand)
 //   region 1, one block of units per thread, walked by panels of L = V::size() units and tiles of R
-//     rows: the tile's recurrent products d_k·W_hhᵀ for the panel's 4L gate columns accumulate in
-//     R × 4 vector registers (our own micro-kernel, W_hh packed by panels once per call), and the
-//     gate math runs on them in the registers: no product is stored
+//     rows: the tile's products [x_k | d_k]·[W_ih | W_hh]ᵀ + b (or d_k·W_hhᵀ, gx added later) for
+//     the panel's 4L gate columns accumulate in R × 4 vector registers (panel_tile, our own
+//     micro-kernel, the weights packed by panels once per call), then the gate math of each row
 //   region 2, projection only, one block of P columns per thread: h = h_raw·W_hrᵀ
-// Backward, step k:
+// Backward, step k (∂W fused: [x_k | h_{k−1} ⊙ m] packed by panels first):
 //   region 1, unit blocks: ∂h_raw = ∂h·W_hr for the block's units (projection only), then the gate
-//     derivatives of those units: ∂pre_k, ∂c_{k−1}
-//   region 2, column blocks of P: ∂h_{k−1} = (∂pre_k·W_hh) ⊙ m + z^h ⊙ ∂h̃_k + ∂L/∂hs[k]
+//     derivatives of those units: ∂pre_k, ∂c_{k−1}; then ∂W[the block's gate rows] +=
+//     ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] (panel_tile again, accumulating)
+//   region 2, column blocks of I + P: [∂x_k | r] = ∂pre_k·[W_ih | W_hh] (panel_tile), ∂x_k stored,
+//     ∂h_{k−1} = r ⊙ m + z^h ⊙ ∂h̃_k + ∂L/∂hs[k]
 // The blocks of a region are independent, so each region is one at::parallel_for and the only
 // synchronisation is its end.
 //
