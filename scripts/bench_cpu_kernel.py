@@ -10,6 +10,7 @@ Each implementation is first checked against ``torch.nn.LSTM`` in fp64 on the sa
 
     python scripts/bench_cpu_kernel.py          # B 16 64, H 64 128 256, T 100, 1 and 2 threads
     python scripts/bench_cpu_kernel.py --batch 16 --hidden 64 --threads 1 --min-run-time 1
+    python scripts/bench_cpu_kernel.py --threads 1 --clock cpu --plot ratios.png
 
 Prints a markdown table with the machine's header (commit, CPU, torch, load before and after).
 """
@@ -106,7 +107,31 @@ def time_interleaved(
     return [tuple(torch.quantile(torch.tensor(t, dtype=torch.float64), qs).tolist()) for t in samples]
 
 
-def main() -> None:
+def plot(rows: list[dict], impls: list[str], path: Path) -> None:
+    """Each row's time ÷ torch.nn.LSTM as bars, one per implementation, the parity line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [name for name in impls if name != "torch.nn.LSTM"]
+    labels = [f"{r['threads']}t B{r['B']} H{r['H']}\n{r['pass']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) * len(others)), 4.2))
+    width = 0.8 / max(1, len(others))
+    for n, name in enumerate(others):
+        xs = [i + (n - (len(others) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [float(r[f"{name} ×"]) for r in rows], width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8, label="torch.nn.LSTM (oneDNN)")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("time ÷ torch.nn.LSTM (lower is faster)")
+    ax.set_title(f"one LSTM layer on the CPU, T = {rows[0]['T']}, {rows[0]['clock']} clock")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
@@ -123,7 +148,8 @@ def main() -> None:
         help="cpu: this process's CPU time (time.process_time), which other processes on the cores do "
         "not inflate; meaningful for one thread only (idle OpenMP workers spin)",
     )
-    args = p.parse_args()
+    p.add_argument("--plot", type=Path, help="also write the ratios to torch.nn.LSTM as a bar chart (PNG)")
+    args = p.parse_args(argv)
 
     reason = cpu_kernel.load_error()
     if reason is not None:
@@ -185,6 +211,9 @@ def main() -> None:
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if args.plot:
+        plot(rows, args.impls, args.plot)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -377,3 +377,20 @@ def test_a_log_time_axis_is_labelled_at_readable_values(lo, hi, at_least) -> Non
     assert (
         len({(str(line.get_linestyle()), line.get_marker()) for line in lines}) == 2
     )  # coinciding, both seen
+
+
+def test_bench_cpu_kernel_smoke(tmp_path: Path, capsys) -> None:
+    """The CPU kernel's benchmark checks every implementation, times every row and plots the ratios."""
+    import bench_cpu_kernel
+
+    plot = tmp_path / "ratios.png"
+    argv = ["--batch", "2", "--hidden", "8", "--seq", "3", "--threads", "1", "--min-run-time", "0.05"]
+    bench_cpu_kernel.main([*argv, "--clock", "cpu", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "check cpu_kernel: max rel err" in out and "check reference: max rel err" in out
+    table = [line for line in out.splitlines() if line.startswith("| 1 | 2 | 8 | 3 |")]
+    assert [line.split(" | ")[4] for line in table] == ["fwd", "fwd+bwd"]
+    for line in table:
+        ratios = [float(cell) for cell in line.split(" | ")[7:12:2]]  # the three "×" columns
+        assert ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios), line
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
