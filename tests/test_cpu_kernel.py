@@ -262,7 +262,7 @@ def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, th
     rest = (x["h0"], x["c0"], x["w_hh"], x["w_hr"], batch_sizes)
     expected = cpu_kernel.sequence_forward(gx, *rest, flags=flags, **masks)
     fused = cpu_kernel.sequence_forward(inp, *rest, flags=flags, **masks, w_ih=w_ih, bias=b)
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # fp32: two summation orders (DEFAULT build: 2e-6)
     names = ("hs", "cs", "gates", "h_raw", "c_new")
 
     def check(names, actual, wanted):
