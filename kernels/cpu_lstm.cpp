@@ -74,6 +74,10 @@ using at::vec::Vectorized;
 template <typename V>
 constexpr int TILE_ROWS = sizeof(V) >= 64 ? 6 : 2;
 
+// Rows of ∂pre (steps × batch) summed into ∂W per pass in the backward: enough that ∂W, which may
+// not fit L2, is read and written once per 128 rows of products rather than once per step.
+constexpr int64_t DW_ROWS = 128;
+
 // σ(x) = 1 / (1 + e^{−x}), never inf or NaN for finite x: for x ≪ 0, e^{−x} is inf (Sleef's exp,
 // fp64) or clamped to FLT_MAX (exp_u20) and σ is 0. fp32 takes ATen's inlined exp_u20 (≤ 20 ulp):
 // Sleef's exp is an out-of-line call that spills every live vector register, and the gate pass
@@ -530,36 +534,43 @@ struct Backward {
   // ∂W accumulated step by step (∂W fused), else nullptr:
   const scalar_t* x;      // [T, B, I] the layer input (I > 0)
   const scalar_t* hs;     // [T + 1, B, P] the forward's h
-  scalar_t* xh_panels;    // [⌈(I + P)/4L⌉, B, 4L] scratch: [x_k | h_{k−1} ⊙ m] by panels of columns
+  int64_t chunk;          // steps whose ∂W products are summed in one pass (chunk·B ≥ DW_ROWS rows)
+  scalar_t* xh_panels;    // [⌈(I + P)/4L⌉, chunk·B, 4L] scratch: [x_k | h_{k−1} ⊙ m] of the chunk's steps
   scalar_t* d_w;          // [G, ldr] out: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m], ∂[W_ih | W_hh] (padded columns)
 };
 
-// Step k: [x_k | h_{k−1} ⊙ m] for rows < n into xh_panels, the right operand of step k's ∂W product.
+// Step k: [x_k | h_{k−1} ⊙ m], every row, into slot k % chunk of xh_panels: the right operand of
+// the chunk's ∂W product. Rows that did not step have ∂pre = 0 and add nothing.
 template <typename scalar_t>
-void pack_inputs(const Backward<scalar_t>& a, int64_t k, int64_t n) {
+void pack_inputs(const Backward<scalar_t>& a, int64_t k) {
   constexpr int64_t L4 = 4 * Vectorized<scalar_t>::size();
-  const int64_t B = a.B, P = a.P, I = a.I;
-  for (int64_t r = 0; r < n; ++r) {
+  const int64_t B = a.B, P = a.P, I = a.I, rows = a.chunk * B;
+  for (int64_t r = 0; r < B; ++r) {
     const scalar_t* x_r = a.x ? a.x + (k * B + r) * I : nullptr;
     const scalar_t* h_r = a.hs + (k * B + r) * P;  // hs[k] = h_{k−1}
     const scalar_t* m_r = (a.flags & RECURRENT_DROPOUT) ? a.drop + r * P : nullptr;
+    scalar_t* out = a.xh_panels + ((k % a.chunk) * B + r) * L4;
     for (int64_t c = 0; c < I + P; ++c) {
       const scalar_t v = c < I ? x_r[c] : m_r ? h_r[c - I] * m_r[c - I] : h_r[c - I];
-      a.xh_panels[(c / L4) * B * L4 + r * L4 + c % L4] = v;
+      out[(c / L4) * rows * L4 + c % L4] = v;
     }
   }
 }
 
-// Step k, the gate rows of units [u0, u0 + ub): ∂W[rows, :] += ∂pre_k[:n, rows]ᵀ·[x_k | h_{k−1} ⊙ m].
+// The gate rows of units [u0, u0 + ub), once step k completes its chunk (steps [k, k + steps)):
+// ∂W[rows, :] += Σ over the chunk's steps of ∂pre_s[:, rows]ᵀ·[x_s | h_{s−1} ⊙ m]. One pass per
+// chunk, not per step: ∂W [4H, I + P] is read and written once per chunk·B rows of ∂pre, so it
+// need not stay in L2 (it does not at H = 256: 2 MB).
 template <typename scalar_t>
-void accumulate_dw(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t u0, int64_t ub) {
+void accumulate_dw(const Backward<scalar_t>& a, int64_t k, int64_t u0, int64_t ub) {
   constexpr int64_t L4 = 4 * Vectorized<scalar_t>::size();
   const int64_t B = a.B, H = a.H, G = a.G;
-  if (n == 0) return;
+  if (k % a.chunk != 0) return;  // the chunk's lowest step comes last (the loop runs backwards)
+  const int64_t steps = std::min(a.chunk, a.T - k), rows = a.chunk * B;
   for (int64_t q = 0; q < 4; ++q) {
-    const int64_t g0 = q * H + u0;  // ub rows of ∂W; row i reads column g0 + i of ∂pre_k
+    const int64_t g0 = q * H + u0;  // ub rows of ∂W; row i reads column g0 + i of ∂pre
     for (int64_t c = 0; c < a.ldr; c += L4)
-      panel_product(ub, a.d_pre + k * B * G + g0, 1, G, a.xh_panels + (c / L4) * B * L4, n,
+      panel_product(ub, a.d_pre + k * B * G + g0, 1, G, a.xh_panels + (c / L4) * rows * L4, steps * B,
                     (const scalar_t*)nullptr, a.d_w + g0 * a.ldr + c, a.ldr, /*accumulate=*/true);
   }
 }
@@ -640,7 +651,7 @@ void backward_block(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t u
       store(dc_prev, dc_r + j, cnt);
     }
   }
-  if (a.d_w) accumulate_dw(a, k, n, u0, ub);  // this block's ∂pre columns are final
+  if (a.d_w) accumulate_dw(a, k, u0, ub);  // this block's ∂pre columns are final
 }
 
 // Step k, output columns [c0, c0 + cw) of [∂x_k | ∂h] (whole panels of 4L columns): the product
@@ -719,7 +730,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
   const bool fuse_dw = hs.has_value();
   TORCH_CHECK(!fuse_dw || (x.has_value() == (I > 0)), "∂W in the loop needs x exactly when w_ih is given");
   at::Tensor d_w = fuse_dw ? at::zeros({G, ldr}, gates.options()) : alloc({0}, dt, false);
-  at::Tensor xh_panels = fuse_dw ? at::zeros({ldr / (4 * V::size()), B, 4 * V::size()}, gates.options()) : at::Tensor();
+  const int64_t chunk = std::max<int64_t>(1, (DW_ROWS + B - 1) / std::max<int64_t>(B, 1));
+  at::Tensor xh_panels =
+      fuse_dw ? at::empty({ldr / (4 * V::size()), chunk * B, 4 * V::size()}, gates.options()) : at::Tensor();
+  if (fuse_dw) xh_panels.zero_();  // the padding columns beyond I + P are never written
   if (proj && T > 0) {  // d_hp[T − 1] = ∂L/∂hs[T] where rows advanced at the last step
     const int64_t n = sizes[T - 1];
     d_hp[T - 1].narrow(0, 0, n).copy_(dh.narrow(0, 0, n));
@@ -738,10 +752,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
                        carry.defined() ? carry.data_ptr<scalar_t>() : nullptr, rec.data_ptr<scalar_t>(),
                        I ? d_x.data_ptr<scalar_t>() : nullptr, x.has_value() ? x->data_ptr<scalar_t>() : nullptr,
                        fuse_dw ? hs->data_ptr<scalar_t>() : nullptr,
-                       fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr, fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr};
+                       chunk, fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr,
+                       fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr};
   for (int64_t k = T - 1; k >= 0; --k) {
     const int64_t n = sizes[k], n_prev = k > 0 ? sizes[k - 1] : 0;
-    if (fuse_dw) pack_inputs(a, k, n);
+    if (fuse_dw) pack_inputs(a, k);
     at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) backward_block(a, k, n, units.begin(b), units.width(b));
     });

@@ -238,7 +238,8 @@ def test_fp32_threads(library, threads, shape, proj, flags):
         (torch.float64, (4, 13, 21, 21, 3), False, "vanilla", 1),
         (torch.float64, (4, 13, 21, 9, 30), True, "dropout", 1),
         (torch.float64, (4, 8, 17, 17, 40), False, "all_masks", 1),
-        (torch.float64, (3, 7, 9, 9, 3), False, "cifg", 1),
+        # ∂W sums 128 rows of products per pass: B = 40 is chunks of 4 steps, T = 6 one full, one not
+        (torch.float64, (6, 40, 9, 9, 3), False, "cifg", 1),
         (torch.float32, (4, 13, 37, 37, 70), False, "zoneout_c", 2),
     ],
     ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2threads"],
