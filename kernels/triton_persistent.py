@@ -574,7 +574,7 @@ def dot_warps(M: int, N: int, batch: int = 1) -> int:
     return batch * max(1, M // MMA_M) * max(1, N // MMA_N)
 
 
-def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
+def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None) -> Config:
     """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py):
     8 units per program (32 rows of W_hh; up to H = 1024 at most 128 programs, one per SM of an
     H100; beyond, the tiles pad to 2048 columns and no longer fit: the per-step path). Forward:
@@ -582,12 +582,16 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
     still fits beside W_hh) and as many warps as the [block_b, 4U] output has mma tiles (4 or 8).
     fp32 without TF32 and fp64 multiply on CUDA cores (FMA, no mma tiles): 8 warps, which keeps the
     fp32 tiles from spilling. Backward: chunks of 16 rows; its [16, U] output is one warp's tile,
-    so the 4H contraction is split into one slice per warp (up to 8, each at least 16 long)."""
+    so the 4H contraction is split into one slice per warp (up to 8, each at least 16 long).
+    fp32 has its own rule (:func:`fp32_config`); ``tf32``: whether its dots may use TF32 (default:
+    what :func:`cudnn_rnn_allows_tf32` says now)."""
+    if dtype == torch.float32:
+        return fp32_config(B, H, backward, _dot_precision(dtype, tf32) == "tf32")
     if backward:
         split_k = min(8, _block(4 * H) // 16)
         return Config(units=8, num_warps=split_k, block_b=16, split_k=split_k)
     block_b = 32 if B > 16 and dtype in (torch.float16, torch.bfloat16) else 16
-    if dtype == torch.float64 or (_dot_precision(dtype) == "ieee" and dtype == torch.float32):
+    if dtype == torch.float64:
         return Config(units=8, num_warps=8, block_b=block_b)  # an FMA dot: no mma tiles to duplicate
     return Config(units=8, num_warps=min(8, dot_warps(block_b, 4 * 8)), block_b=block_b)
 
@@ -638,9 +642,50 @@ def resident_programs(
     return sms * min(by_regs, by_threads, by_smem, max_blocks_per_sm)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting, like the per-step path's cuBLAS GEMM
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def cudnn_rnn_allows_tf32() -> bool:
+    """Whether torch.nn.LSTM's cuDNN path may multiply fp32 on TF32 tensor cores now, which the fp32
+    persistent kernels follow: ATen's ``allowTF32CuDNN(Float32Op::RNN)``, i.e.
+    ``torch.backends.cudnn.rnn.fp32_precision`` ("none" defers to ``torch.backends.cudnn.fp32_precision``,
+    then to ``torch.backends.fp32_precision``, then means IEEE). The legacy
+    ``torch.backends.cudnn.allow_tf32`` sets it (True: "tf32", False: "none"); torch < 2.9 has
+    only that flag. Default: allowed."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cudnn.allow_tf32)
+    for p in (precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if p != "none":
+            return p == "tf32"
+    return False
+
+
+def _dot_precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
+    # fp32: TF32 tensor cores where cuDNN's fp32 LSTM may use them (tf32=None: its flag now), else
+    # true fp32; a constexpr of both kernels, so flipping the flag compiles (and caches) the other one
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if (cudnn_rnn_allows_tf32() if tf32 is None else tf32) else "ieee"
+
+
+def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
+    """fp32's configuration, from sm_90 compiles with triton 3.6 and 3.9 (0 spills for H ≤ 1024;
+    docs/persistent.md, "fp32"). fp32 tiles are twice the 16-bit ones, so the backward's ∂L/∂pre
+    chunk shrinks to 4 rows where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]),
+    and in the FMA backward with several chunks (at H = 256, 16 rows spilled 16 bytes with triton
+    3.9 and 8 rows 8 bytes with 3.6).
+    Forward: TF32 runs the 16-bit rule's mma dot (4 warps on [16, 4U]); true fp32 (an FMA dot, 8
+    warps) splits the H contraction in two halves, [2, 16, H/2]×[2, H/2, 4U] with warps [2, 4, 1]:
+    whole, triton 3.6 spilled it (38,776 bytes at H = 1024), and in 8 slices triton 3.9 did."""
+    if backward:
+        split_k = min(8, _block(4 * H) // 16)
+        for block_b in (16, 4) if tf32 or B <= 16 else (4,):
+            cfg = Config(units=8, num_warps=split_k, block_b=block_b, split_k=split_k)
+            if config_problem(16, H, torch.float32, cfg, backward=True) is None:
+                break
+        return cfg
+    if tf32:
+        return Config(units=8, num_warps=dot_warps(16, 4 * 8), block_b=16)
+    return Config(units=8, num_warps=8, block_b=16, split_k=min(2, _block(H) // 16))
 
 
 # The barrier's poll: an ld.acquire.gpu through inline PTX on CUDA, an atomic under the interpreter.
@@ -650,10 +695,10 @@ ACQUIRE_LOAD = not TRITON_INTERPRET
 REGISTER_STATE = True
 
 
-def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
+def _compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
     return dict(
         ACQUIRE_LOAD=ACQUIRE_LOAD,
-        DOT_PRECISION=_dot_precision(dtype),
+        DOT_PRECISION=_dot_precision(dtype, tf32),
         UPCAST_DOT=TRITON_INTERPRET and dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=1,  # no software pipelining: a load of step t + 1 must never move above the barrier
@@ -729,10 +774,11 @@ def _device_limits(device: torch.device) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=256)
 def _cuda_unavailable_reason(
-    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0
+    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0, precision: str = "ieee"
 ) -> str | None:
     # compiled with the launch's own shapes (T = 1): B and H specialise the kernels as in the real call,
-    # and so do the flags (each variant is its own kernel, with its own register use)
+    # and so do the flags (each variant is its own kernel, with its own register use) and the dot
+    # precision (fp32: TF32 or not, another configuration and kernel; a key of this cache)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     G = 4 * H
     sync = torch.zeros(2, dtype=torch.int32, device=device)
@@ -746,7 +792,7 @@ def _cuda_unavailable_reason(
     ))  # fmt: skip
     smem_per_block = _device_limits(device)["smem_per_block"]
     for backward in (False, True):
-        cfg = pick_config(B, H, dtype, backward)
+        cfg = pick_config(B, H, dtype, backward, tf32=precision == "tf32")
         problem = config_problem(B, H, dtype, cfg, backward, smem_per_block)
         if problem is not None:
             return problem
@@ -755,12 +801,14 @@ def _cuda_unavailable_reason(
             args, meta = _kernel_args_bwd(
                 hs, gates, cs, w, gx, d_h, d_h, variant, None, sync, 0, 1, 0, P, cfg, True, True
             )
+            meta |= _compile_options(dtype, cfg, tf32=precision == "tf32")  # the precision of the key
             problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P, device)
         else:
             hd = hs if flags & variants.RECURRENT_DROPOUT else None
             args, meta = _kernel_args_fwd(
                 gx, w, hs, cs, gates, variant, hd, None, sync, 0, 1, 0, P, cfg, True
             )
+            meta |= _compile_options(dtype, cfg, tf32=precision == "tf32")
             problem = _compile_problem(lstm_persistent_fwd_kernel, args, meta, P, device)
         if problem is not None:
             return problem
@@ -796,7 +844,7 @@ def persistent_unavailable_reason(
         return "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _cuda_unavailable_reason(B, H, dtype, device, flags)
+    return _cuda_unavailable_reason(B, H, dtype, device, flags, _dot_precision(dtype))
 
 
 def _timeout_message(what: str) -> str:
