@@ -48,6 +48,7 @@ def overrides(args: argparse.Namespace, sweep_dir: Path) -> list[str]:
         "logger=none",
         "~hydra.callbacks.report",
         f"hydra.sweep.dir={sweep_dir}",
+        *args.override,
     ]
 
 
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="training steps per run (default: 150)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--timeout-s", type=float, default=None, help="stop the sweep after this long")
+    p.add_argument(
+        "--override", nargs="*", default=[], help="more Hydra overrides, e.g. model.backend=reference"
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     missing = missing_modules()
