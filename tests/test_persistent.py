@@ -634,6 +634,8 @@ HOPPER_SPECS += ["fp16,16,768,fwd", "fp16,16,768,bwd"]
 HOPPER_SPECS += [
     f"{dt},{b},{h},{d}" for dt in ("fp32", "tf32") for b, h in GRID if b < 128 for d in ("fwd", "bwd")
 ]
+# lstmlab-train's compare preset (B 64, H 64): what its fp32 training on a GPU compiles
+HOPPER_SPECS += [f"{dt},64,64,{d}" for dt in ("fp32", "tf32") for d in ("fwd", "bwd")]
 # the cell variants: every bit the persistent kernels take, switched on at once
 HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd")]
 # an H100 PCIe has 114 SMs: from H = 768 on, the backward (192 KiB of shared memory), the forward at
