@@ -141,7 +141,7 @@ def _dot(b_a, b_b, acc: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.co
     return tl.dot(b_a, b_b, out_dtype=acc, input_precision=DOT_PRECISION)
 
 
-@triton.jit(do_not_specialize=["t_start", "t_end", "spin_limit", "n_sync"])
+@triton.jit(do_not_specialize=["t_start", "t_end", "T", "spin_limit", "n_sync"])
 def lstm_persistent_fwd_kernel(
     p_gx,  # [T, B, G] input projection incl. biases
     p_w,  # [G, H] W_hh
@@ -157,6 +157,7 @@ def lstm_persistent_fwd_kernel(
     p_sync,  # [2] int32: barrier counter, timeout flag
     t_start,
     t_end,
+    T,
     B,
     H,
     spin_limit,
@@ -173,10 +174,20 @@ def lstm_persistent_fwd_kernel(
     ACQUIRE_LOAD: tl.constexpr,  # the barrier polls with ld.acquire (CUDA), else an atomic
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    BIDIR: tl.constexpr,  # grid (P, 2): both directions, each tensor stacked on a leading [2]
 ):
     i_p = tl.program_id(0).to(tl.int64)
     G = 4 * H
     acc = p_cs.dtype.element_ty
+    if BIDIR:  # direction 1's tensors follow direction 0's; each direction has its own barrier counter
+        i_d = tl.program_id(1).to(tl.int64)
+        p_gx += i_d * T * B * G
+        p_w += i_d * G * H
+        p_hs += i_d * (T + 1) * B * H
+        p_cs += i_d * (T + 1 if SAVE else 2) * B * H
+        p_gates += i_d * T * B * G if SAVE else 0
+        p_sizes += i_d * T if PACKED else 0
+        p_sync += i_d * 2
 
     o_k = tl.arange(0, BLOCK_H)
     m_k = o_k < H
@@ -381,10 +392,22 @@ def lstm_persistent_bwd_kernel(
     FINISH: tl.constexpr,  # end with step t_start's recurrent part: p_dh becomes ∂L/∂hs[t_start]
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    BIDIR: tl.constexpr,  # grid (P, 2), as in the forward
 ):
     i_p = tl.program_id(0).to(tl.int64)
     G = 4 * H
     acc = p_dh.dtype.element_ty
+    if BIDIR:
+        i_d = tl.program_id(1).to(tl.int64)
+        p_dhs += i_d * (T + 1) * B * H
+        p_gates += i_d * T * B * G
+        p_cs += i_d * (T + 1) * B * H
+        p_w += i_d * G * H
+        p_dpre += i_d * T * B * G
+        p_dh += i_d * B * H
+        p_dc += i_d * B * H
+        p_sizes += i_d * T if PACKED else 0
+        p_sync += i_d * 2
 
     o_u = i_p * U + tl.arange(0, U)
     m_u = o_u < H
@@ -574,7 +597,7 @@ def dot_warps(M: int, N: int, batch: int = 1) -> int:
     return batch * max(1, M // MMA_M) * max(1, N // MMA_N)
 
 
-def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
+def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None) -> Config:
     """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py):
     8 units per program (32 rows of W_hh; up to H = 1024 at most 128 programs, one per SM of an
     H100; beyond, the tiles pad to 2048 columns and no longer fit: the per-step path). Forward:
@@ -582,12 +605,16 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool) -> Config:
     still fits beside W_hh) and as many warps as the [block_b, 4U] output has mma tiles (4 or 8).
     fp32 without TF32 and fp64 multiply on CUDA cores (FMA, no mma tiles): 8 warps, which keeps the
     fp32 tiles from spilling. Backward: chunks of 16 rows; its [16, U] output is one warp's tile,
-    so the 4H contraction is split into one slice per warp (up to 8, each at least 16 long)."""
+    so the 4H contraction is split into one slice per warp (up to 8, each at least 16 long).
+    fp32 has its own rule (:func:`fp32_config`); ``tf32``: whether its dots may use TF32 (default:
+    what :func:`cudnn_rnn_allows_tf32` says now)."""
+    if dtype == torch.float32:
+        return fp32_config(B, H, backward, _dot_precision(dtype, tf32) == "tf32")
     if backward:
         split_k = min(8, _block(4 * H) // 16)
         return Config(units=8, num_warps=split_k, block_b=16, split_k=split_k)
     block_b = 32 if B > 16 and dtype in (torch.float16, torch.bfloat16) else 16
-    if dtype == torch.float64 or (_dot_precision(dtype) == "ieee" and dtype == torch.float32):
+    if dtype == torch.float64:
         return Config(units=8, num_warps=8, block_b=block_b)  # an FMA dot: no mma tiles to duplicate
     return Config(units=8, num_warps=min(8, dot_warps(block_b, 4 * 8)), block_b=block_b)
 
@@ -638,9 +665,50 @@ def resident_programs(
     return sms * min(by_regs, by_threads, by_smem, max_blocks_per_sm)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting, like the per-step path's cuBLAS GEMM
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def cudnn_rnn_allows_tf32() -> bool:
+    """Whether torch.nn.LSTM's cuDNN path may multiply fp32 on TF32 tensor cores now, which the fp32
+    persistent kernels follow: ATen's ``allowTF32CuDNN(Float32Op::RNN)``, i.e.
+    ``torch.backends.cudnn.rnn.fp32_precision`` ("none" defers to ``torch.backends.cudnn.fp32_precision``,
+    then to ``torch.backends.fp32_precision``, then means IEEE). The legacy
+    ``torch.backends.cudnn.allow_tf32`` sets it (True: "tf32", False: "none"); torch < 2.9 has
+    only that flag. Default: allowed."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cudnn.allow_tf32)
+    for p in (precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if p != "none":
+            return p == "tf32"
+    return False
+
+
+def _dot_precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
+    # fp32: TF32 tensor cores where cuDNN's fp32 LSTM may use them (tf32=None: its flag now), else
+    # true fp32; a constexpr of both kernels, so flipping the flag compiles (and caches) the other one
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if (cudnn_rnn_allows_tf32() if tf32 is None else tf32) else "ieee"
+
+
+def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
+    """fp32's configuration, from sm_90 compiles with triton 3.6 and 3.9 (0 spills for H ≤ 1024;
+    docs/persistent.md, "fp32"). fp32 tiles are twice the 16-bit ones, so the backward's ∂L/∂pre
+    chunk shrinks to 4 rows where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]),
+    and in the FMA backward with several chunks (at H = 256, 16 rows spilled 16 bytes with triton
+    3.9 and 8 rows 8 bytes with 3.6).
+    Forward: TF32 runs the 16-bit rule's mma dot (4 warps on [16, 4U]); true fp32 (an FMA dot, 8
+    warps) splits the H contraction in two halves, [2, 16, H/2]×[2, H/2, 4U] with warps [2, 4, 1]:
+    whole, triton 3.6 spilled it (38,776 bytes at H = 1024), and in 8 slices triton 3.9 did."""
+    if backward:
+        split_k = min(8, _block(4 * H) // 16)
+        for block_b in (16, 4) if tf32 or B <= 16 else (4,):
+            cfg = Config(units=8, num_warps=split_k, block_b=block_b, split_k=split_k)
+            if config_problem(16, H, torch.float32, cfg, backward=True) is None:
+                break
+        return cfg
+    if tf32:
+        return Config(units=8, num_warps=dot_warps(16, 4 * 8), block_b=16)
+    return Config(units=8, num_warps=8, block_b=16, split_k=min(2, _block(H) // 16))
 
 
 # The barrier's poll: an ld.acquire.gpu through inline PTX on CUDA, an atomic under the interpreter.
@@ -650,10 +718,10 @@ ACQUIRE_LOAD = not TRITON_INTERPRET
 REGISTER_STATE = True
 
 
-def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
+def _compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
     return dict(
         ACQUIRE_LOAD=ACQUIRE_LOAD,
-        DOT_PRECISION=_dot_precision(dtype),
+        DOT_PRECISION=_dot_precision(dtype, tf32),
         UPCAST_DOT=TRITON_INTERPRET and dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=1,  # no software pipelining: a load of step t + 1 must never move above the barrier
@@ -662,22 +730,22 @@ def _compile_options(dtype: torch.dtype, cfg: Config) -> dict:
 
 def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start, t_end, spin_limit, n_sync,
                      cfg, sync_on):  # fmt: skip
-    _, B, G = gx.shape
+    T, B, G = gx.shape[-3:]  # [2, T, B, G] for both directions in one launch
     H = G // 4
     flags, tensors = variant
     args = (gx, w_hh, hs, cs, *(sync if x is None else x for x in (gates, *tensors, hd)))  # sync: never read
-    args += (sizes if sizes is not None else sync, sync, t_start, t_end, B, H, spin_limit, n_sync)
+    args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
     meta = dict(
         U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), SPLIT_K=cfg.split_k, PACKED=sizes is not None
     )
     one_chunk = REGISTER_STATE and cfg.block_b >= B
-    meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=one_chunk, SYNC=sync_on)
+    meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=one_chunk, SYNC=sync_on, BIDIR=gx.dim() == 4)
     return args, meta | _compile_options(gx.dtype, cfg)
 
 
 def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, sync, t_start, t_end, spin_limit,
                      n_sync, cfg, sync_on, finish):  # fmt: skip
-    T, B, G = gates.shape
+    T, B, G = gates.shape[-3:]
     H = G // 4
     flags, tensors = variant
     args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, *(sync if x is None else x for x in tensors))
@@ -685,7 +753,7 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
     meta = dict(
         U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), SPLIT_K=cfg.split_k, PACKED=sizes is not None
     )
-    meta |= dict(ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B)
+    meta |= dict(ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B, BIDIR=gates.dim() == 4)
     return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | _compile_options(d_pre.dtype, cfg)
 
 
@@ -729,10 +797,17 @@ def _device_limits(device: torch.device) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=256)
 def _cuda_unavailable_reason(
-    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0
+    B: int,
+    H: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    flags: int = 0,
+    precision: str = "ieee",
+    directions: int = 1,
 ) -> str | None:
     # compiled with the launch's own shapes (T = 1): B and H specialise the kernels as in the real call,
-    # and so do the flags (each variant is its own kernel, with its own register use)
+    # and so do the flags (each variant is its own kernel, with its own register use) and the dot
+    # precision (fp32: TF32 or not, another configuration and kernel; a key of this cache)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     G = 4 * H
     sync = torch.zeros(2, dtype=torch.int32, device=device)
@@ -746,7 +821,7 @@ def _cuda_unavailable_reason(
     ))  # fmt: skip
     smem_per_block = _device_limits(device)["smem_per_block"]
     for backward in (False, True):
-        cfg = pick_config(B, H, dtype, backward)
+        cfg = pick_config(B, H, dtype, backward, tf32=precision == "tf32")
         problem = config_problem(B, H, dtype, cfg, backward, smem_per_block)
         if problem is not None:
             return problem
@@ -755,13 +830,17 @@ def _cuda_unavailable_reason(
             args, meta = _kernel_args_bwd(
                 hs, gates, cs, w, gx, d_h, d_h, variant, None, sync, 0, 1, 0, P, cfg, True, True
             )
-            problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P, device)
+            meta |= _compile_options(dtype, cfg, tf32=precision == "tf32")  # the precision of the key
+            meta["BIDIR"] = directions == 2  # both directions' programs resident at once
+            problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P * directions, device)
         else:
             hd = hs if flags & variants.RECURRENT_DROPOUT else None
             args, meta = _kernel_args_fwd(
                 gx, w, hs, cs, gates, variant, hd, None, sync, 0, 1, 0, P, cfg, True
             )
-            problem = _compile_problem(lstm_persistent_fwd_kernel, args, meta, P, device)
+            meta |= _compile_options(dtype, cfg, tf32=precision == "tf32")
+            meta["BIDIR"] = directions == 2
+            problem = _compile_problem(lstm_persistent_fwd_kernel, args, meta, P * directions, device)
         if problem is not None:
             return problem
     return None
@@ -771,14 +850,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def persistent_unavailable_reason(
-    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0
+    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int = 0, directions: int = 1
 ) -> str | None:
     """None if the persistent kernels can run this shape and cell variant on this device, else a
     one-line reason.
 
     CUDA: both kernels compile for the device with the heuristic's configuration and these
     ``flags`` (variants.py's bits), without register spills, and their grids fit on the device at
-    once. CPU: only through Triton's interpreter. Layer norm is never taken (LAYER_NORM_REASON).
+    once (``directions=2``: both directions of a bidirectional layer in one launch, 2P programs,
+    the vanilla cell only). CPU: only through Triton's interpreter. Layer norm is never taken
+    (LAYER_NORM_REASON).
     """
     device = torch.device(device)
     if dtype not in SUPPORTED_DTYPES:
@@ -788,6 +869,10 @@ def persistent_unavailable_reason(
     problem = _flags_problem(flags)
     if problem is not None:
         return problem
+    if directions not in (1, 2) or (directions == 2 and flags):
+        return (
+            f"directions must be 1, or 2 with the vanilla cell (flags=0), got {directions} with flags {flags}"
+        )
     if device.type == "cpu":
         return None if TRITON_INTERPRET else "on CPU the persistent kernels need TRITON_INTERPRET=1"
     if device.type != "cuda":
@@ -796,7 +881,7 @@ def persistent_unavailable_reason(
         return "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _cuda_unavailable_reason(B, H, dtype, device, flags)
+    return _cuda_unavailable_reason(B, H, dtype, device, flags, _dot_precision(dtype), directions)
 
 
 def _timeout_message(what: str) -> str:
@@ -872,24 +957,25 @@ def _single_launch(device: torch.device, single_launch: bool | None) -> bool:
     return device.type == "cuda" if single_launch is None else single_launch
 
 
-def _sizes_tensor(batch_sizes: Tensor | None, T: int, device: torch.device) -> Tensor | None:
+def _sizes_tensor(batch_sizes: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor | None:
     if batch_sizes is None:
         return None
     sizes = torch.as_tensor(batch_sizes).to(device=device, dtype=torch.int32)
-    if sizes.shape != (T,):
-        raise ValueError(f"batch_sizes must have shape ({T},), got {tuple(sizes.shape)}")
-    return sizes
+    if sizes.shape != shape:
+        raise ValueError(f"batch_sizes must have shape {shape}, got {tuple(sizes.shape)}")
+    return sizes.contiguous()
 
 
 def _grid(
-    T: int, H: int, cfg: Config, phantom_programs: int, device: torch.device
+    T: int, H: int, cfg: Config, phantom_programs: int, device: torch.device, directions: int = 1
 ) -> tuple[int, int, Tensor]:
-    """Programs, programs the barrier waits for, and the [2] int32 barrier counter and timeout flag."""
+    """Programs per direction, programs a barrier waits for, and the [2·directions] int32 barrier
+    counters and timeout flags (one pair per direction)."""
     P = cfg.programs(H)
     n_sync = P + phantom_programs
     if T * n_sync >= ABORT.value:
         raise ValueError(f"T·programs must stay below 2**30 (the barrier counter), got {T}·{n_sync}")
-    return P, n_sync, torch.zeros(2, dtype=torch.int32, device=device)
+    return P, n_sync, torch.zeros(2 * directions, dtype=torch.int32, device=device)
 
 
 def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
@@ -899,8 +985,10 @@ def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
         raise ValueError(f"split_k must be a power of two with {what} padded ({K}) / split_k ≥ 16, got {cfg}")
 
 
-def _check_available(B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int) -> None:
-    reason = persistent_unavailable_reason(B, H, dtype, device, flags)
+def _check_available(
+    B: int, H: int, dtype: torch.dtype, device: torch.device, flags: int, directions: int = 1
+) -> None:
+    reason = persistent_unavailable_reason(B, H, dtype, device, flags, directions)
     if reason is not None:
         raise RuntimeError(f"the persistent LSTM kernels cannot run B={B}, H={H}, {dtype}: {reason}")
 
@@ -990,7 +1078,10 @@ def persistent_forward(
     variant tensor is given iff its flag is set, else ValueError.
 
     Args:
-        gx: [T, B, 4H] input projection incl. biases, contiguous (fp32, fp16, bf16 or fp64).
+        gx: [T, B, 4H] input projection incl. biases, contiguous (fp32, fp16, bf16 or fp64). Or
+            [2, T, B, 4H]: both directions of a bidirectional layer in one launch (grid (P, 2), a
+            barrier counter per direction; direction 1 over its time-flipped sequence), every other
+            tensor and output then with the same leading [2] (batch_sizes [2, T]); vanilla cell only.
         h0: [B, H] initial hidden state (cast to the dtype of gx, as hs[0]).
         c0: [B, H] initial cell state, any float dtype.
         w_hh: [4H, H] recurrent weights, dtype of gx.
@@ -1033,13 +1124,22 @@ def persistent_forward(
         torch.Size([6, 3, 8])
     """
     raise_pending_timeouts()  # an earlier launch's timeout, now that it has finished
-    if gx.dim() != 3 or gx.shape[-1] % 4:
-        raise ValueError(f"gx must be [T, B, 4H], got shape {tuple(gx.shape)}")
-    T, B, G = gx.shape
+    if gx.dim() not in (3, 4) or gx.shape[-1] % 4 or (gx.dim() == 4 and gx.shape[0] != 2):
+        raise ValueError(
+            f"gx must be [T, B, 4H] (or [2, T, B, 4H], both directions), got shape {tuple(gx.shape)}"
+        )
+    lead = tuple(gx.shape[:-3])  # (2,): both directions of a bidirectional layer in one launch
+    T, B, G = gx.shape[-3:]
     H = G // 4
     dtype, device = gx.dtype, gx.device
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for name, t, shape in (("h0", h0, (B, H)), ("c0", c0, (B, H)), ("w_hh", w_hh, (G, H))):
+    if lead and flags:
+        raise ValueError(f"both directions in one launch take the vanilla cell only (flags=0), got {flags}")
+    for name, t, shape in (
+        ("h0", h0, (*lead, B, H)),
+        ("c0", c0, (*lead, B, H)),
+        ("w_hh", w_hh, (*lead, G, H)),
+    ):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if w_hh.dtype != dtype:  # one dot of h (stored in the dtype of gx) with W_hh
@@ -1048,37 +1148,41 @@ def persistent_forward(
     variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
     if c_new is not None and not c_new.is_contiguous():
         raise ValueError("c_new is an output: it must be contiguous")
-    _check_available(B, H, dtype, device, flags)
+    _check_available(B, H, dtype, device, flags, 1 + len(lead))
     gx, w_hh = gx.contiguous(), w_hh.contiguous()
-    sizes = _sizes_tensor(batch_sizes, T, device)
+    sizes = _sizes_tensor(batch_sizes, (*lead, T), device)
 
-    hs = empty(T + 1, B, H, dtype=dtype, device=device)
-    cs = empty(T + 1 if save else 2, B, H, dtype=acc, device=device)  # unsaved: a ring of c_{t−1}, c_t
-    gates = empty(T, B, G, dtype=acc, device=device) if save else None
-    hs[0] = h0
-    cs[0] = c0
+    hs = empty(*lead, T + 1, B, H, dtype=dtype, device=device)
+    cs = empty(*lead, T + 1 if save else 2, B, H, dtype=acc, device=device)  # unsaved: a ring of c_{t−1}, c_t
+    gates = empty(*lead, T, B, G, dtype=acc, device=device) if save else None
+    hs.select(-3, 0).copy_(h0)
+    cs.select(-3, 0).copy_(c0)
     if T == 0:
-        return hs, cs if save else cs[:1], gates
+        return hs, cs if save else cs[..., :1, :, :], gates
     hd = None  # h ⊙ m of the last two steps: d_t, the dot's operand under recurrent dropout
     if flags & variants.RECURRENT_DROPOUT:
         hd = empty(2, B, H, dtype=dtype, device=device)
         hd[0] = hs[0] * variant[1][2]
     cfg = config or pick_config(B, H, dtype, backward=False)
     _check_split_k(cfg, H, backward=False)
-    P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
+    P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device, 1 + len(lead))
+    grid = (P, *lead)  # (P, 2): one barrier counter per direction
     if _single_launch(device, single_launch):
         args, meta = _kernel_args_fwd(
             gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, 0, T, spin_limit, n_sync, cfg, True
         )
-        lstm_persistent_fwd_kernel[(P,)](*args, **meta)
+        lstm_persistent_fwd_kernel[grid](*args, **meta)
     else:
         for t in range(T):
             args, meta = _kernel_args_fwd(
                 gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t, t + 1, spin_limit, n_sync, cfg, False
             )
-            lstm_persistent_fwd_kernel[(P,)](*args, **meta)
-    _watch_timeout(sync, f"persistent LSTM forward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
-    return hs, cs if save else cs[T % 2 : T % 2 + 1], gates
+            lstm_persistent_fwd_kernel[grid](*args, **meta)
+    for d in range(1 + len(lead)):
+        where = f", direction {d}" if lead else ""
+        what = f"persistent LSTM forward (T={T}, B={B}, H={H}, {dtype}, {P} programs{where})"
+        _watch_timeout(sync[2 * d : 2 * d + 2], what)
+    return hs, cs if save else cs[..., T % 2 : T % 2 + 1, :, :], gates
 
 
 def persistent_backward(
@@ -1102,7 +1206,8 @@ def persistent_backward(
     r"""The reverse recurrence of :func:`persistent_forward` in one launch (CPU: one per step).
 
     Args:
-        d_hs: [T + 1, B, H] dtype of gx: gradient reaching each hs[k] from outside the recurrence.
+        d_hs: [T + 1, B, H] dtype of gx: gradient reaching each hs[k] from outside the recurrence
+            (with the forward's leading [2] for both directions in one launch, as every tensor here).
         d_cn: [B, H] ∂L/∂c_n.
         gates: [T, B, 4H] acc and cs [T + 1, B, H] acc, as :func:`persistent_forward` returned them.
         w_hh: [4H, H] recurrent weights, dtype of d_hs.
@@ -1125,12 +1230,16 @@ def persistent_backward(
         torch.Size([5, 3, 32])
     """
     raise_pending_timeouts()
-    if gates.dim() != 3 or gates.shape[-1] % 4:
-        raise ValueError(f"gates must be [T, B, 4H], got shape {tuple(gates.shape)}")
-    T, B, G = gates.shape
+    if gates.dim() not in (3, 4) or gates.shape[-1] % 4 or (gates.dim() == 4 and gates.shape[0] != 2):
+        raise ValueError(f"gates must be [T, B, 4H] (or [2, T, B, 4H]), got shape {tuple(gates.shape)}")
+    lead = tuple(gates.shape[:-3])  # (2,): both directions in one launch, as the forward ran them
+    T, B, G = gates.shape[-3:]
     H = G // 4
     dtype, acc, device = d_hs.dtype, cs.dtype, d_hs.device
+    if lead and flags:
+        raise ValueError(f"both directions in one launch take the vanilla cell only (flags=0), got {flags}")
     expected = {"d_hs": (T + 1, B, H), "d_cn": (B, H), "cs": (T + 1, B, H), "w_hh": (G, H)}
+    expected = {name: (*lead, *shape) for name, shape in expected.items()}
     for name, t in (("d_hs", d_hs), ("d_cn", d_cn), ("cs", cs), ("w_hh", w_hh)):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
@@ -1138,27 +1247,27 @@ def persistent_backward(
         raise ValueError(f"gates must have the dtype of cs ({acc}) and w_hh that of d_hs ({dtype})")
     tensors = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout, "c_new": c_new}
     variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
-    _check_available(B, H, dtype, device, flags)
+    _check_available(B, H, dtype, device, flags, 1 + len(lead))
     d_hs, gates, cs, w_hh = d_hs.contiguous(), gates.contiguous(), cs.contiguous(), w_hh.contiguous()
-    sizes = _sizes_tensor(batch_sizes, T, device)
+    sizes = _sizes_tensor(batch_sizes, (*lead, T), device)
 
-    d_pre = empty(T, B, G, dtype=dtype, device=device)
-    d_h = empty(B, H, dtype=acc, device=device)  # ∂L/∂hs[T], then ∂L/∂h0
-    d_c = empty(B, H, dtype=acc, device=device)  # ∂L/∂c_n, then ∂L/∂c0
-    d_h.copy_(d_hs[T])
+    d_pre = empty(*lead, T, B, G, dtype=dtype, device=device)
+    d_h = empty(*lead, B, H, dtype=acc, device=device)  # ∂L/∂hs[T], then ∂L/∂h0
+    d_c = empty(*lead, B, H, dtype=acc, device=device)  # ∂L/∂c_n, then ∂L/∂c0
+    d_h.copy_(d_hs.select(-3, T))
     d_c.copy_(d_cn)
     if T == 0:
         return d_pre, d_h, d_c
     cfg = config or pick_config(B, H, dtype, backward=True)
     _check_split_k(cfg, H, backward=True)
-    P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device)
+    P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device, 1 + len(lead))
 
     def launch(t_start: int, t_end: int, sync_on: bool, finish: bool) -> None:
         args, meta = _kernel_args_bwd(
             d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, sync, t_start, t_end, spin_limit,
             n_sync, cfg, sync_on, finish,
         )  # fmt: skip
-        lstm_persistent_bwd_kernel[(P,)](*args, **meta)
+        lstm_persistent_bwd_kernel[(P, *lead)](*args, **meta)
 
     if _single_launch(device, single_launch):
         launch(0, T, True, True)
@@ -1166,5 +1275,8 @@ def persistent_backward(
         for t in reversed(range(T)):
             launch(t, t + 1, False, False)
         launch(0, 0, False, True)
-    _watch_timeout(sync, f"persistent LSTM backward (T={T}, B={B}, H={H}, {dtype}, {P} programs)")
+    for d in range(1 + len(lead)):
+        where = f", direction {d}" if lead else ""
+        what = f"persistent LSTM backward (T={T}, B={B}, H={H}, {dtype}, {P} programs{where})"
+        _watch_timeout(sync[2 * d : 2 * d + 2], what)
     return d_pre, d_h, d_c

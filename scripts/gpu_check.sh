@@ -9,11 +9,15 @@
 #   quick (default)  pytest -m cuda, the persistent/kernel/compile tests, bench_layer and bench_kernel
 #                    --quick; under 10 minutes
 #   persistent       issue 22's run: pytest -m cuda, the persistent tests, scripts/persistent_bench.py
-#                    (grid barrier alone; forward and backward ablations, one change at a time) and
-#                    the target sweep (bench_layer: B 16/64/128 x H 256-1024 x T 256/1024, bf16 and
+#                    (grid barrier alone; forward and backward ablations, one change at a time), the
+#                    target sweep (bench_layer: B 16/64/128 x H 256-1024 x T 256/1024, bf16 and
 #                    fp16, fwd+bwd then fwd, against cuDNN bf16 and fp16, input projection included,
-#                    as far as its time budget reaches); worst case (every step at its limit) 8.0
-#                    minutes; `timeout_s=540` on the device tool leaves margin
+#                    as far as its time budget reaches), the fp32 rows (TF32 on, then off, against
+#                    cuDNN fp32 with the same setting) and the runner comparison
+#                    (scripts/runner_compare.py: lstmlab-train's compare preset, lstmlab and
+#                    torch_lstm, fp32 and bf16, bounded steps; recorded as SKIPPED without hydra and
+#                    omegaconf); worst case (every step at its limit) 8.0 minutes; `timeout_s=540`
+#                    on the device tool leaves margin
 #
 # Writes OUT_DIR/summary.log (card, versions, commit and each step's status), OUT_DIR/<step>.log,
 # OUT_DIR/pytest_*.xml and the benchmark results. Nothing is downloaded.
@@ -112,8 +116,8 @@ if [ "${#FAILED[@]}" -gt 0 ] && [[ " ${FAILED[*]} " == *" install("* ]]; then
     trap 'rm -rf "$SHADOW"' EXIT
     mkdir "$SHADOW/lstmlab"
     ln -s "$REPO"/lstmlab/* "$SHADOW/lstmlab/"
-    ln -s "$REPO/kernels" "$SHADOW/lstmlab/kernels"
-    ln -s "$REPO/conf" "$SHADOW/lstmlab/conf"
+    ln -sfn "$REPO/kernels" "$SHADOW/lstmlab/kernels"  # -n: replace a checkout's own lstmlab/kernels link
+    ln -sfn "$REPO/conf" "$SHADOW/lstmlab/conf"
     export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
     log "install failed: continuing with PYTHONPATH=$SHADOW (symlinked package layout)"
 fi
@@ -131,22 +135,31 @@ fi
 
 if [ "$PLAN" = "persistent" ]; then
     # rc 5 (no test collected) counts as a failure: a GPU check without CUDA tests checks nothing.
-    step pytest_cuda 65 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider ${IGNORES[@]+"${IGNORES[@]}"} \
+    # limits, seconds: 15 + 35 (setup) + 30 (collection) + 50 + 50 + 30 + 65 + 65 + 30 + 45 + 65 = 480
+    step pytest_cuda 50 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider ${IGNORES[@]+"${IGNORES[@]}"} \
         --junitxml="$OUT_DIR/pytest_cuda.xml" tests
     # on the GPU these run the real grid barrier (one launch, several programs), the timeout path and
     # every variant; the sm_90 compile test (slow) needs no GPU and runs in CPU CI
-    step pytest_persistent 60 "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" \
+    step pytest_persistent 50 "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" \
         --junitxml="$OUT_DIR/pytest_persistent.xml" tests/test_persistent.py
-    step pytest_variant_persistent 40 "$PY" -m pytest -q -rs -p no:cacheprovider \
+    step pytest_variant_persistent 30 "$PY" -m pytest -q -rs -p no:cacheprovider \
         --junitxml="$OUT_DIR/pytest_variant_persistent.xml" tests/test_variant_persistent.py
-    step persistent_bench 85 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30
+    step persistent_bench 65 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30
+    FP32_SWEEP=(--batch 16 64 --hidden 768 --seq 256 --passes fwd+bwd --dtypes fp32-tf32 fp32
+        --impls torch.nn.LSTM lstmlab.LSTM --backends triton_persistent --check-seq 32 --warmup-ms 5 --rep-ms 20)
     SWEEP=(--batch 16 64 128 --hidden 256 512 768 1024 --seq 256 1024 --passes fwd+bwd fwd
         --impls torch.nn.LSTM torch.nn.LSTM-fp16 lstmlab.LSTM --backends triton_persistent
         --check-seq 32 --warmup-ms 5 --rep-ms 20)
-    step sweep_bf16 105 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes bf16 --time-budget-s 75 \
+    step sweep_bf16 65 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes bf16 --time-budget-s 45 \
         --out "$OUT_DIR/sweep_bf16"
-    step sweep_fp16 45 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes fp16 --time-budget-s 25 \
+    step sweep_fp16 30 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes fp16 --time-budget-s 15 \
         --out "$OUT_DIR/sweep_fp16"
+    # fp32 against cuDNN fp32 with the same TF32 setting (fp32-tf32: torch.backends.cudnn.allow_tf32 and
+    # matmul TF32 on, which the persistent kernels follow; fp32: both off, true fp32), fwd+bwd
+    step sweep_fp32 45 "$PY" scripts/bench_layer.py "${FP32_SWEEP[@]}" --time-budget-s 30 --out "$OUT_DIR/sweep_fp32"
+    step runner_compare 65 "$PY" scripts/runner_compare.py --out "$OUT_DIR/runner" --device cuda --steps 100 \
+        --precisions fp32 bf16 --timeout-s 57
+    log "=== runner comparison: $(head -1 "$OUT_DIR/runner/runner_compare.md" 2>/dev/null || echo 'no result')"
 else
     # rc 5 (no test collected) counts as a failure: a GPU check without CUDA tests checks nothing.
     step pytest_cuda 140 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider ${IGNORES[@]+"${IGNORES[@]}"} \
@@ -169,8 +182,11 @@ if [ "${GPU_CHECK_PACK:-0}" = "1" ]; then
     # everything in one archive; summary.log and the tables stay readable beside it
     tar czf /tmp/gpu_run.tar.gz -C "$OUT_DIR" . &&
         find "$OUT_DIR" -mindepth 1 -maxdepth 1 ! -name summary.log ! -name persistent_bench.md \
-            ! -name sweep_bf16 ! -name sweep_fp16 -exec rm -rf {} + &&
+            ! -name sweep_bf16 ! -name sweep_fp16 ! -name sweep_fp32 ! -name runner -exec rm -rf {} + &&
         find "$OUT_DIR"/sweep_* -type f ! -name results.md -delete 2>/dev/null
+    if [ -f /tmp/gpu_run.tar.gz ] && [ -d "$OUT_DIR/runner" ]; then  # the runs are in the archive
+        find "$OUT_DIR/runner" -mindepth 1 -maxdepth 1 ! -name runner_compare.md -exec rm -rf {} +
+    fi
     mv /tmp/gpu_run.tar.gz "$OUT_DIR/gpu_run.tar.gz"
 fi
 [ "${#FAILED[@]}" -eq 0 ]

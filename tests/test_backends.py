@@ -1,5 +1,6 @@
 """Backend choice: one rule for `auto`, loud failure for impossible explicit requests."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -202,3 +203,58 @@ def test_library_never_imports_hydra():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+H100 = {
+    "sms": 132,
+    "regs_per_sm": 65536,
+    "threads_per_sm": 2048,
+    "smem_per_sm": 233472,
+    "smem_per_block": 232448,
+}
+
+
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_fp32_training_on_cuda_runs_persistent_where_its_kernels_compile(monkeypatch, tf32):
+    """What the runner's fp32 training on a GPU gets from `auto` (the compare preset's layer: B 64,
+    H 64): the persistent kernels, decided by their own check on the device's facts (here an H100's
+    limits and the compiler's report, faked), and the per-step ones where a kernel spills, as
+    fp32's forward did on triton 3.6 before it had its own configuration. The TF32 setting is part of
+    the check's cache key: flipping it compiles and asks again."""
+    tp = pytest.importorskip("lstmlab.kernels.triton_persistent")
+    monkeypatch.setattr(backends, "HAS_TRITON", True)
+    monkeypatch.setattr(tp, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(tp, "_device_limits", lambda device: H100)
+    monkeypatch.setattr(tp.torch.backends.cudnn.rnn, "fp32_precision", "tf32" if tf32 else "ieee")
+    # the real check's argument lists and configurations, on CPU tensors; the cache is this test's own
+    real = tp._cuda_unavailable_reason.__wrapped__
+    check = functools.lru_cache(
+        lambda B, H, dtype, device, *rest: real(B, H, dtype, torch.device("cpu"), *rest)
+    )
+    monkeypatch.setattr(tp, "_cuda_unavailable_reason", check)
+    asked, spills = [], {}
+
+    def compile_problem(kernel, args, meta, programs, device):  # what a GPU's driver would report
+        asked.append((kernel.__name__, meta["DOT_PRECISION"], meta["SPLIT_K"]))
+        n = spills.get(kernel.__name__, 0)
+        return f"{kernel.__name__} spills {n} registers" if n else None
+
+    monkeypatch.setattr(tp, "_compile_problem", compile_problem)
+    cuda = torch.device("cuda", 0)
+    assert lstmlab.resolve_backend("auto", cuda, 64, 64, torch.float32) == "triton_persistent"
+    precision = "tf32" if tf32 else "ieee"
+    fwd_split = 1 if tf32 else 2  # the FMA forward splits H in two halves
+    assert asked == [
+        ("lstm_persistent_fwd_kernel", precision, fwd_split),
+        ("lstm_persistent_bwd_kernel", precision, 8),
+    ]
+    spills["lstm_persistent_fwd_kernel"] = 38776
+    assert lstmlab.resolve_backend("auto", cuda, 64, 128, torch.float32) == "triton_step"
+    with pytest.raises(RuntimeError, match="lstm_persistent_fwd_kernel spills 38776 registers"):
+        lstmlab.resolve_backend("triton_persistent", cuda, 64, 128, torch.float32)
+    del spills["lstm_persistent_fwd_kernel"]
+    assert lstmlab.resolve_backend("auto", cuda, 64, 64, torch.float32) == "triton_persistent"  # cached
+    monkeypatch.setattr(tp.torch.backends.cudnn.rnn, "fp32_precision", "ieee" if tf32 else "tf32")
+    asked.clear()
+    assert lstmlab.resolve_backend("auto", cuda, 64, 64, torch.float32) == "triton_persistent"
+    assert [a[1] for a in asked] == ["ieee" if tf32 else "tf32"] * 2  # the other setting, compiled anew

@@ -21,6 +21,7 @@ import bench_kernel  # noqa: E402
 import bench_layer  # noqa: E402
 import benchlib  # noqa: E402
 import profile_layer  # noqa: E402
+import runner_compare  # noqa: E402
 
 TINY_LAYER = ["--device", "cpu", "--batch", "2", "--hidden", "8", "--seq", "3"]
 TINY_LAYER += ["--min-run-time", "0.01", "--threads", "1"]
@@ -248,6 +249,105 @@ def test_gpu_check_runs_every_step_and_fails_at_the_end(tmp_path: Path) -> None:
         assert f"=== [{step}] rc=1" in summary
         assert (tmp_path / f"{step}.log").exists()
     assert "FAILED steps: " + " ".join(f"{s}(rc=1)" for s in steps) in summary
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
+def test_gpu_check_persistent_plan_runs_every_step_within_8_minutes(tmp_path: Path) -> None:
+    """The prepared run (plan persistent): every step runs and is logged even when all fail, the
+    runner comparison's outcome is in the summary, and the steps' limits add up to at most 8 minutes."""
+    import re
+    import subprocess
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": "false",
+        "GPU_CHECK_SKIP_INSTALL": "1",
+        "GPU_CHECK_PLAN": "persistent",
+    }
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    summary = (tmp_path / "summary.log").read_text()
+    steps = ["pytest_cuda", "pytest_persistent", "pytest_variant_persistent", "persistent_bench"]
+    steps += ["sweep_bf16", "sweep_fp16", "sweep_fp32", "runner_compare"]
+    for step in steps:
+        assert f"=== [{step}] rc=1" in summary
+    assert "=== runner comparison: no result" in summary
+    script = (SCRIPTS / "gpu_check.sh").read_text()
+    branch = script[
+        script.index('if [ "$PLAN" = "persistent" ]; then\n    # rc 5') : script.index("else\n    # rc 5")
+    ]
+    limits = {name: int(limit) for name, limit in re.findall(r"step (\w+) (\d+) ", branch)}
+    assert list(limits) == steps
+    setup = [
+        int(x)
+        for x in re.search(
+            r'if \[ "\$PLAN" = "persistent" \]; then SETUP_LIMITS=\((\d+) (\d+)\)', script
+        ).groups()
+    ]
+    collect = int(re.search(r"timeout (\d+) \"\$PY\" -m pytest --collect-only", script)[1])
+    assert sum(setup) + collect + sum(limits.values()) <= 8 * 60
+
+
+def fake_runner_summaries(sweep: Path, ms: dict[tuple[str, str], float]) -> None:
+    for i, ((precision, model), per_step) in enumerate(ms.items()):
+        run = sweep / str(i)
+        run.mkdir(parents=True)
+        summary = {
+            "precision": precision,
+            "config": {"model": {"kind": model}},
+            "steps": 100,
+            "device": "GPU X",
+        }
+        summary |= {
+            "backend": "triton_persistent" if model == "lstmlab" else "cudnn",
+            "time_per_step_s": per_step,
+        }
+        (run / "summary.json").write_text(__import__("json").dumps(summary))
+
+
+def test_runner_compare_tables_give_lstmlab_over_torch_lstm(tmp_path: Path) -> None:
+    ms = {("fp32", "lstmlab"): 0.002, ("fp32", "torch_lstm"): 0.004, ("bf16", "lstmlab"): 0.003}
+    ms[("bf16", "torch_lstm")] = 0.002
+    fake_runner_summaries(tmp_path / "runner_multirun", ms)
+    rows = runner_compare.collect(tmp_path / "runner_multirun")
+    assert [(r["precision"], r["model"]) for r in rows] == list(ms)
+    assert [(r["precision"], round(r["ratio"], 3)) for r in runner_compare.ratios(rows)] == [
+        ("fp32", 0.5),
+        ("bf16", 1.5),
+    ]
+    runner_compare.write_tables(tmp_path, rows, "# header")
+    table = (tmp_path / "runner_compare.md").read_text()
+    assert "| fp32 | 2.000 | 4.000 | 0.50× | triton_persistent |" in table
+    assert "| bf16 | 3.000 | 2.000 | 1.50× | triton_persistent |" in table
+    _, csv_rows = read_rows(tmp_path / "runner_compare.csv")
+    assert len(csv_rows) == 4
+
+
+def test_runner_compare_without_hydra_records_the_skip(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(runner_compare, "missing_modules", lambda: ["hydra", "omegaconf"])
+    assert runner_compare.main(["--out", str(tmp_path), "--device", "cpu"]) == 0
+    reason = "SKIPPED: the runner needs hydra, omegaconf, not importable here (carry wheels in .whl)"
+    assert (tmp_path / "runner_compare.md").read_text() == reason + "\n"
+    assert not (tmp_path / "runner_multirun").exists()
+
+
+def test_runner_compare_runs_the_preset_on_the_cpu(tmp_path: Path) -> None:
+    """The real sweep, 2 steps per run: the overrides compose and every run lands in the table (the
+    reference backend: no C++ kernel to build on a fresh machine)."""
+    pytest.importorskip("hydra")
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--steps", "2", "--precisions", "fp32"]
+    assert runner_compare.main([*argv, "--override", "model.backend=reference"]) == 0
+    rows = runner_compare.collect(tmp_path / "runner_multirun")
+    assert sorted(r["model"] for r in rows) == ["lstmlab", "torch_lstm"]
+    assert all(r["steps"] == 2 and r["ms_per_step"] > 0 for r in rows)
+    assert {r["model"]: r["backend"] for r in rows}["lstmlab"] == "reference"
+    assert "complete" in (tmp_path / "runner_compare.md").read_text().splitlines()[0]
 
 
 def test_profile_layer_names_lstmlab_ops(tmp_path: Path) -> None:
