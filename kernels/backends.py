@@ -10,8 +10,8 @@ LoopGrads``. A new backend is one file with that contract plus one row here. A b
 offer ``forward_from_input(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, cell, save)``, the same
 forward with the input projection inside its steps (the C++ CPU kernel): the layer then calls it
 instead of computing gx [T, B, 4H] first; and ``backward_from_input(x, w_ih, <backward's
-arguments>, want_x, want_w) -> (LoopGrads, ∂x, ∂[W_ih | W_hh])``, the backward with ∂x and ∂W
-inside its steps.
+arguments>, want_x, want_w) -> (LoopGrads, ∂x, ∂[W_ih | W_hh], ∂b)``, the backward with ∂x and
+∂W inside its steps.
 
 Requested (``LSTM(backend=...)``)  ->  what runs (``last_backend``, one of ``KERNEL_BACKENDS``)
 
@@ -213,7 +213,7 @@ class _CpuKernel:
     @staticmethod
     def backward(d_hs, d_out_packed, d_cn, saved: LoopSaved, w_hh, w_hr, batch_sizes, cell: Cell,
                  keep_d_pre: bool) -> LoopGrads:  # fmt: skip
-        grads, _, _ = _CpuKernel.backward_from_input(
+        grads, _, _, _ = _CpuKernel.backward_from_input(
             None, None, d_hs, d_out_packed, d_cn, saved, w_hh, w_hr, batch_sizes, cell, keep_d_pre
         )
         return grads
@@ -222,15 +222,16 @@ class _CpuKernel:
     def backward_from_input(
         x, w_ih, d_hs, d_out_packed, d_cn, saved: LoopSaved, w_hh, w_hr, batch_sizes, cell: Cell,
         keep_d_pre: bool, want_x: bool = False, want_w: bool = False,
-    ) -> tuple[LoopGrads, Tensor | None, Tensor | None]:  # fmt: skip
+    ) -> tuple[LoopGrads, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
         """The backward with ∂x (want_x) and ∂W (want_w) inside its steps: ∂pre_k·[W_ih | W_hh] gives
         ∂x_k with ∂h, and ∂W += ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] -> (grads, ∂x [T, B, I] or None,
-        ∂[W_ih | W_hh] [4H, I + P] or None). x and w_ih None: the plain backward."""
+        ∂[W_ih | W_hh] [4H, I + P] or None, ∂b = Σ ∂pre [4H] or None). x and w_ih None: the plain
+        backward."""
         from . import cpu_kernel
 
         empty = saved.hs.new_empty(0)
         d_hs = with_packed_output_grad(d_hs, d_out_packed, batch_sizes).contiguous()
-        d_pre, d_h0, d_c0, d_hp, d_x, d_w = cpu_kernel.sequence_backward(
+        d_pre, d_h0, d_c0, d_hp, d_x, d_w, d_b = cpu_kernel.sequence_backward(
             d_hs, d_cn, saved.gates, saved.cs,
             empty if saved.h_raw is None else saved.h_raw, empty if saved.c_new is None else saved.c_new,
             w_hh, w_hr, batch_sizes,
@@ -238,7 +239,7 @@ class _CpuKernel:
             w_ih=w_ih if want_x or want_w else None, x=x if want_w else None, hs=saved.hs if want_w else None,
         )  # fmt: skip
         grads = LoopGrads(d_pre, d_pre, d_h0, d_c0, None if w_hr is None else d_hp, None)
-        return grads, d_x if want_x else None, d_w if want_w else None
+        return grads, d_x if want_x else None, d_w if want_w else None, d_b if want_w else None
 
 
 class _PerStep:

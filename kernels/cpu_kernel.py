@@ -379,7 +379,7 @@ def sequence_backward(
     w_ih: Tensor | None = None,
     x: Tensor | None = None,
     hs: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""The reverse recurrence of :func:`sequence_forward`.
 
     Args:
@@ -394,22 +394,24 @@ def sequence_backward(
             ∂pre_k·[W_ih | W_hh] and ∂x comes back too (no GEMM over all steps after the loop).
         x: [T, B, I] the layer's input (only with w_ih) and hs: [T + 1, B, P] the forward's h, or
             None. With hs, ∂W = Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] is accumulated step by step inside
-            the loop (x only when w_ih is given) and comes back as d_w [4H, I + P].
+            the loop (x only when w_ih is given) and comes back as d_w [4H, I + P], with
+            d_b = Σ ∂pre [4H].
 
     Returns:
         d_pre [T, B, 4H] (∂L/∂gx; 0 in rows that did not advance and for a removed gate), d_h0
         [B, P], d_c0 [B, H], d_hp [T, B, P] (∂L/∂h_t after the projection, 0 in rows that did not
         advance; [0] without w_hr), d_x [T, B, I] (∂pre·W_ih; [0] without w_ih), d_w [4H, I + P]
-        (∂W_ih | ∂W_hh; [0] without hs), all in the dtype of d_hs. Left to the caller:
-        ∂W_hh = Σ_t d_pre_tᵀ·(hs[t] ⊙ m), ∂W_hr = Σ_t d_hp_tᵀ·h_raw_t, and the peepholes'
+        (∂W_ih | ∂W_hh; [0] without hs), d_b [4H] (Σ ∂pre; [0] without hs), all in the dtype of
+        d_hs. Left to the caller: ∂W_hh = Σ_t d_pre_tᵀ·(hs[t] ⊙ m) without hs,
+        ∂W_hr = Σ_t d_hp_tᵀ·h_raw_t, and the peepholes'
         Σ ∂a_i ⊙ c_{t−1}, Σ ∂a_f ⊙ c_{t−1}, Σ ∂a_o ⊙ c̃ (c̃ = c_new, or cs[1:] without ZONEOUT_C).
 
     Example:
         >>> T, B, H = 5, 3, 8
         >>> gx, z, w_hh = torch.randn(T, B, 4 * H), torch.zeros(B, H), torch.randn(4 * H, H)
         >>> hs, cs, gates, h_raw, c_new = sequence_forward(gx, z, z, w_hh, None, None)
-        >>> d_pre, d_h0, d_c0, d_hp, d_x, d_w = sequence_backward(torch.randn_like(hs), z, gates, cs,
-        ...                                                       h_raw, c_new, w_hh, None, None, hs=hs)
+        >>> d_pre, d_h0, d_c0, d_hp, d_x, d_w, d_b = sequence_backward(torch.randn_like(hs), z, gates, cs,
+        ...                                                            h_raw, c_new, w_hh, None, None, hs=hs)
         >>> d_w.shape
         torch.Size([32, 8])
     """
@@ -435,11 +437,11 @@ def sequence_backward(
         _check_shape("x", x, (T, B, w_ih.shape[1]), dtype)
     if hs is not None:
         _check_shape("hs", hs, (T + 1, B, P), dtype)
-    d_pre, d_h0, d_c0, d_hp, d_x, d_w = torch.ops.lstmlab_cpu.sequence_backward(
+    d_pre, d_h0, d_c0, d_hp, d_x, d_w, d_b = torch.ops.lstmlab_cpu.sequence_backward(
         d_hs, d_cn.to(dtype), gates, cs, c_new, w_hh, w_ih, w_hr, x, hs, batch_sizes, flags, peephole,
         zoneout, dropout, POISON_OUTPUTS,
     )  # fmt: skip
-    return d_pre, d_h0, d_c0, d_hp, d_x, d_w
+    return d_pre, d_h0, d_c0, d_hp, d_x, d_w, d_b
 
 
 __all__ = ["load_error", "sequence_backward", "sequence_forward", "unavailable_reason", "vector_isa"]

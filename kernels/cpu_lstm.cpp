@@ -537,6 +537,7 @@ struct Backward {
   int64_t chunk;          // steps whose ∂W products are summed in one pass (chunk·B ≥ DW_ROWS rows)
   scalar_t* xh_panels;    // [⌈(I + P)/4L⌉, chunk·B, 4L] scratch: [x_k | h_{k−1} ⊙ m] of the chunk's steps
   scalar_t* d_w;          // [G, ldr] out: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m], ∂[W_ih | W_hh] (padded columns)
+  scalar_t* d_b;          // [G] out: Σ_k Σ_rows ∂pre_k, ∂b (with d_w)
 };
 
 // Step k: [x_k | h_{k−1} ⊙ m], every row, into slot k % chunk of xh_panels: the right operand of
@@ -566,12 +567,20 @@ void accumulate_dw(const Backward<scalar_t>& a, int64_t k, int64_t u0, int64_t u
   constexpr int64_t L4 = 4 * Vectorized<scalar_t>::size();
   const int64_t B = a.B, H = a.H, G = a.G;
   if (k % a.chunk != 0) return;  // the chunk's lowest step comes last (the loop runs backwards)
+  using V = Vectorized<scalar_t>;
   const int64_t steps = std::min(a.chunk, a.T - k), rows = a.chunk * B;
+  const scalar_t* d_pre = a.d_pre + k * B * G;  // [steps·B, G] the chunk's rows
   for (int64_t q = 0; q < 4; ++q) {
     const int64_t g0 = q * H + u0;  // ub rows of ∂W; row i reads column g0 + i of ∂pre
     for (int64_t c = 0; c < a.ldr; c += L4)
-      panel_product(ub, a.d_pre + k * B * G + g0, 1, G, a.xh_panels + (c / L4) * rows * L4, steps * B,
+      panel_product(ub, d_pre + g0, 1, G, a.xh_panels + (c / L4) * rows * L4, steps * B,
                     (const scalar_t*)nullptr, a.d_w + g0 * a.ldr + c, a.ldr, /*accumulate=*/true);
+    for (int64_t j = 0; j < ub; j += V::size()) {  // ∂b: the same rows summed
+      const int64_t cnt = std::min<int64_t>(V::size(), ub - j);
+      V sum = load<V>(a.d_b + g0 + j, cnt);
+      for (int64_t r = 0; r < steps * B; ++r) sum = sum + load<V>(d_pre + r * G + g0 + j, cnt);
+      store(sum, a.d_b + g0 + j, cnt);
+    }
   }
 }
 
@@ -730,6 +739,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
   const bool fuse_dw = hs.has_value();
   TORCH_CHECK(!fuse_dw || (x.has_value() == (I > 0)), "∂W in the loop needs x exactly when w_ih is given");
   at::Tensor d_w = fuse_dw ? at::zeros({G, ldr}, gates.options()) : alloc({0}, dt, false);
+  at::Tensor d_b = fuse_dw ? at::zeros({G}, gates.options()) : alloc({0}, dt, false);
   const int64_t chunk = std::max<int64_t>(1, (DW_ROWS + B - 1) / std::max<int64_t>(B, 1));
   at::Tensor xh_panels =
       fuse_dw ? at::empty({ldr / (4 * V::size()), chunk * B, 4 * V::size()}, gates.options()) : at::Tensor();
@@ -753,7 +763,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
                        I ? d_x.data_ptr<scalar_t>() : nullptr, x.has_value() ? x->data_ptr<scalar_t>() : nullptr,
                        fuse_dw ? hs->data_ptr<scalar_t>() : nullptr,
                        chunk, fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr,
-                       fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr};
+                       fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr, fuse_dw ? d_b.data_ptr<scalar_t>() : nullptr};
   for (int64_t k = T - 1; k >= 0; --k) {
     const int64_t n = sizes[k], n_prev = k > 0 ? sizes[k - 1] : 0;
     if (fuse_dw) pack_inputs(a, k);
@@ -765,7 +775,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
     });
   }
   if (fuse_dw) d_w = d_w.narrow(1, 0, I + P);  // [G, I + P]: ∂W_ih | ∂W_hh
-  return {d_pre, dh, dc, d_hp, d_x, d_w};
+  return {d_pre, dh, dc, d_hp, d_x, d_w, d_b};
 }
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {

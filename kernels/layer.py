@@ -211,10 +211,15 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
     gx_mode = a.w_ih is None
     impl = backends.get(a.backend)
     args = (a.d_hs, a.d_out_packed, a.d_cn, a.saved(), a.w_hh, a.w_hr, a.batch_sizes, cell)
-    d_x = d_w = None  # ∂x, ∂[W_ih | W_hh] [4H, I + P] when the backend computes them in its steps
+    d_x = d_w = d_b = None  # ∂x, ∂[W_ih | W_hh] [4H, I + P], ∂b when the backend's steps compute them
     if not gx_mode and hasattr(impl, "backward_from_input"):
-        grads, d_x, d_w = impl.backward_from_input(
-            a.x, a.w_ih, *args, keep_d_pre=False, want_x=needs_x, want_w=needs_w_ih or needs_w_hh
+        grads, d_x, d_w, d_b = impl.backward_from_input(
+            a.x,
+            a.w_ih,
+            *args,
+            keep_d_pre=False,
+            want_x=needs_x,
+            want_w=needs_w_ih or needs_w_hh or needs_bias,
         )
     else:
         grads = impl.backward(*args, keep_d_pre=gx_mode)
@@ -240,7 +245,7 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
         if needs_x and d_x is None:
             d_x = gemm.mm(d_pre_rows, a.w_ih).view(T, B, I)  # [T, B, I]
         if needs_bias:
-            d_bias = d_pre_rows.sum(0)  # [4H]
+            d_bias = d_pre_rows.sum(0) if d_b is None else d_b  # [4H]
         if needs_w_ih and d_w_hh_fused:  # one product over both, reading d_pre once: [4H, I + P]
             x_h = loop.scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
             d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows()], dim=1, out=x_h))

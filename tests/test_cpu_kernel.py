@@ -136,7 +136,7 @@ def run_kernel(x, batch_sizes, grads, flags):
     d_hs[1:] = torch.where(step, grads["out"], 0)
     d_hs[T] += grads["h_n"]
     d_hs[0] = grads["h0"]
-    d_pre, d_h0, d_c0, d_hp, _, _ = cpu_kernel.sequence_backward(
+    d_pre, d_h0, d_c0, d_hp, _, _, _ = cpu_kernel.sequence_backward(
         d_hs, grads["c_n"], gates, cs, h_raw, c_new, x["w_hh"], x["w_hr"], batch_sizes, flags=flags, **masks
     )
     Pd = hs.shape[-1]
@@ -278,15 +278,17 @@ def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, th
     d_hs = torch.randn(hs.shape, generator=g, dtype=torch.float64).to(dtype)
     d_cn = torch.randn(cs.shape[1:], generator=g, dtype=torch.float64).to(dtype)
     bwd = (d_hs, d_cn, gates, cs, h_raw, c_new, x["w_hh"], x["w_hr"], batch_sizes)
-    *plain, no_dx, _ = cpu_kernel.sequence_backward(*bwd, flags=flags, **masks)
-    *with_dx, d_x, d_w = cpu_kernel.sequence_backward(*bwd, flags=flags, **masks, w_ih=w_ih, x=inp, hs=hs)
+    *plain, no_dx, _, _ = cpu_kernel.sequence_backward(*bwd, flags=flags, **masks)
+    *with_dx, d_x, d_w, d_b = cpu_kernel.sequence_backward(
+        *bwd, flags=flags, **masks, w_ih=w_ih, x=inp, hs=hs
+    )
     assert no_dx.numel() == 0
     check(("d_pre", "d_h0", "d_c0", "d_hp"), with_dx, plain)
     check(("d_x",), [d_x], [(plain[0].reshape(-1, 4 * H_) @ w_ih).view(T_, B_, I_)])
     # ∂W accumulated in the loop: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m]
     h_in = hs[:-1] if x["dropout"] is None else hs[:-1] * x["dropout"]
     x_h = torch.cat([inp, h_in], dim=2).reshape(T_ * B_, -1)  # [T·B, I + P]
-    check(("d_w",), [d_w], [plain[0].reshape(-1, 4 * H_).T @ x_h])
+    check(("d_w", "d_b"), [d_w, d_b], [plain[0].reshape(-1, 4 * H_).T @ x_h, plain[0].sum((0, 1))])
 
 
 @needs_library
@@ -318,7 +320,7 @@ def test_empty_sequence(library):
     gx, h0, c0 = torch.randn(0, 2, 16), torch.randn(2, 4), torch.randn(2, 4)
     hs, cs, gates, _, _ = cpu_kernel.sequence_forward(gx, h0, c0, torch.randn(16, 4), None, None)
     assert hs.shape == (1, 2, 4) and torch.equal(hs[0], h0) and torch.equal(cs[0], c0)
-    d_pre, d_h0, d_c0, _, _, _ = cpu_kernel.sequence_backward(
+    d_pre, d_h0, d_c0, _, _, _, _ = cpu_kernel.sequence_backward(
         torch.ones(1, 2, 4), torch.full((2, 4), 2.0), gates, cs, torch.empty(0), torch.empty(0),
         torch.randn(16, 4), None, None,
     )  # fmt: skip
