@@ -544,16 +544,28 @@ struct Backward {
 // the chunk's ∂W product. Rows that did not step have ∂pre = 0 and add nothing.
 template <typename scalar_t>
 void pack_inputs(const Backward<scalar_t>& a, int64_t k) {
-  constexpr int64_t L4 = 4 * Vectorized<scalar_t>::size();
+  using V = Vectorized<scalar_t>;
+  constexpr int64_t L4 = 4 * V::size();
   const int64_t B = a.B, P = a.P, I = a.I, rows = a.chunk * B;
   for (int64_t r = 0; r < B; ++r) {
-    const scalar_t* x_r = a.x ? a.x + (k * B + r) * I : nullptr;
-    const scalar_t* h_r = a.hs + (k * B + r) * P;  // hs[k] = h_{k−1}
+    scalar_t* out = a.xh_panels + ((k % a.chunk) * B + r) * L4;  // column c at (c / 4L)·rows·4L + c % 4L
+    const scalar_t* h_r = a.hs + (k * B + r) * P;                 // hs[k] = h_{k−1}
     const scalar_t* m_r = (a.flags & RECURRENT_DROPOUT) ? a.drop + r * P : nullptr;
-    scalar_t* out = a.xh_panels + ((k % a.chunk) * B + r) * L4;
-    for (int64_t c = 0; c < I + P; ++c) {
-      const scalar_t v = c < I ? x_r[c] : m_r ? h_r[c - I] * m_r[c - I] : h_r[c - I];
-      out[(c / L4) * rows * L4 + c % L4] = v;
+    // runs of columns that stay inside one panel: contiguous on both sides
+    for (int64_t c = 0; c < I + P;) {
+      const int64_t end = std::min({I + P, (c / L4 + 1) * L4, c < I ? I : I + P});
+      scalar_t* dst = out + (c / L4) * rows * L4 + c % L4;
+      if (c < I) {
+        std::copy(a.x + (k * B + r) * I + c, a.x + (k * B + r) * I + end, dst);
+      } else if (!m_r) {
+        std::copy(h_r + c - I, h_r + end - I, dst);
+      } else {
+        for (int64_t j = 0; j < end - c; j += V::size()) {
+          const int64_t cnt = std::min<int64_t>(V::size(), end - c - j);
+          store(load<V>(h_r + c - I + j, cnt) * load<V>(m_r + c - I + j, cnt), dst + j, cnt);
+        }
+      }
+      c = end;
     }
   }
 }
