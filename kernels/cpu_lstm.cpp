@@ -24,8 +24,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/from_blob.h>
@@ -334,14 +332,48 @@ void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const
   panel_tail<R - 1>(n - r, a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
 }
 
-// A weight [N, K] (row n is output column n) packed by panels of 4L output columns, zero beyond N:
-// [⌈N/4L⌉, K, 4L], the layout panel_tile streams.
-at::Tensor pack_panels(const at::Tensor& w, int64_t lanes) {
-  const int64_t N = w.size(0), K = w.size(1), panels = (N + 4 * lanes - 1) / (4 * lanes);
-  return at::constant_pad_nd(w, {0, 0, 0, panels * 4 * lanes - N})  // [panels·4L, K]
-      .view({panels, 4 * lanes, K})
-      .permute({0, 2, 1})
-      .contiguous();
+// The layouts panel_tile streams, written by plain loops: as ATen views (pad, permute, contiguous)
+// the packing was a strided copy that cost more than a whole step's product at T = 1.
+
+// The forward's weight: [W_ih | W_hh] (w_ih [4H, I] or none, w_hh [4H, P]) by panels of L units,
+// [⌈H/L⌉, I + P, 4, L]: panel p, row k, gate q, lane l holds W[q·H + pL + l, k], zero beyond H.
+template <typename scalar_t>
+at::Tensor pack_gate_panels(const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh, int64_t H, int64_t L) {
+  const int64_t I = w_ih.has_value() ? w_ih->size(1) : 0, P = w_hh.size(1), K = I + P;
+  const int64_t panels = (H + L - 1) / L;
+  auto out = at::zeros({panels, K, 4, L}, w_hh.options());
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const scalar_t* wi = I ? w_ih->data_ptr<scalar_t>() : nullptr;  // contiguous (sequence_forward)
+  const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+  for (int64_t q = 0; q < 4; ++q)
+    for (int64_t u = 0; u < H; ++u) {  // one row of W: contiguous reads, writes 4L apart
+      scalar_t* dst = o + (u / L) * K * 4 * L + q * L + u % L;
+      const scalar_t* src_i = wi + (q * H + u) * I;
+      const scalar_t* src_h = wh + (q * H + u) * P;
+      for (int64_t k = 0; k < I; ++k) dst[k * 4 * L] = src_i[k];
+      for (int64_t k = 0; k < P; ++k) dst[(I + k) * 4 * L] = src_h[k];
+    }
+  return out;
+}
+
+// The backward's weight: [W_ih | W_hh] as output columns, by panels of 4L of its I + P columns,
+// [⌈(I + P)/4L⌉, 4H, 4L]: panel p, row g holds columns [4L·p, 4L·p + 4L) of row g, zero beyond.
+template <typename scalar_t>
+at::Tensor pack_column_panels(const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh, int64_t L4) {
+  const int64_t G = w_hh.size(0), I = w_ih.has_value() ? w_ih->size(1) : 0, P = w_hh.size(1), N = I + P;
+  const int64_t panels = (N + L4 - 1) / L4;
+  auto out = at::zeros({panels, G, L4}, w_hh.options());
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const scalar_t* wi = I ? w_ih->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < N;) {  // runs of columns inside one panel and one of the two weights
+      const int64_t end = std::min({N, (c / L4 + 1) * L4, c < I ? I : N});
+      const scalar_t* src = c < I ? wi + g * I + c : wh + g * P + (c - I);
+      std::copy(src, src + (end - c), o + ((c / L4) * G + g) * L4 + c % L4);
+      c = end;
+    }
+  return out;
 }
 
 // Rows [r0, r0 + R) (R ≤ TILE_ROWS), the L units of one panel from u: the pre-activations of their
@@ -455,20 +487,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
 
   const Blocks units(H, max_blocks<scalar_t>(B, 4 * H, I + P), V::size());
   const Blocks cols(P, max_blocks<scalar_t>(B, P, H), V::size());
-  // [W_ih | W_hh]ᵀ by panels of L units (zero beyond H): panel p, row k holds W[q·H + pL + l, k] at
-  // q·L + l; the bias likewise
+  // [W_ih | W_hh]ᵀ by panels of L units (pack_gate_panels); the bias likewise, as a weight of K = 1
   constexpr int64_t L = V::size();
-  const int64_t panels = (H + L - 1) / L;
-  auto by_panels = [&](const at::Tensor& w) -> at::Tensor {  // [4H, K] -> [panels, K, 4, L]
-    const int64_t K = w.size(1);
-    return at::constant_pad_nd(w.view({4, H, K}), {0, 0, 0, panels * L - H})  // [4, ⌈H/L⌉·L, K]
-        .view({4, panels, L, K})
-        .permute({1, 3, 0, 2})
-        .contiguous();
-  };
-  at::Tensor w_panels = by_panels(fused ? at::cat({*w_ih, w_hh}, 1) : w_hh);  // [panels, I + P, 4, L]
+  at::Tensor w_panels = pack_gate_panels<scalar_t>(fused ? w_ih : std::nullopt, w_hh, H, L);  // [⌈H/L⌉, I+P, 4, L]
   auto xd = fused ? alloc({B, I + P}, dt, poison) : at::Tensor();
-  at::Tensor bias_panels = fused && bias.has_value() ? by_panels(bias->view({G, 1})) : at::Tensor();  // [panels, 1, 4, L]
+  at::Tensor bias_panels = fused && bias.has_value()
+                               ? pack_gate_panels<scalar_t>(std::nullopt, bias->view({G, 1}), H, L)  // [⌈H/L⌉, 1, 4, L]
+                               : at::Tensor();
   auto w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   auto dbuf = (flags & RECURRENT_DROPOUT) ? alloc({2, B, P}, dt, poison) : at::Tensor();
   if (dbuf.defined()) {
@@ -743,7 +768,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
   auto carry = (flags & ZONEOUT_H) ? alloc({B, H}, dt, poison) : at::Tensor();
   // [W_ih | W_hh] as a weight of output columns [I + P, G], packed by panels: ∂x fused with ∂h
   const int64_t I = w_ih.has_value() ? w_ih->size(1) : 0;
-  at::Tensor w_panels = pack_panels(I ? at::cat({*w_ih, w_hh}, 1).t() : w_hh.t(), V::size());  // [⌈(I+P)/4L⌉, G, 4L]
+  at::Tensor w_panels = pack_column_panels<scalar_t>(w_ih, w_hh, 4 * V::size());  // [⌈(I+P)/4L⌉, G, 4L]
   const int64_t ldr = w_panels.size(0) * 4 * V::size();
   auto rec = alloc({B, ldr}, dt, poison);
   auto d_x = I ? alloc({T, B, I}, dt, poison) : alloc({0}, dt, false);
