@@ -203,7 +203,7 @@ struct Forward {
   const scalar_t* x;     // [T, B, I] input, when the input projection is fused into the step's product
   int64_t I;             // input features (0 when gx is given)
   const scalar_t* bias_panels;  // [⌈H/L⌉, 4L] b_ih + b_hh by panels (fused, with a bias) or nullptr
-  scalar_t* xd;          // [B, I + P] scratch: [x_t | d_t] rows of the step (fused), else nullptr
+  scalar_t* xd;          // [2, B, I + P] (fused) or nullptr: [x_k | d_k] rows of step k in slot k % 2
   scalar_t* hs;          // [T + 1, B, P]
   scalar_t* cs;          // [T + 1, B, H]
   scalar_t* gates;       // [T, B, G] or nullptr (save = false)
@@ -403,17 +403,33 @@ inline void step_tail(const Forward<scalar_t>& a, int64_t k, const scalar_t* d, 
   }
 }
 
-// Step k, rows < n, units [u0, u0 + ub) of one block (whole panels): gates, c, and h (or h_raw);
-// rows ≥ n carry.
+// Step k, block b of nb (fused projection): stages step k + 1's operand in slot (k + 1) % 2 of xd,
+// the block's own columns [c0, c0 + cw) of d_{k+1} (final once this block has run) for every row,
+// and with `x_rows` its share of the rows of x_{k+1}. Each block writes only what it owns, so the
+// next step's operand is complete at the end of the region, with no serial copy between steps.
 template <typename scalar_t>
-void forward_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t u0, int64_t ub) {
+void stage_next(const Forward<scalar_t>& a, int64_t k, int64_t c0, int64_t cw, int64_t b, int64_t nb, bool x_rows) {
+  const int64_t B = a.B, P = a.P, I = a.I, K = I + P;
+  scalar_t* next = a.xd + ((k + 1) % 2) * B * K;
+  const scalar_t* d = (a.flags & RECURRENT_DROPOUT) ? a.dbuf + ((k + 1) % 2) * B * P : a.hs + (k + 1) * B * P;
+  for (int64_t r = 0; r < B; ++r) std::copy(d + r * P + c0, d + r * P + c0 + cw, next + r * K + I + c0);
+  if (x_rows && k + 1 < a.T)
+    for (int64_t r = B * b / nb; r < B * (b + 1) / nb; ++r)
+      std::copy(a.x + ((k + 1) * B + r) * I, a.x + ((k + 1) * B + r + 1) * I, next + r * K);
+}
+
+// Step k, rows < n, units [u0, u0 + ub) of one block (whole panels): gates, c, and h (or h_raw);
+// rows ≥ n carry. Block b of nb (stage_next).
+template <typename scalar_t>
+void forward_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t u0, int64_t ub, int64_t b, int64_t nb) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t L = V::size();
   constexpr int R = TILE_ROWS<V>;
   const int64_t B = a.B, H = a.H, P = a.P, f = a.flags;
   const bool proj = a.h_raw != nullptr;
-  // the product's left operand: [x_t | d_t] rows (fused projection, copied by the step), else d_t
-  const scalar_t* d_prev = a.xd ? a.xd : (f & RECURRENT_DROPOUT) ? a.dbuf + (k % 2) * B * P : a.hs + k * B * P;
+  // the product's left operand: [x_k | d_k] rows (fused projection, staged by step k − 1), else d_k
+  const scalar_t* d_prev = a.xd ? a.xd + (k % 2) * B * (a.I + P)
+                                : (f & RECURRENT_DROPOUT) ? a.dbuf + (k % 2) * B * P : a.hs + k * B * P;
   for (int64_t u = u0; u < u0 + ub; u += L) {
     const int64_t cnt = std::min<int64_t>(L, H - u);
     const scalar_t* w = a.w_panels + (u / L) * (a.I + P) * 4 * L;
@@ -440,11 +456,12 @@ void forward_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t u0,
       for (int q = 0; q < 4; ++q) std::fill(a.gates + row * a.G + q * H + u0, a.gates + row * a.G + q * H + u0 + ub, scalar_t(0));
     if (a.c_new) std::fill(a.c_new + row * H + u0, a.c_new + row * H + u0 + ub, scalar_t(0));
   }
+  if (a.xd) stage_next(a, k, proj ? 0 : u0, proj ? 0 : ub, b, nb, true);  // with a projection d comes later
 }
 
 // Projection, step k, columns [p0, p0 + pb): hs[k + 1] = h_raw·W_hrᵀ for rows < n, carried for the rest.
 template <typename scalar_t>
-void project_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t p0, int64_t pb) {
+void project_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t p0, int64_t pb, int64_t b, int64_t nb) {
   using V = Vectorized<scalar_t>;
   const int64_t B = a.B, H = a.H, P = a.P;
   scalar_t* h_out = a.hs + (k + 1) * B * P;
@@ -459,6 +476,7 @@ void project_block(const Forward<scalar_t>& a, int64_t k, int64_t n, int64_t p0,
         store(load<V>(h_out + o, cnt) * load<V>(a.drop + o, cnt), dnext + o, cnt);
       }
   }
+  if (a.xd) stage_next(a, k, p0, pb, b, nb, false);
 }
 
 template <typename scalar_t>
@@ -490,7 +508,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
   // [W_ih | W_hh]ᵀ by panels of L units (pack_gate_panels); the bias likewise, as a weight of K = 1
   constexpr int64_t L = V::size();
   at::Tensor w_panels = pack_gate_panels<scalar_t>(fused ? w_ih : std::nullopt, w_hh, H, L);  // [⌈H/L⌉, I+P, 4, L]
-  auto xd = fused ? alloc({B, I + P}, dt, poison) : at::Tensor();
+  auto xd = fused ? alloc({2, B, I + P}, dt, poison) : at::Tensor();
   at::Tensor bias_panels = fused && bias.has_value()
                                ? pack_gate_panels<scalar_t>(std::nullopt, bias->view({G, 1}), H, L)  // [⌈H/L⌉, 1, 4, L]
                                : at::Tensor();
@@ -511,21 +529,21 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
                       ptr_or_null<scalar_t>(peephole), ptr_or_null<uint8_t>(zoneout), ptr_or_null<scalar_t>(dropout),
                       dbuf.defined() ? dbuf.data_ptr<scalar_t>() : nullptr, w_panels.data_ptr<scalar_t>(),
                       proj ? w_hr_t.data_ptr<scalar_t>() : nullptr};
+  if (a.xd && T > 0) {  // slot 0: [x_0 | d_0]; later slots are staged by the blocks (stage_next)
+    const scalar_t* d0 = (flags & RECURRENT_DROPOUT) ? a.dbuf : a.hs;
+    for (int64_t r = 0; r < B; ++r) {
+      std::copy_n(a.x + r * I, I, a.xd + r * (I + P));
+      std::copy_n(d0 + r * P, P, a.xd + r * (I + P) + I);
+    }
+  }
   for (int64_t k = 0; k < T; ++k) {
     const int64_t n = sizes[k];
-    if (a.xd) {  // [x_t | d_t] for the rows that step: one contiguous operand, one loop over I + P
-      const scalar_t* d = (flags & RECURRENT_DROPOUT) ? a.dbuf + (k % 2) * B * P : a.hs + k * B * P;
-      for (int64_t r = 0; r < n; ++r) {
-        std::copy_n(a.x + (k * B + r) * I, I, a.xd + r * (I + P));
-        std::copy_n(d + r * P, P, a.xd + r * (I + P) + I);
-      }
-    }
     at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) forward_block(a, k, n, units.begin(b), units.width(b));
+      for (int64_t b = b0; b < b1; ++b) forward_block(a, k, n, units.begin(b), units.width(b), b, units.count);
     });
     if (proj)
       at::parallel_for(0, cols.count, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) project_block(a, k, n, cols.begin(b), cols.width(b));
+        for (int64_t b = b0; b < b1; ++b) project_block(a, k, n, cols.begin(b), cols.width(b), b, cols.count);
       });
   }
   if (!save && proj) h_raw = alloc({0}, dt, false);

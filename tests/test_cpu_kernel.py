@@ -241,8 +241,11 @@ def test_fp32_threads(library, threads, shape, proj, flags):
         # ∂W sums 128 rows of products per pass: B = 40 is chunks of 4 steps, T = 6 one full, one not
         (torch.float64, (6, 40, 9, 9, 3), False, "cifg", 1),
         (torch.float32, (4, 13, 37, 37, 70), False, "zoneout_c", 2),
+        # two unit blocks: each stages its own columns of the next step's operand and half its x rows
+        (torch.float32, (5, 20, 64, 64, 40), False, "all_masks", 2),
+        (torch.float32, (5, 20, 64, 40, 40), True, "dropout", 2),
     ],
-    ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2threads"],
+    ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2threads", "fp32-2t-masks", "fp32-2t-proj"],
 )
 def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, threads, packing, bias):
     """With w_ih, each forward step's product takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b in one pass,
@@ -263,7 +266,9 @@ def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, th
     rest = (x["h0"], x["c0"], x["w_hh"], x["w_hr"], batch_sizes)
     expected = cpu_kernel.sequence_forward(gx, *rest, flags=flags, **masks)
     fused = cpu_kernel.sequence_forward(inp, *rest, flags=flags, **masks, w_ih=w_ih, bias=b)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5  # fp32: two summation orders (DEFAULT build: 2e-6)
+    # fp32: two summation orders through the recurrence, up to 1.7e-5 seen (projection, T = 5); the
+    # breaks this test was checked against gave errors of order 1
+    tol = 1e-12 if dtype == torch.float64 else 5e-5
     names = ("hs", "cs", "gates", "h_raw", "c_new")
 
     def check(names, actual, wanted):
