@@ -245,7 +245,7 @@ def test_fp32_threads(library, threads, shape, proj, flags):
         (torch.float32, (5, 20, 64, 64, 40), False, "all_masks", 2),
         (torch.float32, (5, 20, 64, 40, 40), True, "dropout", 2),
     ],
-    ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2threads", "fp32-2t-masks", "fp32-2t-proj"],
+    ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2t", "fp32-2t-masks", "fp32-2t-proj"],
 )
 def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, threads, packing, bias):
     """With w_ih, each forward step's product takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b in one pass,
