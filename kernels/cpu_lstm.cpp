@@ -583,14 +583,14 @@ struct Backward {
   scalar_t* d_b;          // [G] out: Σ_k Σ_rows ∂pre_k, ∂b (with d_w)
 };
 
-// Step k: [x_k | h_{k−1} ⊙ m], every row, into slot k % chunk of xh_panels: the right operand of
+// Step k, rows [r0, r1): [x_k | h_{k−1} ⊙ m] into slot k % chunk of xh_panels, the right operand of
 // the chunk's ∂W product. Rows that did not step have ∂pre = 0 and add nothing.
 template <typename scalar_t>
-void pack_inputs(const Backward<scalar_t>& a, int64_t k) {
+void pack_inputs(const Backward<scalar_t>& a, int64_t k, int64_t r0, int64_t r1) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t L4 = 4 * V::size();
   const int64_t B = a.B, P = a.P, I = a.I, rows = a.chunk * B;
-  for (int64_t r = 0; r < B; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     scalar_t* out = a.xh_panels + ((k % a.chunk) * B + r) * L4;  // column c at (c / 4L)·rows·4L + c % 4L
     const scalar_t* h_r = a.hs + (k * B + r) * P;                 // hs[k] = h_{k−1}
     const scalar_t* m_r = (a.flags & RECURRENT_DROPOUT) ? a.drop + r * P : nullptr;
@@ -819,14 +819,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
                        fuse_dw ? hs->data_ptr<scalar_t>() : nullptr,
                        chunk, fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr,
                        fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr, fuse_dw ? d_b.data_ptr<scalar_t>() : nullptr};
+  if (fuse_dw && T > 0) pack_inputs(a, T - 1, 0, B);  // later steps are packed by the previous step
   for (int64_t k = T - 1; k >= 0; --k) {
     const int64_t n = sizes[k], n_prev = k > 0 ? sizes[k - 1] : 0;
-    if (fuse_dw) pack_inputs(a, k);
     at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) backward_block(a, k, n, units.begin(b), units.width(b));
     });
     at::parallel_for(0, cols.count, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) grad_h_block(a, k, n, n_prev, cols.begin(b), cols.width(b));
+      for (int64_t b = b0; b < b1; ++b) {
+        grad_h_block(a, k, n, n_prev, cols.begin(b), cols.width(b));
+        // step k − 1's ∂W operand, this block's share of the rows: its inputs are the forward's, and
+        // its slot is free (the chunk that used it last was summed in this step's first region)
+        if (fuse_dw && k > 0) pack_inputs(a, k - 1, B * b / cols.count, B * (b + 1) / cols.count);
+      }
     });
   }
   if (fuse_dw) d_w = d_w.narrow(1, 0, I + P);  // [G, I + P]: ∂W_ih | ∂W_hh

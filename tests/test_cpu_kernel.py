@@ -244,8 +244,19 @@ def test_fp32_threads(library, threads, shape, proj, flags):
         # two unit blocks: each stages its own columns of the next step's operand and half its x rows
         (torch.float32, (5, 20, 64, 64, 40), False, "all_masks", 2),
         (torch.float32, (5, 20, 64, 40, 40), True, "dropout", 2),
+        # ∂W chunks of 2 steps at B = 64, each step's operand packed by the step before, on 2 blocks
+        (torch.float32, (5, 64, 64, 64, 40), False, "vanilla", 2),
     ],
-    ids=["fp64", "fp64-proj-dropout", "fp64-masks", "fp64-cifg", "fp32-2t", "fp32-2t-masks", "fp32-2t-proj"],
+    ids=[
+        "fp64",
+        "fp64-proj-dropout",
+        "fp64-masks",
+        "fp64-cifg",
+        "fp32-2t",
+        "fp32-2t-masks",
+        "fp32-2t-proj",
+        "fp32-2t-chunks",
+    ],
 )
 def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, threads, packing, bias):
     """With w_ih, each forward step's product takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b in one pass,
