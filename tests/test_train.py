@@ -469,6 +469,25 @@ def test_a_run_on_a_loaded_machine_warns(tmp_path, caplog, monkeypatch):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_first_step_is_warmup_apart_from_ms_per_step(tmp_path, monkeypatch):
+    """Without torch.compile the first step pays one-time costs: it is warmup_s, not part of ms/step."""
+    from lstmlab.runner import models
+
+    forward, calls = models.SequenceModel.forward, []
+
+    def slow_first_call(self, *args, **kwargs):  # what loading a library costs, here
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.SequenceModel, "forward", slow_first_call)
+    summary = train(compose([*SMALL, "model=torch_rnn", "trainer.steps=3"]), tmp_path)
+    assert summary["warmup_s"] >= 1.0
+    assert summary["compile_s"] is None
+    assert summary["time_per_step_s"] < 0.2  # the two steps after it; counted, the mean is ≥ 0.33 s
+
+
 def test_compile_time_is_reported_apart_from_ms_per_step(tmp_path, caplog, monkeypatch):
     """The first step under torch.compile compiles; it is compile_s, not part of ms/step."""
     caplog.set_level(logging.INFO, logger="lstmlab.runner.train")

@@ -154,8 +154,8 @@ def write_report(sweep_dir: str | Path) -> str:
     notes = (
         "\nTest metric: mean ± std over seeds (↓ lower is better, ↑ higher is better), on the "
         "held-out test split after the last step. Baseline: the trivial solution's score. "
-        "ms/step: training steps only, without evaluation and, under trainer.compile, without the "
-        "first step, which compiles (summary.json's compile_s).\n"
+        "ms/step: training steps only, without evaluation and without each run's first step (under "
+        "trainer.compile it compiles: summary.json's compile_s; else one-time costs: warmup_s).\n"
     )
     for task, means in sorted({(r["task"], r.get("acc_means")) for r in runs if r.get("acc_means")}):
         notes += f"Test acc on {task}: {means}.\n"

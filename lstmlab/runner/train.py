@@ -129,8 +129,9 @@ class Run:
     resumed_from: int | None = None
     t_start: float = 0.0  # this session's clock
     train_s: float = 0.0  # seconds in training steps (not evals), this session
-    steps_run: int = 0  # timed steps of this session (without the compiling step)
+    steps_run: int = 0  # timed steps of this session (without its first step)
     compile_s: float | None = None  # the first step of this session under torch.compile
+    warmup_s: float | None = None  # the first step of this session without torch.compile
     train_loss: float = math.nan  # mean loss since the last check
 
 
@@ -242,9 +243,13 @@ def fit(run: Run) -> None:
     run.t_start = time.perf_counter()
     pending: list[Tensor] = []  # losses not yet checked: a sync per step would stall a GPU
     logged = (run.step, 0.0)  # (step, train_s) at the last progress line
-    # Under torch.compile the first step of a session compiles forward and backward (seconds to
-    # minutes): timed on its own as compile_s, so that ms/step is the compiled step's cost.
+    # The first step of a session is timed on its own, so that ms/step is the steady step's cost.
+    # Under torch.compile it compiles forward and backward (seconds to minutes): compile_s. Without,
+    # it pays the process's one-time costs (loading the C++ kernel, first allocations, oneDNN's
+    # primitives): warmup_s, 65–100 ms for the compare preset's models, about 0.4 ms/step of the 150
+    # steps' mean (docs/benchmarks/cpu-2026-12-06-fused-projection.md).
     compiling = tr.compile != "none"
+    first = True
     run.net.train()
     while run.step < run.total_steps:
         t0 = time.perf_counter()
@@ -263,8 +268,12 @@ def fit(run: Run) -> None:
         run.scheduler.step()
         pending.append(loss.detach().float())
         run.step += 1
-        if compiling:
-            run.compile_s, compiling = time.perf_counter() - t0, False
+        if first:
+            if compiling:
+                run.compile_s = time.perf_counter() - t0
+            else:
+                run.warmup_s = time.perf_counter() - t0
+            first = compiling = False
             logged = (run.step, 0.0)
         else:
             run.steps_run += 1
@@ -333,8 +342,9 @@ def summarize(run: Run, overrides: list[str]) -> dict[str, Any]:
         "final": {"train_loss": run.train_loss, "val": final_val, "test": final_test},
         "baseline": task.baseline(),
         "wall_s": run.prior_wall + time.perf_counter() - run.t_start,
-        "time_per_step_s": per_step,  # training steps only: no evaluation, no compiling step
+        "time_per_step_s": per_step,  # training steps only: no evaluation, not the session's first
         "compile_s": run.compile_s,
+        "warmup_s": run.warmup_s,
         "tokens_per_s": tr.batch_size * task.total_len / per_step if per_step else None,
         **_peak_memory(device),
         "device": _describe_devices(devices),
