@@ -68,7 +68,7 @@ def naive_cs_gates(inputs, sizes):
     gx, h, c, w = (inputs[k].double() for k in ("gx", "h0", "c0", "w_hh"))
     cs, gates = [c], []
     for k in range(gx.shape[0]):
-        n = B if sizes is None else sizes[k]
+        n = gx.shape[1] if sizes is None else sizes[k]
         i, f, g, o = (gx[k] + h @ w.T).chunk(4, dim=-1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
@@ -238,18 +238,21 @@ def zeros_allocator(monkeypatch) -> list:
 TIMEOUT = dict(config=SMALL, single_launch=True, spin_limit=3, phantom_programs=1)
 
 
-def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch):
+@pytest.mark.parametrize("one_chunk", [False, True], ids=["chunks", "one_chunk"])
+def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch, one_chunk):
     """The barrier waits for one program that does not exist: every program must give up and write
     NaN from then on. The launcher returns without reading the flag (no host sync); the next call
-    of either launcher raises, naming the shape of the launch that timed out, and only once."""
+    of either launcher raises, naming the shape of the launch that timed out, and only once. With
+    one batch tile the forward arrives, saves the step and prefetches gx, then waits (split barrier)."""
     _skip_unless_available(torch.float32)
     allocated = zeros_allocator(monkeypatch)
     inputs = make_inputs(torch.float32)
-    hs, cs, gates = run_forward(inputs, None, **TIMEOUT)
+    forward = TIMEOUT | (dict(config=tp.Config(units=4, num_warps=4, block_b=8)) if one_chunk else {})
+    hs, cs, gates = run_forward(inputs, None, **forward)
     assert allocated == [hs, cs, gates]
     # the first barrier follows step 0: from step 1 on, everything written is NaN
     assert hs[2:].isnan().all() and cs[2:].isnan().all() and gates[1:].isnan().all()
-    assert not hs[:2].isnan().any()
+    assert not hs[:2].isnan().any() and not cs[:2].isnan().any() and not gates[:1].isnan().any()
     with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
         run_forward(inputs, None, config=SMALL)
     _, cs, gates = run_forward(inputs, None, config=SMALL)  # raised once: this call goes through
@@ -339,9 +342,45 @@ def test_split_k_forward_and_backward_match_naive(block_b):
         assert rel_err(actual, exp) < 1e-5, name
 
 
+@pytest.mark.parametrize("single_launch", [False, True], ids=["per_step", "one_launch"])
+@pytest.mark.parametrize(
+    ("block_b", "block_k", "split_k"), [(8, 16, 1), (4, 16, 1), (8, 32, 2), (4, 64, 1)],
+    ids=["one_tile_k16", "tiles_k16", "one_tile_k32_split2", "tiles_k64"],
+)  # fmt: skip
+def test_forward_k_chunks_match_naive(block_b, block_k, split_k, single_launch):
+    """The forward walks H = 40 in K chunks (16: 3 chunks, the last one padded; 32: 2; 64: one), with
+    the whole batch as one tile (state in registers) or in tiles, against the naive layer; one
+    program on CPU (64 units) so that the barrier path runs there too."""
+    h = 40
+    g = torch.Generator().manual_seed(4)
+    gx, h0, c0 = (
+        torch.randn(T, B, 4 * h, generator=g),
+        torch.randn(B, h, generator=g),
+        torch.randn(B, h, generator=g),
+    )
+    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
+    sizes = SIZES["decreasing"]
+    units = 16 if DEVICE.type == "cuda" or not single_launch else 64
+    config = tp.Config(units=units, num_warps=4, block_b=block_b, split_k=split_k, block_k=block_k)
+    args = [x.to(DEVICE) for x in (gx, h0, c0, w_hh)]
+    spin_limit = 1 << 20 if DEVICE.type == "cuda" else 4
+    hs, cs, gates = tp.persistent_forward(
+        *args, torch.tensor(sizes), config=config, single_launch=single_launch, spin_limit=spin_limit
+    )
+    out, _, c_n = lstm_layer_naive(*(x.double() for x in (gx, h0, c0, w_hh)), batch_sizes=torch.tensor(sizes))
+    for k in range(T):  # rows that advanced at step k
+        assert rel_err(hs[k + 1, : sizes[k]].cpu(), out[k, : sizes[k]]) < 2e-6
+    assert rel_err(cs[-1].cpu(), c_n) < 2e-6
+    inputs = {"gx": gx, "h0": h0, "c0": c0, "w_hh": w_hh}
+    expected_cs, expected_gates = naive_cs_gates(inputs, sizes)
+    assert rel_err(cs.cpu(), expected_cs) < 2e-6
+    for k in range(T):
+        assert rel_err(gates[k, : sizes[k]].cpu(), expected_gates[k, : sizes[k]]) < 2e-6
+
+
 def test_launchers_reject_a_split_k_they_cannot_run():
     inputs = make_inputs(torch.float32)
-    with pytest.raises(ValueError, match=r"split_k must be a power of two with H padded \(16\)"):
+    with pytest.raises(ValueError, match=r"split_k must be a power of two with the K chunk \(16\)"):
         tp.persistent_forward(**inputs, config=tp.Config(units=4, num_warps=4, block_b=4, split_k=2))
     hs, cs, gates = run_forward(inputs, None, config=SMALL)
     for split_k in (3, 8):  # not a power of two; 64 / 8 < 16
@@ -407,11 +446,11 @@ def test_cuda_check_compiles_both_kernels_with_every_argument(monkeypatch):
 
     monkeypatch.setattr(tp, "_compile_problem", compile_problem)
     assert tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.bfloat16, torch.device("cpu")) is None
-    assert checked == [("p_gx", 96), ("p_dhs", 96)]
+    assert checked == [("p_gx", 48), ("p_dhs", 96)]  # forward: 16 units per program at B ≤ 32
     # every variant tensor present, each where its kernel parameter is
     check = tp._cuda_unavailable_reason.__wrapped__
     assert check(16, 768, torch.bfloat16, torch.device("cpu"), tp.PERSISTENT_FLAGS) is None
-    assert checked[2:] == [("p_gx", 96), ("p_dhs", 96)]
+    assert checked[2:] == [("p_gx", 48), ("p_dhs", 96)]
     reason = tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.float32, torch.device("cpu"))
     assert "backward" in reason and "384 KiB" in reason
 
@@ -450,11 +489,11 @@ def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp cover
             layouts[name] = (kind, per_warp, field("warpsPerCTA"))
     dots = []
     # tt.dot (mma.sync, FMA) or ttng.warp_group_dot (wgmma, Hopper's MMAv3, from M = 64 per 4 warps)
-    dot_re = r"(?:tt\.dot|ttng\.warp_group_dot) .* -> tensor<([\dx]+)x\w+, (#\w+)>"
-    for shape, name in re.findall(dot_re, ttgir):
+    dot_re = r"(tt\.dot|ttng\.warp_group_dot) .* -> tensor<([\dx]+)x\w+, (#\w+)>"
+    for op, shape, name in re.findall(dot_re, ttgir):
         kind, per_warp, warps = layouts.get(name, (name, None, None))  # None: a layout this cannot read
         dots.append({"shape": [int(x) for x in shape.split("x")], "kind": kind, "per_warp": per_warp,
-                     "warps": warps})
+                     "warps": warps, "wgmma": op == "ttng.warp_group_dot"})
     return dots
 
 def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, and its local_loads
@@ -482,7 +521,9 @@ def compile_kernel(backward, B, H, dt, cfg, flags):
         const["ONE_CHUNK"] = B <= cfg.block_b
     else:
         fn = tp.lstm_persistent_fwd_kernel
-        const = {"BLOCK_H": tp._block(H), "SPLIT_K": cfg.split_k, "SAVE": True, "ONE_CHUNK": B <= cfg.block_b}
+        block_k = tp.fwd_block_k(H, cfg)
+        const = {"BLOCK_K": block_k, "N_K": -(-H // block_k), "SPLIT_K": cfg.split_k, "SAVE": True,
+                 "ONE_CHUNK": B <= cfg.block_b}
     options = tp._compile_options(DTYPES[dt], cfg)  # what a launch passes
     const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "FLAGS": flags, "SYNC": True}
     const |= {k: options.pop(k) for k in ("ACQUIRE_LOAD", "DOT_PRECISION", "UPCAST_DOT")}
@@ -513,7 +554,9 @@ for spec in sys.argv[1:]:
         compiled[key] = compile_kernel(backward, B, H, dt, cfg, flags)
     regs, spills, shared, dots, acquire, loop_loads, loop_local_loads = compiled[key]
     fit = {sms: tp.resident_programs(regs, cfg.num_warps, shared, sms=sms) for sms in (132, 114)}
+    k_chunks = 1 if backward else -(-H // tp.fwd_block_k(H, cfg))
     print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared, "warps": cfg.num_warps,
+                      "units": cfg.units, "k_chunks": k_chunks,
                       "programs": cfg.programs(H), "fit": fit[132], "fit_114": fit[114], "dots": dots,
                       "acquire_load": acquire, "loop_loads": loop_loads,
                       "loop_local_loads": loop_local_loads}), flush=True)
@@ -524,13 +567,16 @@ for spec in sys.argv[1:]:
 GRID = [(b, h) for h in (256, 512, 768, 1024) for b in (16, 64, 128)]
 HOPPER_SPECS = [f"bf16,{b},{h},{d}" for b, h in GRID for d in ("fwd", "bwd")]
 HOPPER_SPECS += ["fp16,16,768,fwd", "fp16,16,768,bwd", "fp32,16,1024,fwd", "fp32,16,256,bwd"]
+# the forward's other tile sizes: B = 32 (16 units, wgmma on [64, 32]), fp32 with B = 64 on N
+HOPPER_SPECS += ["bf16,32,768,fwd", "fp16,64,1024,fwd", "fp32,64,1024,fwd"]
 # the cell variants: every bit the persistent kernels take, switched on at once
 HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd")]
-# an H100 PCIe has 114 SMs: from H = 768 on, the backward (192 KiB of shared memory), the forward at
-# B > 16 (130 KiB, 32-row chunks) and the fp32 forward hold one program per SM, so at H = 1024
-# (128 programs) persistent_unavailable_reason sends the layer to the per-step kernels there
+# an H100 PCIe has 114 SMs: at H = 1024 the backward (192 KiB of shared memory), the forward at
+# B = 128 (8 units per program, 128 programs, 192 registers × 8 warps) and the fp32 forward hold one
+# program per SM, so persistent_unavailable_reason sends the layer to the per-step kernels there; the
+# 16-bit forward at B ≤ 32 (16 units: 64 programs) and at B = 64 (two programs per SM) fits
 NOT_RESIDENT_ON_114_SMS = {f"bf16,{b},1024,bwd" for b in (16, 64, 128)}
-NOT_RESIDENT_ON_114_SMS |= {"bf16,64,1024,fwd", "bf16,128,1024,fwd", "fp32,16,1024,fwd"}
+NOT_RESIDENT_ON_114_SMS |= {"bf16,128,1024,fwd", "fp32,16,1024,fwd", "fp32,64,1024,fwd"}
 
 
 # What the time loop may load with one batch chunk (B = 16), vanilla cell, packed input: the step's
@@ -538,7 +584,7 @@ NOT_RESIDENT_ON_114_SMS |= {"bf16,64,1024,fwd", "bf16,128,1024,fwd", "fp32,16,10
 # the saved gates, c_t, c_{t−1} and ∂L/∂hs[t+1]), never the program's own state, which stays in
 # registers. Names as triton ≥ 3.9 gives them (the Python variable's), so checked there only.
 LOOP_LOADS = {
-    "fwd": ["b_gx_reg", "b_hp", "n_rows"],
+    "fwd": ["b_gx", "b_hn", "n_rows"],
     "bwd": ["b_c_pf", "b_c_prev_pf", "b_dh", "b_dp", "b_gates_pf", "n_rows"],
 }
 
@@ -569,9 +615,12 @@ def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
             assert cfg.num_warps == cfg.split_k == tp.dot_warps(cfg.block_b, cfg.units, cfg.split_k)
             assert tp._block(4 * H) // cfg.split_k >= 16
         elif dtype == torch.float32 and tp._dot_precision(dtype) == "ieee":  # FMA: no mma tiles
-            assert cfg.split_k == 1 and cfg.num_warps == 8
-        else:
-            assert cfg.split_k == 1 and cfg.num_warps <= tp.dot_warps(cfg.block_b, 4 * cfg.units)
+            assert cfg.num_warps == 8 and tp.fwd_block_k(H, cfg) // cfg.split_k >= 16
+        else:  # the transposed dot: [4U, block_b] output, the whole batch up to 128 in one tile
+            assert cfg.split_k == 1 and cfg.num_warps <= tp.dot_warps(4 * cfg.units, cfg.block_b)
+            assert cfg.block_b == min(128, max(16, 1 << (B - 1).bit_length()))
+        if not backward:  # K in at most MAX_K_CHUNKS chunks, only the last one padded
+            assert -(-H // tp.fwd_block_k(H, cfg)) <= tp.MAX_K_CHUNKS
 
 
 @pytest.mark.parametrize(("H", "dtype"), [(768, torch.float32), (1024, torch.float32), (512, torch.float64)])
@@ -622,9 +671,14 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             checks["resident on 132 SMs"] = row["programs"] <= row["fit"]
             on_114 = row["programs"] <= row["fit_114"]
             checks["resident on 114 SMs as expected"] = on_114 == (spec not in NOT_RESIDENT_ON_114_SMS)
-            # the ldmatrix reads of the two dot operands from shared memory, nothing else
-            checks["at most 2 local_loads in the time loop"] = row["loop_local_loads"] <= 2
+            # the ldmatrix reads of the two dot operands from shared memory (per K chunk in the
+            # forward; none with wgmma, which reads shared memory itself), nothing else
+            checks["at most 2 local_loads per K chunk in the time loop"] = (
+                row["loop_local_loads"] <= 2 * row["k_chunks"]
+            )
             dt, b, _, d, *variant = spec.split(",")
+            if d == "fwd" and dt != "fp32" and row["units"] == 16:  # M = 4U = 64: one warpgroup's wgmma
+                checks["wgmma (ttng.warp_group_dot)"] = all(dot["wgmma"] for dot in row["dots"])
             if b == "16" and dt != "fp32" and not variant and TRITON_VERSION >= (3, 9):
                 checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
         failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
