@@ -494,7 +494,7 @@ def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_
 @triton.jit(do_not_specialize=["t_start", "t_end", "T", "spin_limit", "n_sync"])
 def lstm_persistent_bwd_kernel(
     p_dhs,  # [T + 1, B, H] gradient arriving at each hs[k] from outside the recurrence
-    p_gates,  # [T, B, G] acc, saved by the forward
+    p_gates,  # [T, B, G] saved by the forward: acc, or the dtype of d_hs (saved_gates_dtype)
     p_cs,  # [T + 1, B, H] acc, saved by the forward
     p_w,  # [G, H] W_hh
     p_dpre,  # [T, B, G] out: ∂L/∂pre-activations
@@ -565,7 +565,7 @@ def lstm_persistent_bwd_kernel(
         if ONE_CHUNK:  # launch inputs of step t: their loads overlap the barrier
             n_chunks = 1
             p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-            b_gates_pf = tl.load(p_gate, mask=(o_b < B)[:, None] & (o_uq < H)[None, :], other=0)
+            b_gates_pf = tl.load(p_gate, mask=(o_b < B)[:, None] & (o_uq < H)[None, :], other=0).to(acc)
             p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
             b_c_pf = tl.load(p_c + o_own, mask=m_own, other=0)
             b_c_prev_pf = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
@@ -589,7 +589,9 @@ def lstm_persistent_bwd_kernel(
                 b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
                 b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
                 p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-                b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
+                b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0).to(
+                    acc
+                )  # [BLOCK_B, 4U]
                 # c̃ (the cell before zoneout) and c_{t−1}
                 p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
                 b_c = tl.load(p_c + o_own, mask=m_own, other=0)
@@ -808,6 +810,21 @@ def resident_programs(
     return sms * min(by_regs, by_threads, by_smem, max_blocks_per_sm)
 
 
+# Save the forward's activated gates in the compute dtype (fp16, bf16) instead of fp32. Accurate
+# enough (gradient errors against fp64 grow 1.3-1.8×, docs/persistent.md), but off: the 16-bit
+# stores push the B ≥ 64 forward (8 units, 4 warps) from 186 registers to 255 and spills on sm_90
+# (triton 3.9). Only for ablations: the layer op's fake (layer.py) assumes the default.
+GATES_IN_COMPUTE_DTYPE = False
+
+
+def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward saves its activated gates in for the backward: the accumulation dtype,
+    or fp16 / bf16 for those inputs with GATES_IN_COMPUTE_DTYPE (the backward reads either)."""
+    if GATES_IN_COMPUTE_DTYPE and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's own matmul setting, like the per-step path's cuBLAS GEMM
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -908,7 +925,8 @@ def _cuda_unavailable_reason(
     sync = torch.zeros(2, dtype=torch.int32, device=device)
     gx, w = torch.empty(1, B, G, dtype=dtype, device=device), torch.empty(G, H, dtype=dtype, device=device)
     hs, cs = torch.empty(2, B, H, dtype=dtype, device=device), torch.empty(2, B, H, dtype=acc, device=device)
-    gates, d_h = torch.empty(1, B, G, dtype=acc, device=device), torch.empty(B, H, dtype=acc, device=device)
+    gates = torch.empty(1, B, G, dtype=saved_gates_dtype(dtype), device=device)  # specialises both kernels
+    d_h = torch.empty(B, H, dtype=acc, device=device)
     shapes = _variant_shapes(1, B, H, dtype, acc)
     variant = (flags, tuple(
         torch.empty(shapes[name][0], dtype=shapes[name][1], device=device) if flags & bits else None
@@ -1195,8 +1213,9 @@ def persistent_forward(
 
     Returns:
         hs [T + 1, B, H] dtype of gx (hs[0] = h0, hs[k + 1] = h after step k), cs [T + 1, B, H] acc
-        (same convention; both after zoneout), gates [T, B, 4H] acc: i, f, g, o of each step as the
-        cell used them (1 for a removed gate, 1 − i for f under CIFG, a_g without input activation).
+        (same convention; both after zoneout), gates [T, B, 4H] in saved_gates_dtype (acc by
+        default): i, f, g, o of each step as the cell used them (1 for a removed gate,
+        1 − i for f under CIFG, a_g without input activation).
 
     A barrier that times out (programs not all resident) makes every later output NaN; the next
     call of either launcher raises PersistentKernelTimeout once this launch has finished (at once
@@ -1231,7 +1250,7 @@ def persistent_forward(
 
     hs = empty(T + 1, B, H, dtype=dtype, device=device)
     cs = empty(T + 1 if save else 2, B, H, dtype=acc, device=device)  # unsaved: a ring of c_{t−1}, c_t
-    gates = empty(T, B, G, dtype=acc, device=device) if save else None
+    gates = empty(T, B, G, dtype=saved_gates_dtype(dtype), device=device) if save else None
     hs[0] = h0
     cs[0] = c0
     if T == 0:
@@ -1281,7 +1300,8 @@ def persistent_backward(
     Args:
         d_hs: [T + 1, B, H] dtype of gx: gradient reaching each hs[k] from outside the recurrence.
         d_cn: [B, H] ∂L/∂c_n.
-        gates: [T, B, 4H] acc and cs [T + 1, B, H] acc, as :func:`persistent_forward` returned them.
+        gates: [T, B, 4H] (acc or saved_gates_dtype) and cs [T + 1, B, H] acc, as
+            :func:`persistent_forward` returned them.
         w_hh: [4H, H] recurrent weights, dtype of d_hs.
         batch_sizes, config, single_launch, spin_limit, phantom_programs: as in the forward.
         flags, peephole, zoneout, dropout: those of the forward.
@@ -1311,8 +1331,11 @@ def persistent_backward(
     for name, t in (("d_hs", d_hs), ("d_cn", d_cn), ("cs", cs), ("w_hh", w_hh)):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
-    if gates.dtype != acc or w_hh.dtype != dtype:
-        raise ValueError(f"gates must have the dtype of cs ({acc}) and w_hh that of d_hs ({dtype})")
+    if gates.dtype not in (acc, saved_gates_dtype(dtype)) or w_hh.dtype != dtype:
+        raise ValueError(
+            f"gates must have the dtype of cs ({acc}) or {saved_gates_dtype(dtype)} (saved_gates_dtype) "
+            f"and w_hh that of d_hs ({dtype}), got {gates.dtype} and {w_hh.dtype}"
+        )
     tensors = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout, "c_new": c_new}
     variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
     _check_available(B, H, dtype, device, flags)

@@ -96,7 +96,7 @@ def check_forward(inputs, sizes, rtol, **options):
     expected_cs, expected_gates = naive_cs_gates(inputs, sizes)
     dtype = inputs["gx"].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert hs.dtype == dtype and cs.dtype == acc and gates.dtype == acc
+    assert hs.dtype == dtype and cs.dtype == acc and gates.dtype == tp.saved_gates_dtype(dtype)
     assert rel_err(hs.cpu(), expected_hs) < rtol
     assert rel_err(cs.cpu(), expected_cs) < rtol
     assert rel_err(cs[-1].cpu(), expected_cn) < rtol
@@ -603,6 +603,12 @@ def test_duplicated_warps_reads_the_layout():
     assert duplicated_warps({"shape": [16, 8], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [8, 1]})
     assert not duplicated_warps({"shape": [8, 16, 8], "kind": "nvidia_mma", "per_warp": [1, 16, 8],
                                  "warps": [8, 1, 1]})  # fmt: skip
+    # the transposed forward (sm_90, triton 3.9): U = 8 on 4 warps at B = 16 puts them on M = 32
+    assert duplicated_warps({"shape": [32, 16], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [4, 1]})
+    # U = 16: one warpgroup's wgmma on [64, 16] (16 rows per warp); with 8 warps it is computed twice
+    wgmma = {"shape": [64, 16], "kind": "nvidia_mma", "per_warp": [16, 16], "warps": [4, 1]}
+    assert not duplicated_warps(wgmma)
+    assert duplicated_warps(wgmma | {"per_warp": [16, 8], "warps": [8, 1]})
 
 
 @pytest.mark.parametrize(("B", "H"), [(b, h) for b in (16, 64, 128) for h in (256, 512, 768, 1024, 13)])
@@ -683,3 +689,16 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
                 checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
         failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gates_saved_in_the_compute_dtype(dtype, monkeypatch):
+    """GATES_IN_COMPUTE_DTYPE (off by default, for ablations): the forward saves 16-bit gates, the
+    backward converts them to fp32 as it loads them; forward and every gradient against naive."""
+    _skip_unless_available(dtype)
+    monkeypatch.setattr(tp, "GATES_IN_COMPUTE_DTYPE", True)
+    rtol = LOW_PRECISION_RTOL[dtype]
+    _, _, gates = check_forward(make_inputs(dtype), SIZES["decreasing"], rtol, config=SMALL)
+    assert gates.dtype == dtype
+    check_backward(dtype, SIZES["decreasing"], rtol, config=SMALL)
+    check_backward(dtype, None, rtol, config=tp.Config(units=4, num_warps=4, block_b=8))  # one tile
