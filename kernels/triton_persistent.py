@@ -16,9 +16,11 @@ Backward, program p owns the same units but the 4H columns j of W_hh, since
 ∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
   step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
           -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
-The dot's [16, U] output is one warp's mma tile, so the 4H contraction is split across the warps
-(a 3-D dot over SPLIT_K slices, summed). With one chunk ∂L/∂h and ∂L/∂c stay in registers and step
-t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are one GEMM each after
+In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the mma's M side, the whole batch
+(up to 128 rows) on N, 4H walked in unpadded static chunks, each split across the warps up to B = 32
+(a 3-D dot over SPLIT_K slices, summed); fp32 and fp64 keep the first generation's ∂L/∂pre·W_cols
+in 16-row chunks. With one chunk ∂L/∂h and ∂L/∂c stay in registers and step t's saved gates and c
+are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are one GEMM each after
 the loop, in the caller.
 
 The barrier is bounded: a program that waits too long marks the run aborted and every program then
@@ -641,7 +643,8 @@ class Config:
     Backward only: block_k, the 4H contraction walked in static chunks of block_k (a power of two;
     0: one chunk, 4H padded to a power of two), each chunk split in split_k slices; batch_n, the dot
     computed as W_colsᵀ·∂L/∂preᵀ with the batch on the mma's N side ([U, block_b] output) instead of
-    ∂L/∂pre·W_cols ([block_b, U])."""
+    ∂L/∂pre·W_cols ([block_b, U]); k_ahead, the chunks of ∂L/∂pre whose loads are issued ahead of
+    the chunk being multiplied (0: each right before its dot)."""
 
     units: int
     num_warps: int
