@@ -18,10 +18,14 @@ Backward, program p owns the same units but the 4H columns j of W_hh, since
 ∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
   step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
           -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
-The dot's [16, U] output is one warp's mma tile, so the 4H contraction is split across the warps
-(a 3-D dot over SPLIT_K slices, summed). With one chunk ∂L/∂h and ∂L/∂c stay in registers and step
-t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are one GEMM each after
-the loop, in the caller.
+In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the mma's M side, the whole batch
+(up to 128 rows) on N, 4H walked in unpadded static chunks, each split across the warps up to B = 32
+(a 3-D dot over SPLIT_K slices, summed); fp32 and fp64 keep the first generation's ∂L/∂pre·W_cols
+in 16-row chunks (fp32: 4 above H = 512). fp32's forward walks 16-row batch tiles (fp32_config).
+Both directions of a bidirectional layer can run in one launch (BIDIR: grid (P, 2), every tensor
+stacked on a leading [2], a barrier counter per direction). With one chunk ∂L/∂h and ∂L/∂c stay
+in registers and step t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are
+one GEMM each after the loop, in the caller.
 
 The barrier is bounded: a program that waits too long marks the run aborted and every program then
 writes NaN; the next launcher call raises PersistentKernelTimeout (the flag is read lazily, with no
@@ -471,27 +475,102 @@ def lstm_persistent_fwd_kernel(
 
 
 @triton.jit
-def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
-            BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, FLAGS: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):  # fmt: skip
+def _bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr):
+    """Chunk i_k of this program's W_hh columns: gate rows k ∈ [i_k·BLOCK_K, (i_k + 1)·BLOCK_K), own
+    units, in SPLIT_K slices of the rows (one per warp), as the dot's operand: [S, U, K/S] (A, batch
+    on N) or [S, K/S, U] (B, batch on M); 2-D without a split."""
+    G = 4 * H
+    if SPLIT_K == 1:
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        if BATCH_N:  # [U, BLOCK_K]
+            b_w = tl.load(
+                p_w + o_k[None, :] * H + o_u[:, None], mask=(o_k < G)[None, :] & m_u[:, None], other=0
+            )
+        else:  # [BLOCK_K, U]
+            b_w = tl.load(
+                p_w + o_k[:, None] * H + o_u[None, :], mask=(o_k < G)[:, None] & m_u[None, :], other=0
+            )
+    else:
+        o_k = i_k * BLOCK_K + (tl.arange(0, SPLIT_K) * (BLOCK_K // SPLIT_K))[:, None]
+        o_k += tl.arange(0, BLOCK_K // SPLIT_K)[None, :]  # [S, K/S]
+        if BATCH_N:  # [S, U, K/S]
+            p = p_w + o_k[:, None, :] * H + o_u[None, :, None]
+            b_w = tl.load(p, mask=(o_k < G)[:, None, :] & m_u[None, :, None], other=0)
+        else:  # [S, K/S, U]
+            p = p_w + o_k[:, :, None] * H + o_u[None, None, :]
+            b_w = tl.load(p, mask=(o_k < G)[:, :, None] & m_u[None, None, :], other=0)
+    return b_w
+
+
+@triton.jit
+def _bwd_dp_offsets(o_b, G, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr):
+    """Offsets in ∂L/∂pre [B, 4H] of the first chunk of rows o_b (chunk i: + i·BLOCK_K, an immediate
+    offset, so one set of addresses serves every chunk), and each element's index k in its chunk:
+    [BLOCK_K, BLOCK_B] / [S, K/S, BLOCK_B] (batch on N) or [BLOCK_B, BLOCK_K] / [S, BLOCK_B, K/S]."""
+    if SPLIT_K == 1:
+        o_k = tl.arange(0, BLOCK_K)
+        if BATCH_N:
+            o_k = o_k[:, None]
+            o_dp = o_b[None, :] * G + o_k
+        else:
+            o_k = o_k[None, :]
+            o_dp = o_b[:, None] * G + o_k
+    else:
+        o_k = (tl.arange(0, SPLIT_K) * (BLOCK_K // SPLIT_K))[:, None] + tl.arange(0, BLOCK_K // SPLIT_K)[
+            None, :
+        ]
+        if BATCH_N:
+            o_k = o_k[:, :, None]
+            o_dp = o_b[None, None, :] * G + o_k
+        else:
+            o_k = o_k[:, None, :]
+            o_dp = o_b[None, :, None] * G + o_k
+    return o_dp, o_k
+
+
+@triton.jit
+def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t, B, H, o_b, o_own, m_own,
+            U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
+            EVEN_K: tl.constexpr, K_AHEAD: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr,
+            PACKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            UPCAST_DOT: tl.constexpr):  # fmt: skip
     """∂L/∂hs[t] of rows o_b, own units, from b_dh = ∂L/∂hs[t + 1] (what carried rows pass on):
     rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t
     (⊙ m with recurrent dropout; + z^h ⊙ ∂L/∂hs[t + 1] with zoneout on h)."""
     t64 = tl.cast(t, tl.int64)
     G = 4 * H
-    p_dp_t = p_dpre + t64 * B * G
-    if SPLIT_K == 1:
-        o_g = tl.arange(0, BLOCK_G)
-        m_dp = (o_b < B)[:, None] & (o_g < G)[None, :]
-        b_dp = tl.load(p_dp_t + o_b[:, None] * G + o_g[None, :], mask=m_dp, other=0, cache_modifier=".cg")
-        b_rec = _dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, U]
-    else:  # slice s of the contraction in warp s: [S, BLOCK_B, G/S]×[S, G/S, U], then Σ over s
-        o_g = (tl.arange(0, SPLIT_K) * (BLOCK_G // SPLIT_K))[:, None, None] + tl.arange(0, BLOCK_G // SPLIT_K)
-        m_dp = (o_b < B)[None, :, None] & (o_g < G)
-        b_dp = tl.load(p_dp_t + o_b[None, :, None] * G + o_g, mask=m_dp, other=0, cache_modifier=".cg")
-        b_rec = tl.sum(_dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT), axis=0)  # [BLOCK_B, U]
+    acc = b_dh.dtype
+    o_dp, o_k = _bwd_dp_offsets(o_b, G, BLOCK_K, SPLIT_K, BATCH_N)
+    m_b = o_b < B
+    if BATCH_N:
+        m_dp = m_b[None, :] if SPLIT_K == 1 else m_b[None, None, :]
+    else:
+        m_dp = m_b[:, None] if SPLIT_K == 1 else m_b[None, :, None]
+    p_dp = p_dpre + t64 * B * G + o_dp
+    # the 4H contraction in N_K static chunks of BLOCK_K (4H = 3072: 6 × 512 at B16, no padding), each split
+    # into SPLIT_K slices, one per warp; every warp accumulates its slices, summed once at the end.
+    # The load of chunk i + K_AHEAD is issued before chunk i's dot (.cg: ∂L/∂pre_t was written by
+    # other SMs; read it from L2, never from a stale L1 line)
+    b_dp = ()
+    for i_k in tl.static_range(N_K + K_AHEAD):
+        if i_k < N_K:
+            m_k = m_dp if EVEN_K else m_dp & (o_k < G - i_k * BLOCK_K)
+            b_dp = b_dp + (tl.load(p_dp + i_k * BLOCK_K, mask=m_k, other=0, cache_modifier=".cg"),)  # noqa: RUF005 (Triton's tuples)
+        if i_k == K_AHEAD:
+            b_acc = _dot(b_w[0], b_dp[0], acc, DOT_PRECISION, UPCAST_DOT) if BATCH_N else _dot(
+                b_dp[0], b_w[0], acc, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+        elif i_k > K_AHEAD:
+            if BATCH_N:  # ∂L/∂hᵀ [S, U, BLOCK_B]: the batch on the mma's N side
+                b_acc += _dot(b_w[i_k - K_AHEAD], b_dp[i_k - K_AHEAD], acc, DOT_PRECISION, UPCAST_DOT)
+            else:  # [S, BLOCK_B, U]
+                b_acc += _dot(b_dp[i_k - K_AHEAD], b_w[i_k - K_AHEAD], acc, DOT_PRECISION, UPCAST_DOT)
+    b_rec = b_acc
+    if SPLIT_K > 1:
+        b_rec = tl.sum(b_rec, axis=0)
+    if BATCH_N:
+        b_rec = tl.trans(b_rec)  # [BLOCK_B, U]
     if F_RECURRENT_DROPOUT & FLAGS:
-        b_rec *= tl.load(p_drop + o_own, mask=m_own, other=0).to(b_dh.dtype)
+        b_rec *= tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
     if F_ZONEOUT_H & FLAGS:
         b_z = tl.load(p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None] + H, mask=m_own, other=0)
         b_rec += tl.where(b_z != 0, b_dh, 0)
@@ -499,13 +578,13 @@ def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_
     if PACKED:
         n_rows = tl.load(p_sizes + t)
     b_dh = tl.where((o_b < n_rows)[:, None], b_rec, b_dh)
-    return b_dh + tl.load(p_dhs + t64 * B * H + o_own, mask=m_own, other=0).to(b_dh.dtype)
+    return b_dh + tl.load(p_dhs + t64 * B * H + o_own, mask=m_own, other=0).to(acc)
 
 
 @triton.jit(do_not_specialize=["t_start", "t_end", "T", "spin_limit", "n_sync"])
 def lstm_persistent_bwd_kernel(
     p_dhs,  # [T + 1, B, H] gradient arriving at each hs[k] from outside the recurrence
-    p_gates,  # [T, B, G] saved by the forward: acc, or the dtype of d_hs (saved_gates_dtype)
+    p_gates,  # [T, B, G] saved by the forward: acc, or the dtype of d_hs (saved_gates_dtype); read as acc
     p_cs,  # [T + 1, B, H] acc, saved by the forward
     p_w,  # [G, H] W_hh
     p_dpre,  # [T, B, G] out: ∂L/∂pre-activations
@@ -526,8 +605,12 @@ def lstm_persistent_bwd_kernel(
     n_sync,
     U: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    SPLIT_K: tl.constexpr,  # slices of the 4H contraction, one per warp (1: one 2-D dot)
+    BLOCK_K: tl.constexpr,  # the 4H contraction walked in N_K chunks of BLOCK_K (a power of two)
+    N_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # N_K·BLOCK_K = 4H: no chunk needs a mask on k
+    K_AHEAD: tl.constexpr,  # chunks of ∂L/∂pre whose loads are issued ahead of the chunk multiplied
+    SPLIT_K: tl.constexpr,  # slices of each chunk, one per warp, summed after the dot (1: a 2-D dot)
+    BATCH_N: tl.constexpr,  # the dot is W_colsᵀ·∂L/∂preᵀ: the batch on the mma's N side
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # B ≤ BLOCK_B: ∂L/∂h, ∂L/∂c in registers, gates and c loaded before the barrier
@@ -538,7 +621,10 @@ def lstm_persistent_bwd_kernel(
     UPCAST_DOT: tl.constexpr,
     BIDIR: tl.constexpr,  # grid (P, 2), as in the forward
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    # per-element offsets are int32 (within one step's [B, 4H] slice, which the launcher bounds); each
+    # step's base, t·B·4H, is int64. Few offset tensors, shared by every load and store of the step:
+    # they are loop invariant, so the compiler keeps them in registers for the whole sequence
+    i_p = tl.program_id(0)
     G = 4 * H
     acc = p_dh.dtype.element_ty
     if BIDIR:
@@ -555,18 +641,11 @@ def lstm_persistent_bwd_kernel(
 
     o_u = i_p * U + tl.arange(0, U)
     m_u = o_u < H
-    o_q = tl.arange(0, 4 * U) % 4
-    o_uq = i_p * U + tl.arange(0, 4 * U) // 4
-    o_r = o_q * H + o_uq  # [4U] stacked gate columns of own units, as in the forward
 
-    # the columns of W_hh for this program's units, every gate row: loaded once
-    if SPLIT_K == 1:
-        o_g = tl.arange(0, BLOCK_G)
-        b_wt = tl.load(p_w + o_g[:, None] * H + o_u[None, :], mask=(o_g < G)[:, None] & m_u[None, :], other=0)
-    else:  # [S, BLOCK_G / S, U]: slice s of the 4H rows for warp s
-        o_g = (tl.arange(0, SPLIT_K) * (BLOCK_G // SPLIT_K))[:, None, None]
-        o_g += tl.arange(0, BLOCK_G // SPLIT_K)[None, :, None]
-        b_wt = tl.load(p_w + o_g * H + o_u[None, None, :], mask=(o_g < G) & m_u[None, None, :], other=0)
+    # the columns of W_hh for this program's units, every gate row: loaded once, N_K chunks
+    b_w = ()
+    for i_k in tl.static_range(N_K):
+        b_w = b_w + (_bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K, SPLIT_K, BATCH_N),)  # noqa: RUF005
     if F_PEEPHOLES & FLAGS:  # [1, U] each
         b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
         b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
@@ -574,7 +653,8 @@ def lstm_persistent_bwd_kernel(
 
     if ONE_CHUNK:  # the state as the launch finds it, then carried in registers
         o_b = tl.arange(0, BLOCK_B)
-        o_own = o_b[:, None] * H + o_u[None, :]
+        o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U] in a [B, H] slice
+        o_gate = o_b[:, None] * G + o_u[None, :]  # gate i of own units in a [B, 4H] slice; gate q at + qH
         m_own = (o_b < B)[:, None] & m_u[None, :]
         b_dh_reg = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
         b_dc_reg = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
@@ -584,14 +664,19 @@ def lstm_persistent_bwd_kernel(
     for s in range(t_start, t_end):
         t = t_start + t_end - 1 - s  # steps run backwards
         t64 = tl.cast(t, tl.int64)
+        p_gates_t = p_gates + t64 * B * G
+        # c̃ (the cell before zoneout) and c_{t−1}
+        p_c_t = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
+        p_c_prev = p_cs + t64 * B * H
         n_chunks = tl.cdiv(B, BLOCK_B)
-        if ONE_CHUNK:  # launch inputs of step t: their loads overlap the barrier
+        if ONE_CHUNK:  # launch inputs of step t, in their stored dtype: their loads overlap the barrier
             n_chunks = 1
-            p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-            b_gates_pf = tl.load(p_gate, mask=(o_b < B)[:, None] & (o_uq < H)[None, :], other=0).to(acc)
-            p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
-            b_c_pf = tl.load(p_c + o_own, mask=m_own, other=0)
-            b_c_prev_pf = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
+            b_gi_pf = tl.load(p_gates_t + o_gate, mask=m_own, other=0)
+            b_gf_pf = tl.load(p_gates_t + H + o_gate, mask=m_own, other=0)
+            b_gg_pf = tl.load(p_gates_t + 2 * H + o_gate, mask=m_own, other=0)
+            b_go_pf = tl.load(p_gates_t + 3 * H + o_gate, mask=m_own, other=0)
+            b_c_pf = tl.load(p_c_t + o_own, mask=m_own, other=0)
+            b_c_prev_pf = tl.load(p_c_prev + o_own, mask=m_own, other=0)
         if SYNC:  # noqa: SIM102 (Triton cannot `and` a constexpr with a runtime condition)
             if t + 1 < T:  # ∂L/∂hs[t + 1] needs step t + 1's ∂L/∂pre from every program
                 i_bar += 1
@@ -601,32 +686,31 @@ def lstm_persistent_bwd_kernel(
             n_rows = tl.load(p_sizes + t)
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         for i_b in range(0, n_chunks):
-            o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-            m_b = o_b < B
-            o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
-            m_own = m_b[:, None] & m_u[None, :]
             if ONE_CHUNK:
                 b_dh, b_dc = b_dh_reg, b_dc_reg
-                b_gates, b_c, b_c_prev = b_gates_pf, b_c_pf, b_c_prev_pf
+                b_i, b_f, b_g, b_o = b_gi_pf.to(acc), b_gf_pf.to(acc), b_gg_pf.to(acc), b_go_pf.to(acc)
+                b_c, b_c_prev = b_c_pf.to(acc), b_c_prev_pf.to(acc)
             else:
+                o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+                o_own = o_b[:, None] * H + o_u[None, :]
+                o_gate = o_b[:, None] * G + o_u[None, :]
+                m_own = (o_b < B)[:, None] & m_u[None, :]
                 b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
                 b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
-                p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-                b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0).to(
-                    acc
-                )  # [BLOCK_B, 4U]
-                # c̃ (the cell before zoneout) and c_{t−1}
-                p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
-                b_c = tl.load(p_c + o_own, mask=m_own, other=0)
-                b_c_prev = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
+                b_i = tl.load(p_gates_t + o_gate, mask=m_own, other=0).to(acc)
+                b_f = tl.load(p_gates_t + H + o_gate, mask=m_own, other=0).to(acc)
+                b_g = tl.load(p_gates_t + 2 * H + o_gate, mask=m_own, other=0).to(acc)
+                b_o = tl.load(p_gates_t + 3 * H + o_gate, mask=m_own, other=0).to(acc)
+                b_c = tl.load(p_c_t + o_own, mask=m_own, other=0).to(acc)
+                b_c_prev = tl.load(p_c_prev + o_own, mask=m_own, other=0).to(acc)
             if t + 1 < T:
-                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t + 1, B, H, o_b, o_own,
-                               m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
-            b_i, b_f, b_g, b_o = _split_gates(b_gates, BLOCK_B, U)
+                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t + 1, B, H, o_b, o_own,
+                               m_own, U, BLOCK_B, BLOCK_K, N_K, EVEN_K, K_AHEAD, SPLIT_K, BATCH_N, PACKED,
+                               FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+            m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
             if FLAGS == 0:
                 b_tanh_c = _tanh(b_c)
                 b_dc_step = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
-                m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
                 # rows that did not advance have no pre-activations: exactly 0
                 b_di = tl.where(m_step, b_dc_step * b_g * b_i * (1 - b_i), 0) + b_poison
                 b_df = tl.where(m_step, b_dc_step * b_c_prev * b_f * (1 - b_f), 0) + b_poison
@@ -671,14 +755,13 @@ def lstm_persistent_bwd_kernel(
                     b_dg = b_dg * (1 - b_g * b_g)
                 if F_PEEPHOLES & FLAGS:
                     b_dc_prev += b_pi * b_di + b_pf * b_df
-                m_step = (o_b < n_rows)[:, None]
                 b_di = tl.where(m_step, b_di, 0) + b_poison
                 b_df = tl.where(m_step, b_df, 0) + b_poison
                 b_dg = tl.where(m_step, b_dg, 0) + b_poison
                 b_do = tl.where(m_step, b_do, 0) + b_poison
                 b_dc = tl.where(m_step, b_dc_prev, b_dc) + b_poison
 
-            p_dp = p_dpre + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
+            p_dp = p_dpre + t64 * B * G + o_gate  # gate i of own units
             dpre_ty = p_dpre.dtype.element_ty
             tl.store(p_dp, b_di.to(dpre_ty), mask=m_own)
             tl.store(p_dp + H, b_df.to(dpre_ty), mask=m_own)
@@ -702,8 +785,9 @@ def lstm_persistent_bwd_kernel(
             o_own = o_b[:, None] * H + o_u[None, :]
             m_own = (o_b < B)[:, None] & m_u[None, :]
             b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
-            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t_start, B, H, o_b, o_own,
-                           m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t_start, B, H, o_b, o_own,
+                           m_own, U, BLOCK_B, BLOCK_K, N_K, EVEN_K, K_AHEAD, SPLIT_K, BATCH_N, PACKED, FLAGS,
+                           DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
@@ -721,16 +805,24 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 @dataclass(frozen=True)
 class Config:
     """Launch configuration of one persistent kernel: U units per program, warps per program, the
-    batch rows of one tile (the forward's dot N; a program walks a larger batch in tiles of block_b
-    rows each step), split_k: the slices of the dot's contraction (4H in the backward, each K chunk
-    in the forward) that run side by side, summed after the dot (1: one 2-D dot), and block_k: the
-    forward's K chunk (0: :func:`fwd_block_k` picks it)."""
+    batch rows of one tile (the forward's dot N, the backward's N with batch_n; a program walks a
+    larger batch in tiles of block_b rows each step), split_k: the slices of the dot's contraction
+    (each K chunk) that run side by side, summed after the dot (1: one 2-D dot), and block_k: the K
+    chunk of the kernel's dot, a power of two: the forward's H columns (0: :func:`fwd_block_k` picks
+    it), the backward's 4H gate rows walked in static chunks (0: one chunk, 4H padded to a power of
+    two).
+
+    Backward only: batch_n, the dot computed as W_colsᵀ·∂L/∂preᵀ with the batch on the mma's N side
+    ([U, block_b] output) instead of ∂L/∂pre·W_cols ([block_b, U]); k_ahead, the chunks of ∂L/∂pre
+    whose loads are issued ahead of the chunk being multiplied (0: each right before its dot)."""
 
     units: int
     num_warps: int
     block_b: int = 16
     split_k: int = 1
     block_k: int = 0
+    batch_n: bool = False
+    k_ahead: int = 0
 
     def programs(self, H: int) -> int:
         return triton.cdiv(H, self.units)
@@ -768,17 +860,14 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool |
     - B ≤ 64: 8 units (M = 32, mma.sync) on 4 warps, all on N (U = 16 spills there);
     - B > 64: 8 units on 8 warps (4 spill).
     fp64 multiplies on CUDA cores (FMA, no mma tiles): 8 units on 8 warps, each K chunk split in 8
-    slices of 16 (an FMA dot over a whole 128-column chunk spills). Backward: 8 units, chunks of 16
-    rows; its [16, U] output is one warp's tile, so the 4H contraction is split into one slice per
-    warp (up to 8, each at least 16 long). Up to H = 1024: at most 128 programs, one per SM of an
-    H100; beyond, the per-step path.
+    slices of 16 (an FMA dot over a whole 128-column chunk spills). Backward: :func:`pick_bwd_config`.
+    Up to H = 1024: at most 128 programs, one per SM of an H100; beyond, the per-step path.
     fp32 has its own rule (:func:`fp32_config`); ``tf32``: whether its dots may use TF32 (default:
     what :func:`cudnn_rnn_allows_tf32` says now)."""
     if dtype == torch.float32:
         return fp32_config(B, H, backward, _dot_precision(dtype, tf32) == "tf32")
     if backward:
-        split_k = min(8, _block(4 * H) // 16)
-        return Config(units=8, num_warps=split_k, block_b=16, split_k=split_k)
+        return pick_bwd_config(B, H, dtype)
     block_b = fwd_block_b(B)
     if dtype == torch.float64:
         return _fma_fwd_config(H, block_b)
@@ -794,16 +883,61 @@ def _fma_fwd_config(H: int, block_b: int) -> Config:
     return Config(units=8, num_warps=8, block_b=block_b, split_k=split_k)
 
 
+BWD_CHUNK_BYTES = 16 << 10  # one ∂L/∂pre chunk [block_k, block_b] staged in shared memory
+# The backward's register cap. Without one, ptxas (triton 3.6's) chose 128 registers for the B16
+# H1024 kernel and spilled; capped at 224 no 16-bit configuration spills on 3.6 or 3.9, and 224
+# leaves room under 255. One program per SM is all the 16-unit grid (P ≤ 64) needs.
+BWD_MAXNREG = 224
+
+
+def pick_bwd_config(B: int, H: int, dtype: torch.dtype) -> Config:
+    """The backward's heuristic (sm_90 compiles, triton 3.6 and 3.9; docs/persistent.md).
+
+    16-bit: 16 units per program (M = 16, one mma row tile: P = 48 at H = 768, 64 at H = 1024, so
+    the grid fits a 114-SM H100 PCIe), the whole batch up to 128 rows as one tile on the mma's N
+    side, 8 warps: the 4H contraction split in 8 slices up to B = 32 (warps [8, 1, 1], each warp
+    all of N), not split from B = 64 on (the warps on N's 8 or 16 tiles), walked in unpadded chunks of 16 KiB
+    (block_k = 512 at B = 16, 64 at B = 128; 4H = 3072 is 6 × 512). Compiled with maxnreg
+    (BWD_MAXNREG). fp32 and fp64 keep the first-generation layout: 16-row chunks, the batch on M,
+    4H padded to a power of two and split in up to 8 slices."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        split_k = min(8, _block(4 * H) // 16)
+        return Config(units=8, num_warps=split_k, block_b=16, split_k=split_k)
+    block_b = min(128, _block(B))
+    # triton 3.6 puts every warp of a 3-D dot on its first axis, so a split uses all 8 warps; from
+    # B = 64 on, N has 8 tiles or more and the warps take those instead (8 slices of [16, 64] spilled
+    # with triton 3.6 under the register cap)
+    split_k = 8 if block_b <= 32 else 1
+    block_k = BWD_CHUNK_BYTES // (block_b * dtype.itemsize)
+    block_k = max(16 * split_k, min(block_k, 4 * H & -4 * H))  # a power of two that divides 4H
+    return Config(units=16, num_warps=8, block_b=block_b, split_k=split_k, block_k=block_k, batch_n=True)
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs K ≥ 16; M and N are padded to 16 anyway
+
+
+def bwd_chunks(H: int, cfg: Config) -> tuple[int, int]:
+    """(block_k, n_k): the backward walks its 4H contraction in n_k static chunks of block_k."""
+    block_k = cfg.block_k or _block(4 * H)
+    return block_k, triton.cdiv(4 * H, block_k)
+
+
+def bwd_constexprs(H: int, cfg: Config) -> dict:
+    """The backward kernel's shape constexprs for this configuration."""
+    block_k, n_k = bwd_chunks(H, cfg)
+    return dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_K=block_k, N_K=n_k, EVEN_K=n_k * block_k == 4 * H,
+                K_AHEAD=min(cfg.k_ahead, n_k - 1), SPLIT_K=cfg.split_k, BATCH_N=cfg.batch_n)  # fmt: skip
 
 
 def tile_bytes(B: int, H: int, dtype: torch.dtype, cfg: Config, backward: bool) -> int:
     """On-chip bytes of one program's two dot operands, which the compiler stages in shared memory:
     forward W_hh rows [4U, H] (in K chunks, only the last one padded) and one [block_k, block_b] h
-    chunk; backward W_hh columns [4H, U] and a ∂L/∂pre chunk [block_b, 4H] (padded to a power of two)."""
+    chunk; backward W_hh columns [4H, U] (every chunk, kept for the whole sequence) and one ∂L/∂pre
+    chunk [block_b, block_k] at a time (sizes padded to powers of two, 4H to whole chunks)."""
     if backward:
-        return (cfg.block_b + cfg.units) * _block(4 * H) * dtype.itemsize
+        block_k, n_k = bwd_chunks(H, cfg)
+        return (cfg.units * n_k + cfg.block_b) * block_k * dtype.itemsize
     block_k = fwd_block_k(H, cfg)
     return (4 * cfg.units * triton.cdiv(H, block_k) + cfg.block_b) * block_k * dtype.itemsize
 
@@ -868,10 +1002,12 @@ def _dot_precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
 
 def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     """fp32's configuration, from sm_90 compiles with triton 3.6 and 3.9 (0 spills for H ≤ 1024;
-    docs/persistent.md, "fp32"). fp32 tiles are twice the 16-bit ones, so the backward's ∂L/∂pre
-    chunk shrinks to 4 rows where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]),
-    and in the FMA backward with several chunks (at H = 256, 16 rows spilled 16 bytes with triton
-    3.9 and 8 rows 8 bytes with 3.6).
+    docs/persistent.md, "fp32"). The backward keeps the first generation's layout (∂L/∂pre·W_cols,
+    4H padded, 8 slices); fp32 tiles are twice the 16-bit ones, so its ∂L/∂pre chunk shrinks from 16
+    rows to 4 where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]), and the FMA
+    backward (true fp32) takes 8 at H = 512, where 16 spilled 8 bytes at B = 16 with triton 3.6.
+    (Before the second-generation backward's code was merged, the FMA backward at B > 16 took 4 rows
+    at every H; since then 4 rows spill there at H = 512, 16 bytes with triton 3.9.)
     Forward (the transposed dot W[4U, K]×hᵀ[K, 16], K in 128-column chunks): 8 units, the batch in
     16-row tiles (B > 16: the state goes through memory each step, as in the 16-bit forward above
     B = 128). The whole batch as one tile spilled: TF32 at B = 64, H = 1024 (304 bytes with 4 warps,
@@ -880,7 +1016,7 @@ def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     on each: duplicated). True fp32 (FMA): 8 warps, each K chunk split in slices of 16."""
     if backward:
         split_k = min(8, _block(4 * H) // 16)
-        for block_b in (16, 4) if tf32 or B <= 16 else (4,):
+        for block_b in (16, 4) if tf32 or H <= 256 else (8, 4):
             cfg = Config(units=8, num_warps=split_k, block_b=block_b, split_k=split_k)
             if config_problem(16, H, torch.float32, cfg, backward=True) is None:
                 break
@@ -944,11 +1080,16 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
     flags, tensors = variant
     args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, *(sync if x is None else x for x in tensors))
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
-    meta = dict(
-        U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), SPLIT_K=cfg.split_k, PACKED=sizes is not None
+    meta = bwd_constexprs(H, cfg) | dict(
+        PACKED=sizes is not None, ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B
     )
-    meta |= dict(ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B, BIDIR=gates.dim() == 4)
-    return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | _compile_options(d_pre.dtype, cfg)
+    meta |= dict(BIDIR=gates.dim() == 4)
+    return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | bwd_compile_options(d_pre.dtype, cfg)
+
+
+def bwd_compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
+    """The backward's compile options: the shared ones and, for the 16-bit layout, the register cap."""
+    return _compile_options(dtype, cfg, tf32) | (dict(maxnreg=BWD_MAXNREG) if cfg.batch_n else {})
 
 
 def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: torch.device) -> str | None:
@@ -1025,7 +1166,7 @@ def _cuda_unavailable_reason(
             args, meta = _kernel_args_bwd(
                 hs, gates, cs, w, gx, d_h, d_h, variant, None, sync, 0, 1, 0, P, cfg, True, True
             )
-            meta |= _compile_options(dtype, cfg, tf32=precision == "tf32")  # the precision of the key
+            meta |= bwd_compile_options(dtype, cfg, tf32=precision == "tf32")  # the precision of the key
             meta["BIDIR"] = directions == 2  # both directions' programs resident at once
             problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P * directions, device)
         else:
@@ -1181,9 +1322,15 @@ def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
                 f"the forward's K chunk (block_k) must be a power of two ≥ 16 with H = {H} in at most "
                 f"{MAX_K_CHUNKS} chunks, got {K} ({cfg})"
             )
-    S, K = cfg.split_k, fwd_block_k(H, cfg) if not backward else _block(4 * H)
+        what = "the K chunk"
+    else:
+        K, what = _block(4 * H), "4H padded"
+        if cfg.block_k:
+            K, what = cfg.block_k, "a 4H chunk padded"
+            if K & (K - 1):
+                raise ValueError(f"block_k must be a power of two, got {cfg}")
+    S = cfg.split_k
     if S < 1 or S & (S - 1) or K // S < 16:
-        what = "4H padded" if backward else "the K chunk"
         raise ValueError(f"split_k must be a power of two with {what} ({K}) / split_k ≥ 16, got {cfg}")
 
 
@@ -1412,7 +1559,7 @@ def persistent_backward(
         d_hs: [T + 1, B, H] dtype of gx: gradient reaching each hs[k] from outside the recurrence
             (with the forward's leading [2] for both directions in one launch, as every tensor here).
         d_cn: [B, H] ∂L/∂c_n.
-        gates: [T, B, 4H] (acc or saved_gates_dtype) and cs [T + 1, B, H] acc, as
+        gates: [T, B, 4H] acc (or the dtype of d_hs: saved_gates_dtype) and cs [T + 1, B, H] acc, as
             :func:`persistent_forward` returned them.
         w_hh: [4H, H] recurrent weights, dtype of d_hs.
         batch_sizes, config, single_launch, spin_limit, phantom_programs: as in the forward.
@@ -1447,11 +1594,13 @@ def persistent_backward(
     for name, t in (("d_hs", d_hs), ("d_cn", d_cn), ("cs", cs), ("w_hh", w_hh)):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
-    if gates.dtype not in (acc, saved_gates_dtype(dtype)) or w_hh.dtype != dtype:
+    if gates.dtype not in (acc, dtype) or w_hh.dtype != dtype:  # the kernel reads gates in either
         raise ValueError(
-            f"gates must have the dtype of cs ({acc}) or {saved_gates_dtype(dtype)} (saved_gates_dtype) "
-            f"and w_hh that of d_hs ({dtype}), got {gates.dtype} and {w_hh.dtype}"
+            f"gates must have the dtype of cs ({acc}) or of d_hs (saved_gates_dtype), and w_hh that of "
+            f"d_hs ({dtype}), got {gates.dtype} and {w_hh.dtype}"
         )
+    if B * G >= 2**31:  # the backward's per-step offsets are int32
+        raise ValueError(f"B·4H must stay below 2**31, got {B}·{G}")
     tensors = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout, "c_new": c_new}
     variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
     _check_available(B, H, dtype, device, flags, 1 + len(lead))

@@ -181,15 +181,35 @@ def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
 
 def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     """bwd: (config, ACQUIRE_LOAD, REGISTER_STATE: ∂L/∂h, ∂L/∂c in registers and the saved gates and c
-    loaded before the barrier, with one chunk)."""
+    loaded before the barrier, with one chunk). The first rows are the first generation's changes
+    from the kernel before them; then the second generation (pick_config: 16 units, the batch on the
+    dot's N side in one tile up to 128 rows, 4H in unpadded chunks), against the first, one change
+    at a time."""
     new = tp.pick_config(B, H, dtype, backward=True)
-    old = tp.Config(units=new.units, num_warps=8, block_b=new.block_b, split_k=1)
-    return {
+    old = tp.Config(units=8, num_warps=8, block_b=16, split_k=1)
+    first = tp.Config(units=8, num_warps=8, block_b=16, split_k=8)  # 4H padded to a power of two
+    n_k = tp.bwd_chunks(H, new)[1]
+    rows = {
         "before (8 warps on one [16, 8] tile, atomic poll, state from memory)": (old, False, False),
-        "split-K, one slice per warp (pick_config)": (new, False, False),
+        "split-K, one slice per warp (1st gen)": (first, False, False),
         "ld.acquire poll": (old, True, False),
         "state in registers, inputs before the barrier (one chunk only)": (old, False, True),
-        "all of the above": (new, True, True),
+        "1st gen: all of the above": (first, True, True),
+        # second generation
+        "2nd gen (pick_config): 16 units, batch on N, 4H in unpadded chunks": (new, True, True),
+        "2nd gen, 8 units (M = 8 padded to 16, twice the programs)": (replace(new, units=8), True, True),
+        "2nd gen, every chunk's load issued first": (replace(new, k_ahead=n_k - 1), True, True),
+        "2nd gen, one chunk's load ahead": (replace(new, k_ahead=1), True, True),
+        "2nd gen, 4H as one chunk padded to a power of two": (replace(new, block_k=0), True, True),
+        "2nd gen, state from memory": (new, True, False),
+        "2nd gen, 4H split in 8 slices (one per warp)": (replace(new, split_k=8), True, True),
+    }
+    # every chunk in registers at once only fits a 16-row tile; the padded 4H only where it fits on chip
+    return {
+        name: spec
+        for name, spec in rows.items()
+        if (spec[0].k_ahead < n_k - 1 or new.block_b <= 16)
+        and tp.config_problem(B, H, dtype, spec[0], True) is None
     }
 
 
