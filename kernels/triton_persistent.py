@@ -6,20 +6,26 @@ sequence, keeps its part of W_hh on chip, and meets the other programs at a grid
 between steps (design and diagram: docs/persistent.md).
 
 Forward, program p owns units j ∈ [pU, pU + U): the 4U rows of W_hh that produce their four gates,
-stacked unit-major with the gate fastest, so one [B, H]×[H, 4U] dot per step yields all of them.
-  step t: h_{t−1} [B, H] from global memory (L2) -> dot + gx_t -> gates -> c_t in fp32
-          -> store own slice of h_t (and c_t, gates when saved) -> prefetch gx_{t+1} -> grid barrier
-With one batch chunk (B ≤ BLOCK_B) c_{t−1}, own h_{t−1} and gx_t stay in registers across steps
-(loaded at t_start, so a launch can start or stop at any step); with several chunks of BLOCK_B rows
+stacked gate-major (row qU + u), held on chip in K chunks of BLOCK_K columns. The dot is transposed,
+W[4U, K]×hᵀ[K, BLOCK_B] -> preᵀ [4U, BLOCK_B], so the batch sits on its N side: one tile up to B = 128.
+  step t: h_{t−1}ᵀ chunk by chunk from global memory (L2) -> dot -> + gx_t -> gates -> c_t in fp32
+          -> store own slice of h_t -> arrive at the barrier -> store c_t, gates (when saved) and
+          prefetch gx_{t+1} -> wait at the barrier
+With one batch tile (B ≤ BLOCK_B) c_{t−1}, own h_{t−1} and gx_t stay in registers across steps
+(loaded at t_start, so a launch can start or stop at any step); with several tiles of BLOCK_B rows
 each program reads its own c_{t−1} and h_{t−1} back from what it stored.
 Backward, program p owns the same units but the 4H columns j of W_hh, since
 ∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
   step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
           -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
-The dot's [16, U] output is one warp's mma tile, so the 4H contraction is split across the warps
-(a 3-D dot over SPLIT_K slices, summed). With one chunk ∂L/∂h and ∂L/∂c stay in registers and step
-t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are one GEMM each after
-the loop, in the caller.
+In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the mma's M side, the whole batch
+(up to 128 rows) on N, 4H walked in unpadded static chunks, each split across the warps up to B = 32
+(a 3-D dot over SPLIT_K slices, summed); fp32 and fp64 keep the first generation's ∂L/∂pre·W_cols
+in 16-row chunks (fp32: 4 above H = 512). fp32's forward walks 16-row batch tiles (fp32_config).
+Both directions of a bidirectional layer can run in one launch (BIDIR: grid (P, 2), every tensor
+stacked on a leading [2], a barrier counter per direction). With one chunk ∂L/∂h and ∂L/∂c stay
+in registers and step t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are
+one GEMM each after the loop, in the caller.
 
 The barrier is bounded: a program that waits too long marks the run aborted and every program then
 writes NaN; the next launcher call raises PersistentKernelTimeout (the flag is read lazily, with no
@@ -103,14 +109,20 @@ def _poll(p_sync, ACQUIRE_LOAD: tl.constexpr):
 
 
 @triton.jit
-def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD: tl.constexpr):
-    """The i_bar-th grid barrier of this launch (1-based) among n_sync programs.
+def _barrier_arrive(p_sync):
+    """Arrive at the next grid barrier: returns the counter as this arrival left it."""
+    # every thread's stores are issued before the arrival, which releases them at gpu scope
+    tl.debug_barrier()
+    return tl.atomic_add(p_sync, 1, sem="acq_rel", scope="gpu") + 1
+
+
+@triton.jit
+def _barrier_wait(p_sync, b_seen, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD: tl.constexpr):
+    """Wait at the i_bar-th grid barrier of this launch (1-based) among n_sync programs, after
+    _barrier_arrive returned b_seen; work that no other program waits for may run in between.
 
     Returns whether the run is aborted: by this program (it waited spin_limit polls) or another.
     """
-    # every thread's stores are issued before the arrival, which releases them at gpu scope
-    tl.debug_barrier()
-    b_seen = tl.atomic_add(p_sync, 1, sem="acq_rel", scope="gpu") + 1
     n_target = i_bar * n_sync
     n_spins = i_bar * 0
     while ((b_seen & ABORT) == 0) & (b_seen < n_target) & (n_spins < spin_limit):
@@ -122,6 +134,13 @@ def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD: tl.c
         tl.atomic_xchg(p_sync + 1, 1, sem="relaxed", scope="gpu")  # the flag the host reads
     tl.debug_barrier()
     return aborted | timed_out | ((b_seen & ABORT) != 0)
+
+
+@triton.jit
+def _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD: tl.constexpr):
+    """Arrive and wait at once (nothing in between)."""
+    b_seen = _barrier_arrive(p_sync)
+    return _barrier_wait(p_sync, b_seen, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
 
 
 @triton.jit
@@ -141,13 +160,180 @@ def _dot(b_a, b_b, acc: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.co
     return tl.dot(b_a, b_b, out_dtype=acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _split_gates_t(b_x, U: tl.constexpr, BLOCK_B: tl.constexpr):
+    """[4U, BLOCK_B], row qU + u = gate q of unit u -> i, f, g, o, each [U, BLOCK_B]."""
+    # q = 2a + b: the last axis of [U, BLOCK_B, 2(a), 2(b)] splits (i, g) from (f, o)
+    b_x = tl.permute(tl.reshape(b_x, (2, 2, U, BLOCK_B)), (2, 3, 0, 1))
+    b_ig, b_fo = tl.split(b_x)
+    b_i, b_g = tl.split(b_ig)
+    b_f, b_o = tl.split(b_fo)
+    return b_i, b_f, b_g, b_o
+
+
+@triton.jit
+def _dot_acc(b_a, b_b, b_acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # Triton's CPU interpreter multiplies bf16 tiles as raw 16-bit integers
+        b_a, b_b = b_a.to(tl.float32), b_b.to(tl.float32)
+    return tl.dot(b_a, b_b, b_acc, out_dtype=b_acc.dtype, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _w_chunk(p_w, o_r, m_r, k0, H, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of this program's 4U rows of W_hh: [4U, BLOCK_K], or
+    [S, 4U, BLOCK_K / S] (slice s of the chunk's columns) for a 3-D dot."""
+    if SPLIT_K == 1:
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(p_w + o_r[:, None] * H + o_k[None, :], mask=m_r[:, None] & (o_k < H)[None, :], other=0)
+    else:
+        o_k = k0 + (tl.arange(0, SPLIT_K) * (BLOCK_K // SPLIT_K))[:, None, None]
+        o_k += tl.arange(0, BLOCK_K // SPLIT_K)[None, None, :]
+        return tl.load(p_w + o_r[None, :, None] * H + o_k, mask=m_r[None, :, None] & (o_k < H), other=0)
+
+
+@triton.jit
+def _h_chunk(p_d, k0, o_b, m_b, H, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Rows [k0, k0 + BLOCK_K) of h_{t−1}ᵀ: [BLOCK_K, BLOCK_B], or [S, BLOCK_K / S, BLOCK_B].
+    .cg: h_{t−1} was written by other SMs; read it from L2, never from a stale L1 line."""
+    if SPLIT_K == 1:
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        p_h = p_d + o_k[:, None] + o_b[None, :] * H
+        return tl.load(p_h, mask=(o_k < H)[:, None] & m_b[None, :], other=0, cache_modifier=".cg")
+    else:
+        o_k = k0 + (tl.arange(0, SPLIT_K) * (BLOCK_K // SPLIT_K))[:, None, None]
+        o_k += tl.arange(0, BLOCK_K // SPLIT_K)[None, :, None]
+        p_h = p_d + o_k + o_b[None, None, :] * H
+        return tl.load(p_h, mask=(o_k < H) & m_b[None, None, :], other=0, cache_modifier=".cg")
+
+
+@triton.jit
+def _dot_chunk(
+    b_w, b_hp, b_pre, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr
+):
+    """b_pre [4U, BLOCK_B] + a W chunk · an h_{t−1}ᵀ chunk: the batch on the dot's N side."""
+    if SPLIT_K == 1:
+        return _dot_acc(b_w, b_hp, b_pre, DOT_PRECISION, UPCAST_DOT)
+    else:  # [S, 4U, BLOCK_K/S]×[S, BLOCK_K/S, BLOCK_B], then Σ over s
+        b_zero = tl.zeros((SPLIT_K, b_pre.shape[0], b_pre.shape[1]), b_pre.dtype)
+        return b_pre + tl.sum(_dot_acc(b_w, b_hp, b_zero, DOT_PRECISION, UPCAST_DOT), axis=0)
+
+
+@triton.jit
+def _pick(k: tl.constexpr, b_0, b_1, b_2, b_3, b_4, b_5, b_6, b_7):
+    """The k-th of eight tiles (k known at compile time)."""
+    if k == 0:  # noqa: SIM116 (a Triton JIT function has no dicts)
+        return b_0
+    elif k == 1:
+        return b_1
+    elif k == 2:
+        return b_2
+    elif k == 3:
+        return b_3
+    elif k == 4:
+        return b_4
+    elif k == 5:
+        return b_5
+    elif k == 6:
+        return b_6
+    else:
+        return b_7
+
+
+@triton.jit
+def _fwd_cell(p_d, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gx, b_c, b_h, b_s, b_pi, b_pf, b_po,
+              p_h_next, p_zone_t, p_drop, p_hd_next, p_cnew_t, o_b, m_b, o_u, m_u, H, n_rows, b_poison,
+              U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
+              SPLIT_K: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr):  # fmt: skip
+    """One step of one batch tile, transposed (units × batch): the dot over K chunks, gx added after
+    it, the gates, c_t and h_t; stores h_t (and h_t ⊙ m, c̃), which other programs or the caller read.
+    Returns the new c [U, BLOCK_B] acc and h [U, BLOCK_B] (dtype of hs), and i, f, g, o [U, BLOCK_B]."""
+    tl.static_assert(N_K <= 8, "at most 8 K chunks (MAX_K_CHUNKS)")
+    acc = b_c.dtype
+    b_pre = tl.zeros((4 * U, BLOCK_B), acc)
+    # h chunk k + 1 is in flight while chunk k is multiplied, never more: a thread barrier after
+    # dot k keeps the load of chunk k + 2 below it (else all of [H, BLOCK_B] is loaded into
+    # registers at once: 255 registers and spills at B = 64, H = 768)
+    b_hn = _h_chunk(p_d, 0, o_b, m_b, H, BLOCK_K, SPLIT_K)
+    for k in tl.static_range(N_K):
+        b_hk = b_hn
+        if k + 1 < N_K:
+            b_hn = _h_chunk(p_d, (k + 1) * BLOCK_K, o_b, m_b, H, BLOCK_K, SPLIT_K)
+        b_w = _pick(k, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7)
+        b_pre = _dot_chunk(b_w, b_hk, b_pre, SPLIT_K, DOT_PRECISION, UPCAST_DOT)
+        if k + 2 < N_K:
+            tl.debug_barrier()
+    b_pre += b_gx.to(acc)  # [4U, BLOCK_B]; gx is added after the dot, off its critical path
+    if (F_SPLIT_GATES & FLAGS) == 0:
+        b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
+        b_i, b_f, b_g, b_o = _split_gates_t(b_act, U, BLOCK_B)
+        b_c_next = b_f * b_c + b_i * b_g
+    else:  # gate by gate: peepholes need c_{t−1} and c̃, CIFG crosses gates
+        b_i, b_f, b_g, b_a_o = _split_gates_t(b_pre + b_poison, U, BLOCK_B)  # pre-activations
+        b_one = tl.full((U, BLOCK_B), 1, acc) + b_poison  # a removed gate
+        if F_PEEPHOLES & FLAGS:
+            b_i += b_pi * b_c
+            b_f += b_pf * b_c
+        b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_i)
+        if F_CIFG & FLAGS:
+            b_f = 1 - b_i
+        elif F_NO_FORGET_GATE & FLAGS:
+            b_f = b_one
+        else:
+            b_f = _sigmoid(b_f)
+        if (F_NO_INPUT_ACTIVATION & FLAGS) == 0:
+            b_g = _tanh(b_g)
+        b_c_next = b_f * b_c + b_i * b_g
+        if F_PEEPHOLES & FLAGS:
+            b_a_o += b_po * b_c_next
+        b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
+    b_h_next = b_o * b_c_next if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_c_next)
+    m_step = (o_b < n_rows)[None, :]  # rows that advance; the others carry h and c
+    o_own = o_u[:, None] + o_b[None, :] * H  # [U, BLOCK_B]
+    m_own = m_u[:, None] & m_b[None, :]
+    p_z = p_zone_t + o_own + (o_b * H)[None, :]  # z^c of own units; z^h at + H
+    if F_ZONEOUT_C & FLAGS:  # c̃ for the backward, then c_t = c_{t−1} where z^c = 1
+        tl.store(p_cnew_t + o_own, tl.where(m_step, b_c_next, b_c) + b_poison, mask=m_own)
+        b_z = tl.load(p_z, mask=m_own, other=0)
+        b_c_next = tl.where(b_z != 0, b_c + b_poison, b_c_next)
+    if F_ZONEOUT_H & FLAGS:
+        b_z = tl.load(p_z + H, mask=m_own, other=0)
+        b_h_next = tl.where(b_z != 0, b_h.to(acc) + b_poison, b_h_next)
+    b_c = tl.where(m_step, b_c_next, b_c + b_poison)
+    b_h = tl.where(m_step, b_h_next.to(b_h.dtype), b_h + b_poison.to(b_h.dtype))
+    tl.store(p_h_next + o_own, b_h, mask=m_own)
+    if F_RECURRENT_DROPOUT & FLAGS:  # the next step's d: h_t ⊙ m, rounded once (exact in acc)
+        b_m = tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
+        tl.store(p_hd_next + o_own, (b_h.to(acc) * b_m).to(b_h.dtype), mask=m_own)
+    return b_c, b_h, b_i, b_f, b_g, b_o
+
+
+@triton.jit
+def _fwd_save(p_gates_t, p_c_next, b_c, b_i, b_f, b_g, b_o, o_b, m_b, o_u, m_u, H, SAVE: tl.constexpr,
+              m_c=None):  # fmt: skip
+    """What only the caller reads: the gates (SAVE, in the dtype of p_gates) and c_t (where m_c)."""
+    o_own = o_u[:, None] + o_b[None, :] * H  # [U, BLOCK_B]
+    m_own = m_u[:, None] & m_b[None, :]
+    if SAVE:
+        p_g = p_gates_t + o_u[:, None] + o_b[None, :] * (4 * H)  # gate i of own units; f, g, o at + qH
+        gate_ty = p_gates_t.dtype.element_ty
+        tl.store(p_g, b_i.to(gate_ty), mask=m_own)
+        tl.store(p_g + H, b_f.to(gate_ty), mask=m_own)
+        tl.store(p_g + 2 * H, b_g.to(gate_ty), mask=m_own)
+        tl.store(p_g + 3 * H, b_o.to(gate_ty), mask=m_own)
+    if m_c is None:
+        tl.store(p_c_next + o_own, b_c, mask=m_own)
+    else:
+        tl.store(p_c_next + o_own, b_c, mask=m_own & m_c)
+
+
 @triton.jit(do_not_specialize=["t_start", "t_end", "T", "spin_limit", "n_sync"])
 def lstm_persistent_fwd_kernel(
     p_gx,  # [T, B, G] input projection incl. biases
     p_w,  # [G, H] W_hh
     p_hs,  # [T + 1, B, H] hs[0] = h0 (written by the host), hs[t + 1] = h after step t
     p_cs,  # [T + 1, B, H] acc, same convention (SAVE); else [2, B, H]: slot t % 2 holds c_{t−1}
-    p_gates,  # [T, B, G] acc: activated i, f, g, o, saved for the backward (SAVE)
+    p_gates,  # [T, B, G] activated i, f, g, o, saved for the backward (SAVE); acc or the dtype of gx
     p_peep,  # [3, H] acc: p_i, p_f, p_o (PEEPHOLES)
     p_zone,  # [T, B, 2, H] uint8: z^c, z^h, 1 = keep the previous value (ZONEOUT_C, ZONEOUT_H)
     p_drop,  # [B, H] recurrent dropout mask m, dtype of gx (RECURRENT_DROPOUT)
@@ -163,9 +349,10 @@ def lstm_persistent_fwd_kernel(
     spin_limit,
     n_sync,  # programs that meet at the barrier
     U: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    SPLIT_K: tl.constexpr,  # slices of the H contraction side by side, summed (1: one 2-D dot)
+    BLOCK_B: tl.constexpr,  # batch rows of one tile, the dot's N
+    BLOCK_K: tl.constexpr,  # columns of one K chunk of the dot (N_K chunks cover H, unpadded but the last)
+    N_K: tl.constexpr,  # ceil(H / BLOCK_K) ≤ 8 (MAX_K_CHUNKS)
+    SPLIT_K: tl.constexpr,  # slices of each K chunk side by side, summed (1: one 2-D dot per chunk)
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,  # variants.py's bits but LAYER_NORM
     SAVE: tl.constexpr,  # store gates and every c_t for a backward; else only h_t (and c in a ring)
@@ -178,7 +365,6 @@ def lstm_persistent_fwd_kernel(
 ):
     i_p = tl.program_id(0).to(tl.int64)
     G = 4 * H
-    acc = p_cs.dtype.element_ty
     if BIDIR:  # direction 1's tensors follow direction 0's; each direction has its own barrier counter
         i_d = tl.program_id(1).to(tl.int64)
         p_gx += i_d * T * B * G
@@ -189,39 +375,44 @@ def lstm_persistent_fwd_kernel(
         p_sizes += i_d * T if PACKED else 0
         p_sync += i_d * 2
 
-    o_k = tl.arange(0, BLOCK_H)
-    m_k = o_k < H
     o_u = i_p * U + tl.arange(0, U)  # own units
     m_u = o_u < H
-    o_q = tl.arange(0, 4 * U) % 4  # gate of each stacked column
-    o_uq = i_p * U + tl.arange(0, 4 * U) // 4  # unit of each stacked column
+    o_q = tl.arange(0, 4 * U) // U  # gate of each stacked row
+    o_uq = i_p * U + tl.arange(0, 4 * U) % U  # unit of each stacked row
     m_uq = o_uq < H
-    o_r = o_q * H + o_uq  # [4U] stacked rows of W_hh = columns of gx and gates
+    o_r = o_q * H + o_uq  # [4U] stacked rows of W_hh = columns of gx and gates, gate-major
 
-    # this program's 4U rows of W_hh, loaded once and kept on chip for the whole sequence
-    if SPLIT_K == 1:
-        b_w = tl.load(p_w + o_r[:, None] * H + o_k[None, :], mask=m_uq[:, None] & m_k[None, :], other=0)
-    else:  # [S, BLOCK_H / S, 4U]: slice s of the H columns, transposed, for the 3-D dot
-        o_k3 = (tl.arange(0, SPLIT_K) * (BLOCK_H // SPLIT_K))[:, None, None]
-        o_k3 += tl.arange(0, BLOCK_H // SPLIT_K)[None, :, None]
-        b_w = tl.load(p_w + o_r[None, None, :] * H + o_k3, mask=m_uq[None, None, :] & (o_k3 < H), other=0)
+    # this program's 4U rows of W_hh in N_K chunks of BLOCK_K columns, loaded once, on chip for the
+    # whole sequence (a chunk that does not exist is a copy of the first, never read)
+    b_w0 = _w_chunk(p_w, o_r, m_uq, 0, H, BLOCK_K, SPLIT_K)
+    b_w1 = _w_chunk(p_w, o_r, m_uq, BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 1 else b_w0
+    b_w2 = _w_chunk(p_w, o_r, m_uq, 2 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 2 else b_w0
+    b_w3 = _w_chunk(p_w, o_r, m_uq, 3 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 3 else b_w0
+    b_w4 = _w_chunk(p_w, o_r, m_uq, 4 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 4 else b_w0
+    b_w5 = _w_chunk(p_w, o_r, m_uq, 5 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 5 else b_w0
+    b_w6 = _w_chunk(p_w, o_r, m_uq, 6 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 6 else b_w0
+    b_w7 = _w_chunk(p_w, o_r, m_uq, 7 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 7 else b_w0
+    acc = p_cs.dtype.element_ty
     # tanh(x) = 2σ(2x) − 1: one sigmoid activates all four gates of the stacked tile
-    b_s = tl.where(o_q == 2, 2.0, 1.0).to(acc)[None, :]  # [1, 4U]
-    if F_PEEPHOLES & FLAGS:  # [1, U] each
-        b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
-        b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
-        b_po = tl.load(p_peep + 2 * H + o_u, mask=m_u, other=0)[None, :]
+    b_s = tl.where(o_q == 2, 2.0, 1.0).to(acc)[:, None]  # [4U, 1]
+    b_pi, b_pf, b_po = b_s, b_s, b_s  # unread without PEEPHOLES
+    if F_PEEPHOLES & FLAGS:  # [U, 1] each
+        b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[:, None]
+        b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[:, None]
+        b_po = tl.load(p_peep + 2 * H + o_u, mask=m_u, other=0)[:, None]
 
     if ONE_CHUNK:  # the state as the launch finds it; then carried in registers, gx_{t+1} prefetched
         t0 = tl.cast(t_start, tl.int64)
         o_b = tl.arange(0, BLOCK_B)
-        o_own = o_b[:, None] * H + o_u[None, :]
-        m_own = (o_b < B)[:, None] & m_u[None, :]
+        m_b = o_b < B
+        o_own = o_u[:, None] + o_b[None, :] * H  # [U, BLOCK_B]
+        m_own = m_u[:, None] & m_b[None, :]
+        o_gate = o_r[:, None] + o_b[None, :] * G  # [4U, BLOCK_B]
+        m_gate = m_uq[:, None] & m_b[None, :]
         p_c0 = p_cs + (t0 if SAVE else t0 % 2) * B * H
-        b_c_reg = tl.load(p_c0 + o_own, mask=m_own, other=0, cache_modifier=".cg")  # [BLOCK_B, U]
-        b_h_reg = tl.load(p_hs + t0 * B * H + o_own, mask=m_own, other=0, cache_modifier=".cg")
-        o_gate = o_b[:, None] * G + o_r[None, :]
-        b_gx_reg = tl.load(p_gx + t0 * B * G + o_gate, mask=(o_b < B)[:, None] & m_uq[None, :], other=0)
+        b_c = tl.load(p_c0 + o_own, mask=m_own, other=0, cache_modifier=".cg")
+        b_h = tl.load(p_hs + t0 * B * H + o_own, mask=m_own, other=0, cache_modifier=".cg")
+        b_gx = tl.load(p_gx + t0 * B * G + o_gate, mask=m_gate, other=0)
 
     aborted = tl.program_id(0) < 0
     for t in range(t_start, t_end):
@@ -229,9 +420,6 @@ def lstm_persistent_fwd_kernel(
         n_rows = B
         if PACKED:
             n_rows = tl.load(p_sizes + t)
-        n_chunks = tl.cdiv(B, BLOCK_B)
-        if ONE_CHUNK:
-            n_chunks = 1
         # after an abort every value this program writes is NaN
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         p_h_prev = p_hs + t64 * B * H  # [B, H] slices of step t
@@ -239,115 +427,150 @@ def lstm_persistent_fwd_kernel(
         if not SAVE:
             p_c_prev, p_c_next = p_cs + (t64 % 2) * B * H, p_cs + ((t64 + 1) % 2) * B * H
         # the dot's operand d_t: h_{t−1}, or h_{t−1} ⊙ m as its owners stored it (so that no program
-        # multiplies a whole [BLOCK_B, H] tile)
+        # multiplies a whole h tile)
         p_d_prev = p_hd + (t64 % 2) * B * H if F_RECURRENT_DROPOUT & FLAGS else p_h_prev
-        # batch rows in chunks of BLOCK_B: the h tile of one chunk is what fits on chip
-        for i_b in range(0, n_chunks):
-            o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-            m_b = o_b < B
-            o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
-            m_own = m_b[:, None] & m_u[None, :]
-            o_gate = o_b[:, None] * G + o_r[None, :]  # [BLOCK_B, 4U]
-            m_gate = m_b[:, None] & m_uq[None, :]
-            if ONE_CHUNK:
-                b_c, b_h, b_gx = b_c_reg, b_h_reg, b_gx_reg
-            else:  # this program's own state as it stored it (c in acc, h in the dtype of hs), read
-                # before the dot, and gx_t; .cg like every load of data written during the launch
-                b_c = tl.load(p_c_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
-                b_h = tl.load(p_h_prev + o_own, mask=m_own, other=0, cache_modifier=".cg")
-                b_gx = tl.load(p_gx + t64 * B * G + o_gate, mask=m_gate, other=0)
-
-            # .cg: h_{t−1} was written by other SMs; read it from L2, never from a stale L1 line
-            if SPLIT_K == 1:
-                p_h_all = p_d_prev + o_b[:, None] * H + o_k[None, :]
-                b_hp = tl.load(p_h_all, mask=m_b[:, None] & m_k[None, :], other=0, cache_modifier=".cg")
-                b_pre = _dot(b_hp, tl.trans(b_w), acc, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, 4U]
-            else:  # [S, BLOCK_B, H/S]×[S, H/S, 4U], then Σ over s
-                o_kh = (tl.arange(0, SPLIT_K) * (BLOCK_H // SPLIT_K))[:, None, None]
-                o_kh += tl.arange(0, BLOCK_H // SPLIT_K)[None, None, :]
-                p_h_all = p_d_prev + o_b[None, :, None] * H + o_kh
-                b_hp = tl.load(p_h_all, mask=m_b[None, :, None] & (o_kh < H), other=0, cache_modifier=".cg")
-                b_pre = tl.sum(_dot(b_hp, b_w, acc, DOT_PRECISION, UPCAST_DOT), axis=0)
-            b_pre += b_gx.to(acc)
-            if (F_SPLIT_GATES & FLAGS) == 0:
-                b_act = _sigmoid(b_pre * b_s) * b_s - (b_s - 1) + b_poison
-                if SAVE:
-                    tl.store(p_gates + t64 * B * G + o_gate, b_act, mask=m_gate)
-                b_i, b_f, b_g, b_o = _split_gates(b_act, BLOCK_B, U)
-                b_c_next = b_f * b_c + b_i * b_g
-            else:  # gate by gate: peepholes need c_{t−1} and c̃, CIFG crosses gates
-                b_i, b_f, b_g, b_a_o = _split_gates(b_pre + b_poison, BLOCK_B, U)  # pre-activations
-                b_one = tl.full((BLOCK_B, U), 1, acc) + b_poison  # a removed gate
-                if F_PEEPHOLES & FLAGS:
-                    b_i += b_pi * b_c
-                    b_f += b_pf * b_c
-                b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_i)
-                if F_CIFG & FLAGS:
-                    b_f = 1 - b_i
-                elif F_NO_FORGET_GATE & FLAGS:
-                    b_f = b_one
-                else:
-                    b_f = _sigmoid(b_f)
-                if (F_NO_INPUT_ACTIVATION & FLAGS) == 0:
-                    b_g = _tanh(b_g)
-                b_c_next = b_f * b_c + b_i * b_g
-                if F_PEEPHOLES & FLAGS:
-                    b_a_o += b_po * b_c_next
-                b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
-                p_g = p_gates + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
-                if SAVE:
-                    tl.store(p_g, b_i, mask=m_own)
-                    tl.store(p_g + H, b_f, mask=m_own)
-                    tl.store(p_g + 2 * H, b_g, mask=m_own)
-                    tl.store(p_g + 3 * H, b_o, mask=m_own)
-            b_h_next = b_o * b_c_next if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_c_next)
-            m_step = (o_b < n_rows)[:, None]  # rows that advance; the others carry h and c
-            p_z = p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None]  # z^c of own units; z^h at + H
-            if F_ZONEOUT_C & FLAGS:  # c̃ for the backward, then c_t = c_{t−1} where z^c = 1
-                tl.store(p_cnew + t64 * B * H + o_own, tl.where(m_step, b_c_next, b_c) + b_poison, mask=m_own)
-                b_z = tl.load(p_z, mask=m_own, other=0)
-                b_c_next = tl.where(b_z != 0, b_c + b_poison, b_c_next)
-            if F_ZONEOUT_H & FLAGS:
-                b_z = tl.load(p_z + H, mask=m_own, other=0)
-                b_h_next = tl.where(b_z != 0, b_h.to(acc) + b_poison, b_h_next)
-            b_c = tl.where(m_step, b_c_next, b_c + b_poison)
-            b_h = tl.where(m_step, b_h_next.to(b_h.dtype), b_h + b_poison.to(b_h.dtype))
-            tl.store(p_h_prev + B * H + o_own, b_h, mask=m_own)
-            tl.store(p_c_next + o_own, b_c, mask=m_own)
-            if F_RECURRENT_DROPOUT & FLAGS:  # the next step's d: h_t ⊙ m, rounded once (exact in acc)
-                b_m = tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
-                p_d_next = p_hd + ((t64 + 1) % 2) * B * H + o_own
-                tl.store(p_d_next, (b_h.to(acc) * b_m).to(b_h.dtype), mask=m_own)
-            if ONE_CHUNK:  # gx_{t+1} is a launch input: its load overlaps the barrier
-                b_c_reg, b_h_reg = b_c, b_h
-                m_next = m_gate & (o_gate * 0 + t64 + 1 < t_end)  # a tensor: the interpreter masks no scalars
-                b_gx_reg = tl.load(p_gx + (t64 + 1) * B * G + o_gate, mask=m_next, other=0)
-        if SYNC:  # h_t complete in every program before anyone reads it
-            aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
+        p_hd_next = p_hd + ((t64 + 1) % 2) * B * H
+        p_zone_t, p_cnew_t, p_gates_t = p_zone + t64 * 2 * B * H, p_cnew + t64 * B * H, p_gates + t64 * B * G
+        if ONE_CHUNK:
+            b_c, b_h, b_i, b_f, b_g, b_o = _fwd_cell(
+                p_d_prev, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gx, b_c, b_h, b_s, b_pi, b_pf,
+                b_po, p_h_prev + B * H, p_zone_t, p_drop, p_hd_next, p_cnew_t, o_b, m_b, o_u, m_u, H, n_rows,
+                b_poison, U, BLOCK_B, BLOCK_K, N_K, SPLIT_K, FLAGS, DOT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+            if SYNC:  # h_t is stored: arrive now, and wait only after the work no program waits for
+                b_seen = _barrier_arrive(p_sync)
+            # c_t: every step for the backward, else only the launch's last (the ring's slot for the
+            # next launch and c_T)
+            m_c = o_own * 0 + t + 1 == t_end  # a tensor: the interpreter masks no scalars
+            if SAVE:
+                m_c = o_own * 0 == 0
+            _fwd_save(p_gates_t, p_c_next, b_c, b_i, b_f, b_g, b_o, o_b, m_b, o_u, m_u, H, SAVE, m_c)
+            # gx_{t+1} is a launch input: its load overlaps the wait
+            m_next = m_gate & (o_gate * 0 + t64 + 1 < t_end)
+            b_gx = tl.load(p_gx + (t64 + 1) * B * G + o_gate, mask=m_next, other=0)
+            if SYNC:  # h_t complete in every program before anyone reads it
+                aborted = _barrier_wait(
+                    p_sync, b_seen, t - t_start + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD
+                )
+        else:  # batch tiles of BLOCK_B rows one after another; the own state read back from memory
+            for i_b in range(0, tl.cdiv(B, BLOCK_B)):
+                o_bc = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+                m_bc = o_bc < B
+                o_ownc = o_u[:, None] + o_bc[None, :] * H  # [U, BLOCK_B]
+                m_ownc = m_u[:, None] & m_bc[None, :]
+                o_gatec = o_r[:, None] + o_bc[None, :] * G  # [4U, BLOCK_B]
+                # c in acc, h in the dtype of hs, as this program stored them; .cg like every load of
+                # data written during the launch
+                b_cc = tl.load(p_c_prev + o_ownc, mask=m_ownc, other=0, cache_modifier=".cg")
+                b_hc = tl.load(p_h_prev + o_ownc, mask=m_ownc, other=0, cache_modifier=".cg")
+                b_gxc = tl.load(p_gx + t64 * B * G + o_gatec, mask=m_uq[:, None] & m_bc[None, :], other=0)
+                b_cc, b_hc, b_i, b_f, b_g, b_o = _fwd_cell(
+                    p_d_prev, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gxc, b_cc, b_hc, b_s, b_pi,
+                    b_pf, b_po, p_h_prev + B * H, p_zone_t, p_drop, p_hd_next, p_cnew_t, o_bc, m_bc, o_u, m_u,
+                    H, n_rows, b_poison, U, BLOCK_B, BLOCK_K, N_K, SPLIT_K, FLAGS, DOT_PRECISION, UPCAST_DOT,
+                )  # fmt: skip
+                _fwd_save(p_gates_t, p_c_next, b_cc, b_i, b_f, b_g, b_o, o_bc, m_bc, o_u, m_u, H, SAVE)
+            if SYNC:
+                aborted = _grid_barrier(p_sync, t - t_start + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
 
 
 @triton.jit
-def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_own, m_own,
-            BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, FLAGS: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):  # fmt: skip
+def _bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr):
+    """Chunk i_k of this program's W_hh columns: gate rows k ∈ [i_k·BLOCK_K, (i_k + 1)·BLOCK_K), own
+    units, in SPLIT_K slices of the rows (one per warp), as the dot's operand: [S, U, K/S] (A, batch
+    on N) or [S, K/S, U] (B, batch on M); 2-D without a split."""
+    G = 4 * H
+    if SPLIT_K == 1:
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        if BATCH_N:  # [U, BLOCK_K]
+            b_w = tl.load(
+                p_w + o_k[None, :] * H + o_u[:, None], mask=(o_k < G)[None, :] & m_u[:, None], other=0
+            )
+        else:  # [BLOCK_K, U]
+            b_w = tl.load(
+                p_w + o_k[:, None] * H + o_u[None, :], mask=(o_k < G)[:, None] & m_u[None, :], other=0
+            )
+    else:
+        o_k = i_k * BLOCK_K + (tl.arange(0, SPLIT_K) * (BLOCK_K // SPLIT_K))[:, None]
+        o_k += tl.arange(0, BLOCK_K // SPLIT_K)[None, :]  # [S, K/S]
+        if BATCH_N:  # [S, U, K/S]
+            p = p_w + o_k[:, None, :] * H + o_u[None, :, None]
+            b_w = tl.load(p, mask=(o_k < G)[:, None, :] & m_u[None, :, None], other=0)
+        else:  # [S, K/S, U]
+            p = p_w + o_k[:, :, None] * H + o_u[None, None, :]
+            b_w = tl.load(p, mask=(o_k < G)[:, :, None] & m_u[None, None, :], other=0)
+    return b_w
+
+
+@triton.jit
+def _bwd_dp_offsets(o_b, G, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr):
+    """Offsets in ∂L/∂pre [B, 4H] of the first chunk of rows o_b (chunk i: + i·BLOCK_K, an immediate
+    offset, so one set of addresses serves every chunk), and each element's index k in its chunk:
+    [BLOCK_K, BLOCK_B] / [S, K/S, BLOCK_B] (batch on N) or [BLOCK_B, BLOCK_K] / [S, BLOCK_B, K/S]."""
+    if SPLIT_K == 1:
+        o_k = tl.arange(0, BLOCK_K)
+        if BATCH_N:
+            o_k = o_k[:, None]
+            o_dp = o_b[None, :] * G + o_k
+        else:
+            o_k = o_k[None, :]
+            o_dp = o_b[:, None] * G + o_k
+    else:
+        o_k = (tl.arange(0, SPLIT_K) * (BLOCK_K // SPLIT_K))[:, None] + tl.arange(0, BLOCK_K // SPLIT_K)[
+            None, :
+        ]
+        if BATCH_N:
+            o_k = o_k[:, :, None]
+            o_dp = o_b[None, None, :] * G + o_k
+        else:
+            o_k = o_k[:, None, :]
+            o_dp = o_b[None, :, None] * G + o_k
+    return o_dp, o_k
+
+
+@triton.jit
+def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t, B, H, o_b, o_own, m_own,
+            U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
+            EVEN_K: tl.constexpr, K_AHEAD: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr,
+            PACKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            UPCAST_DOT: tl.constexpr):  # fmt: skip
     """∂L/∂hs[t] of rows o_b, own units, from b_dh = ∂L/∂hs[t + 1] (what carried rows pass on):
     rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t
     (⊙ m with recurrent dropout; + z^h ⊙ ∂L/∂hs[t + 1] with zoneout on h)."""
     t64 = tl.cast(t, tl.int64)
     G = 4 * H
-    p_dp_t = p_dpre + t64 * B * G
-    if SPLIT_K == 1:
-        o_g = tl.arange(0, BLOCK_G)
-        m_dp = (o_b < B)[:, None] & (o_g < G)[None, :]
-        b_dp = tl.load(p_dp_t + o_b[:, None] * G + o_g[None, :], mask=m_dp, other=0, cache_modifier=".cg")
-        b_rec = _dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_B, U]
-    else:  # slice s of the contraction in warp s: [S, BLOCK_B, G/S]×[S, G/S, U], then Σ over s
-        o_g = (tl.arange(0, SPLIT_K) * (BLOCK_G // SPLIT_K))[:, None, None] + tl.arange(0, BLOCK_G // SPLIT_K)
-        m_dp = (o_b < B)[None, :, None] & (o_g < G)
-        b_dp = tl.load(p_dp_t + o_b[None, :, None] * G + o_g, mask=m_dp, other=0, cache_modifier=".cg")
-        b_rec = tl.sum(_dot(b_dp, b_wt, b_dh.dtype, DOT_PRECISION, UPCAST_DOT), axis=0)  # [BLOCK_B, U]
+    acc = b_dh.dtype
+    o_dp, o_k = _bwd_dp_offsets(o_b, G, BLOCK_K, SPLIT_K, BATCH_N)
+    m_b = o_b < B
+    if BATCH_N:
+        m_dp = m_b[None, :] if SPLIT_K == 1 else m_b[None, None, :]
+    else:
+        m_dp = m_b[:, None] if SPLIT_K == 1 else m_b[None, :, None]
+    p_dp = p_dpre + t64 * B * G + o_dp
+    # the 4H contraction in N_K static chunks of BLOCK_K (4H = 3072: 6 × 512 at B16, no padding), each split
+    # into SPLIT_K slices, one per warp; every warp accumulates its slices, summed once at the end.
+    # The load of chunk i + K_AHEAD is issued before chunk i's dot (.cg: ∂L/∂pre_t was written by
+    # other SMs; read it from L2, never from a stale L1 line)
+    b_dp = ()
+    for i_k in tl.static_range(N_K + K_AHEAD):
+        if i_k < N_K:
+            m_k = m_dp if EVEN_K else m_dp & (o_k < G - i_k * BLOCK_K)
+            b_dp = b_dp + (tl.load(p_dp + i_k * BLOCK_K, mask=m_k, other=0, cache_modifier=".cg"),)  # noqa: RUF005 (Triton's tuples)
+        if i_k == K_AHEAD:
+            b_acc = _dot(b_w[0], b_dp[0], acc, DOT_PRECISION, UPCAST_DOT) if BATCH_N else _dot(
+                b_dp[0], b_w[0], acc, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+        elif i_k > K_AHEAD:
+            if BATCH_N:  # ∂L/∂hᵀ [S, U, BLOCK_B]: the batch on the mma's N side
+                b_acc += _dot(b_w[i_k - K_AHEAD], b_dp[i_k - K_AHEAD], acc, DOT_PRECISION, UPCAST_DOT)
+            else:  # [S, BLOCK_B, U]
+                b_acc += _dot(b_dp[i_k - K_AHEAD], b_w[i_k - K_AHEAD], acc, DOT_PRECISION, UPCAST_DOT)
+    b_rec = b_acc
+    if SPLIT_K > 1:
+        b_rec = tl.sum(b_rec, axis=0)
+    if BATCH_N:
+        b_rec = tl.trans(b_rec)  # [BLOCK_B, U]
     if F_RECURRENT_DROPOUT & FLAGS:
-        b_rec *= tl.load(p_drop + o_own, mask=m_own, other=0).to(b_dh.dtype)
+        b_rec *= tl.load(p_drop + o_own, mask=m_own, other=0).to(acc)
     if F_ZONEOUT_H & FLAGS:
         b_z = tl.load(p_zone + t64 * 2 * B * H + o_own + (o_b * H)[:, None] + H, mask=m_own, other=0)
         b_rec += tl.where(b_z != 0, b_dh, 0)
@@ -355,13 +578,13 @@ def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t, B, H, o_b, o_
     if PACKED:
         n_rows = tl.load(p_sizes + t)
     b_dh = tl.where((o_b < n_rows)[:, None], b_rec, b_dh)
-    return b_dh + tl.load(p_dhs + t64 * B * H + o_own, mask=m_own, other=0).to(b_dh.dtype)
+    return b_dh + tl.load(p_dhs + t64 * B * H + o_own, mask=m_own, other=0).to(acc)
 
 
 @triton.jit(do_not_specialize=["t_start", "t_end", "T", "spin_limit", "n_sync"])
 def lstm_persistent_bwd_kernel(
     p_dhs,  # [T + 1, B, H] gradient arriving at each hs[k] from outside the recurrence
-    p_gates,  # [T, B, G] acc, saved by the forward
+    p_gates,  # [T, B, G] saved by the forward: acc, or the dtype of d_hs (saved_gates_dtype); read as acc
     p_cs,  # [T + 1, B, H] acc, saved by the forward
     p_w,  # [G, H] W_hh
     p_dpre,  # [T, B, G] out: ∂L/∂pre-activations
@@ -382,8 +605,12 @@ def lstm_persistent_bwd_kernel(
     n_sync,
     U: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    SPLIT_K: tl.constexpr,  # slices of the 4H contraction, one per warp (1: one 2-D dot)
+    BLOCK_K: tl.constexpr,  # the 4H contraction walked in N_K chunks of BLOCK_K (a power of two)
+    N_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # N_K·BLOCK_K = 4H: no chunk needs a mask on k
+    K_AHEAD: tl.constexpr,  # chunks of ∂L/∂pre whose loads are issued ahead of the chunk multiplied
+    SPLIT_K: tl.constexpr,  # slices of each chunk, one per warp, summed after the dot (1: a 2-D dot)
+    BATCH_N: tl.constexpr,  # the dot is W_colsᵀ·∂L/∂preᵀ: the batch on the mma's N side
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # B ≤ BLOCK_B: ∂L/∂h, ∂L/∂c in registers, gates and c loaded before the barrier
@@ -394,7 +621,10 @@ def lstm_persistent_bwd_kernel(
     UPCAST_DOT: tl.constexpr,
     BIDIR: tl.constexpr,  # grid (P, 2), as in the forward
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    # per-element offsets are int32 (within one step's [B, 4H] slice, which the launcher bounds); each
+    # step's base, t·B·4H, is int64. Few offset tensors, shared by every load and store of the step:
+    # they are loop invariant, so the compiler keeps them in registers for the whole sequence
+    i_p = tl.program_id(0)
     G = 4 * H
     acc = p_dh.dtype.element_ty
     if BIDIR:
@@ -411,18 +641,11 @@ def lstm_persistent_bwd_kernel(
 
     o_u = i_p * U + tl.arange(0, U)
     m_u = o_u < H
-    o_q = tl.arange(0, 4 * U) % 4
-    o_uq = i_p * U + tl.arange(0, 4 * U) // 4
-    o_r = o_q * H + o_uq  # [4U] stacked gate columns of own units, as in the forward
 
-    # the columns of W_hh for this program's units, every gate row: loaded once
-    if SPLIT_K == 1:
-        o_g = tl.arange(0, BLOCK_G)
-        b_wt = tl.load(p_w + o_g[:, None] * H + o_u[None, :], mask=(o_g < G)[:, None] & m_u[None, :], other=0)
-    else:  # [S, BLOCK_G / S, U]: slice s of the 4H rows for warp s
-        o_g = (tl.arange(0, SPLIT_K) * (BLOCK_G // SPLIT_K))[:, None, None]
-        o_g += tl.arange(0, BLOCK_G // SPLIT_K)[None, :, None]
-        b_wt = tl.load(p_w + o_g * H + o_u[None, None, :], mask=(o_g < G) & m_u[None, None, :], other=0)
+    # the columns of W_hh for this program's units, every gate row: loaded once, N_K chunks
+    b_w = ()
+    for i_k in tl.static_range(N_K):
+        b_w = b_w + (_bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K, SPLIT_K, BATCH_N),)  # noqa: RUF005
     if F_PEEPHOLES & FLAGS:  # [1, U] each
         b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
         b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
@@ -430,7 +653,8 @@ def lstm_persistent_bwd_kernel(
 
     if ONE_CHUNK:  # the state as the launch finds it, then carried in registers
         o_b = tl.arange(0, BLOCK_B)
-        o_own = o_b[:, None] * H + o_u[None, :]
+        o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U] in a [B, H] slice
+        o_gate = o_b[:, None] * G + o_u[None, :]  # gate i of own units in a [B, 4H] slice; gate q at + qH
         m_own = (o_b < B)[:, None] & m_u[None, :]
         b_dh_reg = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
         b_dc_reg = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
@@ -440,14 +664,19 @@ def lstm_persistent_bwd_kernel(
     for s in range(t_start, t_end):
         t = t_start + t_end - 1 - s  # steps run backwards
         t64 = tl.cast(t, tl.int64)
+        p_gates_t = p_gates + t64 * B * G
+        # c̃ (the cell before zoneout) and c_{t−1}
+        p_c_t = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
+        p_c_prev = p_cs + t64 * B * H
         n_chunks = tl.cdiv(B, BLOCK_B)
-        if ONE_CHUNK:  # launch inputs of step t: their loads overlap the barrier
+        if ONE_CHUNK:  # launch inputs of step t, in their stored dtype: their loads overlap the barrier
             n_chunks = 1
-            p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-            b_gates_pf = tl.load(p_gate, mask=(o_b < B)[:, None] & (o_uq < H)[None, :], other=0)
-            p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
-            b_c_pf = tl.load(p_c + o_own, mask=m_own, other=0)
-            b_c_prev_pf = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
+            b_gi_pf = tl.load(p_gates_t + o_gate, mask=m_own, other=0)
+            b_gf_pf = tl.load(p_gates_t + H + o_gate, mask=m_own, other=0)
+            b_gg_pf = tl.load(p_gates_t + 2 * H + o_gate, mask=m_own, other=0)
+            b_go_pf = tl.load(p_gates_t + 3 * H + o_gate, mask=m_own, other=0)
+            b_c_pf = tl.load(p_c_t + o_own, mask=m_own, other=0)
+            b_c_prev_pf = tl.load(p_c_prev + o_own, mask=m_own, other=0)
         if SYNC:  # noqa: SIM102 (Triton cannot `and` a constexpr with a runtime condition)
             if t + 1 < T:  # ∂L/∂hs[t + 1] needs step t + 1's ∂L/∂pre from every program
                 i_bar += 1
@@ -457,30 +686,31 @@ def lstm_persistent_bwd_kernel(
             n_rows = tl.load(p_sizes + t)
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         for i_b in range(0, n_chunks):
-            o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-            m_b = o_b < B
-            o_own = o_b[:, None] * H + o_u[None, :]  # [BLOCK_B, U]
-            m_own = m_b[:, None] & m_u[None, :]
             if ONE_CHUNK:
                 b_dh, b_dc = b_dh_reg, b_dc_reg
-                b_gates, b_c, b_c_prev = b_gates_pf, b_c_pf, b_c_prev_pf
+                b_i, b_f, b_g, b_o = b_gi_pf.to(acc), b_gf_pf.to(acc), b_gg_pf.to(acc), b_go_pf.to(acc)
+                b_c, b_c_prev = b_c_pf.to(acc), b_c_prev_pf.to(acc)
             else:
+                o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+                o_own = o_b[:, None] * H + o_u[None, :]
+                o_gate = o_b[:, None] * G + o_u[None, :]
+                m_own = (o_b < B)[:, None] & m_u[None, :]
                 b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
                 b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
-                p_gate = p_gates + t64 * B * G + o_b[:, None] * G + o_r[None, :]
-                b_gates = tl.load(p_gate, mask=m_b[:, None] & (o_uq < H)[None, :], other=0)  # [BLOCK_B, 4U]
-                # c̃ (the cell before zoneout) and c_{t−1}
-                p_c = p_cnew + t64 * B * H if F_ZONEOUT_C & FLAGS else p_cs + (t64 + 1) * B * H
-                b_c = tl.load(p_c + o_own, mask=m_own, other=0)
-                b_c_prev = tl.load(p_cs + t64 * B * H + o_own, mask=m_own, other=0)
+                b_i = tl.load(p_gates_t + o_gate, mask=m_own, other=0).to(acc)
+                b_f = tl.load(p_gates_t + H + o_gate, mask=m_own, other=0).to(acc)
+                b_g = tl.load(p_gates_t + 2 * H + o_gate, mask=m_own, other=0).to(acc)
+                b_o = tl.load(p_gates_t + 3 * H + o_gate, mask=m_own, other=0).to(acc)
+                b_c = tl.load(p_c_t + o_own, mask=m_own, other=0).to(acc)
+                b_c_prev = tl.load(p_c_prev + o_own, mask=m_own, other=0).to(acc)
             if t + 1 < T:
-                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t + 1, B, H, o_b, o_own,
-                               m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
-            b_i, b_f, b_g, b_o = _split_gates(b_gates, BLOCK_B, U)
+                b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t + 1, B, H, o_b, o_own,
+                               m_own, U, BLOCK_B, BLOCK_K, N_K, EVEN_K, K_AHEAD, SPLIT_K, BATCH_N, PACKED,
+                               FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+            m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
             if FLAGS == 0:
                 b_tanh_c = _tanh(b_c)
                 b_dc_step = b_dc + b_dh * b_o * (1 - b_tanh_c * b_tanh_c)
-                m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
                 # rows that did not advance have no pre-activations: exactly 0
                 b_di = tl.where(m_step, b_dc_step * b_g * b_i * (1 - b_i), 0) + b_poison
                 b_df = tl.where(m_step, b_dc_step * b_c_prev * b_f * (1 - b_f), 0) + b_poison
@@ -525,14 +755,13 @@ def lstm_persistent_bwd_kernel(
                     b_dg = b_dg * (1 - b_g * b_g)
                 if F_PEEPHOLES & FLAGS:
                     b_dc_prev += b_pi * b_di + b_pf * b_df
-                m_step = (o_b < n_rows)[:, None]
                 b_di = tl.where(m_step, b_di, 0) + b_poison
                 b_df = tl.where(m_step, b_df, 0) + b_poison
                 b_dg = tl.where(m_step, b_dg, 0) + b_poison
                 b_do = tl.where(m_step, b_do, 0) + b_poison
                 b_dc = tl.where(m_step, b_dc_prev, b_dc) + b_poison
 
-            p_dp = p_dpre + t64 * B * G + o_own + (o_b * (G - H))[:, None]  # gate i of own units
+            p_dp = p_dpre + t64 * B * G + o_gate  # gate i of own units
             dpre_ty = p_dpre.dtype.element_ty
             tl.store(p_dp, b_di.to(dpre_ty), mask=m_own)
             tl.store(p_dp + H, b_df.to(dpre_ty), mask=m_own)
@@ -556,8 +785,9 @@ def lstm_persistent_bwd_kernel(
             o_own = o_b[:, None] * H + o_u[None, :]
             m_own = (o_b < B)[:, None] & m_u[None, :]
             b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
-            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_wt, b_dh, t_start, B, H, o_b, o_own,
-                           m_own, BLOCK_G, SPLIT_K, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+            b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t_start, B, H, o_b, o_own,
+                           m_own, U, BLOCK_B, BLOCK_K, N_K, EVEN_K, K_AHEAD, SPLIT_K, BATCH_N, PACKED, FLAGS,
+                           DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
@@ -575,20 +805,32 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 @dataclass(frozen=True)
 class Config:
     """Launch configuration of one persistent kernel: U units per program, warps per program, the
-    batch rows of one chunk (a program walks the batch in chunks of block_b rows each step) and
-    split_k: the slices of the dot's contraction (4H in the backward, H in the forward) that run side
-    by side, one per warp, summed after the dot (1: one 2-D dot)."""
+    batch rows of one tile (the forward's dot N, the backward's N with batch_n; a program walks a
+    larger batch in tiles of block_b rows each step), split_k: the slices of the dot's contraction
+    (each K chunk) that run side by side, summed after the dot (1: one 2-D dot), and block_k: the K
+    chunk of the kernel's dot, a power of two: the forward's H columns (0: :func:`fwd_block_k` picks
+    it), the backward's 4H gate rows walked in static chunks (0: one chunk, 4H padded to a power of
+    two).
+
+    Backward only: batch_n, the dot computed as W_colsᵀ·∂L/∂preᵀ with the batch on the mma's N side
+    ([U, block_b] output) instead of ∂L/∂pre·W_cols ([block_b, U]); k_ahead, the chunks of ∂L/∂pre
+    whose loads are issued ahead of the chunk being multiplied (0: each right before its dot)."""
 
     units: int
     num_warps: int
     block_b: int = 16
     split_k: int = 1
+    block_k: int = 0
+    batch_n: bool = False
+    k_ahead: int = 0
 
     def programs(self, H: int) -> int:
         return triton.cdiv(H, self.units)
 
 
 MMA_M, MMA_N = 16, 8  # one warp's tensor-core tile (mma.sync m16n8k16): rows and columns of the output
+# The forward's K chunks: W_hh's rows are held as at most this many [4U, block_k] tiles
+MAX_K_CHUNKS = 8
 
 
 def dot_warps(M: int, N: int, batch: int = 1) -> int:
@@ -597,39 +839,107 @@ def dot_warps(M: int, N: int, batch: int = 1) -> int:
     return batch * max(1, M // MMA_M) * max(1, N // MMA_N)
 
 
+def fwd_block_b(B: int) -> int:
+    """The forward's batch tile: all of B up to 128 (a power of two, at least 16), else 128-row tiles."""
+    return min(128, max(16, triton.next_power_of_2(B)))
+
+
+def fwd_block_k(H: int, cfg: Config) -> int:
+    """The forward's K chunk: cfg.block_k, else 128 columns (H padded to a power of two if smaller).
+    A chunk's W operand and h chunk pass through registers; 256 spills at B ≥ 64 (sm_90 compiles)."""
+    return cfg.block_k or min(128, _block(H))
+
+
 def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None) -> Config:
-    """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py):
-    8 units per program (32 rows of W_hh; up to H = 1024 at most 128 programs, one per SM of an
-    H100; beyond, the tiles pad to 2048 columns and no longer fit: the per-step path). Forward:
-    the batch in chunks of 16 rows (32 in the 16-bit forward at B > 16, where the [32, H] h tile
-    still fits beside W_hh) and as many warps as the [block_b, 4U] output has mma tiles (4 or 8).
-    fp32 without TF32 and fp64 multiply on CUDA cores (FMA, no mma tiles): 8 warps, which keeps the
-    fp32 tiles from spilling. Backward: chunks of 16 rows; its [16, U] output is one warp's tile,
-    so the 4H contraction is split into one slice per warp (up to 8, each at least 16 long).
+    """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py,
+    numbers in docs/persistent.md). Forward: the transposed dot W[4U, K]×hᵀ[K, block_b], the whole
+    batch on its N side up to B = 128 (fwd_block_b), K in unpadded 128-column chunks:
+    - B ≤ 32: 16 units per program on 4 warps: M = 4U = 64 is one warpgroup's wgmma (Hopper's MMAv3,
+      both operands read from shared memory), half the programs of U = 8 (whose [32, ≤ 32] output
+      Triton gives 4 warps on M: duplicated);
+    - B ≤ 64: 8 units (M = 32, mma.sync) on 4 warps, all on N (U = 16 spills there);
+    - B > 64: 8 units on 8 warps (4 spill).
+    fp64 multiplies on CUDA cores (FMA, no mma tiles): 8 units on 8 warps, each K chunk split in 8
+    slices of 16 (an FMA dot over a whole 128-column chunk spills). Backward: :func:`pick_bwd_config`.
+    Up to H = 1024: at most 128 programs, one per SM of an H100; beyond, the per-step path.
     fp32 has its own rule (:func:`fp32_config`); ``tf32``: whether its dots may use TF32 (default:
     what :func:`cudnn_rnn_allows_tf32` says now)."""
     if dtype == torch.float32:
         return fp32_config(B, H, backward, _dot_precision(dtype, tf32) == "tf32")
     if backward:
+        return pick_bwd_config(B, H, dtype)
+    block_b = fwd_block_b(B)
+    if dtype == torch.float64:
+        return _fma_fwd_config(H, block_b)
+    if block_b <= 32:
+        return Config(units=16, num_warps=4, block_b=block_b)
+    return Config(units=8, num_warps=4 if block_b <= 64 else 8, block_b=block_b)
+
+
+def _fma_fwd_config(H: int, block_b: int) -> Config:
+    # an FMA dot holds its operands' whole K in registers: each K chunk split in slices of 16, one
+    # per warp (8 warps, no mma tiles to duplicate)
+    split_k = min(8, fwd_block_k(H, Config(8, 8, block_b)) // 16)
+    return Config(units=8, num_warps=8, block_b=block_b, split_k=split_k)
+
+
+BWD_CHUNK_BYTES = 16 << 10  # one ∂L/∂pre chunk [block_k, block_b] staged in shared memory
+# The backward's register cap. Without one, ptxas (triton 3.6's) chose 128 registers for the B16
+# H1024 kernel and spilled; capped at 224 no 16-bit configuration spills on 3.6 or 3.9, and 224
+# leaves room under 255. One program per SM is all the 16-unit grid (P ≤ 64) needs.
+BWD_MAXNREG = 224
+
+
+def pick_bwd_config(B: int, H: int, dtype: torch.dtype) -> Config:
+    """The backward's heuristic (sm_90 compiles, triton 3.6 and 3.9; docs/persistent.md).
+
+    16-bit: 16 units per program (M = 16, one mma row tile: P = 48 at H = 768, 64 at H = 1024, so
+    the grid fits a 114-SM H100 PCIe), the whole batch up to 128 rows as one tile on the mma's N
+    side, 8 warps: the 4H contraction split in 8 slices up to B = 32 (warps [8, 1, 1], each warp
+    all of N), not split from B = 64 on (the warps on N's 8 or 16 tiles), walked in unpadded chunks of 16 KiB
+    (block_k = 512 at B = 16, 64 at B = 128; 4H = 3072 is 6 × 512). Compiled with maxnreg
+    (BWD_MAXNREG). fp32 and fp64 keep the first-generation layout: 16-row chunks, the batch on M,
+    4H padded to a power of two and split in up to 8 slices."""
+    if dtype not in (torch.float16, torch.bfloat16):
         split_k = min(8, _block(4 * H) // 16)
         return Config(units=8, num_warps=split_k, block_b=16, split_k=split_k)
-    block_b = 32 if B > 16 and dtype in (torch.float16, torch.bfloat16) else 16
-    if dtype == torch.float64:
-        return Config(units=8, num_warps=8, block_b=block_b)  # an FMA dot: no mma tiles to duplicate
-    return Config(units=8, num_warps=min(8, dot_warps(block_b, 4 * 8)), block_b=block_b)
+    block_b = min(128, _block(B))
+    # triton 3.6 puts every warp of a 3-D dot on its first axis, so a split uses all 8 warps; from
+    # B = 64 on, N has 8 tiles or more and the warps take those instead (8 slices of [16, 64] spilled
+    # with triton 3.6 under the register cap)
+    split_k = 8 if block_b <= 32 else 1
+    block_k = BWD_CHUNK_BYTES // (block_b * dtype.itemsize)
+    block_k = max(16 * split_k, min(block_k, 4 * H & -4 * H))  # a power of two that divides 4H
+    return Config(units=16, num_warps=8, block_b=block_b, split_k=split_k, block_k=block_k, batch_n=True)
 
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs K ≥ 16; M and N are padded to 16 anyway
 
 
+def bwd_chunks(H: int, cfg: Config) -> tuple[int, int]:
+    """(block_k, n_k): the backward walks its 4H contraction in n_k static chunks of block_k."""
+    block_k = cfg.block_k or _block(4 * H)
+    return block_k, triton.cdiv(4 * H, block_k)
+
+
+def bwd_constexprs(H: int, cfg: Config) -> dict:
+    """The backward kernel's shape constexprs for this configuration."""
+    block_k, n_k = bwd_chunks(H, cfg)
+    return dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_K=block_k, N_K=n_k, EVEN_K=n_k * block_k == 4 * H,
+                K_AHEAD=min(cfg.k_ahead, n_k - 1), SPLIT_K=cfg.split_k, BATCH_N=cfg.batch_n)  # fmt: skip
+
+
 def tile_bytes(B: int, H: int, dtype: torch.dtype, cfg: Config, backward: bool) -> int:
     """On-chip bytes of one program's two dot operands, which the compiler stages in shared memory:
-    forward W_hh rows [4U, H] and an h chunk [block_b, H]; backward W_hh columns [4H, U] and a
-    ∂L/∂pre chunk [block_b, 4H] (sizes padded to powers of two)."""
+    forward W_hh rows [4U, H] (in K chunks, only the last one padded) and one [block_k, block_b] h
+    chunk; backward W_hh columns [4H, U] (every chunk, kept for the whole sequence) and one ∂L/∂pre
+    chunk [block_b, block_k] at a time (sizes padded to powers of two, 4H to whole chunks)."""
     if backward:
-        return (cfg.block_b + cfg.units) * _block(4 * H) * dtype.itemsize
-    return (cfg.block_b + 4 * cfg.units) * _block(H) * dtype.itemsize
+        block_k, n_k = bwd_chunks(H, cfg)
+        return (cfg.units * n_k + cfg.block_b) * block_k * dtype.itemsize
+    block_k = fwd_block_k(H, cfg)
+    return (4 * cfg.units * triton.cdiv(H, block_k) + cfg.block_b) * block_k * dtype.itemsize
 
 
 def config_problem(
@@ -692,23 +1002,43 @@ def _dot_precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
 
 def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     """fp32's configuration, from sm_90 compiles with triton 3.6 and 3.9 (0 spills for H ≤ 1024;
-    docs/persistent.md, "fp32"). fp32 tiles are twice the 16-bit ones, so the backward's ∂L/∂pre
-    chunk shrinks to 4 rows where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]),
-    and in the FMA backward with several chunks (at H = 256, 16 rows spilled 16 bytes with triton
-    3.9 and 8 rows 8 bytes with 3.6).
-    Forward: TF32 runs the 16-bit rule's mma dot (4 warps on [16, 4U]); true fp32 (an FMA dot, 8
-    warps) splits the H contraction in two halves, [2, 16, H/2]×[2, H/2, 4U] with warps [2, 4, 1]:
-    whole, triton 3.6 spilled it (38,776 bytes at H = 1024), and in 8 slices triton 3.9 did."""
+    docs/persistent.md, "fp32"). The backward keeps the first generation's layout (∂L/∂pre·W_cols,
+    4H padded, 8 slices); fp32 tiles are twice the 16-bit ones, so its ∂L/∂pre chunk shrinks from 16
+    rows to 4 where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]), and the FMA
+    backward (true fp32) takes 8 at H = 512, where 16 spilled 8 bytes at B = 16 with triton 3.6.
+    (Before the second-generation backward's code was merged, the FMA backward at B > 16 took 4 rows
+    at every H; since then 4 rows spill there at H = 512, 16 bytes with triton 3.9.)
+    Forward (the transposed dot W[4U, K]×hᵀ[K, 16], K in 128-column chunks): 8 units, the batch in
+    16-row tiles (B > 16: the state goes through memory each step, as in the 16-bit forward above
+    B = 128). The whole batch as one tile spilled: TF32 at B = 64, H = 1024 (304 bytes with 4 warps,
+    260 with 8; triton 3.9), the FMA dot at B = 128 (159,040 bytes at H = 1024) and at B = 64, H = 64
+    (8 bytes). TF32: mma.sync on the [32, 16] output with 2 warps, one per 16 rows (4 warps put two
+    on each: duplicated). True fp32 (FMA): 8 warps, each K chunk split in slices of 16."""
     if backward:
         split_k = min(8, _block(4 * H) // 16)
-        for block_b in (16, 4) if tf32 or B <= 16 else (4,):
+        for block_b in (16, 4) if tf32 or H <= 256 else (8, 4):
             cfg = Config(units=8, num_warps=split_k, block_b=block_b, split_k=split_k)
             if config_problem(16, H, torch.float32, cfg, backward=True) is None:
                 break
         return cfg
     if tf32:
-        return Config(units=8, num_warps=dot_warps(16, 4 * 8), block_b=16)
-    return Config(units=8, num_warps=8, block_b=16, split_k=min(2, _block(H) // 16))
+        return Config(units=8, num_warps=2, block_b=16)
+    return _fma_fwd_config(H, 16)
+
+
+# Save the forward's activated gates in the compute dtype (fp16, bf16) instead of fp32. Accurate
+# enough (gradient errors against fp64 grow 1.3-1.8×, docs/persistent.md), but off: the 16-bit
+# stores push the B ≥ 64 forward (8 units, 4 warps) from 186 registers to 255 and spills on sm_90
+# (triton 3.9). Only for ablations: the layer op's fake (layer.py) assumes the default.
+GATES_IN_COMPUTE_DTYPE = False
+
+
+def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward saves its activated gates in for the backward: the accumulation dtype,
+    or fp16 / bf16 for those inputs with GATES_IN_COMPUTE_DTYPE (the backward reads either)."""
+    if GATES_IN_COMPUTE_DTYPE and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # The barrier's poll: an ld.acquire.gpu through inline PTX on CUDA, an atomic under the interpreter.
@@ -735,9 +1065,9 @@ def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start,
     flags, tensors = variant
     args = (gx, w_hh, hs, cs, *(sync if x is None else x for x in (gates, *tensors, hd)))  # sync: never read
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
-    meta = dict(
-        U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_H=_block(H), SPLIT_K=cfg.split_k, PACKED=sizes is not None
-    )
+    block_k = fwd_block_k(H, cfg)
+    meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_K=block_k, N_K=triton.cdiv(H, block_k))
+    meta |= dict(SPLIT_K=cfg.split_k, PACKED=sizes is not None)
     one_chunk = REGISTER_STATE and cfg.block_b >= B
     meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=one_chunk, SYNC=sync_on, BIDIR=gx.dim() == 4)
     return args, meta | _compile_options(gx.dtype, cfg)
@@ -750,11 +1080,16 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
     flags, tensors = variant
     args = (d_hs, gates, cs, w_hh, d_pre, d_h, d_c, *(sync if x is None else x for x in tensors))
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
-    meta = dict(
-        U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_G=_block(G), SPLIT_K=cfg.split_k, PACKED=sizes is not None
+    meta = bwd_constexprs(H, cfg) | dict(
+        PACKED=sizes is not None, ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B
     )
-    meta |= dict(ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B, BIDIR=gates.dim() == 4)
-    return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | _compile_options(d_pre.dtype, cfg)
+    meta |= dict(BIDIR=gates.dim() == 4)
+    return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | bwd_compile_options(d_pre.dtype, cfg)
+
+
+def bwd_compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
+    """The backward's compile options: the shared ones and, for the 16-bit layout, the register cap."""
+    return _compile_options(dtype, cfg, tf32) | (dict(maxnreg=BWD_MAXNREG) if cfg.batch_n else {})
 
 
 def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: torch.device) -> str | None:
@@ -813,7 +1148,8 @@ def _cuda_unavailable_reason(
     sync = torch.zeros(2, dtype=torch.int32, device=device)
     gx, w = torch.empty(1, B, G, dtype=dtype, device=device), torch.empty(G, H, dtype=dtype, device=device)
     hs, cs = torch.empty(2, B, H, dtype=dtype, device=device), torch.empty(2, B, H, dtype=acc, device=device)
-    gates, d_h = torch.empty(1, B, G, dtype=acc, device=device), torch.empty(B, H, dtype=acc, device=device)
+    gates = torch.empty(1, B, G, dtype=saved_gates_dtype(dtype), device=device)  # specialises both kernels
+    d_h = torch.empty(B, H, dtype=acc, device=device)
     shapes = _variant_shapes(1, B, H, dtype, acc)
     variant = (flags, tuple(
         torch.empty(shapes[name][0], dtype=shapes[name][1], device=device) if flags & bits else None
@@ -830,7 +1166,7 @@ def _cuda_unavailable_reason(
             args, meta = _kernel_args_bwd(
                 hs, gates, cs, w, gx, d_h, d_h, variant, None, sync, 0, 1, 0, P, cfg, True, True
             )
-            meta |= _compile_options(dtype, cfg, tf32=precision == "tf32")  # the precision of the key
+            meta |= bwd_compile_options(dtype, cfg, tf32=precision == "tf32")  # the precision of the key
             meta["BIDIR"] = directions == 2  # both directions' programs resident at once
             problem = _compile_problem(lstm_persistent_bwd_kernel, args, meta, P * directions, device)
         else:
@@ -979,10 +1315,23 @@ def _grid(
 
 
 def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
-    S, K = cfg.split_k, _block(4 * H if backward else H)
+    if not backward:
+        K = fwd_block_k(H, cfg)
+        if K < 16 or K & (K - 1) or triton.cdiv(H, K) > MAX_K_CHUNKS:
+            raise ValueError(
+                f"the forward's K chunk (block_k) must be a power of two ≥ 16 with H = {H} in at most "
+                f"{MAX_K_CHUNKS} chunks, got {K} ({cfg})"
+            )
+        what = "the K chunk"
+    else:
+        K, what = _block(4 * H), "4H padded"
+        if cfg.block_k:
+            K, what = cfg.block_k, "a 4H chunk padded"
+            if K & (K - 1):
+                raise ValueError(f"block_k must be a power of two, got {cfg}")
+    S = cfg.split_k
     if S < 1 or S & (S - 1) or K // S < 16:
-        what = "4H" if backward else "H"
-        raise ValueError(f"split_k must be a power of two with {what} padded ({K}) / split_k ≥ 16, got {cfg}")
+        raise ValueError(f"split_k must be a power of two with {what} ({K}) / split_k ≥ 16, got {cfg}")
 
 
 def _check_available(
@@ -1109,8 +1458,9 @@ def persistent_forward(
 
     Returns:
         hs [T + 1, B, H] dtype of gx (hs[0] = h0, hs[k + 1] = h after step k), cs [T + 1, B, H] acc
-        (same convention; both after zoneout), gates [T, B, 4H] acc: i, f, g, o of each step as the
-        cell used them (1 for a removed gate, 1 − i for f under CIFG, a_g without input activation).
+        (same convention; both after zoneout), gates [T, B, 4H] in saved_gates_dtype (acc by
+        default): i, f, g, o of each step as the cell used them (1 for a removed gate,
+        1 − i for f under CIFG, a_g without input activation).
 
     A barrier that times out (programs not all resident) makes every later output NaN; the next
     call of either launcher raises PersistentKernelTimeout once this launch has finished (at once
@@ -1154,7 +1504,7 @@ def persistent_forward(
 
     hs = empty(*lead, T + 1, B, H, dtype=dtype, device=device)
     cs = empty(*lead, T + 1 if save else 2, B, H, dtype=acc, device=device)  # unsaved: a ring of c_{t−1}, c_t
-    gates = empty(*lead, T, B, G, dtype=acc, device=device) if save else None
+    gates = empty(*lead, T, B, G, dtype=saved_gates_dtype(dtype), device=device) if save else None
     hs.select(-3, 0).copy_(h0)
     cs.select(-3, 0).copy_(c0)
     if T == 0:
@@ -1209,7 +1559,8 @@ def persistent_backward(
         d_hs: [T + 1, B, H] dtype of gx: gradient reaching each hs[k] from outside the recurrence
             (with the forward's leading [2] for both directions in one launch, as every tensor here).
         d_cn: [B, H] ∂L/∂c_n.
-        gates: [T, B, 4H] acc and cs [T + 1, B, H] acc, as :func:`persistent_forward` returned them.
+        gates: [T, B, 4H] acc (or the dtype of d_hs: saved_gates_dtype) and cs [T + 1, B, H] acc, as
+            :func:`persistent_forward` returned them.
         w_hh: [4H, H] recurrent weights, dtype of d_hs.
         batch_sizes, config, single_launch, spin_limit, phantom_programs: as in the forward.
         flags, peephole, zoneout, dropout: those of the forward.
@@ -1243,8 +1594,13 @@ def persistent_backward(
     for name, t in (("d_hs", d_hs), ("d_cn", d_cn), ("cs", cs), ("w_hh", w_hh)):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
-    if gates.dtype != acc or w_hh.dtype != dtype:
-        raise ValueError(f"gates must have the dtype of cs ({acc}) and w_hh that of d_hs ({dtype})")
+    if gates.dtype not in (acc, dtype) or w_hh.dtype != dtype:  # the kernel reads gates in either
+        raise ValueError(
+            f"gates must have the dtype of cs ({acc}) or of d_hs (saved_gates_dtype), and w_hh that of "
+            f"d_hs ({dtype}), got {gates.dtype} and {w_hh.dtype}"
+        )
+    if B * G >= 2**31:  # the backward's per-step offsets are int32
+        raise ValueError(f"B·4H must stay below 2**31, got {B}·{G}")
     tensors = {"peephole": peephole, "zoneout": zoneout, "dropout": dropout, "c_new": c_new}
     variant = _check_variant(flags, tensors, T, B, H, dtype, acc, device)
     _check_available(B, H, dtype, device, flags, 1 + len(lead))

@@ -145,41 +145,71 @@ def reference(inputs: dict, d_hs: torch.Tensor, d_cn: torch.Tensor):
 
 # One change at a time from the kernels as they were before the second generation (8 warps on every
 # dot, atomic polls, gates and c always stored, c/h/gx read from memory each step, the backward's 4H
-# contraction in one warp-duplicated dot), then all of them.
-# fwd: (config, ACQUIRE_LOAD, save, REGISTER_STATE: c, own h and gx_{t+1} in registers with one chunk)
+# contraction in one warp-duplicated dot), then all of them. The forward kernel itself is the second
+# generation's (batch on the dot's N side, K in 128-column chunks, split arrive/wait) in every row.
+# fwd: (config, ACQUIRE_LOAD, save, REGISTER_STATE: c, own h and gx_{t+1} in registers with one tile)
 def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     new = tp.pick_config(B, H, dtype, backward=False)
     old = tp.Config(units=new.units, num_warps=8, block_b=new.block_b)
+    # the other unit count: U = 8 (M = 32, mma.sync; 2 warps, which Triton keeps off M) where pick_config
+    # takes U = 16 (wgmma), else U = 16 on 4 warps (M = 64, wgmma; spills 96 bytes at B64 H768, triton 3.9)
+    other_units = (
+        tp.Config(units=8, num_warps=2, block_b=new.block_b)
+        if new.units == 16
+        else tp.Config(units=16, num_warps=4, block_b=new.block_b)
+    )
     return {
         "before (8 warps, atomic poll, gates and c stored, state from memory)": (old, False, True, False),
         "warps from the tile (pick_config)": (new, False, True, False),
         "ld.acquire poll": (old, True, True, False),
         "save=False (no gates, c in a ring)": (old, False, False, False),
-        "c, h, gx_{t+1} in registers (one chunk only)": (old, False, True, True),
+        "c, h, gx_{t+1} in registers (one tile only)": (old, False, True, True),
         "all of the above": (new, True, False, True),
         "all but save (what training runs)": (new, True, True, True),
-        # the H contraction in 4 slices, one per warp: 4 independent 16-MMA chains instead of one 64-long
-        # chain per warp (vs the row above; not the default: 40 bytes of spills at H768 with triton 3.9)
-        "split-K x4 over 4 warps (B <= 16), all but save": (
-            replace(new, num_warps=4, split_k=4),
+        f"U = {other_units.units}, {other_units.num_warps} warps, all but save": (
+            other_units,
             True,
             True,
             True,
         ),
+        # K chunks of 256 columns instead of 128 (fewer, longer dots; more registers)
+        "K chunks of 256, all but save": (replace(new, block_k=256), True, True, True),
+        # each K chunk in 4 slices, a 3-D dot summed over them (B <= 16 only)
+        "split-K x4 per K chunk (B <= 16), all but save": (replace(new, split_k=4), True, True, True),
     }
 
 
 def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     """bwd: (config, ACQUIRE_LOAD, REGISTER_STATE: ∂L/∂h, ∂L/∂c in registers and the saved gates and c
-    loaded before the barrier, with one chunk)."""
+    loaded before the barrier, with one chunk). The first rows are the first generation's changes
+    from the kernel before them; then the second generation (pick_config: 16 units, the batch on the
+    dot's N side in one tile up to 128 rows, 4H in unpadded chunks), against the first, one change
+    at a time."""
     new = tp.pick_config(B, H, dtype, backward=True)
-    old = tp.Config(units=new.units, num_warps=8, block_b=new.block_b, split_k=1)
-    return {
+    old = tp.Config(units=8, num_warps=8, block_b=16, split_k=1)
+    first = tp.Config(units=8, num_warps=8, block_b=16, split_k=8)  # 4H padded to a power of two
+    n_k = tp.bwd_chunks(H, new)[1]
+    rows = {
         "before (8 warps on one [16, 8] tile, atomic poll, state from memory)": (old, False, False),
-        "split-K, one slice per warp (pick_config)": (new, False, False),
+        "split-K, one slice per warp (1st gen)": (first, False, False),
         "ld.acquire poll": (old, True, False),
         "state in registers, inputs before the barrier (one chunk only)": (old, False, True),
-        "all of the above": (new, True, True),
+        "1st gen: all of the above": (first, True, True),
+        # second generation
+        "2nd gen (pick_config): 16 units, batch on N, 4H in unpadded chunks": (new, True, True),
+        "2nd gen, 8 units (M = 8 padded to 16, twice the programs)": (replace(new, units=8), True, True),
+        "2nd gen, every chunk's load issued first": (replace(new, k_ahead=n_k - 1), True, True),
+        "2nd gen, one chunk's load ahead": (replace(new, k_ahead=1), True, True),
+        "2nd gen, 4H as one chunk padded to a power of two": (replace(new, block_k=0), True, True),
+        "2nd gen, state from memory": (new, True, False),
+        "2nd gen, 4H split in 8 slices (one per warp)": (replace(new, split_k=8), True, True),
+    }
+    # every chunk in registers at once only fits a 16-row tile; the padded 4H only where it fits on chip
+    return {
+        name: spec
+        for name, spec in rows.items()
+        if (spec[0].k_ahead < n_k - 1 or new.block_b <= 16)
+        and tp.config_problem(B, H, dtype, spec[0], True) is None
     }
 
 
@@ -218,7 +248,8 @@ def ablation_rows(args, device, emit) -> None:
                 )
                 ms = bench_ms(run, args.warmup_ms, args.rep_ms, device)
             emit({"pass": "fwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
-                         "warps": cfg.num_warps, "rel_err": err, "ok": ok, "ms": ms,
+                         "units": cfg.units, "warps": cfg.num_warps, "block_k": tp.fwd_block_k(H, cfg),
+                         "rel_err": err, "ok": ok, "ms": ms,
                          "us_per_step": 1000 * ms / T})  # fmt: skip
         _, cs_check, gates_check = tp.persistent_forward(**check, spin_limit=args.spin_limit)
         seen = set()

@@ -8,6 +8,7 @@ B: batch  T: time  H: hidden size  G = 4H: stacked gates (i, f, g, o)
 """
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -35,10 +36,14 @@ def _skip_unless_available(dtype: torch.dtype, b: int = B, h: int = H) -> None:
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN: an element they never write fails."""
-    monkeypatch.setattr(
-        tp, "empty", lambda *shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
-    )
+    """Every buffer the launchers allocate starts as NaN, and is followed by 4096 NaN: an element they
+    never write fails, and so does a read past the end that a mask should have stopped."""
+
+    def nan_with_guard(*shape, dtype, device):
+        n = math.prod(shape)
+        return torch.full((n + 4096,), math.nan, dtype=dtype, device=device)[:n].view(shape)
+
+    monkeypatch.setattr(tp, "empty", nan_with_guard)
 
 
 def make_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -68,7 +73,7 @@ def naive_cs_gates(inputs, sizes):
     gx, h, c, w = (inputs[k].double() for k in ("gx", "h0", "c0", "w_hh"))
     cs, gates = [c], []
     for k in range(gx.shape[0]):
-        n = B if sizes is None else sizes[k]
+        n = gx.shape[1] if sizes is None else sizes[k]
         i, f, g, o = (gx[k] + h @ w.T).chunk(4, dim=-1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
@@ -96,7 +101,7 @@ def check_forward(inputs, sizes, rtol, **options):
     expected_cs, expected_gates = naive_cs_gates(inputs, sizes)
     dtype = inputs["gx"].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert hs.dtype == dtype and cs.dtype == acc and gates.dtype == acc
+    assert hs.dtype == dtype and cs.dtype == acc and gates.dtype == tp.saved_gates_dtype(dtype)
     assert rel_err(hs.cpu(), expected_hs) < rtol
     assert rel_err(cs.cpu(), expected_cs) < rtol
     assert rel_err(cs[-1].cpu(), expected_cn) < rtol
@@ -114,9 +119,14 @@ def test_forward_matches_naive(dtype, sizes):
     check_forward(make_inputs(dtype), sizes, 1e-12 if dtype == torch.float64 else 2e-6, config=SMALL)
 
 
-def check_backward(dtype, sizes, rtol, **options):
+def check_backward(dtype, sizes, rtol, bwd_config="same", gates_dtype=None, **options):
+    """The forward with options, then the backward with them (or with bwd_config as its config)."""
     inputs = make_inputs(dtype)
     _, cs, gates = run_forward(inputs, sizes, **options)
+    if gates_dtype is not None:
+        gates = gates.to(gates_dtype)
+    if bwd_config != "same":
+        options = options | {"config": bwd_config}
     g = torch.Generator().manual_seed(1)
     d_hs = torch.randn(T + 1, B, H, generator=g, dtype=torch.float64)  # every step, and h0 itself
     d_cn = torch.randn(B, H, generator=g, dtype=torch.float64)
@@ -215,12 +225,22 @@ def test_one_launch_with_barriers_matches_per_step_launches(block_b):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     _, cs, gates = per_step
     d_hs, d_cn = torch.randn(T + 1, B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
-    per_step = run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], sizes, config=config, single_launch=False)
-    one = run_backward(
-        d_hs, d_cn, cs, gates, inputs["w_hh"], sizes, config=config, single_launch=True, spin_limit=spin_limit
-    )
-    for a, b in zip(per_step, one, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the backward also with the batch on the dot's N side, 4H in 4 chunks, one chunk's load ahead
+    for bwd in (config, replace(config, block_k=16, batch_n=True, k_ahead=1)):
+        per_step = run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], sizes, config=bwd, single_launch=False)
+        one = run_backward(
+            d_hs,
+            d_cn,
+            cs,
+            gates,
+            inputs["w_hh"],
+            sizes,
+            config=bwd,
+            single_launch=True,
+            spin_limit=spin_limit,
+        )
+        for a, b in zip(per_step, one, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def zeros_allocator(monkeypatch) -> list:
@@ -238,18 +258,21 @@ def zeros_allocator(monkeypatch) -> list:
 TIMEOUT = dict(config=SMALL, single_launch=True, spin_limit=3, phantom_programs=1)
 
 
-def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch):
+@pytest.mark.parametrize("one_chunk", [False, True], ids=["chunks", "one_chunk"])
+def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch, one_chunk):
     """The barrier waits for one program that does not exist: every program must give up and write
     NaN from then on. The launcher returns without reading the flag (no host sync); the next call
-    of either launcher raises, naming the shape of the launch that timed out, and only once."""
+    of either launcher raises, naming the shape of the launch that timed out, and only once. With
+    one batch tile the forward arrives, saves the step and prefetches gx, then waits (split barrier)."""
     _skip_unless_available(torch.float32)
     allocated = zeros_allocator(monkeypatch)
     inputs = make_inputs(torch.float32)
-    hs, cs, gates = run_forward(inputs, None, **TIMEOUT)
+    forward = TIMEOUT | (dict(config=tp.Config(units=4, num_warps=4, block_b=8)) if one_chunk else {})
+    hs, cs, gates = run_forward(inputs, None, **forward)
     assert allocated == [hs, cs, gates]
     # the first barrier follows step 0: from step 1 on, everything written is NaN
     assert hs[2:].isnan().all() and cs[2:].isnan().all() and gates[1:].isnan().all()
-    assert not hs[:2].isnan().any()
+    assert not hs[:2].isnan().any() and not cs[:2].isnan().any() and not gates[:1].isnan().any()
     with pytest.raises(tp.PersistentKernelTimeout, match=rf"forward \(T={T}, B={B}, H={H}, .*4 programs\)"):
         run_forward(inputs, None, config=SMALL)
     _, cs, gates = run_forward(inputs, None, config=SMALL)  # raised once: this call goes through
@@ -389,14 +412,15 @@ def test_fp32_dots_follow_cudnns_rnn_tf32_flag(cudnn_fp32_flags, monkeypatch):
         launched.clear()
         tp.persistent_forward(**{k: v.to(DEVICE) for k, v in inputs.items()}, config=SMALL)
         assert launched and set(launched) == {"tf32" if tf32 else "ieee"}
-    # TF32 and true fp32 are different configurations (mma on 4 warps; FMA on 8, H in two halves)
-    assert tp.fp32_config(16, 1024, False, True) == tp.Config(units=8, num_warps=4, block_b=16)
-    assert tp.fp32_config(16, 1024, False, False) == tp.Config(units=8, num_warps=8, block_b=16, split_k=2)
+    # TF32 and true fp32 are different configurations (mma on 2 warps; FMA on 8, each 128-column K
+    # chunk in 8 slices), both in 16-row batch tiles
+    assert tp.fp32_config(16, 1024, False, True) == tp.Config(units=8, num_warps=2, block_b=16)
+    assert tp.fp32_config(64, 1024, False, False) == tp.Config(units=8, num_warps=8, block_b=16, split_k=8)
 
 
 @pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
 def test_fp32_configs_match_naive(tf32, cudnn_fp32_flags):
-    """fp32 with the heuristic's own configurations at H = 40 (forward: H split in two halves without
+    """fp32 with the heuristic's own configurations at H = 40 (forward: its one K chunk in 4 slices without
     TF32; backward: 8 slices of the 4H contraction) and the backward's 4-row chunks of H > 512 (two
     chunks at B = 5), packed input, forward and every gradient against the naive layer. The
     interpreter multiplies TF32 dots in full fp32 (checked: the same error as "ieee" on random
@@ -422,7 +446,7 @@ def test_fp32_configs_match_naive(tf32, cudnn_fp32_flags):
     wide = tp.fp32_config(16, 1024, backward=True, tf32=tf32)  # [4, 4H] chunks, 8 slices
     assert (wide.block_b, wide.split_k) == (4, 8)
     fwd_cfg = tp.pick_config(B, h, torch.float32, False)
-    assert fwd_cfg.split_k == (1 if tf32 else 2)
+    assert fwd_cfg.split_k == (1 if tf32 else 4)  # FMA: H = 40's one 64-column K chunk in 4 slices
     for bwd_cfg in (tp.pick_config(B, h, torch.float32, True), wide):
         x = [t.to(DEVICE) for t in (gx, h0, c0, w_hh)]
         hs, cs, gates = tp.persistent_forward(*x, sizes, config=fwd_cfg)
@@ -490,15 +514,92 @@ def test_both_directions_take_the_vanilla_cell_only():
         tp.persistent_forward(**(stacked | {"h0": stacked["h0"][0]}))
 
 
+@pytest.mark.parametrize("single_launch", [False, True], ids=["per_step", "one_launch"])
+@pytest.mark.parametrize(
+    ("block_b", "block_k", "split_k"), [(8, 16, 1), (4, 16, 1), (8, 32, 2), (4, 64, 1)],
+    ids=["one_tile_k16", "tiles_k16", "one_tile_k32_split2", "tiles_k64"],
+)  # fmt: skip
+def test_forward_k_chunks_match_naive(block_b, block_k, split_k, single_launch):
+    """The forward walks H = 40 in K chunks (16: 3 chunks, the last one padded; 32: 2; 64: one), with
+    the whole batch as one tile (state in registers) or in tiles, against the naive layer; one
+    program on CPU (64 units) so that the barrier path runs there too."""
+    h = 40
+    g = torch.Generator().manual_seed(4)
+    gx, h0, c0 = (
+        torch.randn(T, B, 4 * h, generator=g),
+        torch.randn(B, h, generator=g),
+        torch.randn(B, h, generator=g),
+    )
+    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
+    sizes = SIZES["decreasing"]
+    units = 16 if DEVICE.type == "cuda" or not single_launch else 64
+    config = tp.Config(units=units, num_warps=4, block_b=block_b, split_k=split_k, block_k=block_k)
+    args = [x.to(DEVICE) for x in (gx, h0, c0, w_hh)]
+    spin_limit = 1 << 20 if DEVICE.type == "cuda" else 4
+    hs, cs, gates = tp.persistent_forward(
+        *args, torch.tensor(sizes), config=config, single_launch=single_launch, spin_limit=spin_limit
+    )
+    out, _, c_n = lstm_layer_naive(*(x.double() for x in (gx, h0, c0, w_hh)), batch_sizes=torch.tensor(sizes))
+    for k in range(T):  # rows that advanced at step k
+        assert rel_err(hs[k + 1, : sizes[k]].cpu(), out[k, : sizes[k]]) < 2e-6
+    assert rel_err(cs[-1].cpu(), c_n) < 2e-6
+    inputs = {"gx": gx, "h0": h0, "c0": c0, "w_hh": w_hh}
+    expected_cs, expected_gates = naive_cs_gates(inputs, sizes)
+    assert rel_err(cs.cpu(), expected_cs) < 2e-6
+    for k in range(T):
+        assert rel_err(gates[k, : sizes[k]].cpu(), expected_gates[k, : sizes[k]]) < 2e-6
+
+
+# the second-generation backward layout at the test's sizes (4H = 52): the batch on the dot's N side,
+# 4H walked in chunks (4 of 16, the last one 12 long; 2 of 32 with 2 slices each), loads issued ahead
+BATCH_N = {
+    "chunks_of_16": tp.Config(units=4, num_warps=4, block_b=8, split_k=1, block_k=16, batch_n=True),
+    "split_2_ahead_1": tp.Config(
+        units=8, num_warps=4, block_b=8, split_k=2, block_k=32, batch_n=True, k_ahead=1
+    ),
+    "batch_chunks_all_ahead": tp.Config(units=4, num_warps=4, block_b=4, block_k=16, batch_n=True, k_ahead=3),
+}
+
+
+@pytest.mark.parametrize("config", BATCH_N.values(), ids=BATCH_N.keys())
+def test_backward_with_the_batch_on_n_matches_autograd(config):
+    """fp64, several programs (the last one partly outside H), every row advancing at every step, so
+    that a read past 4H in the last chunk would meet the NaN after the buffer (packed input with
+    this layout: tests/test_variant_persistent.py)."""
+    _skip_unless_available(torch.float64)
+    check_backward(torch.float64, SIZES["full"], 1e-12, config=SMALL, bwd_config=config)
+
+
+def test_backward_reads_gates_saved_in_the_compute_dtype():
+    """Gates stored in bf16 (a forward may save them so) give the same gradients within bf16's error."""
+    _skip_unless_available(torch.bfloat16)
+    config = BATCH_N["split_2_ahead_1"]
+    check_backward(
+        torch.bfloat16, SIZES["decreasing"], 2e-2, config=SMALL, bwd_config=config, gates_dtype=torch.bfloat16
+    )
+
+
+def test_default_config_backward_in_bf16():
+    """pick_config's 16-bit backward (16 units, the batch on N, split in 8 slices) against autograd."""
+    _skip_unless_available(torch.bfloat16)
+    assert tp.pick_config(B, H, torch.bfloat16, backward=True).batch_n
+    check_backward(torch.bfloat16, SIZES["increasing"], 2e-2, config=SMALL, bwd_config=None)
+
+
 def test_launchers_reject_a_split_k_they_cannot_run():
     inputs = make_inputs(torch.float32)
-    with pytest.raises(ValueError, match=r"split_k must be a power of two with H padded \(16\)"):
+    with pytest.raises(ValueError, match=r"split_k must be a power of two with the K chunk \(16\)"):
         tp.persistent_forward(**inputs, config=tp.Config(units=4, num_warps=4, block_b=4, split_k=2))
     hs, cs, gates = run_forward(inputs, None, config=SMALL)
     for split_k in (3, 8):  # not a power of two; 64 / 8 < 16
         with pytest.raises(ValueError, match=r"split_k must be a power of two with 4H padded \(64\)"):
             tp.persistent_backward(
                 torch.zeros_like(hs), cs[0], gates, cs, inputs["w_hh"], config=tp.Config(4, 4, 4, split_k)
+            )
+    for block_k, match in ((24, r"block_k must be a power of two"), (16, r"with a 4H chunk padded \(16\)")):
+        with pytest.raises(ValueError, match=match):
+            tp.persistent_backward(
+                torch.zeros_like(hs), cs[0], gates, cs, inputs["w_hh"], config=tp.Config(4, 4, 4, 2, block_k)
             )
 
 
@@ -544,7 +645,7 @@ def test_cuda_check_compiles_both_kernels_with_every_argument(monkeypatch):
     checked = []
 
     def compile_problem(kernel, args, meta, programs, device):
-        constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+        constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages", "maxnreg")}
         assert len(args) + len(constexprs) == len(kernel.arg_names), kernel.arg_names
         assert set(constexprs) == set(kernel.arg_names[len(args) :])
         shapes = {"p_peep": (3, 768), "p_zone": (1, 16, 2, 768), "p_drop": (16, 768), "p_cnew": (1, 16, 768)}
@@ -558,11 +659,11 @@ def test_cuda_check_compiles_both_kernels_with_every_argument(monkeypatch):
 
     monkeypatch.setattr(tp, "_compile_problem", compile_problem)
     assert tp._cuda_unavailable_reason.__wrapped__(16, 768, torch.bfloat16, torch.device("cpu")) is None
-    assert checked == [("p_gx", 96), ("p_dhs", 96)]
+    assert checked == [("p_gx", 48), ("p_dhs", 48)]  # 16-bit: 16 units per program (forward at B ≤ 32)
     # every variant tensor present, each where its kernel parameter is
     check = tp._cuda_unavailable_reason.__wrapped__
     assert check(16, 768, torch.bfloat16, torch.device("cpu"), tp.PERSISTENT_FLAGS) is None
-    assert checked[2:] == [("p_gx", 96), ("p_dhs", 96)]
+    assert checked[2:] == [("p_gx", 48), ("p_dhs", 48)]
     # fp32 fits on chip at H = 768 now (a 4-row ∂L/∂pre chunk in the backward): both kernels are
     # compiled, with the dot precision the check was asked about (a key of its cache)
     precisions = []
@@ -576,12 +677,12 @@ def test_cuda_check_compiles_both_kernels_with_every_argument(monkeypatch):
     monkeypatch.setattr(tp, "_compile_problem", lambda k, a, meta, n, d: checked.append((meta["BIDIR"], n)))
     checked.clear()
     assert check(16, 512, torch.bfloat16, torch.device("cpu"), 0, "ieee", 2) is None
-    assert checked == [(True, 128), (True, 128)]
+    assert checked == [(True, 64), (True, 64)]  # 16 units per program each way
     assert "vanilla cell" in tp.persistent_unavailable_reason(
         16, 512, torch.bfloat16, DEVICE, tp.PERSISTENT_FLAGS, 2
     )
     reason = check(16, 2048, torch.float32, torch.device("cpu"), 0, "ieee")
-    assert "384 KiB on chip per program at H=2048" in reason
+    assert reason.startswith("the forward") and "264 KiB on chip per program at H=2048" in reason
 
 
 COMPILE_FOR_HOPPER = r"""
@@ -619,11 +720,11 @@ def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp cover
             layouts[name] = (kind, per_warp, field("warpsPerCTA"))
     dots = []
     # tt.dot (mma.sync, FMA) or ttng.warp_group_dot (wgmma, Hopper's MMAv3, from M = 64 per 4 warps)
-    dot_re = r"(?:tt\.dot|ttng\.warp_group_dot) .* -> tensor<([\dx]+)x\w+, (#\w+)>"
-    for shape, name in re.findall(dot_re, ttgir):
+    dot_re = r"(tt\.dot|ttng\.warp_group_dot) .* -> tensor<([\dx]+)x\w+, (#\w+)>"
+    for op, shape, name in re.findall(dot_re, ttgir):
         kind, per_warp, warps = layouts.get(name, (name, None, None))  # None: a layout this cannot read
         dots.append({"shape": [int(x) for x in shape.split("x")], "kind": kind, "per_warp": per_warp,
-                     "warps": warps})
+                     "warps": warps, "wgmma": op == "ttng.warp_group_dot"})
     return dots
 
 def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, and its local_loads
@@ -647,12 +748,14 @@ def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
                 "p_hd": w, "p_sizes": "*i32", "p_sync": "*i32"}
     if backward:
         fn = tp.lstm_persistent_bwd_kernel
-        const = {"BLOCK_G": tp._block(4 * H), "SPLIT_K": cfg.split_k, "FINISH": True}
-        const["ONE_CHUNK"] = B <= cfg.block_b
+        const = tp.bwd_constexprs(H, cfg) | {"FINISH": True, "ONE_CHUNK": B <= cfg.block_b}
     else:
         fn = tp.lstm_persistent_fwd_kernel
-        const = {"BLOCK_H": tp._block(H), "SPLIT_K": cfg.split_k, "SAVE": True, "ONE_CHUNK": B <= cfg.block_b}
-    options = tp._compile_options(DTYPES[dt], cfg, TF32.get(dt))  # what a launch passes
+        block_k = tp.fwd_block_k(H, cfg)
+        const = {"BLOCK_K": block_k, "N_K": -(-H // block_k), "SPLIT_K": cfg.split_k, "SAVE": True,
+                 "ONE_CHUNK": B <= cfg.block_b}
+    # what a launch passes
+    options = (tp.bwd_compile_options if backward else tp._compile_options)(DTYPES[dt], cfg, TF32.get(dt))
     const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "FLAGS": flags, "SYNC": True}
     const["BIDIR"] = bidir
     const |= {k: options.pop(k) for k in ("ACQUIRE_LOAD", "DOT_PRECISION", "UPCAST_DOT")}
@@ -684,7 +787,9 @@ for spec in sys.argv[1:]:
         compiled[key] = compile_kernel(backward, B, H, dt, cfg, flags, bidir)
     regs, spills, shared, dots, acquire, loop_loads, loop_local_loads = compiled[key]
     fit = {sms: tp.resident_programs(regs, cfg.num_warps, shared, sms=sms) for sms in (132, 114)}
+    k_chunks = tp.bwd_chunks(H, cfg)[1] if backward else -(-H // tp.fwd_block_k(H, cfg))
     print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared, "warps": cfg.num_warps,
+                      "units": cfg.units, "k_chunks": k_chunks,
                       "programs": cfg.programs(H) * (2 if bidir else 1), "fit": fit[132], "fit_114": fit[114],
                       "dots": dots,
                       "acquire_load": acquire, "loop_loads": loop_loads,
@@ -696,36 +801,44 @@ for spec in sys.argv[1:]:
 GRID = [(b, h) for h in (256, 512, 768, 1024) for b in (16, 64, 128)]
 HOPPER_SPECS = [f"bf16,{b},{h},{d}" for b, h in GRID for d in ("fwd", "bwd")]
 HOPPER_SPECS += ["fp16,16,768,fwd", "fp16,16,768,bwd"]
+# the forward's other tile sizes: B = 32 (16 units, wgmma on [64, 32]), fp16 with B = 64 on N
+HOPPER_SPECS += ["bf16,32,768,fwd", "fp16,64,1024,fwd"]
+HOPPER_SPECS += ["fp16,64,1024,bwd", "fp16,128,1024,bwd"]  # the backward's largest 16-bit tiles
 HOPPER_SPECS += [
     f"{dt},{b},{h},{d}" for dt in ("fp32", "tf32") for b, h in GRID if b < 128 for d in ("fwd", "bwd")
 ]
+# the fp32 forward's 128-row batch tile (the fp32 backward at B = 128 is B = 64's kernel)
+HOPPER_SPECS += [f"{dt},128,{h},fwd" for dt in ("fp32", "tf32") for h in (256, 1024)]
 # lstmlab-train's compare preset (B 64, H 64): what its fp32 training on a GPU compiles
 HOPPER_SPECS += [f"{dt},64,64,{d}" for dt in ("fp32", "tf32") for d in ("fwd", "bwd")]
-# both directions in one launch (2P programs): the backward holds one program per SM, so 2P = 128
-# (H = 512) fits 132 SMs but not 114, and 2P = 192 (H = 768) fits neither
-HOPPER_SPECS += [f"bf16,16,{h},{d},bidir" for h in (512, 768) for d in ("fwd", "bwd")]
-NOT_RESIDENT = {"bf16,16,768,bwd,bidir"}
+# both directions in one launch (2P programs): at B = 16 both 16-bit kernels run 16 units per
+# program, 2P = 64 at H = 512, 96 at H = 768 and 128 at H = 1024; the backward holds one program per
+# SM (its register cap × 8 warps), and so does the forward at H = 1024 (136 KiB), so 96 fit 132 and
+# 114 SMs, 128 only 132
+HOPPER_SPECS += [f"bf16,16,{h},{d},bidir" for h in (512, 768, 1024) for d in ("fwd", "bwd")]
+NOT_RESIDENT = set()
+SPEC_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+SPEC_TF32 = {"fp32": False, "tf32": True}
 # the cell variants: every bit the persistent kernels take, switched on at once
 HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd")]
-# an H100 PCIe has 114 SMs: from H = 768 on, the backward (192 KiB of shared memory), the forward at
-# B > 16 (130 KiB, 32-row chunks) and the fp32 forward hold one program per SM, so at H = 1024
-# (128 programs) persistent_unavailable_reason sends the layer to the per-step kernels there
-NOT_RESIDENT_ON_114_SMS = (
-    {f"bf16,{b},1024,bwd" for b in (16, 64, 128)} | NOT_RESIDENT | {"bf16,16,512,bwd,bidir"}
-)
-NOT_RESIDENT_ON_114_SMS |= {"bf16,64,1024,fwd", "bf16,128,1024,fwd"}
+# an H100 PCIe has 114 SMs: at H = 1024 the forward at B = 128 (8 units per program, 128 programs,
+# 8 warps of 181-244 registers) and the fp32 kernels (8 units: 128 programs, one per SM) do not fit
+# there, so persistent_unavailable_reason sends the layer to the per-step kernels; the 16-bit forward
+# at B ≤ 32 (16 units: 64 programs) and at B = 64 (two programs per SM) and the 16-bit backward
+# (16 units: 64 programs, one per SM) do
+NOT_RESIDENT_ON_114_SMS = {"bf16,128,1024,fwd", "bf16,16,1024,fwd,bidir", "bf16,16,1024,bwd,bidir"}
 NOT_RESIDENT_ON_114_SMS |= {
-    f"{dt},{b},1024,{d}" for dt in ("fp32", "tf32") for b in (16, 64) for d in ("fwd", "bwd")
+    f"{dt},{b},1024,{d}" for dt in ("fp32", "tf32") for b in (16, 64, 128) for d in ("fwd", "bwd")
 }
 
 
 # What the time loop may load with one batch chunk (B = 16), vanilla cell, packed input: the step's
 # batch size, the operand of the dot (h_{t−1}, ∂L/∂pre_{t+1}) and launch inputs (gx_{t+1} prefetched;
-# the saved gates, c_t, c_{t−1} and ∂L/∂hs[t+1]), never the program's own state, which stays in
-# registers. Names as triton ≥ 3.9 gives them (the Python variable's), so checked there only.
+# the saved gates (four [B, U] tiles), c_t, c_{t−1} and ∂L/∂hs[t+1]), never the program's own state,
+# which stays in registers. Names as triton ≥ 3.9 gives them (the Python variable's), so checked there only.
 LOOP_LOADS = {
-    "fwd": ["b_gx_reg", "b_hp", "n_rows"],
-    "bwd": ["b_c_pf", "b_c_prev_pf", "b_dh", "b_dp", "b_gates_pf", "n_rows"],
+    "fwd": ["b_gx", "b_hn", "n_rows"],
+    "bwd": ["b_c_pf", "b_c_prev_pf", "b_dh", "b_dp", "b_gf_pf", "b_gg_pf", "b_gi_pf", "b_go_pf", "n_rows"],
 }
 
 
@@ -743,6 +856,21 @@ def test_duplicated_warps_reads_the_layout():
     assert duplicated_warps({"shape": [16, 8], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [8, 1]})
     assert not duplicated_warps({"shape": [8, 16, 8], "kind": "nvidia_mma", "per_warp": [1, 16, 8],
                                  "warps": [8, 1, 1]})  # fmt: skip
+    # the transposed forward (sm_90, triton 3.9): U = 8 on 4 warps at B = 16 puts them on M = 32
+    assert duplicated_warps({"shape": [32, 16], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [4, 1]})
+    # U = 16: one warpgroup's wgmma on [64, 16] (16 rows per warp); with 8 warps it is computed twice
+    wgmma = {"shape": [64, 16], "kind": "nvidia_mma", "per_warp": [16, 16], "warps": [4, 1]}
+    assert not duplicated_warps(wgmma)
+    assert duplicated_warps(wgmma | {"per_warp": [16, 8], "warps": [8, 1]})
+    # the second-generation backward, the batch on N: [S, U, block_b] = [8, 16, 16] (B16), [2, 16, 64]
+    # (B64), [16, 128] (B128), as compiled; then 8 warps on [1, 16, 16]: 4 on N's 2 tiles, 2 on M's 1
+    mma3 = {"kind": "nvidia_mma", "per_warp": [1, 16, 8]}
+    assert not duplicated_warps(mma3 | {"shape": [8, 16, 16], "warps": [8, 1, 1]})
+    assert not duplicated_warps(mma3 | {"shape": [2, 16, 64], "warps": [2, 1, 4]})
+    assert not duplicated_warps(
+        {"shape": [16, 128], "kind": "nvidia_mma", "per_warp": [16, 8], "warps": [1, 8]}
+    )
+    assert duplicated_warps(mma3 | {"shape": [1, 16, 16], "warps": [1, 2, 4]})
 
 
 @pytest.mark.parametrize(("B", "H"), [(b, h) for b in (16, 64, 128) for h in (256, 512, 768, 1024, 13)])
@@ -756,13 +884,24 @@ def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
         (torch.float32, False),
     ):
         cfg = tp.pick_config(B, H, dtype, backward, tf32)
-        if backward:  # one [block_b, U] tile per warp, one warp per slice of the 4H contraction
+        if backward and cfg.batch_n:  # 16-bit: [S, U, block_b], warps on the slices, then on N
+            assert dtype != torch.float32 and cfg.units == 16 and cfg.block_b == min(128, tp._block(B))
+            assert cfg.num_warps <= tp.dot_warps(cfg.units, cfg.block_b, cfg.split_k)
+            block_k, n_k = tp.bwd_chunks(H, cfg)
+            assert block_k // cfg.split_k >= 16 and block_k * cfg.block_b * 2 <= tp.BWD_CHUNK_BYTES
+            assert block_k * n_k == 4 * H or H == 13  # no padding where 4H has a power of two ≥ 16·S
+        elif backward:  # fp32: one [block_b, U] tile per warp, one warp per slice of the 4H contraction
+            assert dtype == torch.float32
             assert cfg.num_warps == cfg.split_k == tp.dot_warps(cfg.block_b, cfg.units, cfg.split_k)
             assert tp._block(4 * H) // cfg.split_k >= 16
-        elif tf32 is False:  # FMA, no mma tiles: warps on the two halves of H and the rows
-            assert cfg.num_warps == 8 and cfg.split_k <= 2 and tp._block(H) // cfg.split_k >= 16
-        else:
-            assert cfg.split_k == 1 and cfg.num_warps <= tp.dot_warps(cfg.block_b, 4 * cfg.units)
+        elif tf32 is False:  # FMA, no mma tiles: 8 warps on the slices of each K chunk and the rows
+            assert cfg.num_warps == 8 and tp.fwd_block_k(H, cfg) // cfg.split_k >= 16
+        else:  # the transposed dot: [4U, block_b] output, the whole batch up to 128 in one tile
+            assert cfg.split_k == 1 and cfg.num_warps <= tp.dot_warps(4 * cfg.units, cfg.block_b)
+            whole_batch = min(128, max(16, 1 << (B - 1).bit_length()))
+            assert cfg.block_b == (16 if dtype == torch.float32 else whole_batch)  # fp32: 16-row tiles
+        if not backward:  # K in at most MAX_K_CHUNKS chunks, only the last one padded
+            assert -(-H // tp.fwd_block_k(H, cfg)) <= tp.MAX_K_CHUNKS
 
 
 @pytest.mark.parametrize(("H", "dtype"), [(2048, torch.float32), (512, torch.float64)])
@@ -773,14 +912,14 @@ def test_heuristic_refuses_backward_tiles_that_do_not_fit_on_chip(H, dtype):
 
 @pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
 def test_fp32_tiles_fit_on_chip_up_to_h_1024(tf32):
-    """fp32's ∂L/∂pre chunk shrinks where 16 rows do not fit: 16 rows up to H = 512, then 4 (and
-    4 at every H in the FMA backward at B > 16, where more spilled)."""
+    """fp32's ∂L/∂pre chunk shrinks where 16 rows do not fit: 16 rows up to H = 512, then 4; the FMA
+    backward takes 8 at H = 512, where 16 spilled with triton 3.6 (and 4 with 3.9)."""
     for B, H in ((b, h) for b in (16, 64) for h in (13, 256, 512, 768, 1024)):
         for backward in (False, True):
             cfg = tp.pick_config(B, H, torch.float32, backward, tf32)
             assert tp.config_problem(B, H, torch.float32, cfg, backward) is None, (H, backward, cfg)
             assert cfg.programs(H) <= 132
-        rows = 16 if H <= 512 and (tf32 or B <= 16) else 4
+        rows = 16 if H <= 256 or (tf32 and H <= 512) else 8 if H <= 512 else 4
         assert tp.pick_config(B, H, torch.float32, True, tf32).block_b == rows
 
 
@@ -824,10 +963,36 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             )
             on_114 = row["programs"] <= row["fit_114"]
             checks["resident on 114 SMs as expected"] = on_114 == (spec not in NOT_RESIDENT_ON_114_SMS)
-            # the ldmatrix reads of the two dot operands from shared memory, nothing else
-            checks["at most 2 local_loads in the time loop"] = row["loop_local_loads"] <= 2
-            dt, b, _, d, *variant = spec.split(",")
+            dt, b, h, d, *variant = spec.split(",")
+            cfg = tp.pick_config(int(b), int(h), SPEC_DTYPES[dt], d == "bwd", SPEC_TF32.get(dt))
+            # the ldmatrix reads of the two dot operands from shared memory (per K chunk of either
+            # kernel; none with wgmma, which reads shared memory itself), nothing else
+            checks["at most 2 local_loads per K chunk in the time loop"] = (
+                row["loop_local_loads"] <= 2 * row["k_chunks"]
+            )
+            if d == "fwd" and dt != "fp32" and row["units"] == 16:  # M = 4U = 64: one warpgroup's wgmma
+                checks["wgmma (ttng.warp_group_dot)"] = all(dot["wgmma"] for dot in row["dots"])
+            if d == "bwd" and dt in ("bf16", "fp16"):  # one dot per 4H chunk, in the loop and after it
+                n_k = row["k_chunks"]
+                checks["the batch on the dot's N side, 4H in unpadded chunks"] = cfg.batch_n and (
+                    len(row["dots"]) == 2 * n_k
+                    and n_k * tp.bwd_chunks(int(h), cfg)[0] == 4 * int(h)
+                    and all(dot["shape"][-2:] == [cfg.units, cfg.block_b] for dot in row["dots"])
+                )
             if b == "16" and dt in ("bf16", "fp16") and not variant and TRITON_VERSION >= (3, 9):
                 checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
         failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gates_saved_in_the_compute_dtype(dtype, monkeypatch):
+    """GATES_IN_COMPUTE_DTYPE (off by default, for ablations): the forward saves 16-bit gates, the
+    backward converts them to fp32 as it loads them; forward and every gradient against naive."""
+    _skip_unless_available(dtype)
+    monkeypatch.setattr(tp, "GATES_IN_COMPUTE_DTYPE", True)
+    rtol = LOW_PRECISION_RTOL[dtype]
+    _, _, gates = check_forward(make_inputs(dtype), SIZES["decreasing"], rtol, config=SMALL)
+    assert gates.dtype == dtype
+    check_backward(dtype, SIZES["decreasing"], rtol, config=SMALL)
+    check_backward(dtype, None, rtol, config=tp.Config(units=4, num_warps=4, block_b=8))  # one tile

@@ -128,7 +128,15 @@ def run_forward(inputs: dict, sizes: list[int] | None, config: tp.Config):
     return hs, cs, gates, c_new
 
 
-def check_variant(variant: CellVariant, flags: int, dtype: torch.dtype, sizes, config: tp.Config) -> None:
+def check_variant(
+    variant: CellVariant,
+    flags: int,
+    dtype: torch.dtype,
+    sizes,
+    config: tp.Config,
+    bwd_config: tp.Config | None = None,
+) -> None:
+    """The forward with config, the backward with bwd_config (default: config), against autograd."""
     rtol = RTOL[dtype]
     inputs = make_inputs(variant, flags, dtype)
     flags = inputs["flags"]
@@ -163,7 +171,7 @@ def check_variant(variant: CellVariant, flags: int, dtype: torch.dtype, sizes, c
         inputs["w_hh"],
         None if sizes is None else torch.tensor(sizes),
         c_new=c_new,
-        config=config,
+        config=bwd_config or config,
         **variant_tensors,
     )
     for name, actual, exp in zip(("d_pre", "d_h0", "d_c0"), (d_pre, d_h0, d_c0), expected, strict=True):
@@ -189,6 +197,17 @@ def test_variants_with_several_programs_and_batch_chunks(case, sizes):
     variant, flags = CASES[case]
     _skip_unless_available(torch.float64, variant.flags | flags)
     check_variant(variant, flags, torch.float64, sizes, SMALL)
+
+
+# the second-generation backward: the batch on the dot's N side, 4H (52) in 4 chunks of 16
+BATCH_N = tp.Config(units=4, num_warps=4, block_b=8, block_k=16, batch_n=True, k_ahead=1)
+
+
+@pytest.mark.parametrize("case", ["all", "all_removed", "zoneout_h", "dropout"])
+def test_variants_backward_with_the_batch_on_n(case):
+    variant, flags = CASES[case]
+    _skip_unless_available(torch.float64, variant.flags | flags)
+    check_variant(variant, flags, torch.float64, DECREASING, SMALL, bwd_config=BATCH_N)
 
 
 def test_all_variants_in_fp32_with_several_programs():
