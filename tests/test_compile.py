@@ -187,9 +187,9 @@ def test_export_with_the_persistent_backend_checks_the_shape_on_real_tensors(mon
     seen = []
     real_check = triton_persistent.persistent_unavailable_reason
 
-    def spy(batch, hidden, dtype, device, flags=0):
+    def spy(batch, hidden, dtype, device, *rest, **kwargs):  # rest: flags, directions
         seen.append(type(torch.zeros(1, device=device)))
-        return real_check(batch, hidden, dtype, device, flags)
+        return real_check(batch, hidden, dtype, device, *rest, **kwargs)
 
     monkeypatch.setattr(triton_persistent, "persistent_unavailable_reason", spy)
     theirs, ours = twins(backend="triton_persistent")
