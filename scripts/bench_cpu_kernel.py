@@ -82,31 +82,6 @@ def check(name: str, T: int, B: int, H: int) -> float:
     return benchlib.max_rel_err(results[1], results[0])
 
 
-def time_interleaved(
-    calls, min_run_time_s: float, clock, rounds: int = 15
-) -> list[tuple[float, float, float]]:
-    """(median, 20 %, 80 %) in ms per call of each ``(fn, grad_to_none)``, in ``rounds`` round-robin
-    blocks (benchlib.time_interleaved with a choice of clock): a burst of load hits every impl."""
-
-    def run(fn, grads, n: int) -> float:
-        t0 = clock()
-        for _ in range(n):
-            for t in grads or []:
-                t.grad = None
-            fn()
-        return (clock() - t0) / n
-
-    block_s = min_run_time_s / rounds / max(len(calls), 1)
-    per_call = [run(fn, grads, 1) for fn, grads in calls]  # warm-up and first estimate
-    counts = [max(1, round(block_s / max(t, 1e-6))) for t in per_call]
-    samples: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for k, (fn, grads) in enumerate(calls):
-            samples[k].append(run(fn, grads, counts[k]) * 1e3)
-    qs = torch.tensor(benchlib.QUANTILES, dtype=torch.float64)
-    return [tuple(torch.quantile(torch.tensor(t, dtype=torch.float64), qs).tolist()) for t in samples]
-
-
 def plot(rows: list[dict], impls: list[str], path: Path) -> None:
     """Each row's time ÷ torch.nn.LSTM as bars, one per implementation, the parity line at 1."""
     import matplotlib
@@ -190,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
                     out.sum().backward()
 
                 calls.append((call, [x, *lstm.parameters()]))
-        times = time_interleaved(
-            calls, args.min_run_time, time.process_time if args.clock == "cpu" else time.perf_counter
+        times = benchlib.time_interleaved(
+            calls,
+            min_run_time_s=args.min_run_time,
+            clock=time.process_time if args.clock == "cpu" else time.perf_counter,
         )
         base = times[0][0]
         row = {"threads": threads, "B": B, "H": H, "T": args.seq, "pass": passes, "clock": args.clock}
