@@ -232,11 +232,6 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
     none = a.hs.new_empty
     d_w_ih = d_bias = d_w_hh = d_w_hr = None
     d_w_hh_fused = needs_w_hh and grads.d_rec is grads.d_pre  # ∂W_hh reads ∂L/∂r: d_pre unless layer norm
-    if d_w is not None:  # no output aliases another
-        I = a.x.shape[-1]
-        d_w_ih = d_w[:, :I].contiguous() if needs_w_ih else None
-        d_w_hh = d_w[:, I:].contiguous() if needs_w_hh else None
-        needs_w_ih = False
     if gx_mode:
         d_x = grads.d_pre
     else:
@@ -246,7 +241,10 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
             d_x = gemm.mm(d_pre_rows, a.w_ih).view(T, B, I)  # [T, B, I]
         if needs_bias:
             d_bias = d_pre_rows.sum(0) if d_b is None else d_b  # [4H]
-        if needs_w_ih and d_w_hh_fused:  # one product over both, reading d_pre once: [4H, I + P]
+        if d_w is not None:  # summed by the backend's steps; no output aliases another
+            d_w_ih = d_w[:, :I].contiguous() if needs_w_ih else None
+            d_w_hh = d_w[:, I:].contiguous() if needs_w_hh else None
+        elif needs_w_ih and d_w_hh_fused:  # one product over both, reading d_pre once: [4H, I + P]
             x_h = loop.scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
             d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows()], dim=1, out=x_h))
             d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
