@@ -398,3 +398,18 @@ def test_argument_checks(library):
         cpu_kernel.sequence_forward(*args[:5], torch.tensor([3, 3, 2, 2, 1], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="outside"):
         cpu_kernel.sequence_forward(*args[:5], torch.tensor([3, 3, 4, 2, 1]))
+    # the fused input projection: a bias without w_ih, and w_ih that does not fit x or w_hh
+    bias = torch.zeros(4 * H, dtype=torch.float64)
+    with pytest.raises(ValueError, match="bias goes with w_ih"):
+        cpu_kernel.sequence_forward(*args, bias=bias)
+    inp = torch.randn(T, B, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="w_ih must be"):
+        cpu_kernel.sequence_forward(inp, *args[1:], w_ih=torch.zeros(4 * H, 2, dtype=torch.float64))
+    # ∂W in the loop needs the forward's h with x
+    hs, cs, gates, h_raw, c_new = cpu_kernel.sequence_forward(*args)
+    bwd = (torch.zeros_like(hs), x["c0"], gates, cs, h_raw, c_new, x["w_hh"], None, None)
+    w_ih = torch.zeros(4 * H, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x goes with w_ih and hs"):
+        cpu_kernel.sequence_backward(*bwd, w_ih=w_ih, x=inp)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_kernel.sequence_backward(*bwd, w_ih=w_ih, x=inp[:, :, :2], hs=hs)
