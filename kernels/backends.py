@@ -202,7 +202,7 @@ class _CpuKernel:
         from . import cpu_kernel
 
         hs, cs, gates, h_raw, c_new = cpu_kernel.sequence_forward(
-            x.contiguous(), h0, c0, w_hh, w_hr, batch_sizes,
+            x, h0, c0, w_hh, w_hr, batch_sizes,  # x: the kernel reads any step and batch strides
             flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout, save=save,
             w_ih=w_ih, bias=bias,
         )  # fmt: skip
@@ -236,7 +236,7 @@ class _CpuKernel:
             empty if saved.h_raw is None else saved.h_raw, empty if saved.c_new is None else saved.c_new,
             w_hh, w_hr, batch_sizes,
             flags=cell.flags, peephole=cell.peephole, zoneout=cell.zoneout, dropout=cell.dropout,
-            w_ih=w_ih if want_x or want_w else None, x=x if want_w else None, hs=saved.hs if want_w else None,
+            w_ih=w_ih if want_x else None, x=x if want_w else None, hs=saved.hs if want_w else None,
         )  # fmt: skip
         grads = LoopGrads(d_pre, d_pre, d_h0, d_c0, None if w_hr is None else d_hp, None)
         return grads, d_x if want_x else None, d_w if want_w else None, d_b if want_w else None

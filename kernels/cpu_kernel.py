@@ -392,10 +392,11 @@ def sequence_backward(
         w_hh, w_hr, batch_sizes, flags, peephole, zoneout, dropout: those of the forward.
         w_ih: [4H, I] input weights, or None. Given, each step's product is
             ∂pre_k·[W_ih | W_hh] and ∂x comes back too (no GEMM over all steps after the loop).
-        x: [T, B, I] the layer's input (only with w_ih) and hs: [T + 1, B, P] the forward's h, or
+            Leave it out when ∂x is not wanted: the product is then ∂pre_k·W_hh alone.
+        x: [T, B, I] the layer's input (only with hs) and hs: [T + 1, B, P] the forward's h, or
             None. With hs, ∂W = Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] is accumulated step by step inside
-            the loop (x only when w_ih is given) and comes back as d_w [4H, I + P], with
-            d_b = Σ ∂pre [4H].
+            the loop and comes back as d_w [4H, I + P] (I = 0 without x), with d_b = Σ ∂pre [4H].
+            ∂W_ih needs x, not w_ih.
 
     Returns:
         d_pre [T, B, 4H] (∂L/∂gx; 0 in rows that did not advance and for a removed gate), d_h0
@@ -431,10 +432,10 @@ def sequence_backward(
         _check_shape("c_new", c_new, (T, B, H), dtype)
     if w_ih is not None:
         _check_shape("w_ih", w_ih, (G, w_ih.shape[-1] if w_ih.dim() == 2 else -1), dtype)
-    if (x is None) != (w_ih is None or hs is None):
-        raise ValueError("x goes with w_ih and hs (∂W_ih in the loop): give all three, or no x")
+    if x is not None and hs is None:
+        raise ValueError("x goes with hs (∂W_ih in the loop needs both); got x without hs")
     if x is not None:
-        _check_shape("x", x, (T, B, w_ih.shape[1]), dtype)
+        _check_shape("x", x, (T, B, x.shape[-1] if w_ih is None else w_ih.shape[1]), dtype)
     if hs is not None:
         _check_shape("hs", hs, (T + 1, B, P), dtype)
     d_pre, d_h0, d_c0, d_hp, d_x, d_w, d_b = torch.ops.lstmlab_cpu.sequence_backward(

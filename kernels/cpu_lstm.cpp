@@ -201,6 +201,7 @@ struct Forward {
   int64_t T, B, H, P, G, flags;
   const scalar_t* gx;    // [T, B, G] input projection incl. biases, or nullptr: fused (x, I, bias_panels)
   const scalar_t* x;     // [T, B, I] input, when the input projection is fused into the step's product
+  int64_t sxt, sxb;      // x's step and batch strides: element (t, b, i) at x[t·sxt + b·sxb + i]
   int64_t I;             // input features (0 when gx is given)
   const scalar_t* bias_panels;  // [⌈H/L⌉, 4L] b_ih + b_hh by panels (fused, with a bias) or nullptr
   scalar_t* xd;          // [2, B, I + P] (fused) or nullptr: [x_k | d_k] rows of step k in slot k % 2
@@ -274,62 +275,79 @@ inline void gate_step(const Forward<scalar_t>& a, int64_t k, int64_t r, int64_t 
   }
 }
 
-// A tile of R rows of `a` (element (i, kk) at a[i·lda + kk·ldk]) times one packed panel [K, 4L]:
-// out[i·ldo + c] = init + Σ_kk a(i, kk)·w[kk·4L + c] for i < R, c < 4L, where init is bias[c], or
-// out itself (accumulate), or 0. The products stay in R × 4 vector registers over the whole
-// contraction (our micro-kernel: W streams four vectors per kk, `a` is broadcast). The results go
-// through memory (an L1 tile or a scratch row): handing the registers on to the gate math directly
-// made GCC keep a copy of every accumulator in memory, stored at each kk (2× slower).
-template <int R, typename scalar_t>
+// A tile of R rows of `a` (element (i, kk) at a[i·lda + kk·ldk]) times the first Q vectors of one
+// packed panel [K, 4L]: out[i·ldo + c] = init + Σ_kk a(i, kk)·w[kk·4L + c] for i < R, c < Q·L, where
+// init is bias[c], or out itself (accumulate), or 0. The products stay in R × Q vector registers
+// over the whole contraction (our micro-kernel: W streams Q vectors per kk, `a` is broadcast).
+// Q < 4 is a panel's tail: a product whose last panel holds 2 of 4L columns costs 1 vector, not 4.
+// The results go through memory (an L1 tile or a scratch row): handing the registers on to the gate
+// math directly made GCC keep a copy of every accumulator in memory, stored at each kk (2× slower).
+template <int R, int Q, typename scalar_t>
 inline void panel_tile(const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
                        const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t L = V::size();
-  V acc[R][4];
+  V acc[R][Q];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-    for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q)
       acc[i][q] = accumulate ? V::loadu(out + i * ldo + q * L) : bias ? V::loadu(bias + q * L) : V(0);
   for (int64_t kk = 0; kk < K; ++kk) {
     const scalar_t* wk = w + kk * 4 * L;
     const scalar_t* ak = a + kk * ldk;
-    const V w0 = V::loadu(wk), w1 = V::loadu(wk + L), w2 = V::loadu(wk + 2 * L), w3 = V::loadu(wk + 3 * L);
+    V wq[Q];
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) wq[q] = V::loadu(wk + q * L);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const V ai(ak[i * lda]);
-      acc[i][0] = at::vec::fmadd(ai, w0, acc[i][0]);
-      acc[i][1] = at::vec::fmadd(ai, w1, acc[i][1]);
-      acc[i][2] = at::vec::fmadd(ai, w2, acc[i][2]);
-      acc[i][3] = at::vec::fmadd(ai, w3, acc[i][3]);
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) acc[i][q] = at::vec::fmadd(ai, wq[q], acc[i][q]);
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-    for (int q = 0; q < 4; ++q) acc[i][q].store(out + i * ldo + q * L);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) acc[i][q].store(out + i * ldo + q * L);
 }
 
 // panel_tile for `rows` < R rows: a tile of exactly that many.
-template <int R, typename scalar_t>
+template <int R, int Q, typename scalar_t>
 inline void panel_tail(int64_t rows, const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
                        const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate) {
   if constexpr (R > 0) {
     if (rows == R) {
-      panel_tile<R>(a, lda, ldk, w, K, bias, out, ldo, accumulate);
+      panel_tile<R, Q>(a, lda, ldk, w, K, bias, out, ldo, accumulate);
     } else {
-      panel_tail<R - 1>(rows, a, lda, ldk, w, K, bias, out, ldo, accumulate);
+      panel_tail<R - 1, Q>(rows, a, lda, ldk, w, K, bias, out, ldo, accumulate);
     }
   }
 }
 
-// out [n, 4L] (row stride ldo) = (out if accumulate) + a [n, K]·panel [K, 4L] (+ bias [4L]), any n;
-// a's element (i, kk) at a[i·lda + kk·ldk].
-template <typename scalar_t>
-void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
-                   const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate = false) {
+template <int Q, typename scalar_t>
+void panel_rows(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
+                const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate) {
   constexpr int R = TILE_ROWS<Vectorized<scalar_t>>;
   int64_t r = 0;
-  for (; r + R <= n; r += R) panel_tile<R>(a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
-  panel_tail<R - 1>(n - r, a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
+  for (; r + R <= n; r += R) panel_tile<R, Q>(a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
+  panel_tail<R - 1, Q>(n - r, a + r * lda, lda, ldk, w, K, bias, out + r * ldo, ldo, accumulate);
+}
+
+// out [n, width] (row stride ldo) = (out if accumulate) + a [n, K]·panel [K, 4L][:, :width] (+ bias),
+// any n, width ≤ 4L rounded up to whole vectors (the columns beyond width up to the vector are
+// written too: the packed panel holds zeros there); a's element (i, kk) at a[i·lda + kk·ldk].
+template <typename scalar_t>
+void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const scalar_t* w, int64_t K,
+                   const scalar_t* bias, scalar_t* out, int64_t ldo, bool accumulate = false,
+                   int64_t width = 4 * Vectorized<scalar_t>::size()) {
+  constexpr int64_t L = Vectorized<scalar_t>::size();
+  switch ((std::min<int64_t>(width, 4 * L) + L - 1) / L) {
+    case 1: return panel_rows<1>(n, a, lda, ldk, w, K, bias, out, ldo, accumulate);
+    case 2: return panel_rows<2>(n, a, lda, ldk, w, K, bias, out, ldo, accumulate);
+    case 3: return panel_rows<3>(n, a, lda, ldk, w, K, bias, out, ldo, accumulate);
+    default: return panel_rows<4>(n, a, lda, ldk, w, K, bias, out, ldo, accumulate);
+  }
 }
 
 // The layouts panel_tile streams, written by plain loops: as ATen views (pad, permute, contiguous)
@@ -386,7 +404,7 @@ inline void step_tile(const Forward<scalar_t>& a, int64_t k, const scalar_t* d, 
   const int64_t K = a.I + a.P;  // d holds [x_t | d_t] rows with the fused projection, else d_t
   const scalar_t* bias = a.bias_panels ? a.bias_panels + (u / L) * 4 * L : nullptr;
   alignas(64) scalar_t rec[R][4 * L];
-  panel_tile<R>(d + r0 * K, K, 1, w, K, bias, rec[0], 4 * L, false);
+  panel_tile<R, 4>(d + r0 * K, K, 1, w, K, bias, rec[0], 4 * L, false);
   for (int i = 0; i < R; ++i) gate_step(a, k, r0 + i, u, cnt, rec[i]);
 }
 
@@ -415,7 +433,7 @@ void stage_next(const Forward<scalar_t>& a, int64_t k, int64_t c0, int64_t cw, i
   for (int64_t r = 0; r < B; ++r) std::copy(d + r * P + c0, d + r * P + c0 + cw, next + r * K + I + c0);
   if (x_rows && k + 1 < a.T)
     for (int64_t r = B * b / nb; r < B * (b + 1) / nb; ++r)
-      std::copy(a.x + ((k + 1) * B + r) * I, a.x + ((k + 1) * B + r + 1) * I, next + r * K);
+      std::copy_n(a.x + (k + 1) * a.sxt + r * a.sxb, I, next + r * K);
 }
 
 // Step k, rows < n, units [u0, u0 + ub) of one block (whole panels): gates, c, and h (or h_raw);
@@ -520,7 +538,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
   }
 
   Forward<scalar_t> a{T, B, H, P, G, flags,
-                      fused ? nullptr : gx.data_ptr<scalar_t>(), fused ? gx.data_ptr<scalar_t>() : nullptr, I,
+                      fused ? nullptr : gx.data_ptr<scalar_t>(), fused ? gx.data_ptr<scalar_t>() : nullptr,
+                      fused ? gx.stride(0) : 0, fused ? gx.stride(1) : 0, I,
                       bias_panels.defined() ? bias_panels.data_ptr<scalar_t>() : nullptr,
                       xd.defined() ? xd.data_ptr<scalar_t>() : nullptr, hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                       save ? gates.data_ptr<scalar_t>() : nullptr,
@@ -532,7 +551,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
   if (a.xd && T > 0) {  // slot 0: [x_0 | d_0]; later slots are staged by the blocks (stage_next)
     const scalar_t* d0 = (flags & RECURRENT_DROPOUT) ? a.dbuf : a.hs;
     for (int64_t r = 0; r < B; ++r) {
-      std::copy_n(a.x + r * I, I, a.xd + r * (I + P));
+      std::copy_n(a.x + r * a.sxb, I, a.xd + r * (I + P));
       std::copy_n(d0 + r * P, P, a.xd + r * (I + P) + I);
     }
   }
@@ -562,6 +581,7 @@ struct Backward {
   const scalar_t* w_panels;  // [⌈(I + P)/4L⌉, G, 4L] [W_ih | W_hh] packed by panels of output columns
   int64_t I;              // input features when ∂x is fused into the product (w_ih given), else 0
   int64_t ldr;            // row stride of rec: the packed columns, ⌈(I + P)/4L⌉·4L
+  int64_t Iw;             // input features of ∂W_ih when ∂W is in the loop (x given), else 0
   const scalar_t* w_hr;   // [P, H] (projection) or nullptr
   const scalar_t* peep;   // [3, H]
   const uint8_t* zone;    // [T, B, 2, H]
@@ -575,11 +595,13 @@ struct Backward {
   scalar_t* rec;          // [B, ldr] scratch: ∂pre_k·[W_ih | W_hh] = [∂x_k | ∂L/∂(h_{k−1} ⊙ m)]
   scalar_t* d_x;          // [T, B, I] out (∂x fused) or nullptr
   // ∂W accumulated step by step (∂W fused), else nullptr:
-  const scalar_t* x;      // [T, B, I] the layer input (I > 0)
+  const scalar_t* x;      // [T, B, I] the layer input (Iw > 0)
+  int64_t sxt, sxb;       // x's step and batch strides: element (t, b, i) at x[t·sxt + b·sxb + i]
   const scalar_t* hs;     // [T + 1, B, P] the forward's h
   int64_t chunk;          // steps whose ∂W products are summed in one pass (chunk·B ≥ DW_ROWS rows)
-  scalar_t* xh_panels;    // [⌈(I + P)/4L⌉, chunk·B, 4L] scratch: [x_k | h_{k−1} ⊙ m] of the chunk's steps
-  scalar_t* d_w;          // [G, ldr] out: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m], ∂[W_ih | W_hh] (padded columns)
+  int64_t ldw;            // row stride of d_w: ⌈(Iw + P)/4L⌉·4L
+  scalar_t* xh_panels;    // [⌈(Iw + P)/4L⌉, chunk·B, 4L] scratch: [x_k | h_{k−1} ⊙ m] of the chunk's steps
+  scalar_t* d_w;          // [G, ldw] out: Σ_k ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m], ∂[W_ih | W_hh] (padded columns)
   scalar_t* d_b;          // [G] out: Σ_k Σ_rows ∂pre_k, ∂b (with d_w)
 };
 
@@ -589,7 +611,7 @@ template <typename scalar_t>
 void pack_inputs(const Backward<scalar_t>& a, int64_t k, int64_t r0, int64_t r1) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t L4 = 4 * V::size();
-  const int64_t B = a.B, P = a.P, I = a.I, rows = a.chunk * B;
+  const int64_t B = a.B, P = a.P, I = a.Iw, rows = a.chunk * B;
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* out = a.xh_panels + ((k % a.chunk) * B + r) * L4;  // column c at (c / 4L)·rows·4L + c % 4L
     const scalar_t* h_r = a.hs + (k * B + r) * P;                 // hs[k] = h_{k−1}
@@ -599,7 +621,7 @@ void pack_inputs(const Backward<scalar_t>& a, int64_t k, int64_t r0, int64_t r1)
       const int64_t end = std::min({I + P, (c / L4 + 1) * L4, c < I ? I : I + P});
       scalar_t* dst = out + (c / L4) * rows * L4 + c % L4;
       if (c < I) {
-        std::copy(a.x + (k * B + r) * I + c, a.x + (k * B + r) * I + end, dst);
+        std::copy(a.x + k * a.sxt + r * a.sxb + c, a.x + k * a.sxt + r * a.sxb + end, dst);
       } else if (!m_r) {
         std::copy(h_r + c - I, h_r + end - I, dst);
       } else {
@@ -627,9 +649,10 @@ void accumulate_dw(const Backward<scalar_t>& a, int64_t k, int64_t u0, int64_t u
   const scalar_t* d_pre = a.d_pre + k * B * G;  // [steps·B, G] the chunk's rows
   for (int64_t q = 0; q < 4; ++q) {
     const int64_t g0 = q * H + u0;  // ub rows of ∂W; row i reads column g0 + i of ∂pre
-    for (int64_t c = 0; c < a.ldr; c += L4)
+    for (int64_t c = 0; c < a.Iw + a.P; c += L4)
       panel_product(ub, d_pre + g0, 1, G, a.xh_panels + (c / L4) * rows * L4, steps * B,
-                    (const scalar_t*)nullptr, a.d_w + g0 * a.ldr + c, a.ldr, /*accumulate=*/true);
+                    (const scalar_t*)nullptr, a.d_w + g0 * a.ldw + c, a.ldw, /*accumulate=*/true,
+                    /*width=*/a.Iw + a.P - c);
     for (int64_t j = 0; j < ub; j += V::size()) {  // ∂b: the same rows summed
       const int64_t cnt = std::min<int64_t>(V::size(), ub - j);
       V sum = load<V>(a.d_b + g0 + j, cnt);
@@ -727,10 +750,10 @@ void grad_h_block(const Backward<scalar_t>& a, int64_t k, int64_t n, int64_t n_p
   using V = Vectorized<scalar_t>;
   constexpr int64_t L4 = 4 * V::size();
   const int64_t B = a.B, H = a.H, P = a.P, G = a.G, I = a.I, f = a.flags;
-  for (int64_t c = c0; c < c0 + cw; c += L4)
-    panel_product(n, a.d_pre + k * B * G, G, 1, a.w_panels + (c / L4) * G * L4, G, (const scalar_t*)nullptr,
-                  a.rec + c, a.ldr);
   const int64_t c1 = std::min(c0 + cw, I + P);
+  for (int64_t c = c0; c < c1; c += L4)
+    panel_product(n, a.d_pre + k * B * G, G, 1, a.w_panels + (c / L4) * G * L4, G, (const scalar_t*)nullptr,
+                  a.rec + c, a.ldr, /*accumulate=*/false, /*width=*/c1 - c);
   if (a.d_x && c0 < I) {  // ∂x_k [B, I], columns [c0, min(c1, I))
     const int64_t xe = std::min(c1, I);
     for (int64_t r = 0; r < B; ++r) {
@@ -790,14 +813,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
   const int64_t ldr = w_panels.size(0) * 4 * V::size();
   auto rec = alloc({B, ldr}, dt, poison);
   auto d_x = I ? alloc({T, B, I}, dt, poison) : alloc({0}, dt, false);
-  // ∂W in the loop when the forward's h (and, with w_ih, x) are given
+  // ∂W in the loop when the forward's h (and, for ∂W_ih, x) are given; its x columns need not be
+  // the product's (∂W_ih without ∂x: the product then has only ∂h's P columns)
   const bool fuse_dw = hs.has_value();
-  TORCH_CHECK(!fuse_dw || (x.has_value() == (I > 0)), "∂W in the loop needs x exactly when w_ih is given");
-  at::Tensor d_w = fuse_dw ? at::zeros({G, ldr}, gates.options()) : alloc({0}, dt, false);
+  TORCH_CHECK(fuse_dw || !x.has_value(), "x (for ∂W_ih) goes with hs (∂W in the loop)");
+  const int64_t Iw = x.has_value() ? x->size(2) : 0, L4 = 4 * V::size();
+  const int64_t ldw = (Iw + P + L4 - 1) / L4 * L4;
+  at::Tensor d_w = fuse_dw ? at::zeros({G, ldw}, gates.options()) : alloc({0}, dt, false);
   at::Tensor d_b = fuse_dw ? at::zeros({G}, gates.options()) : alloc({0}, dt, false);
   const int64_t chunk = std::max<int64_t>(1, (DW_ROWS + B - 1) / std::max<int64_t>(B, 1));
-  at::Tensor xh_panels =
-      fuse_dw ? at::empty({ldr / (4 * V::size()), chunk * B, 4 * V::size()}, gates.options()) : at::Tensor();
+  at::Tensor xh_panels = fuse_dw ? at::empty({ldw / L4, chunk * B, L4}, gates.options()) : at::Tensor();
   if (fuse_dw) xh_panels.zero_();  // the padding columns beyond I + P are never written
   if (proj && T > 0) {  // d_hp[T − 1] = ∂L/∂hs[T] where rows advanced at the last step
     const int64_t n = sizes[T - 1];
@@ -809,15 +834,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
   Backward<scalar_t> a{T, B, H, P, G, flags,
                        d_hs.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                        (flags & ZONEOUT_C) ? c_new.data_ptr<scalar_t>() : cs.data_ptr<scalar_t>() + B * H,
-                       w_panels.data_ptr<scalar_t>(), I, ldr, proj ? w_hr->data_ptr<scalar_t>() : nullptr,
+                       w_panels.data_ptr<scalar_t>(), I, ldr, Iw, proj ? w_hr->data_ptr<scalar_t>() : nullptr,
                        ptr_or_null<scalar_t>(peephole), ptr_or_null<uint8_t>(zoneout), ptr_or_null<scalar_t>(dropout),
                        d_pre.data_ptr<scalar_t>(), proj ? d_hp.data_ptr<scalar_t>() : nullptr,
                        dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
                        proj ? dh_raw.data_ptr<scalar_t>() : nullptr,
                        carry.defined() ? carry.data_ptr<scalar_t>() : nullptr, rec.data_ptr<scalar_t>(),
                        I ? d_x.data_ptr<scalar_t>() : nullptr, x.has_value() ? x->data_ptr<scalar_t>() : nullptr,
+                       x.has_value() ? x->stride(0) : 0, x.has_value() ? x->stride(1) : 0,
                        fuse_dw ? hs->data_ptr<scalar_t>() : nullptr,
-                       chunk, fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr,
+                       chunk, ldw, fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr,
                        fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr, fuse_dw ? d_b.data_ptr<scalar_t>() : nullptr};
   if (fuse_dw && T > 0) pack_inputs(a, T - 1, 0, B);  // later steps are packed by the previous step
   for (int64_t k = T - 1; k >= 0; --k) {
@@ -834,12 +860,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
       }
     });
   }
-  if (fuse_dw) d_w = d_w.narrow(1, 0, I + P);  // [G, I + P]: ∂W_ih | ∂W_hh
+  if (fuse_dw) d_w = d_w.narrow(1, 0, Iw + P);  // [G, Iw + P]: ∂W_ih | ∂W_hh
   return {d_pre, dh, dc, d_hp, d_x, d_w, d_b};
 }
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// The input x [T, B, I] as the kernel reads it: rows of I elements, any step and batch strides. A
+// batch-first input's transpose is read where it lies, not copied ([T, B, I] once per pass).
+at::Tensor rows_contiguous(const at::Tensor& x) {
+  return x.size(2) <= 1 || x.stride(2) == 1 ? x : x.contiguous();
 }
 
 void check_flags(int64_t flags) {
@@ -867,7 +899,8 @@ std::vector<at::Tensor> sequence_forward(const at::Tensor& gx, const std::option
     TORCH_CHECK(!bias.has_value(), "a bias goes with w_ih (the fused input projection); gx includes it");
   }
   const auto sizes = step_sizes(batch_sizes, gx.size(0), gx.size(1));
-  auto gx_c = gx.contiguous(), w = w_hh.contiguous();
+  auto gx_c = w_ih.has_value() ? rows_contiguous(gx) : gx.contiguous();
+  auto w = w_hh.contiguous();
   auto w_i = contiguous(w_ih), b = contiguous(bias);
   auto w_r = contiguous(w_hr), pe = contiguous(peephole), z = contiguous(zoneout), d = contiguous(dropout);
   if (gx.scalar_type() == at::kDouble)
@@ -891,10 +924,11 @@ std::vector<at::Tensor> sequence_backward(const at::Tensor& d_hs, const at::Tens
   auto w = w_hh.contiguous();
   TORCH_CHECK(!w_ih.has_value() || (w_ih->dim() == 2 && w_ih->size(0) == w_hh.size(0)),
               "w_ih must be [4H, I] with 4H = ", w_hh.size(0), ", got ", w_ih.has_value() ? w_ih->sizes() : at::IntArrayRef{});
-  auto w_i = contiguous(w_ih), x_c = contiguous(x), hs_c = contiguous(hs);
+  auto w_i = contiguous(w_ih), hs_c = contiguous(hs);
+  auto x_c = x.has_value() ? std::optional<at::Tensor>(rows_contiguous(*x)) : std::nullopt;
   TORCH_CHECK(!x.has_value() || (x->dim() == 3 && x->size(0) == gates.size(0) && x->size(1) == gates.size(1) &&
-                                 w_ih.has_value() && x->size(2) == w_ih->size(1)),
-              "x must be [T, B, I] with I = w_ih.size(1)");
+                                 (!w_ih.has_value() || x->size(2) == w_ih->size(1))),
+              "x must be [T, B, I] (I = w_ih.size(1) when w_ih is given)");
   TORCH_CHECK(!hs.has_value() || (hs->dim() == 3 && hs->size(0) == gates.size(0) + 1 && hs->size(1) == gates.size(1) &&
                                   hs->size(2) == w_hh.size(1)),
               "hs must be [T + 1, B, P]");

@@ -235,8 +235,8 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
     if gx_mode:
         d_x = grads.d_pre
     else:
-        x_rows = a.x.reshape(-1, a.x.shape[-1])  # [T·B, I]
-        I = x_rows.shape[1]
+        I = a.x.shape[-1]
+        x_rows = a.x.reshape(-1, I) if d_w is None else None  # [T·B, I]; a copy when batch-first
         if needs_x and d_x is None:
             d_x = gemm.mm(d_pre_rows, a.w_ih).view(T, B, I)  # [T, B, I]
         if needs_bias:

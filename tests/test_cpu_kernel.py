@@ -246,6 +246,8 @@ def test_fp32_threads(library, threads, shape, proj, flags):
         (torch.float32, (5, 20, 64, 40, 40), True, "dropout", 2),
         # ∂W chunks of 2 steps at B = 64, each step's operand packed by the step before, on 2 blocks
         (torch.float32, (5, 64, 64, 64, 40), False, "vanilla", 2),
+        # the runner's adding task: I + P = 66, the product's last panel 2 of 4L columns (1 vector)
+        (torch.float32, (5, 64, 64, 64, 2), False, "vanilla", 1),
     ],
     ids=[
         "fp64",
@@ -256,6 +258,7 @@ def test_fp32_threads(library, threads, shape, proj, flags):
         "fp32-2t-masks",
         "fp32-2t-proj",
         "fp32-2t-chunks",
+        "fp32-narrow-input",
     ],
 )
 def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, threads, packing, bias):
@@ -273,6 +276,11 @@ def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, th
     w_ih = (torch.randn(4 * H_, I_, generator=g, dtype=torch.float64) * 0.5).to(dtype)
     b = (torch.randn(4 * H_, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
     gx = torch.nn.functional.linear(inp, w_ih, b)
+    # x as a batch-first input's transpose with padded rows: the kernel reads x where it lies, by
+    # its step and batch strides, in the forward's staging and the backward's ∂W operand
+    padded = torch.full((B_, T_, I_ + 3), float("nan"), dtype=dtype)
+    padded[..., :I_] = inp.transpose(0, 1)
+    inp = padded[..., :I_].transpose(0, 1)  # [T, B, I], strides (I + 3, T·(I + 3), 1)
     masks = {"peephole": x["peephole"], "zoneout": x["zoneout"], "dropout": x["dropout"]}
     rest = (x["h0"], x["c0"], x["w_hh"], x["w_hr"], batch_sizes)
     expected = cpu_kernel.sequence_forward(gx, *rest, flags=flags, **masks)
@@ -305,6 +313,10 @@ def test_fused_input_projection_matches_gx(library, dtype, shape, proj, case, th
     h_in = hs[:-1] if x["dropout"] is None else hs[:-1] * x["dropout"]
     x_h = torch.cat([inp, h_in], dim=2).reshape(T_ * B_, -1)  # [T·B, I + P]
     check(("d_w", "d_b"), [d_w, d_b], [plain[0].reshape(-1, 4 * H_).T @ x_h, plain[0].sum((0, 1))])
+    # ∂W without ∂x (an input that needs no gradient): x without w_ih, the product ∂pre·W_hh alone
+    *only_dw, no_dx, dw_only, db_only = cpu_kernel.sequence_backward(*bwd, flags=flags, **masks, x=inp, hs=hs)
+    assert no_dx.numel() == 0
+    check(("d_pre", "d_h0", "d_c0", "d_hp", "d_w", "d_b"), [*only_dw, dw_only, db_only], [*plain, d_w, d_b])
 
 
 @needs_library
@@ -409,7 +421,7 @@ def test_argument_checks(library):
     hs, cs, gates, h_raw, c_new = cpu_kernel.sequence_forward(*args)
     bwd = (torch.zeros_like(hs), x["c0"], gates, cs, h_raw, c_new, x["w_hh"], None, None)
     w_ih = torch.zeros(4 * H, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="x goes with w_ih and hs"):
+    with pytest.raises(ValueError, match="x goes with hs"):
         cpu_kernel.sequence_backward(*bwd, w_ih=w_ih, x=inp)
     with pytest.raises(ValueError, match="x must be"):
         cpu_kernel.sequence_backward(*bwd, w_ih=w_ih, x=inp[:, :, :2], hs=hs)
