@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from lstmlab.kernels.gemm import describe_cpu_gemm
+from lstmlab.runner import allocator
 from lstmlab.runner.build import (
     CKPT_NAME,
     build_model,
@@ -57,6 +58,7 @@ from lstmlab.runner.models import SequenceModel, count_parameters
 from lstmlab.runner.tasks import Task, derive_seed
 
 log = logging.getLogger("lstmlab.runner.train")
+_allocator_note: str | None = None  # main()'s heap policy (allocator.py), logged by its first run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,6 +183,10 @@ def setup(cfg: DictConfig, out_dir: Path, ddp: DistInfo, device: torch.device) -
     if ddp.is_main:
         run.logger = _make_logger(cfg, out_dir, run.resumed_from)
     log.info("output: %s", out_dir.resolve())
+    global _allocator_note
+    if _allocator_note is not None:  # the command's heap policy, said once per process
+        log.info("allocator: %s", _allocator_note)
+        _allocator_note = None
     log.info("%s", describe_run(run))
     if device.type == "cpu":
         warning = load_warning(torch.get_num_threads() * ddp.world, os.getloadavg()[0], _cores())
@@ -678,6 +684,12 @@ def main() -> None:
     if problems:
         print(f"lstmlab-train: {problems[0]}", file=sys.stderr)
         raise SystemExit(2)
+    global _allocator_note
+    try:
+        _allocator_note = allocator.keep_freed_memory()  # before any model: every model gets the same heap
+    except ValueError as err:  # LSTMLAB_MALLOC set to something else than glibc
+        print(f"lstmlab-train: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if _dist_info().rank > 0:  # only rank 0 runs Hydra, logs and writes
         logging.basicConfig(level=logging.WARNING)
         train(compose([a for a in argv if not a.startswith("-")]), ".")
