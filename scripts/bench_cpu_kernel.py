@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--seq", type=int, default=100)
+    p.add_argument("--input-size", type=int, help="the layer's input width; default: the hidden size")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -144,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     for threads, B, H, passes in itertools.product(args.threads, args.batch, args.hidden, args.passes):
         torch.set_num_threads(threads)
         torch.manual_seed(0)
-        lstm = nn.LSTM(H, H)
+        I = args.input_size or H
+        lstm = nn.LSTM(I, H)
         peephole = torch.randn(3, H) * 0.1 if flags else None
-        x = torch.randn(args.seq, B, H, requires_grad=passes == "fwd+bwd")
+        x = torch.randn(args.seq, B, I, requires_grad=passes == "fwd+bwd")
         h0, c0 = torch.zeros(B, H), torch.zeros(B, H)
         calls = []
         for name in args.impls:
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             clock=time.process_time if args.clock == "cpu" else time.perf_counter,
         )
         base = times[0][0]
-        row = {"threads": threads, "B": B, "H": H, "T": args.seq, "pass": passes, "clock": args.clock}
+        row = {"threads": threads, "B": B, "I": I, "H": H, "T": args.seq, "pass": passes, "clock": args.clock}
         for name, (med, p20, _) in zip(args.impls, times, strict=True):
             row[f"{name} ms"] = f"{med:.2f} ({p20:.2f})"
             row[f"{name} ×"] = f"{med / base:.2f}"

@@ -484,13 +484,13 @@ def test_bench_cpu_kernel_smoke(tmp_path: Path, capsys) -> None:
     import bench_cpu_kernel
 
     plot = tmp_path / "ratios.png"
-    argv = ["--batch", "2", "--hidden", "8", "--seq", "3", "--threads", "1", "--min-run-time", "0.05"]
-    bench_cpu_kernel.main([*argv, "--clock", "cpu", "--plot", str(plot)])
+    argv = ["--batch", "2", "--input-size", "5", "--hidden", "8", "--seq", "3", "--threads", "1"]
+    bench_cpu_kernel.main([*argv, "--min-run-time", "0.05", "--clock", "cpu", "--plot", str(plot)])
     out = capsys.readouterr().out
     assert "check cpu_kernel: max rel err" in out and "check reference: max rel err" in out
-    table = [line for line in out.splitlines() if line.startswith("| 1 | 2 | 8 | 3 |")]
-    assert [line.split(" | ")[4] for line in table] == ["fwd", "fwd+bwd"]
+    table = [line for line in out.splitlines() if line.startswith("| 1 | 2 | 5 | 8 | 3 |")]  # threads B I H T
+    assert [line.split(" | ")[5] for line in table] == ["fwd", "fwd+bwd"]
     for line in table:
-        ratios = [float(cell) for cell in line.split(" | ")[7:12:2]]  # the three "×" columns
+        ratios = [float(cell) for cell in line.split(" | ")[8:13:2]]  # the three "×" columns
         assert ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios), line
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
