@@ -293,17 +293,21 @@ inline void panel_tile(const scalar_t* a, int64_t lda, int64_t ldk, const scalar
 #pragma GCC unroll 4
     for (int q = 0; q < Q; ++q)
       acc[i][q] = accumulate ? V::loadu(out + i * ldo + q * L) : bias ? V::loadu(bias + q * L) : V(0);
+  // the Q vectors spelled out, as the four were before tails had their own width: the four-vector
+  // tile keeps the code its measurements were made with
   for (int64_t kk = 0; kk < K; ++kk) {
     const scalar_t* wk = w + kk * 4 * L;
     const scalar_t* ak = a + kk * ldk;
-    V wq[Q];
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) wq[q] = V::loadu(wk + q * L);
+    const V w0 = V::loadu(wk);
+    const V w1 = Q > 1 ? V::loadu(wk + L) : w0, w2 = Q > 2 ? V::loadu(wk + 2 * L) : w0;
+    const V w3 = Q > 3 ? V::loadu(wk + 3 * L) : w0;
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const V ai(ak[i * lda]);
-#pragma GCC unroll 4
-      for (int q = 0; q < Q; ++q) acc[i][q] = at::vec::fmadd(ai, wq[q], acc[i][q]);
+      acc[i][0] = at::vec::fmadd(ai, w0, acc[i][0]);
+      if constexpr (Q > 1) acc[i][1] = at::vec::fmadd(ai, w1, acc[i][1]);
+      if constexpr (Q > 2) acc[i][2] = at::vec::fmadd(ai, w2, acc[i][2]);
+      if constexpr (Q > 3) acc[i][3] = at::vec::fmadd(ai, w3, acc[i][3]);
     }
   }
 #pragma GCC unroll 8

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from lstmlab.kernels import cpu_kernel, gemm, lstm_layer_from_input, variants
 
+from lstmlab.runner import allocator
+
 IMPLS = ("torch.nn.LSTM", "cpu_kernel", "reference")
 
 
@@ -106,7 +108,7 @@ def plot(rows: list[dict], impls: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, allocator_note: str = "this process's, unchanged") -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if reason is not None:
         raise SystemExit(reason)
     env = benchlib.environment(torch.device("cpu"))
+    env["allocator"] = allocator_note
     env["vector_isa"] = torch.ops.lstmlab_cpu.vec_isa()
     env["cpu_gemm"] = gemm.describe_cpu_gemm()
     for name in args.impls:
@@ -196,4 +199,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # lstmlab-train's heap policy, set before anything is allocated: with glibc's defaults the heap
+    # is trimmed after every call here (one call's buffers add up to more than twice the largest),
+    # and both implementations then time their page faults, up to 2× at B64 H64 (2026-12-07)
+    main(allocator_note=allocator.keep_freed_memory())

@@ -64,6 +64,6 @@ def keep_freed_memory() -> str:
         )
     return (
         f"glibc malloc keeps freed memory up to {TRIM_THRESHOLD >> 20} MiB and maps blocks from "
-        f"{MMAP_THRESHOLD >> 20} MiB, so the first model's steps do not fault their buffers in afresh "
+        f"{MMAP_THRESHOLD >> 20} MiB, so that each step does not fault its buffers in afresh "
         f"({OPT_OUT}=glibc: glibc's defaults)"
     )
