@@ -37,6 +37,8 @@ from lstmlab.kernels import gemm
 from lstmlab.kernels.gemm import CPU_GEMM_ENGINES
 from lstmlab.kernels.variants import GREFF_VARIANTS
 
+from lstmlab.runner import allocator
+
 DTYPES: dict[str, tuple[torch.dtype, bool]] = {  # label -> (dtype, TF32 allowed)
     "fp32": (torch.float32, False),
     "fp32-tf32": (torch.float32, True),
@@ -748,7 +750,7 @@ def configs(args: argparse.Namespace) -> list[Config]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, allocator_note: str = "this process's, unchanged") -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -761,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_layer: {err}", file=sys.stderr)
         return 2
     env = benchlib.environment(device)
+    env["allocator"] = allocator_note
     backends, skip_reason = lstmlab_backends(args, device)
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
 
@@ -981,4 +984,6 @@ def plot_label(row: dict[str, object]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # lstmlab-train's heap policy (lstmlab/runner/allocator.py), before anything is allocated: with
+    # glibc's defaults CPU rows time page faults as well as the implementations
+    sys.exit(main(allocator_note=allocator.keep_freed_memory()))
