@@ -16,6 +16,7 @@ B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  D: directio
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import warnings
@@ -227,9 +228,9 @@ class _LSTMBase(nn.Module):
         dtype, (T, B), H, P = x.dtype, x.shape[:2], self.hidden_size, h0.shape[-1]
         v = self.variant
 
-        def param(name: str) -> Tensor | None:
+        def param(name: str) -> Tensor | None:  # .to() only where it converts: each call costs µs
             p = getattr(self, f"{name}{suffix}", None)
-            return None if p is None else p.to(dtype)
+            return None if p is None else p if p.dtype == dtype else p.to(dtype)
 
         b_ih, b_hh = param("bias_ih"), param("bias_hh")
         bias = None if b_ih is None else b_ih + b_hh
@@ -316,7 +317,9 @@ class _LSTMBase(nn.Module):
         backend = resolve_backend(self.backend, x.device, batch, H, dtype, proj_size, single_step, flags)
         # under a torch.func transform or forward-mode AD the layer runs in differentiable ops
         # (lstmlab.kernels.transforms), whatever the backend: say so
-        self.last_backend = COMPOSITE if transform_active((x, *self.parameters())) else backend
+        # (the parameters lazily: they are looked at only while a forward-mode dual level is open)
+        tensors = itertools.chain((x,), self.parameters())
+        self.last_backend = COMPOSITE if transform_active(tensors) else backend
         return backend
 
 
@@ -551,7 +554,7 @@ class LSTM(_LSTMBase):
 
         h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
         backend = self._pick_backend(x, x.shape[1], compute_dtype, self.proj_size)
-        x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
+        x, h0, c0 = (t if t.dtype == compute_dtype else t.to(compute_dtype) for t in (x, h0, c0))
         from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
         if onnx_export.is_exporting():
