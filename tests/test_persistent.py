@@ -243,6 +243,36 @@ def test_one_launch_with_barriers_matches_per_step_launches(block_b):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "at_once"])
+def test_backward_split_barrier_in_one_launch_matches_autograd(split, monkeypatch):
+    """BWD_SPLIT_BARRIER: with one batch tile the backward arrives once ∂L/∂pre_t is stored and waits
+    at step t − 1 after loading its saved gates and c. One launch with barriers, packed input, fp64,
+    every gradient against autograd on the naive layer, both backward layouts; and either way the
+    barrier counter ends at T arrivals per program (T − 1 barriers in the loop, FINISH's): an arrival
+    without its wait, or a missing one (a timeout with this spin limit), fails. On CPU one program
+    (the interpreter runs programs one after another), on a GPU four."""
+    _skip_unless_available(torch.float64)
+    monkeypatch.setattr(tp, "BWD_SPLIT_BARRIER", split)
+    counters = []
+    grid = tp._grid
+
+    def recording_grid(*args, **kwargs):
+        P, n_sync, sync = grid(*args, **kwargs)
+        counters.append((P, sync))
+        return P, n_sync, sync
+
+    monkeypatch.setattr(tp, "_grid", recording_grid)
+    units = 4 if DEVICE.type == "cuda" else 16
+    one_tile = tp.Config(units=units, num_warps=4, block_b=8)  # B = 5: one tile, state in registers
+    spin_limit = 1 << 20 if DEVICE.type == "cuda" else 4
+    for bwd in (one_tile, replace(one_tile, block_k=16, batch_n=True, k_ahead=1)):
+        counters.clear()
+        check_backward(torch.float64, SIZES["decreasing"], 1e-12, bwd_config=bwd, config=one_tile,
+                       single_launch=True, spin_limit=spin_limit)  # fmt: skip
+        (P, sync) = counters[1]  # the forward's, then the backward's
+        assert sync.tolist() == [T * P, 0]
+
+
 def zeros_allocator(monkeypatch) -> list:
     """Launchers allocate zeros, not NaN (the NaN must come from the kernel); returns the list of them."""
     allocated = []
@@ -263,7 +293,9 @@ def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch, o
     """The barrier waits for one program that does not exist: every program must give up and write
     NaN from then on. The launcher returns without reading the flag (no host sync); the next call
     of either launcher raises, naming the shape of the launch that timed out, and only once. With
-    one batch tile the forward arrives, saves the step and prefetches gx, then waits (split barrier)."""
+    one batch tile the forward arrives, saves the step and prefetches gx, then waits, and the backward
+    arrives after storing ∂L/∂pre_t and waits at step t − 1 after loading its gates and c (split
+    barriers)."""
     _skip_unless_available(torch.float32)
     allocated = zeros_allocator(monkeypatch)
     inputs = make_inputs(torch.float32)
@@ -279,7 +311,7 @@ def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch, o
 
     allocated.clear()
     d_hs, d_cn = torch.randn(T + 1, B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
-    run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **TIMEOUT)
+    run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **forward)
     d_pre, d_h, d_c = allocated
     # the first barrier precedes step T − 2: it and every earlier step are NaN, and so are d_h0, d_c0
     assert d_pre[: T - 1].isnan().all() and d_h.isnan().all() and d_c.isnan().all()
@@ -748,7 +780,8 @@ def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
                 "p_hd": w, "p_sizes": "*i32", "p_sync": "*i32"}
     if backward:
         fn = tp.lstm_persistent_bwd_kernel
-        const = tp.bwd_constexprs(H, cfg) | {"FINISH": True, "ONE_CHUNK": B <= cfg.block_b}
+        const = tp.bwd_constexprs(H, cfg) | {"FINISH": True, "ONE_CHUNK": B <= cfg.block_b,
+                                             "SPLIT_BARRIER": tp.BWD_SPLIT_BARRIER}
     else:
         fn = tp.lstm_persistent_fwd_kernel
         block_k = tp.fwd_block_k(H, cfg)
