@@ -870,7 +870,9 @@ def fwd_block_k(H: int, cfg: Config) -> int:
     return cfg.block_k or min(128, _block(H))
 
 
-def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None) -> Config:
+def pick_config(
+    B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None, sms: int | None = None
+) -> Config:
     """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py,
     numbers in docs/persistent.md). Forward: the transposed dot W[4U, K]×hᵀ[K, block_b], the whole
     batch on its N side up to B = 128 (fwd_block_b), K in unpadded 128-column chunks:
@@ -878,7 +880,11 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool |
       both operands read from shared memory), half the programs of U = 8 (whose [32, ≤ 32] output
       Triton gives 4 warps on M: duplicated);
     - B ≤ 64: 8 units (M = 32, mma.sync) on 4 warps, all on N (U = 16 spills there);
-    - B > 64: 8 units on 8 warps (4 spill).
+    - B > 64: 8 units on 8 warps (4 spill), one program per SM; where that grid has more programs
+      than ``sms`` (the SMs one direction's grid may hold; None: no limit), as at H = 1024 on a
+      114-SM H100 PCIe, B = 64's 4-warp tile walked in 64-row batch tiles (the state through memory
+      each step): two programs per SM. 16 units (64 programs) spill: with triton 3.6 in 64- and
+      32-row tiles, with 3.9 on all 128 rows (4 or 8 warps).
     fp64 multiplies on CUDA cores (FMA, no mma tiles): 8 units on 8 warps, each K chunk split in 8
     slices of 16 (an FMA dot over a whole 128-column chunk spills). Backward: :func:`pick_bwd_config`.
     Up to H = 1024: at most 128 programs, one per SM of an H100; beyond, the per-step path.
@@ -893,7 +899,10 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool |
         return _fma_fwd_config(H, block_b)
     if block_b <= 32:
         return Config(units=16, num_warps=4, block_b=block_b)
-    return Config(units=8, num_warps=4 if block_b <= 64 else 8, block_b=block_b)
+    cfg = Config(units=8, num_warps=4 if block_b <= 64 else 8, block_b=block_b)
+    if block_b > 64 and sms is not None and cfg.programs(H) > sms:
+        return Config(units=8, num_warps=4, block_b=64)
+    return cfg
 
 
 def _fma_fwd_config(H: int, block_b: int) -> Config:
@@ -1137,6 +1146,13 @@ def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: tor
     return None
 
 
+def _sms_per_direction(device: torch.device, directions: int) -> int | None:
+    """The SMs one direction's grid may take (pick_config's ``sms``; None off CUDA: the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count // directions
+
+
 def _device_limits(device: torch.device) -> dict[str, int]:
     props = torch.cuda.get_device_properties(device)
     smem_per_block = (
@@ -1178,9 +1194,10 @@ def _cuda_unavailable_reason(
         torch.empty(shapes[name][0], dtype=shapes[name][1], device=device) if flags & bits else None
         for name, bits in VARIANT_TENSORS.items()
     ))  # fmt: skip
-    smem_per_block = _device_limits(device)["smem_per_block"]
+    limits = _device_limits(device)
+    smem_per_block = limits["smem_per_block"]
     for backward in (False, True):
-        cfg = pick_config(B, H, dtype, backward, tf32=precision == "tf32")
+        cfg = pick_config(B, H, dtype, backward, tf32=precision == "tf32", sms=limits["sms"] // directions)
         problem = config_problem(B, H, dtype, cfg, backward, smem_per_block)
         if problem is not None:
             return problem
@@ -1536,7 +1553,7 @@ def persistent_forward(
     if flags & variants.RECURRENT_DROPOUT:
         hd = empty(2, B, H, dtype=dtype, device=device)
         hd[0] = hs[0] * variant[1][2]
-    cfg = config or pick_config(B, H, dtype, backward=False)
+    cfg = config or pick_config(B, H, dtype, backward=False, sms=_sms_per_direction(device, 1 + len(lead)))
     _check_split_k(cfg, H, backward=False)
     P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device, 1 + len(lead))
     grid = (P, *lead)  # (P, 2): one barrier counter per direction

@@ -806,11 +806,12 @@ def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
 
 compiled = {}  # B enters as a multiple of 16 and as B ≤ block_b: B = 64 and 128 share a kernel
 for spec in sys.argv[1:]:
-    dt, B, H, backward, *flags = spec.split(",")  # "all" (every bit but LAYER_NORM), "bidir" or none
+    dt, B, H, backward, *flags = spec.split(",")  # "all" (every bit but LAYER_NORM), "bidir", "sms114"
     B, H, backward = int(B), int(H), backward == "bwd"
     bidir = flags == ["bidir"]  # both directions in one launch: grid (P, 2)
+    sms = int(flags[0][3:]) if flags and flags[0].startswith("sms") else None  # pick_config's SM count
     flags = tp.PERSISTENT_FLAGS if flags == ["all"] else 0
-    cfg = tp.pick_config(B, H, DTYPES[dt], backward, TF32.get(dt))
+    cfg = tp.pick_config(B, H, DTYPES[dt], backward, TF32.get(dt), sms)
     problem = tp.config_problem(B, H, DTYPES[dt], cfg, backward)
     if problem is not None:
         print(json.dumps({"spec": spec, "problem": problem}), flush=True)
@@ -860,6 +861,9 @@ HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd
 # at B ≤ 32 (16 units: 64 programs) and at B = 64 (two programs per SM) and the 16-bit backward
 # (16 units: 64 programs, one per SM) do
 NOT_RESIDENT_ON_114_SMS = {"bf16,128,1024,fwd", "bf16,16,1024,fwd,bidir", "bf16,16,1024,bwd,bidir"}
+# given 114 SMs, pick_config gives the B = 128 forward at H = 1024 B = 64's 4-warp configuration in 64-row
+# batch tiles (128 programs, two per SM), which fits; at H = 768 it keeps 96 programs of 8 warps
+HOPPER_SPECS += ["bf16,128,768,fwd,sms114", "bf16,128,1024,fwd,sms114", "fp16,128,1024,fwd,sms114"]
 NOT_RESIDENT_ON_114_SMS |= {
     f"{dt},{b},1024,{d}" for dt in ("fp32", "tf32") for b in (16, 64, 128) for d in ("fwd", "bwd")
 }
@@ -937,6 +941,62 @@ def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
             assert -(-H // tp.fwd_block_k(H, cfg)) <= tp.MAX_K_CHUNKS
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_heuristic_tiles_the_forward_batch_where_the_sms_are_too_few(dtype):
+    """16-bit forward above B = 64: 8 units per program on 8 warps, one program per SM, so H = 1024
+    (128 programs) does not fit a 114-SM H100 PCIe; given the SMs, B = 64's 4-warp configuration
+    in 64-row batch tiles (two programs per SM; the compile test checks it). Elsewhere unchanged."""
+    tiled = tp.Config(units=8, num_warps=4, block_b=64)
+    whole = tp.Config(units=8, num_warps=8, block_b=128)
+    for B in (65, 128):
+        assert tp.pick_config(B, 1024, dtype, False) == whole
+        assert tp.pick_config(B, 1024, dtype, False, sms=132) == whole
+        cfg = tp.pick_config(B, 1024, dtype, False, sms=114)
+        assert cfg == tiled and cfg.num_warps <= tp.dot_warps(4 * cfg.units, cfg.block_b)
+        assert tp.config_problem(B, 1024, dtype, cfg, backward=False) is None
+        assert tp.pick_config(B, 768, dtype, False, sms=114) == whole  # 96 programs: fits
+        assert tp.pick_config(B, 512, dtype, False, sms=57) == tiled  # one direction of two on 114
+    for B in (16, 64):  # 16 units already, or two 4-warp programs per SM
+        assert tp.pick_config(B, 1024, dtype, False, sms=114) == tp.pick_config(B, 1024, dtype, False)
+    assert tp.pick_config(128, 1024, dtype, True, sms=114) == tp.pick_config(128, 1024, dtype, True)
+
+
+def test_forward_in_batch_tiles_for_few_sms_matches_naive():
+    """The configuration above at a small size: 3 programs of 8 units (the last 4 units wide), the
+    batch in two 64-row tiles (the second 8 rows), packed input whose rows stop in both tiles;
+    forward (fp16) and every gradient of the backward on its states, against the naive layer."""
+    T_, B_, H_ = 3, 72, 20
+    cfg = tp.pick_config(B_, H_, torch.float16, False, sms=2)
+    assert cfg == tp.Config(units=8, num_warps=4, block_b=64)
+    _skip_unless_available(torch.float16, B_, H_)
+    sizes = [72, 66, 60]
+    g = torch.Generator().manual_seed(3)
+    gx = torch.randn(T_, B_, 4 * H_, generator=g, dtype=torch.float64)
+    h0, c0 = torch.randn(B_, H_, generator=g, dtype=torch.float64) * 0.5, torch.randn(B_, H_, generator=g)
+    w = (torch.rand(4 * H_, H_, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(H_)
+    inputs = {"gx": gx.half(), "h0": h0.half(), "c0": c0.float(), "w_hh": w.half()}
+    hs, cs, gates = tp.persistent_forward(
+        **{k: v.to(DEVICE) for k, v in inputs.items()}, batch_sizes=torch.tensor(sizes), config=cfg
+    )
+    leaves = {k: inputs[k].double().requires_grad_() for k in ("gx", "h0", "c0")}
+    out, _, c_n = lstm_layer_naive(*leaves.values(), inputs["w_hh"].double(), batch_sizes=sizes)
+    rtol = LOW_PRECISION_RTOL[torch.float16]
+    for k, n in enumerate(sizes):
+        assert rel_err(hs[k + 1, :n].cpu(), out[k, :n]) < rtol, k
+    assert rel_err(cs[-1].cpu(), c_n) < rtol
+    d_hs = torch.randn(T_ + 1, B_, H_, generator=g, dtype=torch.float64)
+    d_hs[1:] *= (torch.arange(B_)[None, :] < torch.tensor(sizes)[:, None])[..., None]  # rows that ran
+    d_cn = torch.randn(B_, H_, generator=g, dtype=torch.float64)
+    loss = (d_hs[1:] * out).sum() + (d_hs[0] * leaves["h0"]).sum() + (d_cn * c_n).sum()
+    expected = torch.autograd.grad(loss, list(leaves.values()))
+    grads = tp.persistent_backward(
+        d_hs.half().to(DEVICE), d_cn.float().to(DEVICE), gates, cs, inputs["w_hh"].to(DEVICE),
+        batch_sizes=torch.tensor(sizes),
+    )  # fmt: skip
+    for name, actual, exp in zip(("d_gx", "d_h0", "d_c0"), grads, expected, strict=True):
+        assert rel_err(actual.cpu(), exp) < rtol, name
+
+
 @pytest.mark.parametrize(("H", "dtype"), [(2048, torch.float32), (512, torch.float64)])
 def test_heuristic_refuses_backward_tiles_that_do_not_fit_on_chip(H, dtype):
     cfg = tp.pick_config(16, H, dtype, backward=True)
@@ -997,7 +1057,8 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             on_114 = row["programs"] <= row["fit_114"]
             checks["resident on 114 SMs as expected"] = on_114 == (spec not in NOT_RESIDENT_ON_114_SMS)
             dt, b, h, d, *variant = spec.split(",")
-            cfg = tp.pick_config(int(b), int(h), SPEC_DTYPES[dt], d == "bwd", SPEC_TF32.get(dt))
+            sms = int(variant[0][3:]) if variant and variant[0].startswith("sms") else None
+            cfg = tp.pick_config(int(b), int(h), SPEC_DTYPES[dt], d == "bwd", SPEC_TF32.get(dt), sms)
             # the ldmatrix reads of the two dot operands from shared memory (per K chunk of either
             # kernel; none with wgmma, which reads shared memory itself), nothing else
             checks["at most 2 local_loads per K chunk in the time loop"] = (
