@@ -759,7 +759,8 @@ def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp cover
                      "warps": warps, "wgmma": op == "ttng.warp_group_dot"})
     return dots
 
-def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, and its local_loads
+def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, its local_loads, and
+    # the order of its loads (by name), stores, atomics and barrier polls (scf.while)
     lines = ttgir.splitlines()
     start = next(i for i, line in enumerate(lines) if "scf.for" in line)
     depth, end = 0, len(lines)
@@ -771,7 +772,9 @@ def time_loop(ttgir):  # the names of the tt.load results inside the first scf.f
     body = lines[start:end]
     found = (re.search(r"%(\w+) = tt\.load", x) for x in body)
     loads = sorted({re.sub(r"_\d+$", "", m[1]) for m in found if m})
-    return loads, sum("ttg.local_load" in x for x in body)
+    ops = (re.search(r"(?:%(\w+) = )?(tt\.load|tt\.store|tt\.atomic_rmw|scf\.while)\b", x) for x in body)
+    trace = [re.sub(r"_\d+$", "", m[1] or "") if m[2] == "tt.load" else m[2] for m in ops if m]
+    return loads, sum("ttg.local_load" in x for x in body), trace
 
 def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
     acc, w = "*fp32", "*fp32" if dt == "tf32" else f"*{dt}"
@@ -819,7 +822,7 @@ for spec in sys.argv[1:]:
     key = (backward, B <= cfg.block_b, B % 16 == 0 or B, H, dt, cfg, flags, bidir)
     if key not in compiled:
         compiled[key] = compile_kernel(backward, B, H, dt, cfg, flags, bidir)
-    regs, spills, shared, dots, acquire, loop_loads, loop_local_loads = compiled[key]
+    regs, spills, shared, dots, acquire, loop_loads, loop_local_loads, loop_trace = compiled[key]
     fit = {sms: tp.resident_programs(regs, cfg.num_warps, shared, sms=sms) for sms in (132, 114)}
     k_chunks = tp.bwd_chunks(H, cfg)[1] if backward else -(-H // tp.fwd_block_k(H, cfg))
     print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared, "warps": cfg.num_warps,
@@ -827,7 +830,7 @@ for spec in sys.argv[1:]:
                       "programs": cfg.programs(H) * (2 if bidir else 1), "fit": fit[132], "fit_114": fit[114],
                       "dots": dots,
                       "acquire_load": acquire, "loop_loads": loop_loads,
-                      "loop_local_loads": loop_local_loads}), flush=True)
+                      "loop_local_loads": loop_local_loads, "loop_trace": loop_trace}), flush=True)
 """
 
 # the issue's shape grid (B 16-128, H 256-1024) in bf16, fwd and bwd; fp16 shares bf16's tile sizes; fp32
@@ -877,6 +880,22 @@ LOOP_LOADS = {
     "fwd": ["b_gx", "b_hn", "n_rows"],
     "bwd": ["b_c_pf", "b_c_prev_pf", "b_dh", "b_dp", "b_gf_pf", "b_gg_pf", "b_gi_pf", "b_go_pf", "n_rows"],
 }
+
+
+# the backward's saved gates and c of step t, loaded between step t + 1's arrive and step t's wait
+BWD_PREFETCH = ["b_gi_pf", "b_gf_pf", "b_gg_pf", "b_go_pf", "b_c_pf", "b_c_prev_pf"]
+
+
+def split_barrier_order(trace: list, names: bool) -> bool:
+    """Whether a backward time loop (loads by name, stores, atomics, polls in TTGIR order) arrives
+    after its ∂L/∂pre stores (the loop's last atomic follows its 4 stores and its last poll) and,
+    with names (triton ≥ 3.9), loads step t's gates and c before the poll (the split barrier)."""
+    arrive = len(trace) - 1 - trace[::-1].index("tt.atomic_rmw")
+    polls = [i for i, op in enumerate(trace) if op == "scf.while"]
+    ok = trace[:arrive].count("tt.store") >= 4 and arrive > polls[-1]
+    if names:
+        ok &= all(trace.index(name) < polls[0] for name in BWD_PREFETCH)
+    return ok
 
 
 def duplicated_warps(dot: dict) -> bool:
@@ -1075,6 +1094,10 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
                 )
             if b == "16" and dt in ("bf16", "fp16") and not variant and TRITON_VERSION >= (3, 9):
                 checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
+            if d == "bwd" and dt in ("bf16", "fp16") and not variant:  # one batch tile: split barrier
+                checks["the backward's split barrier"] = split_barrier_order(
+                    row["loop_trace"], TRITON_VERSION >= (3, 9)
+                )
         failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
     assert not failures, "\n".join(failures)
 
