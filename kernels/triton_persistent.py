@@ -16,16 +16,18 @@ With one batch tile (B ≤ BLOCK_B) c_{t−1}, own h_{t−1} and gx_t stay in re
 each program reads its own c_{t−1} and h_{t−1} back from what it stored.
 Backward, program p owns the same units but the 4H columns j of W_hh, since
 ∂L/∂h_{t−1}[:, j] = Σ_r ∂L/∂pre_t[:, r]·W_hh[r, j] needs every gate row of unit j.
-  step t: grid barrier -> ∂L/∂pre_{t+1} [B, 4H] from global memory -> dot -> ∂L/∂h_t (own units)
-          -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
+  step t: load step t's saved gates and c -> wait at the barrier -> ∂L/∂pre_{t+1} [B, 4H] from global
+          memory -> dot -> ∂L/∂h_t (own units) -> gate derivatives of step t -> store own columns of
+          ∂L/∂pre_t -> arrive at the barrier, carry ∂L/∂c
 In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the mma's M side, the whole batch
 (up to 128 rows) on N, 4H walked in unpadded static chunks, each split across the warps up to B = 32
 (a 3-D dot over SPLIT_K slices, summed); fp32 and fp64 keep the first generation's ∂L/∂pre·W_cols
 in 16-row chunks (fp32: 4 above H = 512). fp32's forward walks 16-row batch tiles (fp32_config).
 Both directions of a bidirectional layer can run in one launch (BIDIR: grid (P, 2), every tensor
 stacked on a leading [2], a barrier counter per direction). With one chunk ∂L/∂h and ∂L/∂c stay
-in registers and step t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are
-one GEMM each after the loop, in the caller.
+in registers and step t's saved gates and c are loaded between the arrive and the wait (with several
+chunks: arrive and wait at once, before the loads). ∂W_hh, ∂W_ih and ∂x are one GEMM each after the
+loop, in the caller.
 
 The barrier is bounded: a program that waits too long marks the run aborted and every program then
 writes NaN; the next launcher call raises PersistentKernelTimeout (the flag is read lazily, with no
@@ -615,6 +617,7 @@ def lstm_persistent_bwd_kernel(
     FLAGS: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # B ≤ BLOCK_B: ∂L/∂h, ∂L/∂c in registers, gates and c loaded before the barrier
     SYNC: tl.constexpr,
+    SPLIT_BARRIER: tl.constexpr,  # ONE_CHUNK: arrive after ∂L/∂pre_t is stored, wait at step t − 1
     ACQUIRE_LOAD: tl.constexpr,
     FINISH: tl.constexpr,  # end with step t_start's recurrent part: p_dh becomes ∂L/∂hs[t_start]
     DOT_PRECISION: tl.constexpr,
@@ -661,6 +664,9 @@ def lstm_persistent_bwd_kernel(
 
     aborted = tl.program_id(0) < 0
     i_bar = tl.program_id(0) * 0  # barriers passed in this launch
+    # split barrier: what this program's arrival returned, −1 while it has not arrived at the next one
+    b_seen = i_bar - 1
+    SPLIT: tl.constexpr = SYNC and SPLIT_BARRIER and ONE_CHUNK
     for s in range(t_start, t_end):
         t = t_start + t_end - 1 - s  # steps run backwards
         t64 = tl.cast(t, tl.int64)
@@ -680,7 +686,12 @@ def lstm_persistent_bwd_kernel(
         if SYNC:  # noqa: SIM102 (Triton cannot `and` a constexpr with a runtime condition)
             if t + 1 < T:  # ∂L/∂hs[t + 1] needs step t + 1's ∂L/∂pre from every program
                 i_bar += 1
-                aborted = _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
+                if SPLIT:  # arrived after step t + 1's stores; the loads above overlap the wait
+                    if b_seen < 0:  # the launch's first step: nothing stored before it
+                        b_seen = _barrier_arrive(p_sync)
+                    aborted = _barrier_wait(p_sync, b_seen, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
+                else:
+                    aborted = _grid_barrier(p_sync, i_bar, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
         n_rows = B
         if PACKED:
             n_rows = tl.load(p_sizes + t)
@@ -767,6 +778,10 @@ def lstm_persistent_bwd_kernel(
             tl.store(p_dp + H, b_df.to(dpre_ty), mask=m_own)
             tl.store(p_dp + 2 * H, b_dg.to(dpre_ty), mask=m_own)
             tl.store(p_dp + 3 * H, b_do.to(dpre_ty), mask=m_own)
+            if SPLIT:  # ∂L/∂pre_t is all step t − 1 (or FINISH) waits for: arrive now, wait there
+                t_arrive = t_start if FINISH else t_start + 1  # no barrier follows a launch's last step
+                if t >= t_arrive:
+                    b_seen = _barrier_arrive(p_sync)
             if ONE_CHUNK:  # stored once, after the launch's last step
                 b_dh_reg, b_dc_reg = b_dh + b_poison, b_dc
                 m_last = m_own & (o_own * 0 + t == t_start)  # a tensor: the interpreter masks no scalars
@@ -778,7 +793,12 @@ def lstm_persistent_bwd_kernel(
 
     if FINISH:
         if SYNC:
-            aborted = _grid_barrier(p_sync, i_bar + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
+            if SPLIT:
+                if b_seen < 0:  # an empty launch
+                    b_seen = _barrier_arrive(p_sync)
+                aborted = _barrier_wait(p_sync, b_seen, i_bar + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
+            else:
+                aborted = _grid_barrier(p_sync, i_bar + 1, n_sync, spin_limit, aborted, ACQUIRE_LOAD)
         b_poison = tl.where(aborted, float("nan"), 0.0).to(acc)
         for i_b in range(0, tl.cdiv(B, BLOCK_B)):
             o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -850,7 +870,9 @@ def fwd_block_k(H: int, cfg: Config) -> int:
     return cfg.block_k or min(128, _block(H))
 
 
-def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None) -> Config:
+def pick_config(
+    B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool | None = None, sms: int | None = None
+) -> Config:
     """The heuristic, from sm_90 compiles (no spills, no duplicated warps; tests/test_persistent.py,
     numbers in docs/persistent.md). Forward: the transposed dot W[4U, K]×hᵀ[K, block_b], the whole
     batch on its N side up to B = 128 (fwd_block_b), K in unpadded 128-column chunks:
@@ -858,7 +880,11 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool |
       both operands read from shared memory), half the programs of U = 8 (whose [32, ≤ 32] output
       Triton gives 4 warps on M: duplicated);
     - B ≤ 64: 8 units (M = 32, mma.sync) on 4 warps, all on N (U = 16 spills there);
-    - B > 64: 8 units on 8 warps (4 spill).
+    - B > 64: 8 units on 8 warps (4 spill), one program per SM; where that grid has more programs
+      than ``sms`` (the SMs one direction's grid may hold; None: no limit), as at H = 1024 on a
+      114-SM H100 PCIe, B = 64's 4-warp tile walked in 64-row batch tiles (the state through memory
+      each step): two programs per SM. 16 units (64 programs) spill: with triton 3.6 in 64- and
+      32-row tiles, with 3.9 on all 128 rows (4 or 8 warps).
     fp64 multiplies on CUDA cores (FMA, no mma tiles): 8 units on 8 warps, each K chunk split in 8
     slices of 16 (an FMA dot over a whole 128-column chunk spills). Backward: :func:`pick_bwd_config`.
     Up to H = 1024: at most 128 programs, one per SM of an H100; beyond, the per-step path.
@@ -873,7 +899,10 @@ def pick_config(B: int, H: int, dtype: torch.dtype, backward: bool, tf32: bool |
         return _fma_fwd_config(H, block_b)
     if block_b <= 32:
         return Config(units=16, num_warps=4, block_b=block_b)
-    return Config(units=8, num_warps=4 if block_b <= 64 else 8, block_b=block_b)
+    cfg = Config(units=8, num_warps=4 if block_b <= 64 else 8, block_b=block_b)
+    if block_b > 64 and sms is not None and cfg.programs(H) > sms:
+        return Config(units=8, num_warps=4, block_b=64)
+    return cfg
 
 
 def _fma_fwd_config(H: int, block_b: int) -> Config:
@@ -1046,6 +1075,9 @@ ACQUIRE_LOAD = not TRITON_INTERPRET
 # With one batch chunk, the forward keeps c, own h and the next gx in registers (False: the chunked
 # path, which reads them from memory each step; for ablations).
 REGISTER_STATE = True
+# With one batch chunk, the backward arrives at the barrier once its ∂L/∂pre_t is stored and waits at
+# step t − 1, after loading that step's saved gates and c (False: arrive and wait at once; for ablations).
+BWD_SPLIT_BARRIER = True
 
 
 def _compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
@@ -1083,7 +1115,7 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
     meta = bwd_constexprs(H, cfg) | dict(
         PACKED=sizes is not None, ONE_CHUNK=REGISTER_STATE and cfg.block_b >= B
     )
-    meta |= dict(BIDIR=gates.dim() == 4)
+    meta |= dict(BIDIR=gates.dim() == 4, SPLIT_BARRIER=BWD_SPLIT_BARRIER)
     return args, meta | dict(FLAGS=flags, SYNC=sync_on, FINISH=finish) | bwd_compile_options(d_pre.dtype, cfg)
 
 
@@ -1112,6 +1144,13 @@ def _compile_problem(kernel, args: tuple, meta: dict, programs: int, device: tor
             f"{compiled.metadata.shared} B shared memory each)"
         )
     return None
+
+
+def _sms_per_direction(device: torch.device, directions: int) -> int | None:
+    """The SMs one direction's grid may take (pick_config's ``sms``; None off CUDA: the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count // directions
 
 
 def _device_limits(device: torch.device) -> dict[str, int]:
@@ -1155,9 +1194,10 @@ def _cuda_unavailable_reason(
         torch.empty(shapes[name][0], dtype=shapes[name][1], device=device) if flags & bits else None
         for name, bits in VARIANT_TENSORS.items()
     ))  # fmt: skip
-    smem_per_block = _device_limits(device)["smem_per_block"]
+    limits = _device_limits(device)
+    smem_per_block = limits["smem_per_block"]
     for backward in (False, True):
-        cfg = pick_config(B, H, dtype, backward, tf32=precision == "tf32")
+        cfg = pick_config(B, H, dtype, backward, tf32=precision == "tf32", sms=limits["sms"] // directions)
         problem = config_problem(B, H, dtype, cfg, backward, smem_per_block)
         if problem is not None:
             return problem
@@ -1513,7 +1553,7 @@ def persistent_forward(
     if flags & variants.RECURRENT_DROPOUT:
         hd = empty(2, B, H, dtype=dtype, device=device)
         hd[0] = hs[0] * variant[1][2]
-    cfg = config or pick_config(B, H, dtype, backward=False)
+    cfg = config or pick_config(B, H, dtype, backward=False, sms=_sms_per_direction(device, 1 + len(lead)))
     _check_split_k(cfg, H, backward=False)
     P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device, 1 + len(lead))
     grid = (P, *lead)  # (P, 2): one barrier counter per direction

@@ -144,9 +144,10 @@ if [ "$PLAN" = "persistent" ]; then
         --junitxml="$OUT_DIR/pytest_persistent.xml" tests/test_persistent.py
     step pytest_variant_persistent 30 "$PY" -m pytest -q -rs -p no:cacheprovider \
         --junitxml="$OUT_DIR/pytest_variant_persistent.xml" tests/test_variant_persistent.py
-    # 40 ablation rows since the forward and backward reworks (26 before), each a compile, a check and a
-    # timing: never timed on a GPU, so they may not all fit in 65 s. Rows are written as they finish,
-    # and the cheap host rows run before the ablations so that a timeout cuts only the ablations' tail
+    # 42 ablation rows since the forward and backward reworks and the backward's split barrier (26
+    # before), each a compile, a check and a timing: never timed on a GPU, so they may not all fit
+    # in 65 s. Rows are written as they finish, and the cheap host rows run before the ablations so
+    # that a timeout cuts only the ablations' tail
     step persistent_bench 65 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30 \
         --parts barrier host ablations
     FP32_SWEEP=(--batch 16 64 --hidden 768 --seq 256 --passes fwd+bwd --dtypes fp32-tf32 fp32

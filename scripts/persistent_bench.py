@@ -146,7 +146,8 @@ def reference(inputs: dict, d_hs: torch.Tensor, d_cn: torch.Tensor):
 # One change at a time from the kernels as they were before the second generation (8 warps on every
 # dot, atomic polls, gates and c always stored, c/h/gx read from memory each step, the backward's 4H
 # contraction in one warp-duplicated dot), then all of them. The forward kernel itself is the second
-# generation's (batch on the dot's N side, K in 128-column chunks, split arrive/wait) in every row.
+# generation's (batch on the dot's N side, K in 128-column chunks, split arrive/wait) in every row;
+# so is the backward's split barrier with one chunk, but in the row that turns it off.
 # fwd: (config, ACQUIRE_LOAD, save, REGISTER_STATE: c, own h and gx_{t+1} in registers with one tile)
 def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     new = tp.pick_config(B, H, dtype, backward=False)
@@ -181,10 +182,11 @@ def forward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
 
 def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     """bwd: (config, ACQUIRE_LOAD, REGISTER_STATE: ∂L/∂h, ∂L/∂c in registers and the saved gates and c
-    loaded before the barrier, with one chunk). The first rows are the first generation's changes
-    from the kernel before them; then the second generation (pick_config: 16 units, the batch on the
-    dot's N side in one tile up to 128 rows, 4H in unpadded chunks), against the first, one change
-    at a time."""
+    loaded before the barrier, with one chunk[, BWD_SPLIT_BARRIER: with one chunk, arrive once ∂L/∂pre_t
+    is stored and wait at step t − 1 after those loads; default on]). The first rows are the first
+    generation's changes from the kernel before them; then the second generation (pick_config: 16
+    units, the batch on the dot's N side in one tile up to 128 rows, 4H in unpadded chunks), against
+    the first, one change at a time."""
     new = tp.pick_config(B, H, dtype, backward=True)
     old = tp.Config(units=8, num_warps=8, block_b=16, split_k=1)
     first = tp.Config(units=8, num_warps=8, block_b=16, split_k=8)  # 4H padded to a power of two
@@ -197,6 +199,8 @@ def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
         "1st gen: all of the above": (first, True, True),
         # second generation
         "2nd gen (pick_config): 16 units, batch on N, 4H in unpadded chunks": (new, True, True),
+        # right after it: a run cut at its time limit loses the rows at the end first
+        "2nd gen, split barrier off (arrive and wait at once)": (new, True, True, False),
         "2nd gen, 8 units (M = 8 padded to 16, twice the programs)": (replace(new, units=8), True, True),
         "2nd gen, every chunk's load issued first": (replace(new, k_ahead=n_k - 1), True, True),
         "2nd gen, one chunk's load ahead": (replace(new, k_ahead=1), True, True),
@@ -253,12 +257,13 @@ def ablation_rows(args, device, emit) -> None:
                          "us_per_step": 1000 * ms / T})  # fmt: skip
         _, cs_check, gates_check = tp.persistent_forward(**check, spin_limit=args.spin_limit)
         seen = set()
-        for name, (cfg, acquire, registers) in backward_ablations(B, H, dtype).items():
+        for name, (cfg, acquire, registers, *split) in backward_ablations(B, H, dtype).items():
             registers &= cfg.block_b >= B
-            if (cfg, acquire, registers) in seen:
+            split = (split or [True])[0] and registers  # the split needs the state in registers
+            if (cfg, acquire, registers, split) in seen:
                 continue
-            seen.add((cfg, acquire, registers))
-            tp.ACQUIRE_LOAD, tp.REGISTER_STATE = acquire, registers
+            seen.add((cfg, acquire, registers, split))
+            tp.ACQUIRE_LOAD, tp.REGISTER_STATE, tp.BWD_SPLIT_BARRIER = acquire, registers, split
             grads = tp.persistent_backward(
                 d_hs_check,
                 d_cn_check,
@@ -280,7 +285,7 @@ def ablation_rows(args, device, emit) -> None:
             emit({"pass": "bwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
                          "warps": cfg.num_warps, "rel_err": err, "ok": ok, "ms": ms,
                          "us_per_step": 1000 * ms / T})  # fmt: skip
-        tp.ACQUIRE_LOAD, tp.REGISTER_STATE = True, True
+        tp.ACQUIRE_LOAD, tp.REGISTER_STATE, tp.BWD_SPLIT_BARRIER = True, True, True
 
 
 def host_check_rows(args, device, emit) -> None:

@@ -243,6 +243,36 @@ def test_one_launch_with_barriers_matches_per_step_launches(block_b):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "at_once"])
+def test_backward_split_barrier_in_one_launch_matches_autograd(split, monkeypatch):
+    """BWD_SPLIT_BARRIER: with one batch tile the backward arrives once ∂L/∂pre_t is stored and waits
+    at step t − 1 after loading its saved gates and c. One launch with barriers, packed input, fp64,
+    every gradient against autograd on the naive layer, both backward layouts; and either way the
+    barrier counter ends at T arrivals per program (T − 1 barriers in the loop, FINISH's): an arrival
+    without its wait, or a missing one (a timeout with this spin limit), fails. On CPU one program
+    (the interpreter runs programs one after another), on a GPU four."""
+    _skip_unless_available(torch.float64)
+    monkeypatch.setattr(tp, "BWD_SPLIT_BARRIER", split)
+    counters = []
+    grid = tp._grid
+
+    def recording_grid(*args, **kwargs):
+        P, n_sync, sync = grid(*args, **kwargs)
+        counters.append((P, sync))
+        return P, n_sync, sync
+
+    monkeypatch.setattr(tp, "_grid", recording_grid)
+    units = 4 if DEVICE.type == "cuda" else 16
+    one_tile = tp.Config(units=units, num_warps=4, block_b=8)  # B = 5: one tile, state in registers
+    spin_limit = 1 << 20 if DEVICE.type == "cuda" else 4
+    for bwd in (one_tile, replace(one_tile, block_k=16, batch_n=True, k_ahead=1)):
+        counters.clear()
+        check_backward(torch.float64, SIZES["decreasing"], 1e-12, bwd_config=bwd, config=one_tile,
+                       single_launch=True, spin_limit=spin_limit)  # fmt: skip
+        (P, sync) = counters[1]  # the forward's, then the backward's
+        assert sync.tolist() == [T * P, 0]
+
+
 def zeros_allocator(monkeypatch) -> list:
     """Launchers allocate zeros, not NaN (the NaN must come from the kernel); returns the list of them."""
     allocated = []
@@ -263,7 +293,9 @@ def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch, o
     """The barrier waits for one program that does not exist: every program must give up and write
     NaN from then on. The launcher returns without reading the flag (no host sync); the next call
     of either launcher raises, naming the shape of the launch that timed out, and only once. With
-    one batch tile the forward arrives, saves the step and prefetches gx, then waits (split barrier)."""
+    one batch tile the forward arrives, saves the step and prefetches gx, then waits, and the backward
+    arrives after storing ∂L/∂pre_t and waits at step t − 1 after loading its gates and c (split
+    barriers)."""
     _skip_unless_available(torch.float32)
     allocated = zeros_allocator(monkeypatch)
     inputs = make_inputs(torch.float32)
@@ -279,7 +311,7 @@ def test_barrier_timeout_poisons_outputs_and_the_next_call_raises(monkeypatch, o
 
     allocated.clear()
     d_hs, d_cn = torch.randn(T + 1, B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
-    run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **TIMEOUT)
+    run_backward(d_hs, d_cn, cs, gates, inputs["w_hh"], None, **forward)
     d_pre, d_h, d_c = allocated
     # the first barrier precedes step T − 2: it and every earlier step are NaN, and so are d_h0, d_c0
     assert d_pre[: T - 1].isnan().all() and d_h.isnan().all() and d_c.isnan().all()
@@ -727,7 +759,8 @@ def dot_layouts(ttgir):  # each tt.dot's output shape, the extent one warp cover
                      "warps": warps, "wgmma": op == "ttng.warp_group_dot"})
     return dots
 
-def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, and its local_loads
+def time_loop(ttgir):  # the names of the tt.load results inside the first scf.for, its local_loads, and
+    # the order of its loads (by name), stores, atomics and barrier polls (scf.while)
     lines = ttgir.splitlines()
     start = next(i for i, line in enumerate(lines) if "scf.for" in line)
     depth, end = 0, len(lines)
@@ -739,7 +772,9 @@ def time_loop(ttgir):  # the names of the tt.load results inside the first scf.f
     body = lines[start:end]
     found = (re.search(r"%(\w+) = tt\.load", x) for x in body)
     loads = sorted({re.sub(r"_\d+$", "", m[1]) for m in found if m})
-    return loads, sum("ttg.local_load" in x for x in body)
+    ops = (re.search(r"(?:%(\w+) = )?(tt\.load|tt\.store|tt\.atomic_rmw|scf\.while)\b", x) for x in body)
+    trace = [re.sub(r"_\d+$", "", m[1] or "") if m[2] == "tt.load" else m[2] for m in ops if m]
+    return loads, sum("ttg.local_load" in x for x in body), trace
 
 def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
     acc, w = "*fp32", "*fp32" if dt == "tf32" else f"*{dt}"
@@ -748,7 +783,8 @@ def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
                 "p_hd": w, "p_sizes": "*i32", "p_sync": "*i32"}
     if backward:
         fn = tp.lstm_persistent_bwd_kernel
-        const = tp.bwd_constexprs(H, cfg) | {"FINISH": True, "ONE_CHUNK": B <= cfg.block_b}
+        const = tp.bwd_constexprs(H, cfg) | {"FINISH": True, "ONE_CHUNK": B <= cfg.block_b,
+                                             "SPLIT_BARRIER": tp.BWD_SPLIT_BARRIER}
     else:
         fn = tp.lstm_persistent_fwd_kernel
         block_k = tp.fwd_block_k(H, cfg)
@@ -773,11 +809,12 @@ def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
 
 compiled = {}  # B enters as a multiple of 16 and as B ≤ block_b: B = 64 and 128 share a kernel
 for spec in sys.argv[1:]:
-    dt, B, H, backward, *flags = spec.split(",")  # "all" (every bit but LAYER_NORM), "bidir" or none
+    dt, B, H, backward, *flags = spec.split(",")  # "all" (every bit but LAYER_NORM), "bidir", "sms114"
     B, H, backward = int(B), int(H), backward == "bwd"
     bidir = flags == ["bidir"]  # both directions in one launch: grid (P, 2)
+    sms = int(flags[0][3:]) if flags and flags[0].startswith("sms") else None  # pick_config's SM count
     flags = tp.PERSISTENT_FLAGS if flags == ["all"] else 0
-    cfg = tp.pick_config(B, H, DTYPES[dt], backward, TF32.get(dt))
+    cfg = tp.pick_config(B, H, DTYPES[dt], backward, TF32.get(dt), sms)
     problem = tp.config_problem(B, H, DTYPES[dt], cfg, backward)
     if problem is not None:
         print(json.dumps({"spec": spec, "problem": problem}), flush=True)
@@ -785,7 +822,7 @@ for spec in sys.argv[1:]:
     key = (backward, B <= cfg.block_b, B % 16 == 0 or B, H, dt, cfg, flags, bidir)
     if key not in compiled:
         compiled[key] = compile_kernel(backward, B, H, dt, cfg, flags, bidir)
-    regs, spills, shared, dots, acquire, loop_loads, loop_local_loads = compiled[key]
+    regs, spills, shared, dots, acquire, loop_loads, loop_local_loads, loop_trace = compiled[key]
     fit = {sms: tp.resident_programs(regs, cfg.num_warps, shared, sms=sms) for sms in (132, 114)}
     k_chunks = tp.bwd_chunks(H, cfg)[1] if backward else -(-H // tp.fwd_block_k(H, cfg))
     print(json.dumps({"spec": spec, "regs": regs, "spills": spills, "shared": shared, "warps": cfg.num_warps,
@@ -793,7 +830,7 @@ for spec in sys.argv[1:]:
                       "programs": cfg.programs(H) * (2 if bidir else 1), "fit": fit[132], "fit_114": fit[114],
                       "dots": dots,
                       "acquire_load": acquire, "loop_loads": loop_loads,
-                      "loop_local_loads": loop_local_loads}), flush=True)
+                      "loop_local_loads": loop_local_loads, "loop_trace": loop_trace}), flush=True)
 """
 
 # the issue's shape grid (B 16-128, H 256-1024) in bf16, fwd and bwd; fp16 shares bf16's tile sizes; fp32
@@ -827,6 +864,9 @@ HOPPER_SPECS += [f"bf16,{b},768,{d},all" for b in (16, 64) for d in ("fwd", "bwd
 # at B ≤ 32 (16 units: 64 programs) and at B = 64 (two programs per SM) and the 16-bit backward
 # (16 units: 64 programs, one per SM) do
 NOT_RESIDENT_ON_114_SMS = {"bf16,128,1024,fwd", "bf16,16,1024,fwd,bidir", "bf16,16,1024,bwd,bidir"}
+# given 114 SMs, pick_config gives the B = 128 forward at H = 1024 B = 64's 4-warp configuration in 64-row
+# batch tiles (128 programs, two per SM), which fits; at H = 768 it keeps 96 programs of 8 warps
+HOPPER_SPECS += ["bf16,128,768,fwd,sms114", "bf16,128,1024,fwd,sms114", "fp16,128,1024,fwd,sms114"]
 NOT_RESIDENT_ON_114_SMS |= {
     f"{dt},{b},1024,{d}" for dt in ("fp32", "tf32") for b in (16, 64, 128) for d in ("fwd", "bwd")
 }
@@ -840,6 +880,22 @@ LOOP_LOADS = {
     "fwd": ["b_gx", "b_hn", "n_rows"],
     "bwd": ["b_c_pf", "b_c_prev_pf", "b_dh", "b_dp", "b_gf_pf", "b_gg_pf", "b_gi_pf", "b_go_pf", "n_rows"],
 }
+
+
+# the backward's saved gates and c of step t, loaded between step t + 1's arrive and step t's wait
+BWD_PREFETCH = ["b_gi_pf", "b_gf_pf", "b_gg_pf", "b_go_pf", "b_c_pf", "b_c_prev_pf"]
+
+
+def split_barrier_order(trace: list, names: bool) -> bool:
+    """Whether a backward time loop (loads by name, stores, atomics, polls in TTGIR order) arrives
+    after its ∂L/∂pre stores (the loop's last atomic follows its 4 stores and its last poll) and,
+    with names (triton ≥ 3.9), loads step t's gates and c before the poll (the split barrier)."""
+    arrive = len(trace) - 1 - trace[::-1].index("tt.atomic_rmw")
+    polls = [i for i, op in enumerate(trace) if op == "scf.while"]
+    ok = trace[:arrive].count("tt.store") >= 4 and arrive > polls[-1]
+    if names:
+        ok &= all(trace.index(name) < polls[0] for name in BWD_PREFETCH)
+    return ok
 
 
 def duplicated_warps(dot: dict) -> bool:
@@ -904,6 +960,62 @@ def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
             assert -(-H // tp.fwd_block_k(H, cfg)) <= tp.MAX_K_CHUNKS
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_heuristic_tiles_the_forward_batch_where_the_sms_are_too_few(dtype):
+    """16-bit forward above B = 64: 8 units per program on 8 warps, one program per SM, so H = 1024
+    (128 programs) does not fit a 114-SM H100 PCIe; given the SMs, B = 64's 4-warp configuration
+    in 64-row batch tiles (two programs per SM; the compile test checks it). Elsewhere unchanged."""
+    tiled = tp.Config(units=8, num_warps=4, block_b=64)
+    whole = tp.Config(units=8, num_warps=8, block_b=128)
+    for B in (65, 128):
+        assert tp.pick_config(B, 1024, dtype, False) == whole
+        assert tp.pick_config(B, 1024, dtype, False, sms=132) == whole
+        cfg = tp.pick_config(B, 1024, dtype, False, sms=114)
+        assert cfg == tiled and cfg.num_warps <= tp.dot_warps(4 * cfg.units, cfg.block_b)
+        assert tp.config_problem(B, 1024, dtype, cfg, backward=False) is None
+        assert tp.pick_config(B, 768, dtype, False, sms=114) == whole  # 96 programs: fits
+        assert tp.pick_config(B, 512, dtype, False, sms=57) == tiled  # one direction of two on 114
+    for B in (16, 64):  # 16 units already, or two 4-warp programs per SM
+        assert tp.pick_config(B, 1024, dtype, False, sms=114) == tp.pick_config(B, 1024, dtype, False)
+    assert tp.pick_config(128, 1024, dtype, True, sms=114) == tp.pick_config(128, 1024, dtype, True)
+
+
+def test_forward_in_batch_tiles_for_few_sms_matches_naive():
+    """The configuration above at a small size: 3 programs of 8 units (the last 4 units wide), the
+    batch in two 64-row tiles (the second 8 rows), packed input whose rows stop in both tiles;
+    forward (fp16) and every gradient of the backward on its states, against the naive layer."""
+    T_, B_, H_ = 3, 72, 20
+    cfg = tp.pick_config(B_, H_, torch.float16, False, sms=2)
+    assert cfg == tp.Config(units=8, num_warps=4, block_b=64)
+    _skip_unless_available(torch.float16, B_, H_)
+    sizes = [72, 66, 60]
+    g = torch.Generator().manual_seed(3)
+    gx = torch.randn(T_, B_, 4 * H_, generator=g, dtype=torch.float64)
+    h0, c0 = torch.randn(B_, H_, generator=g, dtype=torch.float64) * 0.5, torch.randn(B_, H_, generator=g)
+    w = (torch.rand(4 * H_, H_, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(H_)
+    inputs = {"gx": gx.half(), "h0": h0.half(), "c0": c0.float(), "w_hh": w.half()}
+    hs, cs, gates = tp.persistent_forward(
+        **{k: v.to(DEVICE) for k, v in inputs.items()}, batch_sizes=torch.tensor(sizes), config=cfg
+    )
+    leaves = {k: inputs[k].double().requires_grad_() for k in ("gx", "h0", "c0")}
+    out, _, c_n = lstm_layer_naive(*leaves.values(), inputs["w_hh"].double(), batch_sizes=sizes)
+    rtol = LOW_PRECISION_RTOL[torch.float16]
+    for k, n in enumerate(sizes):
+        assert rel_err(hs[k + 1, :n].cpu(), out[k, :n]) < rtol, k
+    assert rel_err(cs[-1].cpu(), c_n) < rtol
+    d_hs = torch.randn(T_ + 1, B_, H_, generator=g, dtype=torch.float64)
+    d_hs[1:] *= (torch.arange(B_)[None, :] < torch.tensor(sizes)[:, None])[..., None]  # rows that ran
+    d_cn = torch.randn(B_, H_, generator=g, dtype=torch.float64)
+    loss = (d_hs[1:] * out).sum() + (d_hs[0] * leaves["h0"]).sum() + (d_cn * c_n).sum()
+    expected = torch.autograd.grad(loss, list(leaves.values()))
+    grads = tp.persistent_backward(
+        d_hs.half().to(DEVICE), d_cn.float().to(DEVICE), gates, cs, inputs["w_hh"].to(DEVICE),
+        batch_sizes=torch.tensor(sizes),
+    )  # fmt: skip
+    for name, actual, exp in zip(("d_gx", "d_h0", "d_c0"), grads, expected, strict=True):
+        assert rel_err(actual.cpu(), exp) < rtol, name
+
+
 @pytest.mark.parametrize(("H", "dtype"), [(2048, torch.float32), (512, torch.float64)])
 def test_heuristic_refuses_backward_tiles_that_do_not_fit_on_chip(H, dtype):
     cfg = tp.pick_config(16, H, dtype, backward=True)
@@ -964,7 +1076,8 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             on_114 = row["programs"] <= row["fit_114"]
             checks["resident on 114 SMs as expected"] = on_114 == (spec not in NOT_RESIDENT_ON_114_SMS)
             dt, b, h, d, *variant = spec.split(",")
-            cfg = tp.pick_config(int(b), int(h), SPEC_DTYPES[dt], d == "bwd", SPEC_TF32.get(dt))
+            sms = int(variant[0][3:]) if variant and variant[0].startswith("sms") else None
+            cfg = tp.pick_config(int(b), int(h), SPEC_DTYPES[dt], d == "bwd", SPEC_TF32.get(dt), sms)
             # the ldmatrix reads of the two dot operands from shared memory (per K chunk of either
             # kernel; none with wgmma, which reads shared memory itself), nothing else
             checks["at most 2 local_loads per K chunk in the time loop"] = (
@@ -981,6 +1094,10 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
                 )
             if b == "16" and dt in ("bf16", "fp16") and not variant and TRITON_VERSION >= (3, 9):
                 checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
+            if d == "bwd" and dt in ("bf16", "fp16") and not variant:  # one batch tile: split barrier
+                checks["the backward's split barrier"] = split_barrier_order(
+                    row["loop_trace"], TRITON_VERSION >= (3, 9)
+                )
         failures += [f"{spec}: not {what}: {row}" for what, ok in checks.items() if not ok]
     assert not failures, "\n".join(failures)
 
