@@ -20,8 +20,10 @@ Backward, program p owns the same units but the 4H columns j of W_hh, since
           -> gate derivatives of step t -> store own columns of ∂L/∂pre_t, carry ∂L/∂c
 In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the mma's M side, the whole batch
 (up to 128 rows) on N, 4H walked in unpadded static chunks, each split across the warps up to B = 32
-(a 3-D dot over SPLIT_K slices, summed); fp32 and fp64 keep the first generation's ∂L/∂pre·W_cols
-in 16-row chunks (fp32: 4 above H = 512). fp32's forward walks 16-row batch tiles (fp32_config).
+(a 3-D dot over SPLIT_K slices, summed); so does fp32 where it compiles (TF32 up to H = 768, FMA at
+B ≤ 16), else it keeps, as fp64 does, the first generation's ∂L/∂pre·W_cols in 16-row chunks (fp32:
+4 above H = 512). fp32's forward takes the whole batch as one tile only where it compiles, else
+16-row batch tiles (fp32_config).
 Both directions of a bidirectional layer can run in one launch (BIDIR: grid (P, 2), every tensor
 stacked on a leading [2], a barrier counter per direction). With one chunk ∂L/∂h and ∂L/∂c stay
 in registers and step t's saved gates and c are loaded before the barrier. ∂W_hh, ∂W_ih and ∂x are
