@@ -1053,8 +1053,8 @@ def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
 
 
 # fp32's whole-batch tiles compile with this register cap: without one ptxas (triton 3.9) chose 128
-# registers for the TF32 forward at B64 H512 (8 warps) and spilled 96 bytes. (The backward with the
-# batch on N takes BWD_MAXNREG instead.)
+# registers and spilled 8 bytes for the FMA forward at B64 H64 (lstmlab-train's compare preset).
+# (The backward with the batch on N takes BWD_MAXNREG instead.)
 FP32_MAXNREG = 255
 
 
