@@ -1022,10 +1022,10 @@ def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     registers) up to B = 64 and H = 768, 16-row tiles elsewhere (as one tile it spilled 184 bytes at
     B = 64, H = 1024 with triton 3.6, and 159,040 at B = 128, H = 1024 with 3.9). TF32: 2 warps on
     [32, 16] at B ≤ 16; the whole batch on 8 warps ([32, 64], no split) at 32 < B ≤ 64 up to
-    H = 256; 16-row tiles elsewhere (the state through memory each step): on
-    triton 3.6 the whole batch spilled at B = 64 from H = 512 (248 bytes unsplit on 8 warps, 456 in
-    8 slices, 3,016 in 4 on 4 warps), and 3.6 put a 2-slice split's 8 warps on its 2 slices
-    (duplicated); a [32, 32] tile (B = 32) on 8 warps came out duplicated on both versions.
+    H = 256; 16-row tiles elsewhere (the state through memory each step): on triton 3.6 the whole
+    batch spilled at B = 64 from H = 512 (248 bytes unsplit on 8 warps, 456 in 8 slices, 3,016 in 4
+    on 4 warps), and 3.6 put a 2-slice split's 8 warps on its 2 slices (duplicated); a [32, 32]
+    tile (B = 32) on 8 warps came out duplicated on both versions.
     Tiles above 16 rows compile with FP32_MAXNREG."""
     if backward:
         block_b = min(128, _block(B))
@@ -1043,12 +1043,9 @@ def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
                 break
         return cfg
     if tf32:
-        block_b = fwd_block_b(B)
-        if block_b <= 16:
-            return Config(units=8, num_warps=2, block_b=16)
-        if block_b == 64 and H <= 256:
+        if fwd_block_b(B) == 64 and H <= 256:  # the whole batch: [32, 64] on 8 warps
             return Config(units=8, num_warps=8, block_b=64)
-        return Config(units=8, num_warps=2, block_b=16)
+        return Config(units=8, num_warps=2, block_b=16)  # [32, 16]: one warp per 16 rows of M
     return _fma_fwd_config(H, fwd_block_b(B) if B <= 64 and H <= 768 else 16)
 
 
