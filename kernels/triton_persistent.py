@@ -21,8 +21,10 @@ Backward, program p owns the same units but the 4H columns j of W_hh, since
           ∂L/∂pre_t -> arrive at the barrier, carry ∂L/∂c
 In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the mma's M side, the whole batch
 (up to 128 rows) on N, 4H walked in unpadded static chunks, each split across the warps up to B = 32
-(a 3-D dot over SPLIT_K slices, summed); fp32 and fp64 keep the first generation's ∂L/∂pre·W_cols
-in 16-row chunks (fp32: 4 above H = 512). fp32's forward walks 16-row batch tiles (fp32_config).
+(a 3-D dot over SPLIT_K slices, summed); so does fp32 where it compiles (TF32 up to H = 768, FMA at
+B ≤ 16), else it keeps, as fp64 does, the first generation's ∂L/∂pre·W_cols in 16-row chunks (fp32:
+4 above H = 512). fp32's forward takes the whole batch as one tile only where it compiles, else
+16-row batch tiles (fp32_config).
 Both directions of a bidirectional layer can run in one launch (BIDIR: grid (P, 2), every tensor
 stacked on a leading [2], a barrier counter per direction). With one chunk ∂L/∂h and ∂L/∂c stay
 in registers and step t's saved gates and c are loaded between the arrive and the wait (with several
@@ -1031,19 +1033,38 @@ def _dot_precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
 
 def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     """fp32's configuration, from sm_90 compiles with triton 3.6 and 3.9 (0 spills for H ≤ 1024;
-    docs/persistent.md, "fp32"). The backward keeps the first generation's layout (∂L/∂pre·W_cols,
-    4H padded, 8 slices); fp32 tiles are twice the 16-bit ones, so its ∂L/∂pre chunk shrinks from 16
-    rows to 4 where 16 do not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]), and the FMA
-    backward (true fp32) takes 8 at H = 512, where 16 spilled 8 bytes at B = 16 with triton 3.6.
-    (Before the second-generation backward's code was merged, the FMA backward at B > 16 took 4 rows
-    at every H; since then 4 rows spill there at H = 512, 16 bytes with triton 3.9.)
-    Forward (the transposed dot W[4U, K]×hᵀ[K, 16], K in 128-column chunks): 8 units, the batch in
-    16-row tiles (B > 16: the state goes through memory each step, as in the 16-bit forward above
-    B = 128). The whole batch as one tile spilled: TF32 at B = 64, H = 1024 (304 bytes with 4 warps,
-    260 with 8; triton 3.9), the FMA dot at B = 128 (159,040 bytes at H = 1024) and at B = 64, H = 64
-    (8 bytes). TF32: mma.sync on the [32, 16] output with 2 warps, one per 16 rows (4 warps put two
-    on each: duplicated). True fp32 (FMA): 8 warps, each K chunk split in slices of 16."""
+    docs/persistent.md, "fp32").
+
+    Backward: the second generation's layout where it compiles (W_colsᵀ·∂L/∂preᵀ, the batch on the
+    mma's N side, one tile up to B = 128, 4H in unpadded chunks of 16 KiB): TF32 up to H = 768 and the
+    FMA dot (true fp32) at B ≤ 16 up to H = 768, 16 units on 8 warps as in 16 bits (8 units, M = 8,
+    spilled: 104 bytes at B16 H768 and 624 at B64 H256 with TF32; 16 units need [4H, 16] fp32 W_hh
+    columns, 256 KiB at H = 1024, more than an SM gives). FMA slices are 16 deep (block_k = 128 in
+    8): the FMA dot holds its slice's K in registers. Elsewhere (H = 1024; FMA at B > 16, which
+    spilled 4,964 bytes at B64 H256 in 8 slices and 248 in 4) the first generation's layout
+    (∂L/∂pre·W_cols, 4H padded, 8 slices), its ∂L/∂pre chunk shrunk from 16 rows to 4 where 16 do
+    not fit on chip (H > 512: [4H, 8] W_hh columns + [4, 4H]), and the FMA backward takes 8 at
+    H = 512, where 16 spilled 8 bytes at B = 16 with triton 3.6.
+
+    Forward (the transposed dot W[4U, K]×hᵀ[K, block_b], K in 128-column chunks, 8 units): the FMA
+    dot (8 warps, each K chunk split in slices of 16) takes the whole batch as one tile (state in
+    registers) up to B = 64 and H = 768, 16-row tiles elsewhere (as one tile it spilled 184 bytes at
+    B = 64, H = 1024 with triton 3.6, and 159,040 at B = 128, H = 1024 with 3.9). TF32: 2 warps on
+    [32, 16] at B ≤ 16; the whole batch on 8 warps ([32, 64], no split) at 32 < B ≤ 64 up to
+    H = 256; 16-row tiles elsewhere (the state through memory each step): on triton 3.6 the whole
+    batch spilled at B = 64 from H = 512 (248 bytes unsplit on 8 warps, 456 in 8 slices, 3,016 in 4
+    on 4 warps), and 3.6 put a 2-slice split's 8 warps on its 2 slices (duplicated); a [32, 32]
+    tile (B = 32) on 8 warps came out duplicated on both versions.
+    Tiles above 16 rows compile with FP32_MAXNREG."""
     if backward:
+        block_b = min(128, _block(B))
+        if H <= 768 and (tf32 or block_b <= 16):
+            split_k = 8 if block_b <= 32 else 1  # as pick_bwd_config: warps on the slices, then on N
+            block_k = BWD_CHUNK_BYTES // (block_b * 4) if tf32 else 16 * split_k
+            block_k = max(16 * split_k, min(block_k, 4 * H & -4 * H))  # a power of two dividing 4H
+            return Config(
+                units=16, num_warps=8, block_b=block_b, split_k=split_k, block_k=block_k, batch_n=True
+            )
         split_k = min(8, _block(4 * H) // 16)
         for block_b in (16, 4) if tf32 or H <= 256 else (8, 4):
             cfg = Config(units=8, num_warps=split_k, block_b=block_b, split_k=split_k)
@@ -1051,8 +1072,16 @@ def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
                 break
         return cfg
     if tf32:
-        return Config(units=8, num_warps=2, block_b=16)
-    return _fma_fwd_config(H, 16)
+        if fwd_block_b(B) == 64 and H <= 256:  # the whole batch: [32, 64] on 8 warps
+            return Config(units=8, num_warps=8, block_b=64)
+        return Config(units=8, num_warps=2, block_b=16)  # [32, 16]: one warp per 16 rows of M
+    return _fma_fwd_config(H, fwd_block_b(B) if B <= 64 and H <= 768 else 16)
+
+
+# fp32's whole-batch tiles compile with this register cap: without one ptxas (triton 3.9) chose 128
+# registers and spilled 8 bytes for the FMA forward at B64 H64 (lstmlab-train's compare preset).
+# (The backward with the batch on N takes BWD_MAXNREG instead.)
+FP32_MAXNREG = 255
 
 
 # Save the forward's activated gates in the compute dtype (fp16, bf16) instead of fp32. Accurate
@@ -1081,13 +1110,16 @@ BWD_SPLIT_BARRIER = True
 
 
 def _compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
-    return dict(
+    options = dict(
         ACQUIRE_LOAD=ACQUIRE_LOAD,
         DOT_PRECISION=_dot_precision(dtype, tf32),
         UPCAST_DOT=TRITON_INTERPRET and dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=1,  # no software pipelining: a load of step t + 1 must never move above the barrier
     )
+    if dtype == torch.float32 and cfg.block_b > 16:  # fp32's whole-batch tiles (fp32_config)
+        options["maxnreg"] = FP32_MAXNREG
+    return options
 
 
 def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start, t_end, spin_limit, n_sync,

@@ -244,9 +244,11 @@ def test_fp32_training_on_cuda_runs_persistent_where_its_kernels_compile(monkeyp
     assert lstmlab.resolve_backend("auto", cuda, 64, 64, torch.float32) == "triton_persistent"
     precision = "tf32" if tf32 else "ieee"
     fwd_split = 1 if tf32 else 4  # the FMA forward splits its K chunk (64 columns at H = 64) in 4
+    # TF32's backward puts the batch on N (not split at B = 64); the FMA one splits 4H in 8 slices
+    bwd_split = 1 if tf32 else 8
     assert asked == [
         ("lstm_persistent_fwd_kernel", precision, fwd_split),
-        ("lstm_persistent_bwd_kernel", precision, 8),
+        ("lstm_persistent_bwd_kernel", precision, bwd_split),
     ]
     spills["lstm_persistent_fwd_kernel"] = 38776
     assert lstmlab.resolve_backend("auto", cuda, 64, 128, torch.float32) == "triton_step"

@@ -445,16 +445,19 @@ def test_fp32_dots_follow_cudnns_rnn_tf32_flag(cudnn_fp32_flags, monkeypatch):
         tp.persistent_forward(**{k: v.to(DEVICE) for k, v in inputs.items()}, config=SMALL)
         assert launched and set(launched) == {"tf32" if tf32 else "ieee"}
     # TF32 and true fp32 are different configurations (mma on 2 warps; FMA on 8, each 128-column K
-    # chunk in 8 slices), both in 16-row batch tiles
+    # chunk in 8 slices), the whole batch as one tile
     assert tp.fp32_config(16, 1024, False, True) == tp.Config(units=8, num_warps=2, block_b=16)
-    assert tp.fp32_config(64, 1024, False, False) == tp.Config(units=8, num_warps=8, block_b=16, split_k=8)
+    assert tp.fp32_config(64, 768, False, False) == tp.Config(units=8, num_warps=8, block_b=64, split_k=8)
 
 
 @pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
 def test_fp32_configs_match_naive(tf32, cudnn_fp32_flags):
-    """fp32 with the heuristic's own configurations at H = 40 (forward: its one K chunk in 4 slices without
-    TF32; backward: 8 slices of the 4H contraction) and the backward's 4-row chunks of H > 512 (two
-    chunks at B = 5), packed input, forward and every gradient against the naive layer. The
+    """fp32 with the heuristic's own configurations at H = 40, B = 5, packed input, forward and every
+    gradient against the naive layer: those it picks at B = 5 (forward: 16-row tile, FMA: its one K
+    chunk in 4 slices; backward: the batch on N, 4H in chunks of 128 in 8 slices), at B = 64 and
+    B = 128 (the whole batch as one tile: the forward on 8 warps in 2 or 8 slices; the TF32 backward
+    with the batch on N, 4H in chunks of 32, no split; the FMA backward's first-generation layout
+    there) and the first-generation backward's 4-row chunks of H = 1024 (two chunks at B = 5). The
     interpreter multiplies TF32 dots in full fp32 (checked: the same error as "ieee" on random
     16×16 tiles), so on the CPU both settings have fp32's tolerance; on a GPU TF32 rounds the operands."""
     cudnn_fp32_flags.allow_tf32 = tf32
@@ -476,14 +479,22 @@ def test_fp32_configs_match_naive(tf32, cudnn_fp32_flags):
     expected = torch.autograd.grad((d_out.double() * out).sum() + (d_cn.double() * c_n).sum(), leaves)
     fwd_tol, bwd_tol = (1e-2, 1e-2) if tf32 and DEVICE.type == "cuda" else (2e-6, 1e-5)
     wide = tp.fp32_config(16, 1024, backward=True, tf32=tf32)  # [4, 4H] chunks, 8 slices
-    assert (wide.block_b, wide.split_k) == (4, 8)
-    fwd_cfg = tp.pick_config(B, h, torch.float32, False)
-    assert fwd_cfg.split_k == (1 if tf32 else 4)  # FMA: H = 40's one 64-column K chunk in 4 slices
-    for bwd_cfg in (tp.pick_config(B, h, torch.float32, True), wide):
+    assert (wide.block_b, wide.split_k, wide.batch_n) == (4, 8, False)
+    own = tp.pick_config(B, h, torch.float32, False), tp.pick_config(B, h, torch.float32, True)
+    assert own[0].split_k == (1 if tf32 else 4)  # FMA: H = 40's one 64-column K chunk in 4 slices
+    assert own[1].batch_n and own[1].units == 16 and tp.bwd_chunks(h, own[1]) == (128, 2)
+    b64 = tuple(tp.fp32_config(64, h, backward, tf32) for backward in (False, True))
+    b128 = tuple(tp.fp32_config(128, h, backward, tf32) for backward in (False, True))
+    assert (b64[0].block_b, b64[0].num_warps, b64[0].split_k) == (64, 8, 1 if tf32 else 4)
+    assert b128[0].block_b == 16  # 16-row tiles above B = 64
+    assert b64[1].batch_n == tf32 and b128[1].batch_n == tf32  # FMA above B = 16: the first generation
+    if tf32:
+        assert tp.bwd_chunks(h, b64[1]) == (32, 5) and b64[1].split_k == 1
+    for fwd_cfg, bwd_cfg in (own, (own[0], wide), b64, b128):
         x = [t.to(DEVICE) for t in (gx, h0, c0, w_hh)]
         hs, cs, gates = tp.persistent_forward(*x, sizes, config=fwd_cfg)
         for k in range(T):  # rows that advanced at step k
-            assert rel_err(hs[k + 1, : sizes[k]].cpu(), out[k, : sizes[k]].detach()) < fwd_tol
+            assert rel_err(hs[k + 1, : sizes[k]].cpu(), out[k, : sizes[k]].detach()) < fwd_tol, fwd_cfg
         assert rel_err(cs[-1].cpu(), c_n.detach()) < fwd_tol
         grads = tp.persistent_backward(
             d_hs.to(DEVICE), d_cn.to(DEVICE), gates, cs, x[3], sizes, config=bwd_cfg
@@ -834,18 +845,16 @@ for spec in sys.argv[1:]:
 """
 
 # the issue's shape grid (B 16-128, H 256-1024) in bf16, fwd and bwd; fp16 shares bf16's tile sizes; fp32
-# with TF32 dots ("tf32") and without ("fp32") at B 16 and 64 (128 compiles to B 64's kernels)
+# with TF32 dots ("tf32") and without ("fp32") on the same grid
 GRID = [(b, h) for h in (256, 512, 768, 1024) for b in (16, 64, 128)]
 HOPPER_SPECS = [f"bf16,{b},{h},{d}" for b, h in GRID for d in ("fwd", "bwd")]
 HOPPER_SPECS += ["fp16,16,768,fwd", "fp16,16,768,bwd"]
 # the forward's other tile sizes: B = 32 (16 units, wgmma on [64, 32]), fp16 with B = 64 on N
 HOPPER_SPECS += ["bf16,32,768,fwd", "fp16,64,1024,fwd"]
 HOPPER_SPECS += ["fp16,64,1024,bwd", "fp16,128,1024,bwd"]  # the backward's largest 16-bit tiles
-HOPPER_SPECS += [
-    f"{dt},{b},{h},{d}" for dt in ("fp32", "tf32") for b, h in GRID if b < 128 for d in ("fwd", "bwd")
-]
-# the fp32 forward's 128-row batch tile (the fp32 backward at B = 128 is B = 64's kernel)
-HOPPER_SPECS += [f"{dt},128,{h},fwd" for dt in ("fp32", "tf32") for h in (256, 1024)]
+HOPPER_SPECS += [f"{dt},{b},{h},{d}" for dt in ("fp32", "tf32") for b, h in GRID for d in ("fwd", "bwd")]
+# fp32 at B = 32: TF32's 16-row forward tiles and backward on N, the FMA forward's whole-batch tile
+HOPPER_SPECS += [f"{dt},32,768,{d}" for dt in ("fp32", "tf32") for d in ("fwd", "bwd")]
 # lstmlab-train's compare preset (B 64, H 64): what its fp32 training on a GPU compiles
 HOPPER_SPECS += [f"{dt},64,64,{d}" for dt in ("fp32", "tf32") for d in ("fwd", "bwd")]
 # both directions in one launch (2P programs): at B = 16 both 16-bit kernels run 16 units per
@@ -940,11 +949,13 @@ def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
         (torch.float32, False),
     ):
         cfg = tp.pick_config(B, H, dtype, backward, tf32)
-        if backward and cfg.batch_n:  # 16-bit: [S, U, block_b], warps on the slices, then on N
-            assert dtype != torch.float32 and cfg.units == 16 and cfg.block_b == min(128, tp._block(B))
+        if backward and cfg.batch_n:  # [S, U, block_b], warps on the slices, then on N
+            assert cfg.units == 16 and cfg.block_b == min(128, tp._block(B))
+            assert dtype != torch.float32 or (H <= 768 and (tf32 or B <= 16))  # fp32: where it compiled
             assert cfg.num_warps <= tp.dot_warps(cfg.units, cfg.block_b, cfg.split_k)
             block_k, n_k = tp.bwd_chunks(H, cfg)
-            assert block_k // cfg.split_k >= 16 and block_k * cfg.block_b * 2 <= tp.BWD_CHUNK_BYTES
+            assert block_k // cfg.split_k >= 16
+            assert block_k * cfg.block_b * dtype.itemsize <= tp.BWD_CHUNK_BYTES
             assert block_k * n_k == 4 * H or H == 13  # no padding where 4H has a power of two ≥ 16·S
         elif backward:  # fp32: one [block_b, U] tile per warp, one warp per slice of the 4H contraction
             assert dtype == torch.float32
@@ -952,10 +963,14 @@ def test_heuristic_never_gives_a_dot_more_warps_than_tiles(B, H, backward):
             assert tp._block(4 * H) // cfg.split_k >= 16
         elif tf32 is False:  # FMA, no mma tiles: 8 warps on the slices of each K chunk and the rows
             assert cfg.num_warps == 8 and tp.fwd_block_k(H, cfg) // cfg.split_k >= 16
+            assert cfg.block_b == (16 if B > 64 or H > 768 else max(16, 1 << (B - 1).bit_length()))
         else:  # the transposed dot: [4U, block_b] output, the whole batch up to 128 in one tile
-            assert cfg.split_k == 1 and cfg.num_warps <= tp.dot_warps(4 * cfg.units, cfg.block_b)
+            assert cfg.num_warps <= tp.dot_warps(4 * cfg.units, cfg.block_b, cfg.split_k)
             whole_batch = min(128, max(16, 1 << (B - 1).bit_length()))
-            assert cfg.block_b == (16 if dtype == torch.float32 else whole_batch)  # fp32: 16-row tiles
+            if dtype == torch.float32:  # TF32: the whole batch at B = 64 up to H = 256, else 16-row tiles
+                assert cfg.split_k == 1 and cfg.block_b == (64 if whole_batch == 64 and H <= 256 else 16)
+            else:
+                assert cfg.split_k == 1 and cfg.block_b == whole_batch
         if not backward:  # K in at most MAX_K_CHUNKS chunks, only the last one padded
             assert -(-H // tp.fwd_block_k(H, cfg)) <= tp.MAX_K_CHUNKS
 
@@ -1024,15 +1039,20 @@ def test_heuristic_refuses_backward_tiles_that_do_not_fit_on_chip(H, dtype):
 
 @pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
 def test_fp32_tiles_fit_on_chip_up_to_h_1024(tf32):
-    """fp32's ∂L/∂pre chunk shrinks where 16 rows do not fit: 16 rows up to H = 512, then 4; the FMA
-    backward takes 8 at H = 512, where 16 spilled with triton 3.6 (and 4 with 3.9)."""
-    for B, H in ((b, h) for b in (16, 64) for h in (13, 256, 512, 768, 1024)):
+    """fp32's tiles fit on chip: the second-generation backward (the batch on N) up to H = 768 (FMA:
+    B ≤ 16); elsewhere the first generation's ∂L/∂pre chunk shrinks where 16 rows do not fit: 16 rows
+    up to H = 512, then 4; the FMA backward takes 8 at H = 512, where 16 spilled with triton 3.6."""
+    for B, H in ((b, h) for b in (16, 64, 128) for h in (13, 256, 512, 768, 1024)):
         for backward in (False, True):
             cfg = tp.pick_config(B, H, torch.float32, backward, tf32)
             assert tp.config_problem(B, H, torch.float32, cfg, backward) is None, (H, backward, cfg)
             assert cfg.programs(H) <= 132
-        rows = 16 if H <= 256 or (tf32 and H <= 512) else 8 if H <= 512 else 4
-        assert tp.pick_config(B, H, torch.float32, True, tf32).block_b == rows
+        bwd = tp.pick_config(B, H, torch.float32, True, tf32)
+        if H <= 768 and (tf32 or B <= 16):  # the second generation: the whole batch on N
+            assert bwd.batch_n and bwd.block_b == B
+        else:
+            rows = 16 if H <= 256 or (tf32 and H <= 512) else 8 if H <= 512 else 4
+            assert not bwd.batch_n and bwd.block_b == rows
 
 
 @pytest.mark.slow
@@ -1085,7 +1105,8 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             )
             if d == "fwd" and dt != "fp32" and row["units"] == 16:  # M = 4U = 64: one warpgroup's wgmma
                 checks["wgmma (ttng.warp_group_dot)"] = all(dot["wgmma"] for dot in row["dots"])
-            if d == "bwd" and dt in ("bf16", "fp16"):  # one dot per 4H chunk, in the loop and after it
+            # one dot per 4H chunk, in the loop and after it (16 bits, and fp32 where it takes this layout)
+            if d == "bwd" and (dt in ("bf16", "fp16") or cfg.batch_n):
                 n_k = row["k_chunks"]
                 checks["the batch on the dot's N side, 4H in unpadded chunks"] = cfg.batch_n and (
                     len(row["dots"]) == 2 * n_k
