@@ -58,6 +58,34 @@ def make_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) for k, v in inputs.items()}
 
 
+def wide_inputs(h: int, seed: int) -> tuple:
+    """(the generator, for later draws; gx [T, B, 4h], h0, c0 [B, h], w_hh [4h, h]) in fp32, for tests
+    at a hidden size other than H."""
+    g = torch.Generator().manual_seed(seed)
+    gx, h0, c0 = (
+        torch.randn(T, B, 4 * h, generator=g),
+        torch.randn(B, h, generator=g),
+        torch.randn(B, h, generator=g),
+    )
+    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
+    return g, gx, h0, c0, w_hh
+
+
+def packed_reference(g, gx, h0, c0, w_hh, sizes):
+    """The naive layer in fp64 on packed ``sizes`` -> out [T, B, h], c_n, and for a backward drawn
+    from ``g``: d_hs [T + 1, B, h] (zero where a step wrote no output), d_cn, and the expected
+    (∂gx, ∂h0, ∂c0)."""
+    h = h0.shape[-1]
+    leaves = [x.double().requires_grad_() for x in (gx, h0, c0)]
+    out, _, c_n = lstm_layer_naive(*leaves, w_hh.double(), batch_sizes=sizes)
+    d_out, d_cn = torch.randn(T, B, h, generator=g), torch.randn(B, h, generator=g)
+    d_hs = torch.cat([torch.zeros(1, B, h), d_out])
+    for k in range(T):  # the gradient reaches hs[k + 1] only where step k wrote an output
+        d_hs[k + 1, sizes[k] :] = 0
+    expected = torch.autograd.grad((d_out.double() * out).sum() + (d_cn.double() * c_n).sum(), leaves)
+    return out.detach(), c_n.detach(), d_hs, d_cn, expected
+
+
 def naive_states(gx, h0, c0, w_hh, sizes):
     """hs [T + 1, B, H] (carried rows copied), c_n, from the naive layer, differentiable."""
     out, _, c_n = lstm_layer_naive(gx, h0, c0, w_hh, batch_sizes=sizes)
@@ -369,26 +397,14 @@ def test_split_k_forward_and_backward_match_naive(block_b):
     """Both contractions split in 4 slices (H = 40: the forward's 64 padded columns, the backward's 256
     padded gate rows), several programs, packed input, against the naive layer and autograd."""
     h = 40
-    g = torch.Generator().manual_seed(3)
-    gx, h0, c0 = (
-        torch.randn(T, B, 4 * h, generator=g),
-        torch.randn(B, h, generator=g),
-        torch.randn(B, h, generator=g),
-    )
-    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
-    leaves = [x.double().requires_grad_() for x in (gx, h0, c0)]
+    g, gx, h0, c0, w_hh = wide_inputs(h, seed=3)
     sizes = torch.tensor(SIZES["decreasing"])
-    out, _, c_n = lstm_layer_naive(*leaves, w_hh.double(), batch_sizes=sizes)
+    out, c_n, d_hs, d_cn, expected = packed_reference(g, gx, h0, c0, w_hh, sizes)
     config = tp.Config(units=16, num_warps=4, block_b=block_b, split_k=4)
     hs, cs, gates = tp.persistent_forward(gx, h0, c0, w_hh, sizes, config=config)
     for k in range(T):  # rows that advanced at step k
-        assert rel_err(hs[k + 1, : sizes[k]], out[k, : sizes[k]].detach()) < 2e-6
-    assert rel_err(cs[-1], c_n.detach()) < 2e-6
-    d_out, d_cn = torch.randn(T, B, h, generator=g), torch.randn(B, h, generator=g)
-    d_hs = torch.cat([torch.zeros(1, B, h), d_out])
-    for k in range(T):  # the gradient reaches hs[k + 1] only where step k wrote an output
-        d_hs[k + 1, sizes[k] :] = 0
-    expected = torch.autograd.grad((d_out.double() * out).sum() + (d_cn.double() * c_n).sum(), leaves)
+        assert rel_err(hs[k + 1, : sizes[k]], out[k, : sizes[k]]) < 2e-6
+    assert rel_err(cs[-1], c_n) < 2e-6
     d_pre, d_h0, d_c0 = tp.persistent_backward(d_hs, d_cn, gates, cs, w_hh, sizes, config=config)
     for name, actual, exp in zip(("d_pre", "d_h0", "d_c0"), (d_pre, d_h0, d_c0), expected, strict=True):
         assert rel_err(actual, exp) < 1e-5, name
@@ -462,21 +478,9 @@ def test_fp32_configs_match_naive(tf32, cudnn_fp32_flags):
     16×16 tiles), so on the CPU both settings have fp32's tolerance; on a GPU TF32 rounds the operands."""
     cudnn_fp32_flags.allow_tf32 = tf32
     h = 40
-    g = torch.Generator().manual_seed(5)
-    gx, h0, c0 = (
-        torch.randn(T, B, 4 * h, generator=g),
-        torch.randn(B, h, generator=g),
-        torch.randn(B, h, generator=g),
-    )
-    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
-    leaves = [x.double().requires_grad_() for x in (gx, h0, c0)]
+    g, gx, h0, c0, w_hh = wide_inputs(h, seed=5)
     sizes = torch.tensor(SIZES["decreasing"])
-    out, _, c_n = lstm_layer_naive(*leaves, w_hh.double(), batch_sizes=sizes)
-    d_out, d_cn = torch.randn(T, B, h, generator=g), torch.randn(B, h, generator=g)
-    d_hs = torch.cat([torch.zeros(1, B, h), d_out])
-    for k in range(T):  # the gradient reaches hs[k + 1] only where step k wrote an output
-        d_hs[k + 1, sizes[k] :] = 0
-    expected = torch.autograd.grad((d_out.double() * out).sum() + (d_cn.double() * c_n).sum(), leaves)
+    out, c_n, d_hs, d_cn, expected = packed_reference(g, gx, h0, c0, w_hh, sizes)
     fwd_tol, bwd_tol = (1e-2, 1e-2) if tf32 and DEVICE.type == "cuda" else (2e-6, 1e-5)
     wide = tp.fp32_config(16, 1024, backward=True, tf32=tf32)  # [4, 4H] chunks, 8 slices
     assert (wide.block_b, wide.split_k, wide.batch_n) == (4, 8, False)
@@ -494,8 +498,8 @@ def test_fp32_configs_match_naive(tf32, cudnn_fp32_flags):
         x = [t.to(DEVICE) for t in (gx, h0, c0, w_hh)]
         hs, cs, gates = tp.persistent_forward(*x, sizes, config=fwd_cfg)
         for k in range(T):  # rows that advanced at step k
-            assert rel_err(hs[k + 1, : sizes[k]].cpu(), out[k, : sizes[k]].detach()) < fwd_tol, fwd_cfg
-        assert rel_err(cs[-1].cpu(), c_n.detach()) < fwd_tol
+            assert rel_err(hs[k + 1, : sizes[k]].cpu(), out[k, : sizes[k]]) < fwd_tol, fwd_cfg
+        assert rel_err(cs[-1].cpu(), c_n) < fwd_tol
         grads = tp.persistent_backward(
             d_hs.to(DEVICE), d_cn.to(DEVICE), gates, cs, x[3], sizes, config=bwd_cfg
         )
@@ -567,13 +571,7 @@ def test_forward_k_chunks_match_naive(block_b, block_k, split_k, single_launch):
     the whole batch as one tile (state in registers) or in tiles, against the naive layer; one
     program on CPU (64 units) so that the barrier path runs there too."""
     h = 40
-    g = torch.Generator().manual_seed(4)
-    gx, h0, c0 = (
-        torch.randn(T, B, 4 * h, generator=g),
-        torch.randn(B, h, generator=g),
-        torch.randn(B, h, generator=g),
-    )
-    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
+    _, gx, h0, c0, w_hh = wide_inputs(h, seed=4)
     sizes = SIZES["decreasing"]
     units = 16 if DEVICE.type == "cuda" or not single_launch else 64
     config = tp.Config(units=units, num_warps=4, block_b=block_b, split_k=split_k, block_k=block_k)
