@@ -229,21 +229,23 @@ def test_bench_layer_time_budget_stops_before_the_next_config(tmp_path: Path) ->
     assert "Time budget spent: 2 of 2 configs not run" in (tmp_path / "results.md").read_text()
 
 
+def run_gpu_check_failing(out: Path, **env: str) -> str:
+    """scripts/gpu_check.sh with an interpreter that fails (`false`) and no install, into ``out``:
+    asserts exit code 1 and returns summary.log."""
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "false", "GPU_CHECK_SKIP_INSTALL": "1", **env}
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    return (out / "summary.log").read_text()
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
 def test_gpu_check_runs_every_step_and_fails_at_the_end(tmp_path: Path) -> None:
     """A broken interpreter fails every step; each is logged, none stops the next, exit is 1."""
-    import subprocess
-
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": "false", "GPU_CHECK_SKIP_INSTALL": "1"}
-    proc = subprocess.run(
-        ["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 1
-    summary = (tmp_path / "summary.log").read_text()
+    summary = run_gpu_check_failing(tmp_path)
     steps = ["environment", "install", "pytest_cuda", "pytest_kernels", "bench_layer", "bench_kernel"]
     for step in steps:
         assert f"=== [{step}] rc=1" in summary
@@ -256,23 +258,8 @@ def test_gpu_check_persistent_plan_runs_every_step_within_8_minutes(tmp_path: Pa
     """The prepared run (plan persistent): every step runs and is logged even when all fail, the
     runner comparison's outcome is in the summary, and the steps' limits add up to at most 8 minutes."""
     import re
-    import subprocess
 
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHON": "false",
-        "GPU_CHECK_SKIP_INSTALL": "1",
-        "GPU_CHECK_PLAN": "persistent",
-    }
-    proc = subprocess.run(
-        ["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 1
-    summary = (tmp_path / "summary.log").read_text()
+    summary = run_gpu_check_failing(tmp_path, GPU_CHECK_PLAN="persistent")
     steps = ["pytest_cuda", "pytest_persistent", "pytest_variant_persistent", "persistent_bench"]
     steps += ["sweep_bf16", "sweep_fp16", "sweep_fp32", "runner_compare"]
     for step in steps:
