@@ -156,6 +156,12 @@ def _packed_batch(sorted_indices: Tensor | None, hx: object) -> int | None:
     return None
 
 
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: ``.to()`` only where it converts (a no-op ``.to()`` still costs a dispatch,
+    several per layer call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _LSTMBase(nn.Module):
     """What LSTM and LSTMCell share, as torch's RNNBase and RNNCellBase do for theirs: argument
     checks, the opt-in keywords, initialisation, the input-dtype/autocast rule, backend choice."""
@@ -228,9 +234,9 @@ class _LSTMBase(nn.Module):
         dtype, (T, B), H, P = x.dtype, x.shape[:2], self.hidden_size, h0.shape[-1]
         v = self.variant
 
-        def param(name: str) -> Tensor | None:  # .to() only where it converts: each call costs µs
+        def param(name: str) -> Tensor | None:
             p = getattr(self, f"{name}{suffix}", None)
-            return None if p is None else p if p.dtype == dtype else p.to(dtype)
+            return None if p is None else _in_dtype(p, dtype)
 
         b_ih, b_hh = param("bias_ih"), param("bias_hh")
         bias = None if b_ih is None else b_ih + b_hh
@@ -554,7 +560,7 @@ class LSTM(_LSTMBase):
 
         h0, c0 = self._initial_state(x, hx, is_batched, sorted_indices)
         backend = self._pick_backend(x, x.shape[1], compute_dtype, self.proj_size)
-        x, h0, c0 = (t if t.dtype == compute_dtype else t.to(compute_dtype) for t in (x, h0, c0))
+        x, h0, c0 = (_in_dtype(t, compute_dtype) for t in (x, h0, c0))
         from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
         if onnx_export.is_exporting():
@@ -677,7 +683,7 @@ class LSTMCell(_LSTMBase):
         _check_same_device(x, self.weight_ih, (h0, c0))
 
         backend = self._pick_backend(x, B, dtype, single_step=True)
-        x, h0, c0 = x.to(dtype).unsqueeze(0), h0.to(dtype), c0.to(dtype)  # [1, B, I]: one step of the layer
+        x, h0, c0 = _in_dtype(x, dtype).unsqueeze(0), _in_dtype(h0, dtype), _in_dtype(c0, dtype)  # [1, B, I]
         from lstmlab import onnx_export  # ONNX export hook: lstmlab/onnx_export.py owns what runs here
 
         if onnx_export.is_exporting():
