@@ -29,6 +29,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/library.h>
 #include <torch/version.h>
 #if !defined(TORCH_VERSION_MAJOR) || !defined(TORCH_VERSION_MINOR)
@@ -36,11 +37,17 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -71,6 +78,9 @@ using at::vec::Vectorized;
 // with AVX2 and the portable build (R = 2: 13).
 template <typename V>
 constexpr int TILE_ROWS = sizeof(V) >= 64 ? 6 : 2;
+
+// Rows whose gate math runs side by side (gate_rows).
+constexpr int GATE_ROWS = 2;
 
 // Rows of ∂pre (steps × batch) summed into ∂W per pass in the backward: enough that ∂W, which may
 // not fit L2, is read and written once per 128 rows of products rather than once per step.
@@ -168,6 +178,49 @@ int64_t max_blocks(int64_t M, int64_t N, int64_t K) {
   return std::min<int64_t>(at::get_num_threads(), by_work);
 }
 
+// Runs a time loop whose steps are regions of independent blocks: `steps(region)` calls
+// region(count, fn) once per region and step, which runs fn(b) for every block b < count and returns
+// when all have run. With OpenMP and `blocks` > 1, one team of threads runs the whole loop and a
+// region ends at a barrier: a fork and join per region (at::parallel_for) cost more than a barrier,
+// T times per call. A block's exception is kept and rethrown after the loop (a thread must still
+// meet every barrier); the outputs are then not used.
+template <typename Steps>
+void run_steps(int64_t blocks, const Steps& steps) {
+#ifdef _OPENMP
+  if (blocks > 1 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    std::atomic_flag failed = ATOMIC_FLAG_INIT;
+    std::exception_ptr error;
+    // no num_threads clause: ATen's own regions avoid it (GOMP's thread pool, pytorch#32008), and
+    // the team is then the one at::parallel_for uses; threads beyond `blocks` meet the barriers
+#pragma omp parallel
+    {
+      const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      at::internal::ThreadIdGuard tid_guard(tid);
+      c10::ParallelGuard guard(true);
+      auto region = [&](int64_t count, const auto& fn) {
+        for (int64_t b = tid; b < count; b += nt) {
+          try {
+            fn(b);
+          } catch (...) {
+            if (!failed.test_and_set()) error = std::current_exception();
+          }
+        }
+#pragma omp barrier
+      };
+      steps(region);
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  auto region = [](int64_t count, const auto& fn) {
+    at::parallel_for(0, count, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) fn(b);
+    });
+  };
+  steps(region);
+}
+
 at::Tensor alloc(at::IntArrayRef shape, at::ScalarType dtype, bool poison) {
   auto t = at::empty(shape, at::TensorOptions().dtype(dtype));
   if (poison && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -219,59 +272,78 @@ struct Forward {
   const scalar_t* w_hr_t;  // [H, P] W_hrᵀ (projection)
 };
 
-// The gate math of one row r (rows < n) and `cnt` ≤ L units from u, given the recurrent products of
-// those units' four gates, rec [4, L]: c, h (or h_raw), and the saved gates.
-template <typename scalar_t>
-inline void gate_step(const Forward<scalar_t>& a, int64_t k, int64_t r, int64_t u, int64_t cnt, const scalar_t* rec) {
+// The gate math of N rows from r (rows < n) and `cnt` ≤ L units from u, given the recurrent
+// products of those units' four gates, rec [N, 4L] (row stride 4L): c, h (or h_raw), and the saved
+// gates. The N rows' chains are independent and written side by side: a row alone is a chain of
+// two dependent exponentials and divisions (σ(o) waits for c, tanh(c) for c), and the core ran one
+// row's chain at a time (the transcendentals were 11–17 % of a B16 H64–H128 forward).
+template <int N, typename scalar_t>
+inline void gate_rows(const Forward<scalar_t>& a, int64_t k, int64_t r, int64_t u, int64_t cnt, const scalar_t* rec) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t L = V::size();
   const int64_t B = a.B, H = a.H, P = a.P, G = a.G, f = a.flags;
   const bool proj = a.h_raw != nullptr;
-  const int64_t row = k * B + r;  // of [T, B, ·] tensors
-  V a_i = V::loadu(rec), a_f = V::loadu(rec + L), a_g = V::loadu(rec + 2 * L), a_o = V::loadu(rec + 3 * L);
-  if (a.gx) {  // else the product included x_t·W_ihᵀ + b
-    const scalar_t* x_r = a.gx + row * G + u;
-    a_i = a_i + load<V>(x_r, cnt);
-    a_f = a_f + load<V>(x_r + H, cnt);
-    a_g = a_g + load<V>(x_r + 2 * H, cnt);
-    a_o = a_o + load<V>(x_r + 3 * H, cnt);
+  const int64_t row = k * B + r;  // of [T, B, ·] tensors, the first of the N
+  V a_i[N], a_f[N], a_g[N], a_o[N], c_prev[N], i[N], fg[N], g[N], c[N], o[N], h[N];
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) {
+    const scalar_t* rj = rec + j * 4 * L;
+    a_i[j] = V::loadu(rj), a_f[j] = V::loadu(rj + L), a_g[j] = V::loadu(rj + 2 * L), a_o[j] = V::loadu(rj + 3 * L);
+    if (a.gx) {  // else the product included x_t·W_ihᵀ + b
+      const scalar_t* x_r = a.gx + (row + j) * G + u;
+      a_i[j] = a_i[j] + load<V>(x_r, cnt);
+      a_f[j] = a_f[j] + load<V>(x_r + H, cnt);
+      a_g[j] = a_g[j] + load<V>(x_r + 2 * H, cnt);
+      a_o[j] = a_o[j] + load<V>(x_r + 3 * H, cnt);
+    }
+    c_prev[j] = load<V>(a.cs + (row + j) * H + u, cnt);
   }
-  const V c_prev = load<V>(a.cs + row * H + u, cnt);
   V pi(0), pf(0), po(0);
   if (f & PEEPHOLES) {
     pi = load<V>(a.peep + u, cnt);
     pf = load<V>(a.peep + H + u, cnt);
     po = load<V>(a.peep + 2 * H + u, cnt);
-    a_i = a_i + pi * c_prev;
-    a_f = a_f + pf * c_prev;
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) a_i[j] = a_i[j] + pi * c_prev[j], a_f[j] = a_f[j] + pf * c_prev[j];
   }
-  V i = (f & NO_INPUT_GATE) ? V(1) : sigmoid(a_i);
-  V fg = (f & CIFG) ? V(1) - i : (f & NO_FORGET_GATE) ? V(1) : sigmoid(a_f);
-  V g = (f & NO_INPUT_ACTIVATION) ? a_g : tanh_(a_g);
-  V c = fg * c_prev + i * g;  // c̃
-  if (f & PEEPHOLES) a_o = a_o + po * c;
-  V o = (f & NO_OUTPUT_GATE) ? V(1) : sigmoid(a_o);
-  V h = o * ((f & NO_OUTPUT_ACTIVATION) ? c : tanh_(c));  // h̃
-  if (a.gates) {
-    scalar_t* g_out = a.gates + row * G + u;
-    store(i, g_out, cnt);
-    store(fg, g_out + H, cnt);
-    store(g, g_out + 2 * H, cnt);
-    store(o, g_out + 3 * H, cnt);
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) {
+    i[j] = (f & NO_INPUT_GATE) ? V(1) : sigmoid(a_i[j]);
+    fg[j] = (f & CIFG) ? V(1) - i[j] : (f & NO_FORGET_GATE) ? V(1) : sigmoid(a_f[j]);
+    g[j] = (f & NO_INPUT_ACTIVATION) ? a_g[j] : tanh_(a_g[j]);
+    if (!(f & PEEPHOLES)) o[j] = (f & NO_OUTPUT_GATE) ? V(1) : sigmoid(a_o[j]);  // needs no c
   }
-  const uint8_t* z_r = a.zone ? a.zone + row * 2 * H + u : nullptr;
-  if (f & ZONEOUT_C) {
-    if (a.c_new) store(c, a.c_new + row * H + u, cnt);
-    c = V::blendv(c, c_prev, keep_mask<V, scalar_t>(z_r, cnt));
-  }
-  if (f & ZONEOUT_H) h = V::blendv(h, load<V>(a.hs + row * P + u, cnt), keep_mask<V, scalar_t>(z_r + H, cnt));
-  store(c, a.cs + (row + B) * H + u, cnt);
-  if (proj) {
-    store(h, a.h_raw + k * a.h_raw_step + r * H + u, cnt);
-  } else {
-    store(h, a.hs + (row + B) * P + u, cnt);
-    if (f & RECURRENT_DROPOUT)  // the next step's GEMM operand, h ⊙ m
-      store(h * load<V>(a.drop + r * P + u, cnt), a.dbuf + ((k + 1) % 2) * B * P + r * P + u, cnt);
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) c[j] = fg[j] * c_prev[j] + i[j] * g[j];  // c̃
+  if (f & PEEPHOLES)
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) o[j] = (f & NO_OUTPUT_GATE) ? V(1) : sigmoid(a_o[j] + po * c[j]);
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) h[j] = o[j] * ((f & NO_OUTPUT_ACTIVATION) ? c[j] : tanh_(c[j]));  // h̃
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) {
+    const int64_t rj = row + j;
+    if (a.gates) {
+      scalar_t* g_out = a.gates + rj * G + u;
+      store(i[j], g_out, cnt);
+      store(fg[j], g_out + H, cnt);
+      store(g[j], g_out + 2 * H, cnt);
+      store(o[j], g_out + 3 * H, cnt);
+    }
+    const uint8_t* z_r = a.zone ? a.zone + rj * 2 * H + u : nullptr;
+    if (f & ZONEOUT_C) {
+      if (a.c_new) store(c[j], a.c_new + rj * H + u, cnt);
+      c[j] = V::blendv(c[j], c_prev[j], keep_mask<V, scalar_t>(z_r, cnt));
+    }
+    if (f & ZONEOUT_H) h[j] = V::blendv(h[j], load<V>(a.hs + rj * P + u, cnt), keep_mask<V, scalar_t>(z_r + H, cnt));
+    store(c[j], a.cs + (rj + B) * H + u, cnt);
+    if (proj) {
+      store(h[j], a.h_raw + k * a.h_raw_step + (r + j) * H + u, cnt);
+    } else {
+      store(h[j], a.hs + (rj + B) * P + u, cnt);
+      if (f & RECURRENT_DROPOUT)  // the next step's GEMM operand, h ⊙ m
+        store(h[j] * load<V>(a.drop + (r + j) * P + u, cnt), a.dbuf + ((k + 1) % 2) * B * P + (r + j) * P + u, cnt);
+    }
   }
 }
 
@@ -400,7 +472,7 @@ at::Tensor pack_column_panels(const std::optional<at::Tensor>& w_ih, const at::T
 
 // Rows [r0, r0 + R) (R ≤ TILE_ROWS), the L units of one panel from u: the pre-activations of their
 // four gates, [x_t | d_t]·W_panel [I + P, 4L] + b (fused input projection) or d_t·W_panel [P, 4L]
-// (gx added in gate_step), then the gate math of each row.
+// (gx added in gate_rows), then the gate math of the rows.
 template <int R, typename scalar_t>
 inline void step_tile(const Forward<scalar_t>& a, int64_t k, const scalar_t* d, int64_t r0, int64_t u, int64_t cnt,
                       const scalar_t* w) {
@@ -409,7 +481,9 @@ inline void step_tile(const Forward<scalar_t>& a, int64_t k, const scalar_t* d, 
   const scalar_t* bias = a.bias_panels ? a.bias_panels + (u / L) * 4 * L : nullptr;
   alignas(64) scalar_t rec[R][4 * L];
   panel_tile<R, 4>(d + r0 * K, K, 1, w, K, bias, rec[0], 4 * L, false);
-  for (int i = 0; i < R; ++i) gate_step(a, k, r0 + i, u, cnt, rec[i]);
+  int i = 0;
+  for (; i + GATE_ROWS <= R; i += GATE_ROWS) gate_rows<GATE_ROWS>(a, k, r0 + i, u, cnt, rec[i]);
+  for (; i < R; ++i) gate_rows<1>(a, k, r0 + i, u, cnt, rec[i]);
 }
 
 // The last n − r0 < R rows of a panel, as one tile of exactly that many rows.
@@ -559,16 +633,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
       std::copy_n(d0 + r * P, P, a.xd + r * (I + P) + I);
     }
   }
-  for (int64_t k = 0; k < T; ++k) {
-    const int64_t n = sizes[k];
-    at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) forward_block(a, k, n, units.begin(b), units.width(b), b, units.count);
-    });
-    if (proj)
-      at::parallel_for(0, cols.count, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) project_block(a, k, n, cols.begin(b), cols.width(b), b, cols.count);
-      });
-  }
+  run_steps(std::max(units.count, proj ? cols.count : 1), [&](const auto& region) {
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t n = sizes[k];
+      region(units.count, [&](int64_t b) { forward_block(a, k, n, units.begin(b), units.width(b), b, units.count); });
+      if (proj) region(cols.count, [&](int64_t b) { project_block(a, k, n, cols.begin(b), cols.width(b), b, cols.count); });
+    }
+  });
   if (!save && proj) h_raw = alloc({0}, dt, false);
   return {hs, cs, gates, h_raw, c_new};
 }
@@ -850,20 +921,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& d_hs, const at::Tensor& 
                        chunk, ldw, fuse_dw ? xh_panels.data_ptr<scalar_t>() : nullptr,
                        fuse_dw ? d_w.data_ptr<scalar_t>() : nullptr, fuse_dw ? d_b.data_ptr<scalar_t>() : nullptr};
   if (fuse_dw && T > 0) pack_inputs(a, T - 1, 0, B);  // later steps are packed by the previous step
-  for (int64_t k = T - 1; k >= 0; --k) {
-    const int64_t n = sizes[k], n_prev = k > 0 ? sizes[k - 1] : 0;
-    at::parallel_for(0, units.count, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) backward_block(a, k, n, units.begin(b), units.width(b));
-    });
-    at::parallel_for(0, cols.count, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+  run_steps(std::max(units.count, cols.count), [&](const auto& region) {
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t n = sizes[k], n_prev = k > 0 ? sizes[k - 1] : 0;
+      region(units.count, [&](int64_t b) { backward_block(a, k, n, units.begin(b), units.width(b)); });
+      region(cols.count, [&](int64_t b) {
         grad_h_block(a, k, n, n_prev, cols.begin(b), cols.width(b));
         // step k − 1's ∂W operand, this block's share of the rows: its inputs are the forward's, and
         // its slot is free (the chunk that used it last was summed in this step's first region)
         if (fuse_dw && k > 0) pack_inputs(a, k - 1, B * b / cols.count, B * (b + 1) / cols.count);
-      }
-    });
-  }
+      });
+    }
+  });
   if (fuse_dw) d_w = d_w.narrow(1, 0, Iw + P);  // [G, Iw + P]: ∂W_ih | ∂W_hh
   return {d_pre, dh, dc, d_hp, d_x, d_w, d_b};
 }
