@@ -431,22 +431,34 @@ void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const
 
 // The forward's weight: [W_ih | W_hh] (w_ih [4H, I] or none, w_hh [4H, P]) by panels of L units,
 // [⌈H/L⌉, I + P, 4, L]: panel p, row k, gate q, lane l holds W[q·H + pL + l, k], zero beyond H.
+// A transpose, packed anew by every call (the weights may have changed), by blocks of L rows × L
+// columns (at::vec::transpose_mxn, in registers with AVX-512). Element by element, a row of W at a
+// time scattered K destination lines apart, it took 0.9 ns an element: 2.7 % of a B16 H128–H256
+// T100 forward.
 template <typename scalar_t>
 at::Tensor pack_gate_panels(const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh, int64_t H, int64_t L) {
   const int64_t I = w_ih.has_value() ? w_ih->size(1) : 0, P = w_hh.size(1), K = I + P;
   const int64_t panels = (H + L - 1) / L;
-  auto out = at::zeros({panels, K, 4, L}, w_hh.options());
+  auto out = at::empty({panels, K, 4, L}, w_hh.options());
   scalar_t* o = out.data_ptr<scalar_t>();
   const scalar_t* wi = I ? w_ih->data_ptr<scalar_t>() : nullptr;  // contiguous (sequence_forward)
   const scalar_t* wh = w_hh.data_ptr<scalar_t>();
-  for (int64_t q = 0; q < 4; ++q)
-    for (int64_t u = 0; u < H; ++u) {  // one row of W: contiguous reads, writes 4L apart
-      scalar_t* dst = o + (u / L) * K * 4 * L + q * L + u % L;
-      const scalar_t* src_i = wi + (q * H + u) * I;
-      const scalar_t* src_h = wh + (q * H + u) * P;
-      for (int64_t k = 0; k < I; ++k) dst[k * 4 * L] = src_i[k];
-      for (int64_t k = 0; k < P; ++k) dst[(I + k) * 4 * L] = src_h[k];
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t lanes = std::min(L, H - p * L);
+    for (int64_t q = 0; q < 4; ++q) {
+      scalar_t* panel = o + (p * K * 4 + q) * L;  // element (k, l) of this panel and gate at panel[k·4L + l]
+      for (int64_t k0 = 0; k0 < K; k0 += L) {
+        // a block of columns from one of the two weights: W_ih's blocks end at I
+        const bool from_ih = k0 < I;
+        const int64_t k1 = std::min(k0 + L, from_ih ? I : K);
+        const scalar_t* src = from_ih ? wi + (q * H + p * L) * I + k0 : wh + (q * H + p * L) * P + (k0 - I);
+        at::vec::transpose_mxn<scalar_t>(src, from_ih ? I : P, panel + k0 * 4 * L, 4 * L, lanes, k1 - k0);
+        if (from_ih && k1 == I) k0 = I - L;  // the next block starts at W_hh's column 0
+      }
+      for (int64_t k = 0; k < K; ++k)  // the last panel's lanes beyond H
+        std::fill(panel + k * 4 * L + lanes, panel + k * 4 * L + L, scalar_t(0));
     }
+  }
   return out;
 }
 
