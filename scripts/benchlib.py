@@ -288,7 +288,11 @@ def time_interleaved(
 
     Each round runs every function for about ``min_run_time_s / rounds / len(calls)`` seconds,
     one after the other, so a burst of load from other processes hits them all rather than
-    whichever happened to be timed at that moment. Quantiles are over the per-round averages.
+    whichever happened to be timed at that moment. Round r starts at function r mod n, so each
+    takes each place in the round equally often (over a multiple of n rounds): a block's time
+    depends on what ran before it (the caches, the heap), and a fixed order charged that to the
+    same function every round.
+    Quantiles are over the per-round averages.
     """
     import time
 
@@ -306,8 +310,10 @@ def time_interleaved(
     per_call = [run(fn, grads, 1) for fn, grads in calls]  # warm-up and first estimate
     counts = [max(1, round(block_s / max(t, 1e-9))) for t in per_call]
     samples: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for k, (fn, grads) in enumerate(calls):
+    for r in range(rounds):
+        for j in range(len(calls)):
+            k = (r + j) % len(calls)
+            fn, grads = calls[k]
             samples[k].append(run(fn, grads, counts[k]) * 1e3)
     qs = torch.tensor(QUANTILES, dtype=torch.float64)
     out = []

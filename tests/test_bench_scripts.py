@@ -443,6 +443,19 @@ def test_the_default_folder_gives_way_to_a_new_one_and_says_so(tmp_path: Path, c
     assert (default / "results.csv").read_text() == "earlier"
 
 
+def test_interleaved_rounds_rotate_which_function_runs_first() -> None:
+    """A block's time depends on what ran before it: round r starts at function r mod n, so no
+    function is always timed right after the same one."""
+    order: list[str] = []
+    calls = [(lambda name=name: order.append(name), None) for name in "abc"]
+    times = benchlib.time_interleaved(calls, min_run_time_s=0.0, rounds=6)
+    assert len(times) == 3 and all(med >= 0 for med, _, _ in times)
+    # one warm-up call each, then one call per block (min_run_time_s = 0: one call a block)
+    rounds = ["".join(order[3 + 3 * r : 6 + 3 * r]) for r in range(6)]
+    assert order[:3] == list("abc")
+    assert rounds == ["abc", "bca", "cab", "abc", "bca", "cab"]
+
+
 @pytest.mark.parametrize(("lo", "hi", "at_least"), [(28.0, 45.0, 4), (0.08, 300.0, 6)])
 def test_a_log_time_axis_is_labelled_at_readable_values(lo, hi, at_least) -> None:
     """A narrow range (28-45 ms) was labelled at 30 and 40 only; now about six round values."""
