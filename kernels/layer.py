@@ -576,9 +576,31 @@ def lstm_layer(
     return run_layer(x, w_ih, bias, h0, c0, w_hh, w_hr, sizes, backend, flags, *cell.values())
 
 
+# a module's weights are Parameters: a Tensor subclass that intercepts nothing
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(a: LayerInputs) -> bool:
+    """Whether the op's implementation may run without the op: eager, on CPU tensors of type Tensor
+    (or Parameter), with nothing that records or intercepts ops (compile, export, TorchScript
+    tracing, torch function or dispatch modes, fake tensors, the profiler). Nothing can tell the two
+    apart there, and inference skips the custom op's autograd wrapper, redispatch and alias checks:
+    45 µs a call, 3.5 % of a B16 H64 T100 forward on the CPU kernel."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._autograd._profiler_enabled():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(
+        t is None or (type(t) in _PLAIN_TENSORS and t.device.type == "cpu")
+        for t in a
+        if not isinstance(t, (str, int))  # backend, flags, save
+    )
+
+
 def run_layer(*args) -> tuple[Tensor, Tensor, Tensor]:
     """The op on checked arguments (:class:`LayerInputs`' order) -> out, h_n, c_n. Under a
-    torch.func transform or forward-mode AD the same function runs in differentiable ops."""
+    torch.func transform or forward-mode AD the same function runs in differentiable ops; eager CPU
+    inference runs the op's implementation itself (:func:`_plain_eager`)."""
     # a backward may follow only if grad mode is on and an input asks for one: else nothing is kept
     save = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
     a = LayerInputs(*args, save)
@@ -586,7 +608,13 @@ def run_layer(*args) -> tuple[Tensor, Tensor, Tensor]:
 
     if transform_active(a):
         return layer_forward_differentiable(a)
-    out = LayerOutputs(*torch.ops.lstmlab.lstm_layer_fwd(*a))
+    if not save and _plain_eager(a):
+        return _outputs(a, _layer_forward(a))
+    return _outputs(a, LayerOutputs(*lstm_layer_fwd(*a)))  # the op: torch.ops.lstmlab.lstm_layer_fwd
+
+
+def _outputs(a: LayerInputs, out: LayerOutputs) -> tuple[Tensor, Tensor, Tensor]:
+    """out [T, B, P] (h after every step, zero in rows that did not advance), h_n, c_n."""
     return (out.hs[1:] if a.batch_sizes is None else out.out_packed), out.hs[-1], out.c_n
 
 

@@ -8,6 +8,7 @@ Inductor compiler end to end.
 """
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -258,6 +259,104 @@ def test_opcheck_packing_ops():
     torch.library.opcheck(pack_padded, (padded, sizes, 7))
     with pytest.raises(RuntimeError, match="Expected a batch of 4 sequences"):
         pad_packed(data, sizes, 4)
+
+
+# ---- eager CPU inference runs the op's implementation without the op (kernels/layer.py,
+# _plain_eager); everything that records or intercepts ops still sees the op ----
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The layer's calls of the forward op (which still runs)."""
+    from lstmlab.kernels import layer
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return lstm_layer_fwd(*args)
+
+    monkeypatch.setattr(layer, "lstm_layer_fwd", counted)
+    return calls
+
+
+def test_eager_cpu_inference_skips_the_op_and_computes_the_same(op_calls):
+    theirs, ours = twins("cpu", backend="reference", num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        out, (h_n, c_n) = ours(x)  # a module's weights are Parameters: still plain tensors
+        expected, (expected_h, expected_c) = theirs(x)
+    assert op_calls == []
+    for a, e in ((out, expected), (h_n, expected_h), (c_n, expected_c)):
+        assert rel_err(a, e) <= 1e-5
+    out_grad, _ = ours(x)  # a backward may follow: the op, whose autograd saves what it needs
+    assert len(op_calls) == 4 and torch.equal(out_grad.detach(), out)
+
+
+def test_ops_are_seen_by_modes_and_the_profiler_in_inference(op_calls):
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FunctionNames(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours = lstmlab.LSTM(4, 6, backend="reference")
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad(), Names() as mode:
+        ours(x)
+    assert "lstmlab.lstm_layer_fwd.default" in mode.names
+    with torch.no_grad(), FunctionNames() as function_mode:
+        ours(x)
+    assert "lstmlab.lstm_layer_fwd.default" in function_mode.names
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        ours(x)
+    assert "lstmlab::lstm_layer_fwd" in {e.key for e in prof.key_averages()}
+    assert len(op_calls) == 3
+
+
+def test_compiled_inference_records_the_op():
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    theirs, ours = twins("cpu", backend="reference")
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        out, _ = torch.compile(ours, backend=keep_graph, fullgraph=True)(x)
+        expected, _ = theirs(x)
+    assert len(graphs) == 1 and "torch.ops.lstmlab.lstm_layer_fwd.default" in graphs[0]
+    assert rel_err(out, expected) <= 1e-5
+
+
+def test_a_torchscript_trace_of_inference_records_the_op(op_calls):
+    from lstmlab.kernels import lstm_layer_from_input
+
+    w_ih, w_hh, zeros = torch.randn(24, 4), torch.randn(24, 6), torch.zeros(3, 6)
+
+    def layer(x):
+        return lstm_layer_from_input(x, w_ih, None, zeros, zeros, w_hh)[0]
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape checks become constants
+        traced = torch.jit.trace(layer, torch.randn(5, 3, 4), check_trace=False)
+    assert "lstmlab::lstm_layer_fwd" in str(traced.graph) and len(op_calls) == 1
 
 
 @pytest.mark.cuda
