@@ -435,15 +435,12 @@ void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const
 // columns (at::vec::transpose_mxn, in registers with AVX-512). Element by element, a row of W at a
 // time scattered K destination lines apart, it took 0.9 ns an element: 2.7 % of a B16 H128–H256
 // T100 forward.
+// Panels [p0, p1) of it into o [⌈H/L⌉, I + P, 4, L]; wi [4H, I] (I = 0: none), wh [4H, P], contiguous.
 template <typename scalar_t>
-at::Tensor pack_gate_panels(const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh, int64_t H, int64_t L) {
-  const int64_t I = w_ih.has_value() ? w_ih->size(1) : 0, P = w_hh.size(1), K = I + P;
-  const int64_t panels = (H + L - 1) / L;
-  auto out = at::empty({panels, K, 4, L}, w_hh.options());
-  scalar_t* o = out.data_ptr<scalar_t>();
-  const scalar_t* wi = I ? w_ih->data_ptr<scalar_t>() : nullptr;  // contiguous (sequence_forward)
-  const scalar_t* wh = w_hh.data_ptr<scalar_t>();
-  for (int64_t p = 0; p < panels; ++p) {
+void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t P, int64_t H, int64_t L,
+                      scalar_t* o, int64_t p0, int64_t p1) {
+  const int64_t K = I + P;
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t lanes = std::min(L, H - p * L);
     for (int64_t q = 0; q < 4; ++q) {
       scalar_t* panel = o + (p * K * 4 + q) * L;  // element (k, l) of this panel and gate at panel[k·4L + l]
@@ -459,7 +456,6 @@ at::Tensor pack_gate_panels(const std::optional<at::Tensor>& w_ih, const at::Ten
         std::fill(panel + k * 4 * L + lanes, panel + k * 4 * L + L, scalar_t(0));
     }
   }
-  return out;
 }
 
 // The backward's weight: [W_ih | W_hh] as output columns, by panels of 4L of its I + P columns,
@@ -613,13 +609,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
 
   const Blocks units(H, max_blocks<scalar_t>(B, 4 * H, I + P), V::size());
   const Blocks cols(P, max_blocks<scalar_t>(B, P, H), V::size());
-  // [W_ih | W_hh]ᵀ by panels of L units (pack_gate_panels); the bias likewise, as a weight of K = 1
+  // [W_ih | W_hh]ᵀ by panels of L units (pack_gate_panels: each block packs its own units' panels in
+  // the loop's team); the bias likewise, as a weight of K = 1
   constexpr int64_t L = V::size();
-  at::Tensor w_panels = pack_gate_panels<scalar_t>(fused ? w_ih : std::nullopt, w_hh, H, L);  // [⌈H/L⌉, I+P, 4, L]
+  const int64_t panels = (H + L - 1) / L;
+  at::Tensor w_panels = at::empty({panels, I + P, 4, L}, w_hh.options());
   auto xd = fused ? alloc({2, B, I + P}, dt, poison) : at::Tensor();
-  at::Tensor bias_panels = fused && bias.has_value()
-                               ? pack_gate_panels<scalar_t>(std::nullopt, bias->view({G, 1}), H, L)  // [⌈H/L⌉, 1, 4, L]
-                               : at::Tensor();
+  at::Tensor bias_panels = fused && bias.has_value() ? at::empty({panels, 1, 4, L}, w_hh.options()) : at::Tensor();
+  if (bias_panels.defined())
+    pack_gate_panels(bias->data_ptr<scalar_t>(), 0, bias->data_ptr<scalar_t>(), 1, H, L,
+                     bias_panels.data_ptr<scalar_t>(), 0, panels);
   auto w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   auto dbuf = (flags & RECURRENT_DROPOUT) ? alloc({2, B, P}, dt, poison) : at::Tensor();
   if (dbuf.defined()) {
@@ -646,6 +645,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
     }
   }
   run_steps(std::max(units.count, proj ? cols.count : 1), [&](const auto& region) {
+    region(units.count, [&](int64_t b) {
+      pack_gate_panels(fused ? w_ih->data_ptr<scalar_t>() : nullptr, I, w_hh.data_ptr<scalar_t>(), P, H, L,
+                       w_panels.data_ptr<scalar_t>(), units.begin(b) / L, (units.begin(b) + units.width(b) + L - 1) / L);
+    });
     for (int64_t k = 0; k < T; ++k) {
       const int64_t n = sizes[k];
       region(units.count, [&](int64_t b) { forward_block(a, k, n, units.begin(b), units.width(b), b, units.count); });
