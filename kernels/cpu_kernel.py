@@ -2,10 +2,13 @@
 and backward, in one C++ time loop.
 
 Per step the C++ loop runs one product and the gate math, split over threads by blocks of hidden
-units (``at::parallel_for``). The product is our own micro-kernel: a tile of 6 batch rows (2 with
-AVX2) × 4 vectors of gate columns (i, f, g, o of one panel of units) held in vector registers over
-the whole contraction, with the weights packed by panels once per call; the gate math
-(``at::vec::Vectorized``) reads it from an L1 tile. Given the layer's input and W_ih, the forward
+units. With more than one block, one OpenMP team runs the whole loop and a step's region ends at a
+barrier (a fork and join per region and step cost more, T times a call). The product is our own
+micro-kernel: a tile of 6 batch rows (2 with AVX2) × 4 vectors of gate columns (i, f, g, o of one
+panel of units) held in vector registers over the whole contraction, with the weights packed by
+panels once per call (each block packs its own, by L × L transposes); the gate math
+(``at::vec::Vectorized``) reads it from an L1 tile, two rows side by side so that their chains of
+exponentials overlap. Given the layer's input and W_ih, the forward
 takes [x_t | h_{t−1}]·[W_ih | W_hh]ᵀ + b per step (no [T, B, 4H] input projection is written or
 read), and the backward takes ∂pre_t·[W_ih | W_hh] (∂x with ∂h) and accumulates
 ∂W += ∂pre_tᵀ·[x_t | h_{t−1} ⊙ m] step by step, so nothing is left for GEMMs after the loop but
