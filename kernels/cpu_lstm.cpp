@@ -14,8 +14,8 @@
 //     ∂pre_kᵀ·[x_k | h_{k−1} ⊙ m] (panel_tile again, accumulating)
 //   region 2, column blocks of I + P: [∂x_k | r] = ∂pre_k·[W_ih | W_hh] (panel_tile), ∂x_k stored,
 //     ∂h_{k−1} = r ⊙ m + z^h ⊙ ∂h̃_k + ∂L/∂hs[k]
-// The blocks of a region are independent, so each region is one at::parallel_for and the only
-// synchronisation is its end.
+// The blocks of a region are independent, so a region's only synchronisation is its end: a barrier
+// of the one OpenMP team that runs the whole loop (run_steps).
 //
 // B: batch  T: time  H: hidden  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
 // U: hidden units per block  V: lanes of at::vec::Vectorized<scalar_t>  acc: scalar_t (fp32 or fp64)
@@ -431,11 +431,11 @@ void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const
 
 // The forward's weight: [W_ih | W_hh] (w_ih [4H, I] or none, w_hh [4H, P]) by panels of L units,
 // [⌈H/L⌉, I + P, 4, L]: panel p, row k, gate q, lane l holds W[q·H + pL + l, k], zero beyond H.
-// A transpose, packed anew by every call (the weights may have changed), by blocks of L rows × L
-// columns (at::vec::transpose_mxn, in registers with AVX-512). Element by element, a row of W at a
-// time scattered K destination lines apart, it took 0.9 ns an element: 2.7 % of a B16 H128–H256
-// T100 forward.
-// Panels [p0, p1) of it into o [⌈H/L⌉, I + P, 4, L]; wi [4H, I] (I = 0: none), wh [4H, P], contiguous.
+// pack_gate_panels writes panels [p0, p1) of it into o; wi [4H, I] (I = 0: none) and wh [4H, P]
+// contiguous. A transpose, packed anew by every call (the weights may have changed) and by each block
+// of units for its own panels, by blocks of L rows × L columns (at::vec::transpose_mxn, in registers
+// with AVX-512). Element by element, a row of W at a time scattered K destination lines apart, it
+// took 0.9 ns an element: 2.7 % of a B16 H128–H256 T100 forward.
 template <typename scalar_t>
 void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t P, int64_t H, int64_t L,
                       scalar_t* o, int64_t p0, int64_t p1) {
@@ -444,14 +444,14 @@ void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t
     const int64_t lanes = std::min(L, H - p * L);
     for (int64_t q = 0; q < 4; ++q) {
       scalar_t* panel = o + (p * K * 4 + q) * L;  // element (k, l) of this panel and gate at panel[k·4L + l]
-      for (int64_t k0 = 0; k0 < K; k0 += L) {
-        // a block of columns from one of the two weights: W_ih's blocks end at I
-        const bool from_ih = k0 < I;
-        const int64_t k1 = std::min(k0 + L, from_ih ? I : K);
-        const scalar_t* src = from_ih ? wi + (q * H + p * L) * I + k0 : wh + (q * H + p * L) * P + (k0 - I);
-        at::vec::transpose_mxn<scalar_t>(src, from_ih ? I : P, panel + k0 * 4 * L, 4 * L, lanes, k1 - k0);
-        if (from_ih && k1 == I) k0 = I - L;  // the next block starts at W_hh's column 0
-      }
+      // the panel's rows of one weight w [4H, cols], by blocks of L columns, into rows k0 + c
+      auto transpose = [&](const scalar_t* w, int64_t cols, int64_t k0) {
+        for (int64_t c = 0; c < cols; c += L)
+          at::vec::transpose_mxn<scalar_t>(w + (q * H + p * L) * cols + c, cols, panel + (k0 + c) * 4 * L, 4 * L,
+                                           lanes, std::min(L, cols - c));
+      };
+      if (I) transpose(wi, I, 0);
+      transpose(wh, P, I);
       for (int64_t k = 0; k < K; ++k)  // the last panel's lanes beyond H
         std::fill(panel + k * 4 * L + lanes, panel + k * 4 * L + L, scalar_t(0));
     }
