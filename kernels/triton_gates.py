@@ -58,6 +58,75 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+# The variants' gate math, one copy for both Triton files (the per-step kernels here and the
+# persistent ones): element-wise, so a block may have any shape ([BLOCK_H] per step, [U, BLOCK_B] or
+# [BLOCK_B, U] persistent); peephole weights p_i, p_f, p_o broadcast to it and are unread without
+# F_PEEPHOLES. `one` and `zero` are what a removed gate and its gradient hold (the persistent kernels
+# add their abort poison to them).
+@triton.jit
+def _variant_gates_fwd(b_a_i, b_a_f, b_a_g, b_a_o, b_c_prev, b_p_i, b_p_f, b_p_o, b_one, FLAGS: tl.constexpr):
+    # pre-activations a (gx + recurrent) and c_{t−1} -> i, f, g, o and c̃; the output gate's peephole sees c̃
+    if F_PEEPHOLES & FLAGS:
+        b_a_i += b_p_i * b_c_prev
+        b_a_f += b_p_f * b_c_prev
+    b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_a_i)
+    if F_CIFG & FLAGS:
+        b_f = 1 - b_i
+    elif F_NO_FORGET_GATE & FLAGS:
+        b_f = b_one
+    else:
+        b_f = _sigmoid(b_a_f)
+    b_g = b_a_g if F_NO_INPUT_ACTIVATION & FLAGS else _tanh(b_a_g)
+    b_c_new = b_f * b_c_prev + b_i * b_g
+    if F_PEEPHOLES & FLAGS:
+        b_a_o += b_p_o * b_c_new
+    b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
+    return b_i, b_f, b_g, b_o, b_c_new
+
+
+@triton.jit
+def _variant_h_fwd(b_o, b_y, FLAGS: tl.constexpr):
+    # h̃ = o ⊙ tanh(y), y = c̃ (or its layer norm); without output activation o ⊙ y
+    return b_o * b_y if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_y)
+
+
+@triton.jit
+def _variant_h_bwd(b_dh, b_o, b_y, FLAGS: tl.constexpr):
+    # ∂L/∂h̃ -> ∂L/∂y and ∂L/∂o, the derivatives of _variant_h_fwd
+    if F_NO_OUTPUT_ACTIVATION & FLAGS:
+        b_dy = b_dh * b_o
+        b_do = b_dh * b_y
+    else:
+        b_act = _tanh(b_y)
+        b_dy = b_dh * b_o * (1 - b_act * b_act)
+        b_do = b_dh * b_act
+    return b_dy, b_do
+
+
+@triton.jit
+def _variant_gates_bwd(
+    b_dc, b_do, b_i, b_f, b_g, b_o, b_c_prev, b_p_i, b_p_f, b_p_o, b_zero,
+    FLAGS: tl.constexpr,
+):  # fmt: skip
+    # ∂L/∂c̃ (all but the output gate's peephole) and ∂L/∂o, the saved gates and c_{t−1} -> ∂L/∂a
+    # (i, f, g, o) and the part of ∂L/∂c_{t−1} that passes through the cell (f, the peepholes)
+    b_da_o = b_zero if F_NO_OUTPUT_GATE & FLAGS else b_do * b_o * (1 - b_o)
+    if F_PEEPHOLES & FLAGS:
+        b_dc += b_p_o * b_da_o
+    b_di = b_dc * b_g
+    b_df = b_dc * b_c_prev
+    b_dg = b_dc * b_i
+    b_dc_prev = b_dc * b_f
+    if F_CIFG & FLAGS:  # f = 1 − i
+        b_di -= b_df
+    b_da_i = b_zero if F_NO_INPUT_GATE & FLAGS else b_di * b_i * (1 - b_i)
+    b_da_f = b_zero if (F_NO_FORGET_GATE | F_CIFG) & FLAGS else b_df * b_f * (1 - b_f)
+    b_da_g = b_dg if F_NO_INPUT_ACTIVATION & FLAGS else b_dg * (1 - b_g * b_g)
+    if F_PEEPHOLES & FLAGS:
+        b_dc_prev += b_p_i * b_da_i + b_p_f * b_da_f
+    return b_da_i, b_da_f, b_da_g, b_da_o, b_dc_prev
+
+
 @triton.jit
 def lstm_gates_fwd_kernel(
     p_pre,
@@ -186,6 +255,17 @@ def _ln_hh_gate(p_rec_row, p_ln_hh, p_r_hat_row, o_g, m_h, b_mean_r, b_rstd_r, A
 
 
 @triton.jit
+def _peepholes(p_peep, stride_peep, o_h, m_h, b_like, FLAGS: tl.constexpr):
+    # one block of p_i, p_f, p_o (rows of weight_peephole [3, H]); without peepholes unread stand-ins
+    b_p_i, b_p_f, b_p_o = b_like, b_like, b_like
+    if F_PEEPHOLES & FLAGS:
+        b_p_i = tl.load(p_peep + o_h, mask=m_h, other=0)
+        b_p_f = tl.load(p_peep + stride_peep + o_h, mask=m_h, other=0)
+        b_p_o = tl.load(p_peep + 2 * stride_peep + o_h, mask=m_h, other=0)
+    return b_p_i, b_p_f, b_p_o
+
+
+@triton.jit
 def _variant_fwd_cell(
     o_h, m_h, H, b_mean_r, b_rstd_r,
     p_pre_row, p_rec_row, p_c_prev_row, p_peep, stride_peep, p_ln_hh, p_z_row,
@@ -208,22 +288,11 @@ def _variant_fwd_cell(
             p_rec_row, p_ln_hh, p_ln_saved_row, 3 * H + o_h, m_h, b_mean_r, b_rstd_r, acc_dtype
         )
     b_c_prev = tl.load(p_c_prev_row + o_h, mask=m_h, other=0)
-    if F_PEEPHOLES & FLAGS:
-        b_a_i += tl.load(p_peep + o_h, mask=m_h, other=0) * b_c_prev
-        b_a_f += tl.load(p_peep + stride_peep + o_h, mask=m_h, other=0) * b_c_prev
+    b_p_i, b_p_f, b_p_o = _peepholes(p_peep, stride_peep, o_h, m_h, b_c_prev, FLAGS)
     b_one = tl.zeros_like(b_c_prev) + 1
-    b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_a_i)
-    if F_CIFG & FLAGS:
-        b_f = 1 - b_i
-    elif F_NO_FORGET_GATE & FLAGS:
-        b_f = b_one
-    else:
-        b_f = _sigmoid(b_a_f)
-    b_g = b_a_g if F_NO_INPUT_ACTIVATION & FLAGS else _tanh(b_a_g)
-    b_c_new = b_f * b_c_prev + b_i * b_g
-    if F_PEEPHOLES & FLAGS:
-        b_a_o += tl.load(p_peep + 2 * stride_peep + o_h, mask=m_h, other=0) * b_c_new
-    b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
+    b_i, b_f, b_g, b_o, b_c_new = _variant_gates_fwd(
+        b_a_i, b_a_f, b_a_g, b_a_o, b_c_prev, b_p_i, b_p_f, b_p_o, b_one, FLAGS
+    )
 
     tl.store(p_gates_row + o_h, b_i, mask=m_h)
     tl.store(p_gates_row + H + o_h, b_f, mask=m_h)
@@ -241,7 +310,7 @@ def _variant_fwd_h(
     o_h, m_h, b_o, b_y, p_h_prev_row, p_z_row, stride_z_k, p_h_row,
     FLAGS: tl.constexpr,
 ):  # fmt: skip
-    b_h = b_o * b_y if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_y)
+    b_h = _variant_h_fwd(b_o, b_y, FLAGS)
     if F_ZONEOUT_H & FLAGS:
         b_z_h = tl.load(p_z_row + stride_z_k + o_h, mask=m_h, other=0) != 0
         b_h_prev = tl.load(p_h_prev_row + o_h, mask=m_h, other=0).to(b_h.dtype)
@@ -338,13 +407,8 @@ def _variant_bwd_dy(
         b_y += tl.load(p_ln_c + stride_ln_c + o_h, mask=m_h, other=0)
     else:
         b_y = b_y_hat
-    if F_NO_OUTPUT_ACTIVATION & FLAGS:
-        b_act = b_y
-        b_dy = b_dh * b_o
-    else:
-        b_act = _tanh(b_y)
-        b_dy = b_dh * b_o * (1 - b_act * b_act)
-    return b_dy, b_y_hat, b_dh * b_act, b_o, b_dh_prev
+    b_dy, b_do = _variant_h_bwd(b_dh, b_o, b_y, FLAGS)
+    return b_dy, b_y_hat, b_do, b_o, b_dh_prev
 
 
 @triton.jit
@@ -363,36 +427,24 @@ def _variant_bwd_cell(
     b_dc = tl.load(p_dc_row + o_h, mask=m_h, other=0).to(b_dy.dtype)
     if F_ZONEOUT_C & FLAGS:
         b_z_c = tl.load(p_z_row + o_h, mask=m_h, other=0) != 0
-        b_dc_prev = tl.where(b_z_c, b_dc, 0)
+        b_dc_skip = tl.where(b_z_c, b_dc, 0)  # the part of ∂L/∂c_{t−1} that zoneout passes by the cell
         b_dc = tl.where(b_z_c, 0, b_dc)
     else:
-        b_dc_prev = tl.zeros_like(b_dc)
+        b_dc_skip = tl.zeros_like(b_dc)
     if F_LAYER_NORM & FLAGS:
         b_g_c = b_dy * tl.load(p_ln_c + o_h, mask=m_h, other=0)
         b_dc += _ln_bwd(b_g_c, b_y_hat, b_rstd_c, b_mean_g, b_mean_gy)
     else:
         b_dc += b_dy
-    b_da_o = tl.zeros_like(b_dc) if F_NO_OUTPUT_GATE & FLAGS else b_do * b_o * (1 - b_o)
-    if F_PEEPHOLES & FLAGS:
-        b_dc += tl.load(p_peep + 2 * stride_peep + o_h, mask=m_h, other=0) * b_da_o
-
     b_i = tl.load(p_gates_row + o_h, mask=m_h, other=0)
     b_f = tl.load(p_gates_row + H + o_h, mask=m_h, other=0)
     b_g = tl.load(p_gates_row + 2 * H + o_h, mask=m_h, other=0)
     b_c_prev = tl.load(p_c_prev_row + o_h, mask=m_h, other=0)
-    b_di = b_dc * b_g
-    b_df = b_dc * b_c_prev
-    b_dg = b_dc * b_i
-    b_dc_prev += b_dc * b_f
-    if F_CIFG & FLAGS:  # f = 1 − i
-        b_di -= b_df
-    b_da_i = tl.zeros_like(b_dc) if F_NO_INPUT_GATE & FLAGS else b_di * b_i * (1 - b_i)
-    b_da_f = tl.zeros_like(b_dc) if (F_NO_FORGET_GATE | F_CIFG) & FLAGS else b_df * b_f * (1 - b_f)
-    b_da_g = b_dg if F_NO_INPUT_ACTIVATION & FLAGS else b_dg * (1 - b_g * b_g)
-    if F_PEEPHOLES & FLAGS:
-        b_dc_prev += tl.load(p_peep + o_h, mask=m_h, other=0) * b_da_i
-        b_dc_prev += tl.load(p_peep + stride_peep + o_h, mask=m_h, other=0) * b_da_f
-    return b_da_i, b_da_f, b_da_g, b_da_o, b_dc_prev, b_dh_prev
+    b_p_i, b_p_f, b_p_o = _peepholes(p_peep, stride_peep, o_h, m_h, b_c_prev, FLAGS)
+    b_da_i, b_da_f, b_da_g, b_da_o, b_dc_cell = _variant_gates_bwd(
+        b_dc, b_do, b_i, b_f, b_g, b_o, b_c_prev, b_p_i, b_p_f, b_p_o, tl.zeros_like(b_dc), FLAGS
+    )
+    return b_da_i, b_da_f, b_da_g, b_da_o, b_dc_skip + b_dc_cell, b_dh_prev
 
 
 @triton.jit

@@ -55,18 +55,16 @@ from torch import Tensor
 
 from . import variants
 from .triton_gates import (
-    F_CIFG,
-    F_NO_FORGET_GATE,
-    F_NO_INPUT_ACTIVATION,
-    F_NO_INPUT_GATE,
-    F_NO_OUTPUT_ACTIVATION,
-    F_NO_OUTPUT_GATE,
     F_PEEPHOLES,
     F_RECURRENT_DROPOUT,
     F_ZONEOUT_C,
     F_ZONEOUT_H,
     _sigmoid,
     _tanh,
+    _variant_gates_bwd,
+    _variant_gates_fwd,
+    _variant_h_bwd,
+    _variant_h_fwd,
 )
 
 # Triton decides at import time whether kernels run compiled or through its CPU interpreter.
@@ -273,25 +271,12 @@ def _fwd_cell(p_d, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gx, b_c, b_
         b_i, b_f, b_g, b_o = _split_gates_t(b_act, U, BLOCK_B)
         b_c_next = b_f * b_c + b_i * b_g
     else:  # gate by gate: peepholes need c_{t−1} and c̃, CIFG crosses gates
-        b_i, b_f, b_g, b_a_o = _split_gates_t(b_pre + b_poison, U, BLOCK_B)  # pre-activations
+        b_a_i, b_a_f, b_a_g, b_a_o = _split_gates_t(b_pre + b_poison, U, BLOCK_B)  # [U, BLOCK_B] each
         b_one = tl.full((U, BLOCK_B), 1, acc) + b_poison  # a removed gate
-        if F_PEEPHOLES & FLAGS:
-            b_i += b_pi * b_c
-            b_f += b_pf * b_c
-        b_i = b_one if F_NO_INPUT_GATE & FLAGS else _sigmoid(b_i)
-        if F_CIFG & FLAGS:
-            b_f = 1 - b_i
-        elif F_NO_FORGET_GATE & FLAGS:
-            b_f = b_one
-        else:
-            b_f = _sigmoid(b_f)
-        if (F_NO_INPUT_ACTIVATION & FLAGS) == 0:
-            b_g = _tanh(b_g)
-        b_c_next = b_f * b_c + b_i * b_g
-        if F_PEEPHOLES & FLAGS:
-            b_a_o += b_po * b_c_next
-        b_o = b_one if F_NO_OUTPUT_GATE & FLAGS else _sigmoid(b_a_o)
-    b_h_next = b_o * b_c_next if F_NO_OUTPUT_ACTIVATION & FLAGS else b_o * _tanh(b_c_next)
+        b_i, b_f, b_g, b_o, b_c_next = _variant_gates_fwd(
+            b_a_i, b_a_f, b_a_g, b_a_o, b_c, b_pi, b_pf, b_po, b_one, FLAGS
+        )
+    b_h_next = _variant_h_fwd(b_o, b_c_next, FLAGS)
     m_step = (o_b < n_rows)[None, :]  # rows that advance; the others carry h and c
     o_own = o_u[:, None] + o_b[None, :] * H  # [U, BLOCK_B]
     m_own = m_u[:, None] & m_b[None, :]
@@ -651,6 +636,7 @@ def lstm_persistent_bwd_kernel(
     b_w = ()
     for i_k in tl.static_range(N_K):
         b_w = b_w + (_bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K, SPLIT_K, BATCH_N),)  # noqa: RUF005
+    b_pi, b_pf, b_po = p_peep, p_peep, p_peep  # unread without PEEPHOLES
     if F_PEEPHOLES & FLAGS:  # [1, U] each
         b_pi = tl.load(p_peep + o_u, mask=m_u, other=0)[None, :]
         b_pf = tl.load(p_peep + H + o_u, mask=m_u, other=0)[None, :]
@@ -739,35 +725,14 @@ def lstm_persistent_bwd_kernel(
                 if F_ZONEOUT_C & FLAGS:
                     b_zc = tl.load(p_z, mask=m_own, other=0) != 0
                     b_dc_new = tl.where(b_zc, 0, b_dc)
-                if F_NO_OUTPUT_ACTIVATION & FLAGS:
-                    b_do = b_dh_new * b_c
-                    b_dc_new += b_dh_new * b_o
-                else:
-                    b_tanh_c = _tanh(b_c)
-                    b_do = b_dh_new * b_tanh_c
-                    b_dc_new += b_dh_new * b_o * (1 - b_tanh_c * b_tanh_c)
+                b_dy, b_do = _variant_h_bwd(b_dh_new, b_o, b_c, FLAGS)
+                b_dc_new += b_dy
                 b_zero = tl.zeros((BLOCK_B, U), acc)  # a removed gate has no pre-activation
-                b_do = b_zero if F_NO_OUTPUT_GATE & FLAGS else b_do * b_o * (1 - b_o)
-                if F_PEEPHOLES & FLAGS:
-                    b_dc_new += b_po * b_do
-                b_di = b_dc_new * b_g
-                b_df = b_dc_new * b_c_prev
-                b_dg = b_dc_new * b_i
-                b_dc_prev = b_dc_new * b_f
+                b_di, b_df, b_dg, b_do, b_dc_prev = _variant_gates_bwd(
+                    b_dc_new, b_do, b_i, b_f, b_g, b_o, b_c_prev, b_pi, b_pf, b_po, b_zero, FLAGS
+                )  # [BLOCK_B, U] each
                 if F_ZONEOUT_C & FLAGS:
                     b_dc_prev += tl.where(b_zc, b_dc, 0)
-                if F_CIFG & FLAGS:  # f = 1 − i
-                    b_di -= b_df
-                    b_df = b_zero
-                elif F_NO_FORGET_GATE & FLAGS:
-                    b_df = b_zero
-                else:
-                    b_df = b_df * b_f * (1 - b_f)
-                b_di = b_zero if F_NO_INPUT_GATE & FLAGS else b_di * b_i * (1 - b_i)
-                if (F_NO_INPUT_ACTIVATION & FLAGS) == 0:
-                    b_dg = b_dg * (1 - b_g * b_g)
-                if F_PEEPHOLES & FLAGS:
-                    b_dc_prev += b_pi * b_di + b_pf * b_df
                 b_di = tl.where(m_step, b_di, 0) + b_poison
                 b_df = tl.where(m_step, b_df, 0) + b_poison
                 b_dg = tl.where(m_step, b_dg, 0) + b_poison
