@@ -48,6 +48,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -429,13 +432,54 @@ void panel_product(int64_t n, const scalar_t* a, int64_t lda, int64_t ldk, const
 // The layouts panel_tile streams, written by plain loops: as ATen views (pad, permute, contiguous)
 // the packing was a strided copy that cost more than a whole step's product at T = 1.
 
+// dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols (each ≤ L). ATen's transpose_mxn
+// zero-fills a block on the stack and branches on the sizes: 17 % of its time was the fill. The full
+// 16 × 16 fp32 block, every block but a panel's edges, is a register network instead: interleave
+// 32-bit pairs of rows, then 64-bit pairs, then 128-bit lanes twice; row k of the result is column k.
+template <typename scalar_t>
+inline void transpose_block(const scalar_t* src, int64_t ld_src, scalar_t* dst, int64_t ld_dst, int64_t rows,
+                            int64_t cols) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (rows == 16 && cols == 16) {
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      for (int i = 0; i < 4; ++i) {  // 0x88: lanes 0 and 2 of each operand, 0xdd: lanes 1 and 3
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+      }
+      for (int i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(dst + i * ld_dst, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+        _mm512_storeu_ps(dst + (i + 8) * ld_dst, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
+      }
+      return;
+    }
+  }
+#endif
+  at::vec::transpose_mxn<scalar_t>(src, ld_src, dst, ld_dst, rows, cols);
+}
+
 // The forward's weight: [W_ih | W_hh] (w_ih [4H, I] or none, w_hh [4H, P]) by panels of L units,
 // [⌈H/L⌉, I + P, 4, L]: panel p, row k, gate q, lane l holds W[q·H + pL + l, k], zero beyond H.
 // pack_gate_panels writes panels [p0, p1) of it into o; wi [4H, I] (I = 0: none) and wh [4H, P]
 // contiguous. A transpose, packed anew by every call (the weights may have changed) and by each block
-// of units for its own panels, by blocks of L rows × L columns (at::vec::transpose_mxn, in registers
-// with AVX-512). Element by element, a row of W at a time scattered K destination lines apart, it
-// took 0.9 ns an element: 2.7 % of a B16 H128–H256 T100 forward.
+// of units for its own panels, by blocks of L rows × L columns (transpose_block). Element by element,
+// a row of W at a time scattered K destination lines apart, it took 0.9 ns an element: 2.7 % of a
+// B16 H128–H256 T100 forward; by blocks, 0.23 ns (H = 256: 120 µs a call).
 template <typename scalar_t>
 void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t P, int64_t H, int64_t L,
                       scalar_t* o, int64_t p0, int64_t p1) {
@@ -447,8 +491,8 @@ void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t
       // the panel's rows of one weight w [4H, cols], by blocks of L columns, into rows k0 + c
       auto transpose = [&](const scalar_t* w, int64_t cols, int64_t k0) {
         for (int64_t c = 0; c < cols; c += L)
-          at::vec::transpose_mxn<scalar_t>(w + (q * H + p * L) * cols + c, cols, panel + (k0 + c) * 4 * L, 4 * L,
-                                           lanes, std::min(L, cols - c));
+          transpose_block(w + (q * H + p * L) * cols + c, cols, panel + (k0 + c) * 4 * L, 4 * L, lanes,
+                          std::min(L, cols - c));
       };
       if (I) transpose(wi, I, 0);
       transpose(wh, P, I);
