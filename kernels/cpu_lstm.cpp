@@ -478,8 +478,8 @@ inline void transpose_block(const scalar_t* src, int64_t ld_src, scalar_t* dst, 
 // pack_gate_panels writes panels [p0, p1) of it into o; wi [4H, I] (I = 0: none) and wh [4H, P]
 // contiguous. A transpose, packed anew by every call (the weights may have changed) and by each block
 // of units for its own panels, by blocks of L rows × L columns (transpose_block). Element by element,
-// a row of W at a time scattered K destination lines apart, it took 0.9 ns an element: 2.7 % of a
-// B16 H128–H256 T100 forward; by blocks, 0.23 ns (H = 256: 120 µs a call).
+// a row of W at a time scattered K destination lines apart, it was 2.7 % of a B16 H128–H256 T100
+// forward; a B1 T1 forward call at H = 256, packing included, took 430 µs then and 120 µs by blocks.
 template <typename scalar_t>
 void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t P, int64_t H, int64_t L,
                       scalar_t* o, int64_t p0, int64_t p1) {
@@ -496,8 +496,8 @@ void pack_gate_panels(const scalar_t* wi, int64_t I, const scalar_t* wh, int64_t
       };
       if (I) transpose(wi, I, 0);
       transpose(wh, P, I);
-      for (int64_t k = 0; k < K; ++k)  // the last panel's lanes beyond H
-        std::fill(panel + k * 4 * L + lanes, panel + k * 4 * L + L, scalar_t(0));
+      if (lanes < L)  // the last panel's lanes beyond H
+        for (int64_t k = 0; k < K; ++k) std::fill(panel + k * 4 * L + lanes, panel + k * 4 * L + L, scalar_t(0));
     }
   }
 }
@@ -661,8 +661,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& gx, const std::optional<a
   auto xd = fused ? alloc({2, B, I + P}, dt, poison) : at::Tensor();
   at::Tensor bias_panels = fused && bias.has_value() ? at::empty({panels, 1, 4, L}, w_hh.options()) : at::Tensor();
   if (bias_panels.defined())
-    pack_gate_panels(bias->data_ptr<scalar_t>(), 0, bias->data_ptr<scalar_t>(), 1, H, L,
-                     bias_panels.data_ptr<scalar_t>(), 0, panels);
+    pack_gate_panels<scalar_t>(nullptr, 0, bias->data_ptr<scalar_t>(), 1, H, L, bias_panels.data_ptr<scalar_t>(), 0,
+                               panels);
   auto w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   auto dbuf = (flags & RECURRENT_DROPOUT) ? alloc({2, B, P}, dt, poison) : at::Tensor();
   if (dbuf.defined()) {
