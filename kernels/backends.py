@@ -13,6 +13,12 @@ instead of computing gx [T, B, 4H] first; and ``backward_from_input(x, w_ih, <ba
 arguments>, want_x, want_w) -> (LoopGrads, ∂x, ∂[W_ih | W_hh], ∂b)``, the backward with ∂x and
 ∂W inside its steps.
 
+Both directions of a bidirectional layer can be one call where a row says so
+(``both_directions_reason``, asked like ``unavailable_reason``): its ``forward`` and ``backward`` then
+take every tensor with a leading [2] (direction 1 over the time-flipped sequence, batch_sizes
+[2, T]) and run both directions at once (the persistent kernels: one launch, grid (P, 2)). Every
+other row runs one direction per call.
+
 Requested (``LSTM(backend=...)``)  ->  what runs (``last_backend``, one of ``KERNEL_BACKENDS``)
 
     "reference"           ->  "reference": the time loop in PyTorch, anywhere
@@ -65,6 +71,9 @@ class Backend:
     load: Callable[[], object]  # -> the implementation (forward, backward), imported on first use
     unavailable_reason: Callable[..., str | None]  # (device, batch, hidden, proj_size, dtype, flags)
     doc: str
+    # why it cannot run both directions of a layer in one call (same arguments), or None if it can;
+    # no function: one direction per call, always
+    both_directions_reason: Callable[..., str | None] | None = None
 
 
 # ---- the rows' implementations and reasons ----
@@ -99,11 +108,18 @@ def _triton_step() -> PerStepBackend:
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, never traces it
 def persistent_unavailable_reason(
-    batch: int, hidden: int, dtype: torch.dtype, device: torch.device, proj_size: int, flags: int = 0
+    batch: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    proj_size: int,
+    flags: int = 0,
+    directions: int = 1,
 ) -> str | None:
     """Why the persistent kernels cannot run this layer, or None (Triton known to be importable).
     On CUDA the first answer for a shape and variant compiles both kernels to check registers,
-    spills and residency (then it is cached)."""
+    spills and residency (then it is cached). ``directions=2``: both directions in one launch,
+    each with half the SMs."""
     if proj_size > 0:
         return "they have no projection (proj_size > 0 runs on the per-step kernels)"
     from . import triton_persistent  # imports triton: only once it is known to be there
@@ -111,10 +127,13 @@ def persistent_unavailable_reason(
     # on CUDA the check compiles the kernels on real tensors: never on the fake (or recorded) ones
     # of a tracer that happens to be active, such as torch.export's
     with _disable_current_modes():
-        return triton_persistent.persistent_unavailable_reason(batch, hidden, dtype, device, flags)
+        reason = triton_persistent.persistent_unavailable_reason
+        return reason(batch, hidden, dtype, device, flags, directions)
 
 
-def _persistent_unavailable_reason(device, batch, hidden, proj_size, dtype, flags) -> str | None:
+def _persistent_unavailable_reason(
+    device, batch, hidden, proj_size, dtype, flags, directions: int = 1
+) -> str | None:
     reason = triton_unavailable_reason(device)
     if reason is not None:
         return reason
@@ -126,20 +145,25 @@ def _persistent_unavailable_reason(device, batch, hidden, proj_size, dtype, flag
     # kernels are chosen only if they serve both classes.
     traced = torch.compiler.is_compiling() or isinstance(batch, torch.SymInt)
     for b in (16, 32) if traced else (batch,):
-        reason = persistent_unavailable_reason(b, hidden, dtype, device, proj_size, flags)
+        reason = persistent_unavailable_reason(b, hidden, dtype, device, proj_size, flags, directions)
         if reason is not None:
             return reason
     return None
 
 
+def _persistent_both_directions_reason(device, batch, hidden, proj_size, dtype, flags) -> str | None:
+    return _persistent_unavailable_reason(device, batch, hidden, proj_size, dtype, flags, directions=2)
+
+
 class _Persistent:
-    """triton_persistent.py's kernels behind the loop contract."""
+    """triton_persistent.py's kernels behind the loop contract; every tensor may have a leading [2]
+    (both directions in one launch, the vanilla cell)."""
 
     @staticmethod
     def forward(gx, own_gx, h0, c0, w_hh, w_hr, batch_sizes, cell: Cell, save: bool = True) -> LoopSaved:
         from . import triton_persistent
 
-        T, B, G = gx.shape
+        T, B, G = gx.shape[-3:]
         c_new = loop.empty(T, B, G // 4, dtype=torch.float64 if gx.dtype == torch.float64 else torch.float32,
                       device=gx.device) if cell.zoneout_c else None  # fmt: skip
         hs, cs, gates = triton_persistent.persistent_forward(
@@ -271,7 +295,8 @@ TABLE: dict[str, Backend] = {
         Backend("triton_step", lambda: _PerStep(_triton_step), _triton_step_unavailable_reason,
                 "a fused Triton gate kernel per step, a GEMM between"),
         Backend("triton_persistent", lambda: _Persistent, _persistent_unavailable_reason,
-                "one Triton kernel for all steps (no proj_size, no layer norm)"),
+                "one Triton kernel for all steps (no proj_size, no layer norm)",
+                both_directions_reason=_persistent_both_directions_reason),
         Backend("cpu", lambda: _CpuKernel, _cpu_unavailable_reason,
                 "the fused C++ time loop on the CPU (cpu_kernel.py; no layer norm, no bf16)"),
     )
@@ -303,6 +328,17 @@ def unavailable_reason(
 ) -> str | None:
     """Why backend ``name`` cannot run this layer, or None."""
     return TABLE[name].unavailable_reason(torch.device(device), batch, hidden, proj_size, dtype, flags)
+
+
+def both_directions_reason(
+    name: str, device: torch.device, batch: int, hidden: int, proj_size: int, dtype: torch.dtype, flags: int
+) -> str | None:
+    """Why backend ``name`` cannot run both directions of this bidirectional layer in one call, or
+    None if it can (then the module makes one call of the layer op for the pair)."""
+    reason = TABLE[name].both_directions_reason
+    if reason is None:
+        return f"backend {name!r} runs one direction per call"
+    return reason(torch.device(device), batch, hidden, proj_size, dtype, flags)
 
 
 def _variant_note(flags: int) -> str:

@@ -17,6 +17,10 @@ goes through `gemm.py`, which picks the engine (oneDNN for fp32 on CPU). Layer n
 Under torch.func transforms and forward-mode AD, and for a double backward, the op is not used:
 `transforms.py` runs the same function in differentiable PyTorch ops (`naive.py`'s equations).
 
+Both directions of a bidirectional layer can be one call of the same op pair, on a backend whose
+row says it runs them at once (`backends.both_directions_reason`; the persistent kernels, one
+launch): the per-direction tensors then carry a leading [2] (:func:`lstm_layer_both_directions`).
+
 B: batch  T: time  I: input size  H: hidden size  P: proj_size or H  G = 4H: stacked gates (i, f, g, o)
 """
 
@@ -40,7 +44,12 @@ class LayerInputs(NamedTuple):
     [T, B, 4H] itself; bias [4H] (b_ih + b_hh) or None; h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr
     [P, H] or None; batch_sizes [T] int64 on the CPU or None; the cell's flags and tensors as
     :class:`lstmlab.kernels.loop.Cell`; ``save``: whether a backward may follow (if not, nothing
-    for it is kept: the outputs after c_n are [0], and a backend may skip storing its gates)."""
+    for it is kept: the outputs after c_n are [0], and a backend may skip storing its gates).
+
+    Both directions of a layer (``w_hh.dim() == 3``, the vanilla cell only): x [T, B, I] read by
+    both, direction 1 over the time-flipped sequence (and batch sizes); w_ih [2, 4H, I], bias
+    [2, 4H] or None, h0 [2, B, H], c0 [2, B, H], w_hh [2, 4H, H]; every output per direction then
+    has a leading [2], direction 1's in its own (reversed) time order."""
 
     x: Tensor
     w_ih: Tensor | None
@@ -89,11 +98,30 @@ class LayerOutputs(NamedTuple):
     ln_saved: Tensor
 
 
+def both_directions(a: LayerInputs | BackwardInputs) -> bool:
+    """Whether the op's call is both directions of a layer at once (every weight has a leading [2])."""
+    return a.w_hh.dim() == 3
+
+
+def _both_directions_inputs(x: Tensor, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """x [T, B, I] -> [2, T·B, I], direction 1 reading it backwards in time; batch_sizes [T] ->
+    [2, T] (the reverse direction's rows start late and end together: increasing sizes)."""
+    T, B, I = x.shape
+    sizes = None if batch_sizes is None else torch.stack([batch_sizes, batch_sizes.flip(0)])
+    return torch.stack([x, x.flip(0)]).view(2, T * B, I), sizes
+
+
 def _layer_forward(a: LayerInputs) -> LayerOutputs:
     gx, own_gx = a.x, a.w_ih is not None
     impl = backends.get(a.backend)
     acc = accumulation_dtype(a.x.dtype)
-    if own_gx and hasattr(impl, "forward_from_input"):  # the backend fuses the input projection
+    sizes = a.batch_sizes
+    if both_directions(a):  # both directions' input projections in one batched GEMM, one backend call
+        T, B = a.x.shape[:2]
+        x2, sizes = _both_directions_inputs(a.x, a.batch_sizes)  # [2, T·B, I], [2, T]
+        gx = gemm.linear_pair(x2, a.w_ih, a.bias).view(2, T, B, -1)  # [2, T, B, 4H]
+        saved = impl.forward(gx, True, a.h0, a.c0, a.w_hh, None, sizes, a.cell(acc), save=a.save)
+    elif own_gx and hasattr(impl, "forward_from_input"):  # the backend fuses the input projection
         saved = impl.forward_from_input(
             a.x, a.w_ih, a.bias, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc), save=a.save
         )
@@ -103,11 +131,12 @@ def _layer_forward(a: LayerInputs) -> LayerOutputs:
                 *a.x.shape[:2], -1
             )  # [T, B, 4H]
         saved = impl.forward(gx, own_gx, a.h0, a.c0, a.w_hh, a.w_hr, a.batch_sizes, a.cell(acc), save=a.save)
-    B = gx.shape[1]
+    B = gx.shape[-2]
     out_packed = gx.new_empty(0)  # a distinct tensor: no two outputs of an op may alias
-    if a.batch_sizes is not None:  # rows that did not advance have no output at that step
-        out_packed = torch.where(advanced(a.batch_sizes, B, gx.device).unsqueeze(2), saved.hs[1:], 0)
-    c_n = saved.cs[-1].to(a.c0.dtype, copy=True)  # without save a backend may keep c_T alone
+    if sizes is not None:  # rows that did not advance have no output at that step
+        moved = advanced(sizes, B, gx.device).unsqueeze(-1)  # [T, B, 1] ([2, T, B, 1]: both directions)
+        out_packed = torch.where(moved, saved.hs[..., 1:, :, :], 0)
+    c_n = saved.cs.select(-3, -1).to(a.c0.dtype, copy=True)  # without save a backend may keep c_T alone
     h_raw = gx.new_empty(0) if saved.h_raw is None or not a.save else saved.h_raw
 
     def or_empty(t: Tensor | None) -> Tensor:
@@ -127,18 +156,19 @@ def _layer_forward(a: LayerInputs) -> LayerOutputs:
 
 def _fake_forward(a: LayerInputs) -> LayerOutputs:
     T, B = a.x.shape[0], a.x.shape[1]
-    G = a.x.shape[2] if a.w_ih is None else a.w_ih.shape[0]
-    H, P = G // 4, a.w_hh.shape[1]
+    G = a.x.shape[2] if a.w_ih is None else a.w_ih.shape[-2]
+    H, P = G // 4, a.w_hh.shape[-1]
+    lead = tuple(a.w_hh.shape[:-2])  # (2,): both directions of a layer
     dtype, acc = a.x.dtype, accumulation_dtype(a.x.dtype)
     x = a.x
 
     def kept(wanted: bool, *shape: int, dtype: torch.dtype = acc) -> Tensor:
-        return x.new_empty(*shape, dtype=dtype) if wanted and a.save else x.new_empty(0, dtype=dtype)
+        return x.new_empty(*lead, *shape, dtype=dtype) if wanted and a.save else x.new_empty(0, dtype=dtype)
 
     return LayerOutputs(
-        x.new_empty(T + 1, B, P),
-        x.new_empty(0) if a.batch_sizes is None else x.new_empty(T, B, P),
-        a.c0.new_empty(B, H),
+        x.new_empty(*lead, T + 1, B, P),
+        x.new_empty(0) if a.batch_sizes is None else x.new_empty(*lead, T, B, P),
+        a.c0.new_empty(*lead, B, H),
         kept(True, T + 1, B, H),
         kept(True, T, B, G),
         kept(a.w_hr is not None, T, B, H, dtype=dtype),
@@ -202,7 +232,40 @@ class LayerGrads(NamedTuple):
     d_ln_c: Tensor  # [2, H] acc
 
 
+def _both_directions_backward(a: BackwardInputs) -> LayerGrads:
+    """Both directions' reverse loops in one backend call, then ∂x, ∂W_ih, ∂W_hh and ∂b of both
+    as batched products (the vanilla cell: no projection, no variant parameters)."""
+    T, B, G = a.gates.shape[-3:]
+    I, dtype, acc = a.x.shape[-1], a.hs.dtype, a.cs.dtype
+    needs_x, needs_w_ih, needs_bias, needs_w_hh = a.needs[:4]
+    x2, sizes = _both_directions_inputs(a.x, a.batch_sizes)  # [2, T·B, I], [2, T]
+    args = (a.d_hs, a.d_out_packed, a.d_cn, a.saved(), a.w_hh, None, sizes, a.cell(acc))
+    grads = backends.get(a.backend).backward(*args, keep_d_pre=False)
+    d_pre = grads.d_pre.view(2, T * B, G)
+    d_x = d_w_ih = d_bias = d_w_hh = None
+    if needs_x:
+        d_x2 = gemm.bmm(d_pre, a.w_ih).view(2, T, B, I)
+        d_x = d_x2[0] + d_x2[1].flip(0)  # direction 1 read x backwards
+    if needs_w_ih or needs_w_hh:  # one product over [x | h_{t−1}], reading ∂L/∂pre once: [2, 4H, I + H]
+        h_prev = a.hs[:, :-1].reshape(2, T * B, -1)
+        d_w = gemm.bmm_tn(d_pre, torch.cat([x2, h_prev], dim=2))
+        d_w_ih = d_w[..., :I].contiguous() if needs_w_ih else None  # no output aliases another
+        d_w_hh = d_w[..., I:].contiguous() if needs_w_hh else None
+    if needs_bias:
+        d_bias = d_pre.sum(1)  # [2, 4H]
+
+    def or_empty(g: Tensor | None) -> Tensor:
+        return a.hs.new_empty(0) if g is None else g
+
+    return LayerGrads(
+        *(or_empty(g) for g in (d_x, d_w_ih, d_bias)), grads.d_h0.to(dtype), grads.d_c0, or_empty(d_w_hh),
+        *(or_empty(None) for _ in range(4)),
+    )  # fmt: skip
+
+
 def _layer_backward(a: BackwardInputs) -> LayerGrads:
+    if both_directions(a):
+        return _both_directions_backward(a)
     T, B, G = a.gates.shape
     H, P = G // 4, a.hs.shape[-1]
     dtype, acc, dev = a.hs.dtype, a.cs.dtype, a.hs.device
@@ -278,15 +341,16 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
 
 def _fake_backward(a: BackwardInputs) -> LayerGrads:
     needs_x, needs_w_ih, needs_bias, needs_w_hh, needs_w_hr = a.needs[:5]
-    G, B, H = a.gates.shape[2], a.gates.shape[1], a.cs.shape[2]
+    G, B, H = a.gates.shape[-1], a.gates.shape[-2], a.cs.shape[-1]
+    lead = tuple(a.w_hh.shape[:-2])  # (2,): both directions of a layer
     gx_mode = a.w_ih is None
     none = a.hs.new_empty(0)
     return LayerGrads(
         a.x.new_empty(a.x.shape) if gx_mode or needs_x else none.clone(),
         a.w_ih.new_empty(a.w_ih.shape) if not gx_mode and needs_w_ih else none.clone(),
-        a.hs.new_empty(G) if not gx_mode and needs_bias else none.clone(),
-        a.hs.new_empty(B, a.hs.shape[2]),
-        a.cs.new_empty(B, H),
+        a.hs.new_empty(*lead, G) if not gx_mode and needs_bias else none.clone(),
+        a.hs.new_empty(*lead, B, a.hs.shape[-1]),
+        a.cs.new_empty(*lead, B, H),
         a.w_hh.new_empty(a.w_hh.shape) if needs_w_hh else none.clone(),
         a.w_hr.new_empty(a.w_hr.shape) if a.w_hr is not None and needs_w_hr else none.clone(),
         a.cs.new_empty(3, H) if a.flags & variants.PEEPHOLES else a.cs.new_empty(0),
@@ -391,7 +455,7 @@ def _backward(ctx, d_hs, d_out_packed, d_cn, *_saved_grads):
     if d_hs is None:
         d_hs = torch.zeros_like(hs)
     if d_out_packed is None:
-        d_out_packed = hs.new_zeros(0) if batch_sizes is None else torch.zeros_like(hs[1:])
+        d_out_packed = hs.new_zeros(0) if batch_sizes is None else torch.zeros_like(hs[..., 1:, :, :])
     if d_cn is None:
         d_cn = c0.new_zeros(c0.shape)
     wanted = dict(zip(LayerInputs._fields, ctx.needs_input_grad, strict=True))
@@ -614,8 +678,10 @@ def run_layer(*args) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _outputs(a: LayerInputs, out: LayerOutputs) -> tuple[Tensor, Tensor, Tensor]:
-    """out [T, B, P] (h after every step, zero in rows that did not advance), h_n, c_n."""
-    return (out.hs[1:] if a.batch_sizes is None else out.out_packed), out.hs[-1], out.c_n
+    """out [T, B, P] (h after every step, zero in rows that did not advance), h_n, c_n (both
+    directions: each with a leading [2])."""
+    hs = out.hs
+    return (hs[..., 1:, :, :] if a.batch_sizes is None else out.out_packed), hs.select(-3, -1), out.c_n
 
 
 def lstm_layer_from_input(
@@ -642,6 +708,68 @@ def lstm_layer_from_input(
         torch.Size([5, 3, 8])
     """
     return lstm_layer(x, h0, c0, w_hh, w_hr, batch_sizes, backend, w_ih=w_ih, bias=bias, **cell)
+
+
+def lstm_layer_both_directions(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    bias: Tensor | None,
+    w_hh: Tensor,
+    batch_sizes: Sequence[int] | Tensor | None = None,
+    backend: str = "triton_persistent",
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Both directions of a bidirectional LSTM layer (the vanilla cell) in one call of the layer op,
+    on a backend that runs them at once (``backends.both_directions_reason``: the persistent kernels,
+    one launch for both directions each way, where the SMs hold both grids).
+
+    Args:
+        x: [T, B, I]; the reverse direction (1) reads it from x[T − 1] back to x[0].
+        h0, c0: [2, B, H] initial states of the forward and the reverse direction.
+        w_ih: [2, 4H, I], bias: [2, 4H] (b_ih + b_hh) or None, w_hh: [2, 4H, H]: each direction's.
+        batch_sizes: as in :func:`lstm_layer` (a packed batch's sizes, decreasing).
+        backend: one of ``KERNEL_BACKENDS`` whose row runs both directions at once; else RuntimeError.
+
+    Returns:
+        out [T, B, 2H] (both directions' h at each time step, as ``torch.nn.LSTM``'s bidirectional
+        output; zero in rows that did not advance), h_n [2, B, H], c_n [2, B, H].
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
+    T, B, I = x.shape
+    if w_ih.dim() != 3 or w_ih.shape[0] != 2 or w_ih.shape[1] % 4 or w_ih.shape[2] != I:
+        raise ValueError(f"w_ih must be [2, 4H, {I}], got shape {tuple(w_ih.shape)}")
+    H = w_ih.shape[1] // 4
+    expected = {"h0": (2, B, H), "c0": (2, B, H), "w_hh": (2, 4 * H, H), "bias": (2, 4 * H)}
+    for name, t in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("bias", bias)):
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    reason = backends.both_directions_reason(backend, x.device, B, H, 0, x.dtype, 0)
+    if reason is not None:
+        raise RuntimeError(
+            f"both directions of a layer in one call: {reason} (B={B}, H={H}, {x.dtype} on {x.device}). "
+            "Run each direction with lstm_layer."
+        )
+    sizes = batch_sizes_arg(batch_sizes, T, B)
+    no_variant = (None,) * 5  # peephole, ln_hh, ln_c, zoneout, dropout
+    out, h_n, c_n = run_layer(x, w_ih, bias, h0, c0, w_hh, None, sizes, backend, 0, *no_variant)
+    return torch.cat([out[0], out[1].flip(0)], dim=-1), h_n, c_n  # [T, B, 2H], in time order
+
+
+def one_direction(a: LayerInputs, d: int) -> LayerInputs:
+    """Direction ``d`` of a both-directions call as a call of its own (direction 1 over the
+    time-flipped x and batch sizes): what the differentiable path (transforms.py) runs."""
+
+    def in_order(t: Tensor) -> Tensor:
+        return t.flip(0) if d == 1 else t
+
+    return a._replace(
+        x=in_order(a.x), w_ih=a.w_ih[d], bias=None if a.bias is None else a.bias[d], h0=a.h0[d], c0=a.c0[d],
+        w_hh=a.w_hh[d], batch_sizes=None if a.batch_sizes is None else in_order(a.batch_sizes),
+    )  # fmt: skip
 
 
 def gates_forward(pre: Tensor, c_prev: Tensor, backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:

@@ -133,17 +133,20 @@ def step_sizes(batch_sizes: Tensor | None, T: int, B: int) -> tuple[int, ...]:
 
 
 def advanced(batch_sizes: Tensor, B: int, device: torch.device) -> Tensor:
-    """[T, B] bool: whether row b advances at step k (b < batch_sizes[k]), one op on ``device``."""
-    return torch.arange(B, device=device) < batch_sizes.to(device).unsqueeze(1)
+    """[T, B] bool: whether row b advances at step k (b < batch_sizes[k]), one op on ``device``
+    (batch_sizes [2, T], both directions of a layer: [2, T, B])."""
+    return torch.arange(B, device=device) < batch_sizes.to(device).unsqueeze(-1)
 
 
 def with_packed_output_grad(d_hs: Tensor, d_out_packed: Tensor, batch_sizes: Tensor | None) -> Tensor:
     """d_hs [T + 1, B, P] with the packed output's gradient added where rows advanced (for
-    backends that read one gradient per hs[k]); d_hs itself without packed input."""
+    backends that read one gradient per hs[k]); d_hs itself without packed input. Both directions
+    of a layer: every tensor with a leading [2] (batch_sizes [2, T])."""
     if batch_sizes is None:
         return d_hs
     d_hs = d_hs.clone()
-    d_hs[1:] += torch.where(advanced(batch_sizes, d_hs.shape[1], d_hs.device).unsqueeze(2), d_out_packed, 0)
+    moved = advanced(batch_sizes, d_hs.shape[-2], d_hs.device).unsqueeze(-1)  # [T, B, 1]
+    d_hs[..., 1:, :, :] += torch.where(moved, d_out_packed, 0)
     return d_hs
 
 

@@ -147,7 +147,14 @@ class VanillaLayer(torch.autograd.Function):
 
 def _composite(a) -> tuple[Tensor, Tensor, Tensor]:
     """The layer op's (hs [T + 1, B, P], out_packed [T, B, P] or [0], c_n [B, H]) for its inputs
-    ``a`` (`layer.LayerInputs`), in differentiable ops."""
+    ``a`` (`layer.LayerInputs`), in differentiable ops (both directions of a layer: each direction's
+    own call, stacked)."""
+    from .layer import both_directions, one_direction
+
+    if both_directions(a):
+        (hs0, out0, c0), (hs1, out1, c1) = (_composite(one_direction(a, d)) for d in (0, 1))
+        out_packed = out0 if a.batch_sizes is None else torch.stack([out0, out1])
+        return torch.stack([hs0, hs1]), out_packed, torch.stack([c0, c1])
     gx = a.x if a.w_ih is None else naive.input_projection_naive(a.x, a.w_ih, a.bias)  # [T, B, 4H]
     T, B = gx.shape[:2]
     sizes = [B] * T if a.batch_sizes is None else a.batch_sizes.tolist()
@@ -171,7 +178,13 @@ def _composite(a) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def layer_forward_differentiable(a) -> tuple[Tensor, Tensor, Tensor]:
-    """out [T, B, P], h_n [B, P], c_n [B, H], as the op's public functions return them."""
+    """out [T, B, P], h_n [B, P], c_n [B, H], as the op's public functions return them (both
+    directions of a layer: each with a leading [2])."""
+    from .layer import both_directions, one_direction
+
+    if both_directions(a):
+        per_direction = (layer_forward_differentiable(one_direction(a, d)) for d in (0, 1))
+        return tuple(torch.stack(pair) for pair in zip(*per_direction, strict=True))
     if a.flags == 0 and forward_ad._current_level < 0 and reverse_mode_only():
         gx = a.x if a.w_ih is None else naive.input_projection_naive(a.x, a.w_ih, a.bias)  # [T, B, 4H]
         advanced = None

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmlab.backends import check_backend_name, resolve_backend
-from lstmlab.kernels import lstm_layer, variants
+from lstmlab.kernels import backends as kernel_backends
+from lstmlab.kernels import lstm_layer, lstm_layer_both_directions, variants
 from lstmlab.kernels.packed import pack, pad
 from lstmlab.kernels.transforms import COMPOSITE, transform_active
 from lstmlab.kernels.variants import CellVariant
@@ -510,26 +511,58 @@ class LSTM(_LSTMBase):
         self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None, backend: str
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, B, I] in the compute dtype -> output [T, B, D·P], h_n [D·L, B, P], c_n [D·L, B, H]:
-        one layer op per layer and direction, the reverse direction over the time-flipped input."""
+        one layer op per layer and direction, the reverse direction over the time-flipped input (or
+        one for both directions, where the backend runs them at once)."""
         D = 2 if self.bidirectional else 1
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            outputs = []
-            for direction, suffix in enumerate(self._direction_suffixes(layer)):
-                x_dir, steps = layer_input, batch_sizes
-                if direction == 1:  # reverse: run forwards over the time-flipped sequence
-                    x_dir = layer_input.flip(0)
-                    steps = None if batch_sizes is None else batch_sizes.flip(0)
-                idx = layer * D + direction
-                out, h, c = self._layer(x_dir, f"_{suffix}", h0[idx], c0[idx], steps, backend)
-                outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)  # [T, B, D·P]
+            if D == 2 and self._both_directions_at_once(layer_input, backend):
+                pair = slice(2 * layer, 2 * layer + 2)  # [2, B, H]: this layer's two directions
+                layer_input, h, c = self._both_directions(
+                    layer_input, layer, h0[pair], c0[pair], batch_sizes, backend
+                )
+                h_n.extend(h.unbind(0))
+                c_n.extend(c.unbind(0))
+            else:
+                outputs = []
+                for direction, suffix in enumerate(self._direction_suffixes(layer)):
+                    x_dir, steps = layer_input, batch_sizes
+                    if direction == 1:  # reverse: run forwards over the time-flipped sequence
+                        x_dir = layer_input.flip(0)
+                        steps = None if batch_sizes is None else batch_sizes.flip(0)
+                    idx = layer * D + direction
+                    out, h, c = self._layer(x_dir, f"_{suffix}", h0[idx], c0[idx], steps, backend)
+                    outputs.append(out.flip(0) if direction == 1 else out)  # [T, B, P]
+                    h_n.append(h)
+                    c_n.append(c)
+                layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)  # [T, B, D·P]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    def _both_directions_at_once(self, x: Tensor, backend: str) -> bool:
+        """Whether one call of the layer op runs both directions of a layer: the vanilla cell without
+        projection, outside torch.func transforms, on a backend that runs both at once here (the
+        persistent kernels where the SMs hold both directions' grids)."""
+        if self.kernel_flags() or self.proj_size or self.last_backend == COMPOSITE:
+            return False
+        B, H = x.shape[1], self.hidden_size
+        return kernel_backends.both_directions_reason(backend, x.device, B, H, 0, x.dtype, 0) is None
+
+    def _both_directions(
+        self, x: Tensor, layer: int, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Both directions of one layer in one op call: x [T, B, I], h0 and c0 [2, B, H] ->
+        out [T, B, 2H], h_n and c_n [2, B, H]."""
+        suffixes = [f"_{suffix}" for suffix in self._direction_suffixes(layer)]
+
+        def pair(name: str) -> Tensor:  # [2, ...]: the forward direction's, then the reverse one's
+            return torch.stack([_in_dtype(getattr(self, f"{name}{s}"), x.dtype) for s in suffixes])
+
+        bias = pair("bias_ih") + pair("bias_hh") if self.bias else None
+        w_ih, w_hh = pair("weight_ih"), pair("weight_hh")
+        return lstm_layer_both_directions(x, h0, c0, w_ih, bias, w_hh, batch_sizes, backend)
 
     def forward(
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
