@@ -9,7 +9,8 @@
 #   quick (default)  pytest -m cuda, the persistent/kernel/compile tests, bench_layer and bench_kernel
 #                    --quick; under 10 minutes
 #   persistent       issue 22's run: pytest -m cuda, the persistent tests, scripts/persistent_bench.py
-#                    (grid barrier alone; forward and backward ablations, one change at a time), the
+#                    (grid barrier alone; both directions of a bidirectional layer in one launch
+#                    against two; forward and backward ablations, one change at a time), the
 #                    target sweep (bench_layer: B 16/64/128 x H 256-1024 x T 256/1024, bf16 and
 #                    fp16, fwd+bwd then fwd, against cuDNN bf16 and fp16, input projection included,
 #                    as far as its time budget reaches), the fp32 rows (TF32 on, then off, against
@@ -107,7 +108,8 @@ fi
 
 export PY
 export -f check_environment install_lstmlab
-if [ "$PLAN" = "persistent" ]; then SETUP_LIMITS=(15 35); else SETUP_LIMITS=(20 45); fi
+# the persistent plan's install may take 25 s: past it the symlinked layout below serves as well
+if [ "$PLAN" = "persistent" ]; then SETUP_LIMITS=(15 25); else SETUP_LIMITS=(20 45); fi
 step environment "${SETUP_LIMITS[0]}" bash -c check_environment
 step install "${SETUP_LIMITS[1]}" bash -c install_lstmlab
 if [ "${#FAILED[@]}" -gt 0 ] && [[ " ${FAILED[*]} " == *" install("* ]]; then
@@ -135,7 +137,7 @@ fi
 
 if [ "$PLAN" = "persistent" ]; then
     # rc 5 (no test collected) counts as a failure: a GPU check without CUDA tests checks nothing.
-    # limits, seconds: 15 + 35 (setup) + 30 (collection) + 50 + 50 + 30 + 65 + 65 + 30 + 45 + 65 = 480
+    # limits, seconds: 15 + 25 (setup) + 30 (collection) + 50 + 50 + 30 + 75 + 65 + 30 + 45 + 65 = 480
     step pytest_cuda 50 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider ${IGNORES[@]+"${IGNORES[@]}"} \
         --junitxml="$OUT_DIR/pytest_cuda.xml" tests
     # on the GPU these run the real grid barrier (one launch, several programs), the timeout path and
@@ -146,10 +148,11 @@ if [ "$PLAN" = "persistent" ]; then
         --junitxml="$OUT_DIR/pytest_variant_persistent.xml" tests/test_variant_persistent.py
     # 42 ablation rows since the forward and backward reworks and the backward's split barrier (26
     # before), each a compile, a check and a timing: never timed on a GPU, so they may not all fit
-    # in 65 s. Rows are written as they finish, and the cheap host rows run before the ablations so
-    # that a timeout cuts only the ablations' tail
-    step persistent_bench 65 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30 \
-        --parts barrier host ablations
+    # in the step's time. Rows are written as they finish, and the cheap host rows and the two
+    # directions' rows (one launch for both, against two; B = 16, two compiles more) run before the
+    # ablations so that a timeout cuts only the ablations' tail
+    step persistent_bench 75 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30 \
+        --parts barrier host directions ablations
     FP32_SWEEP=(--batch 16 64 --hidden 768 --seq 256 --passes fwd+bwd --dtypes fp32-tf32 fp32
         --impls torch.nn.LSTM lstmlab.LSTM --backends triton_persistent --check-seq 32 --warmup-ms 5 --rep-ms 20)
     SWEEP=(--batch 16 64 128 --hidden 256 512 768 1024 --seq 256 1024 --passes fwd+bwd fwd

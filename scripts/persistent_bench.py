@@ -288,6 +288,69 @@ def ablation_rows(args, device, emit) -> None:
         tp.ACQUIRE_LOAD, tp.REGISTER_STATE, tp.BWD_SPLIT_BARRIER = True, True, True
 
 
+def direction_rows(args, device, emit) -> None:
+    """Both directions of a bidirectional layer (the vanilla cell) as one launch each way (grid
+    (P, 2), every tensor stacked on a leading [2]: what lstmlab.LSTM runs where the SMs hold both
+    grids) against two launches one after the other, at the first --batch; each direction checked
+    against kernels/naive.py in float64 first."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    B, H, T = args.batch[0], args.hidden, args.seq
+    shape = {"B": B, "H": H, "T": T, "dtype": args.dtype}
+    reason = tp.persistent_unavailable_reason(B, H, dtype, device, directions=2)
+    if reason is not None:
+        emit(shape | {"launches": "one for both directions", "status": f"not available: {reason}"})
+        return
+    g = torch.Generator().manual_seed(2)
+    check = [make_inputs(args.check_seq, B, H, dtype, device, seed=seed) for seed in (1, 3)]
+    d_hs = [torch.randn(args.check_seq + 1, B, H, generator=g).to(device, dtype) for _ in check]
+    d_cn = [torch.randn(B, H, generator=g).to(device) for _ in check]
+    refs = [
+        reference({k: v.cpu() for k, v in c.items()}, d.cpu(), dc.cpu())
+        for c, d, dc in zip(check, d_hs, d_cn, strict=True)
+    ]
+    both = {k: torch.stack([c[k] for c in check]) for k in check[0]}  # [2, ...]
+    hs, cs, gates = tp.persistent_forward(**both, spin_limit=args.spin_limit)
+    grads = tp.persistent_backward(
+        torch.stack(d_hs), torch.stack(d_cn), gates, cs, both["w_hh"], spin_limit=args.spin_limit
+    )
+    err_fwd = max(rel_err(hs[d], refs[d][0]) for d in (0, 1))
+    err_bwd = max(rel_err(got[d], want) for d in (0, 1) for got, want in zip(grads, refs[d][1], strict=True))
+
+    timed = [make_inputs(T, B, H, dtype, device, seed=seed) for seed in (0, 4)]
+    timed_both = {k: torch.stack([t[k] for t in timed]) for k in timed[0]}
+    saved = [tp.persistent_forward(**t, spin_limit=args.spin_limit) for t in timed]
+    _, cs_both, gates_both = tp.persistent_forward(**timed_both, spin_limit=args.spin_limit)
+    d_hs_t = torch.randn(2, T + 1, B, H, device=device, dtype=dtype)
+    d_cn_t = torch.randn(2, B, H, device=device)
+
+    def fwd_programs(directions: int) -> int:  # a grid of both directions gives each half the SMs
+        sms = tp._sms_per_direction(device, directions)
+        return tp.pick_config(B, H, dtype, backward=False, sms=sms).programs(H)
+
+    P_bwd = tp.pick_config(B, H, dtype, backward=True).programs(H)
+    runs = {
+        ("fwd", "one for both directions", 2 * fwd_programs(2), err_fwd): lambda: tp.persistent_forward(
+            **timed_both, spin_limit=args.spin_limit
+        ),
+        ("fwd", "two, one after the other", fwd_programs(1), err_fwd): lambda: [
+            tp.persistent_forward(**t, spin_limit=args.spin_limit) for t in timed
+        ],
+        ("bwd", "one for both directions", 2 * P_bwd, err_bwd): lambda: tp.persistent_backward(
+            d_hs_t, d_cn_t, gates_both, cs_both, timed_both["w_hh"], spin_limit=args.spin_limit
+        ),
+        ("bwd", "two, one after the other", P_bwd, err_bwd): lambda: [
+            tp.persistent_backward(d_hs_t[d], d_cn_t[d], saved[d][2], saved[d][1], timed[d]["w_hh"],
+                                   spin_limit=args.spin_limit)
+            for d in (0, 1)
+        ],
+    }  # fmt: skip
+    for (pass_, launches, programs, err), run in runs.items():
+        ok = err < args.rtol
+        ms = bench_ms(run, args.warmup_ms, args.rep_ms, device) if ok else float("nan")
+        emit({"pass": pass_, **shape, "launches": launches, "programs per launch": programs, "rel_err": err,
+              "ok": ok, "ms": ms, "us_per_step": 1000 * ms / T})  # fmt: skip
+
+
 def host_check_rows(args, device, emit) -> None:
     """What reading the timeout flag after every call (the old behaviour, SYNC_CHECK) costs a layer call."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -328,8 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1")
-    parser.add_argument("--parts", nargs="+", default=["barrier", "ablations", "host"],
-                        choices=["barrier", "ablations", "host"])  # fmt: skip
+    parser.add_argument("--parts", nargs="+", default=["barrier", "ablations", "host", "directions"],
+                        choices=["barrier", "ablations", "host", "directions"])  # fmt: skip
     parser.add_argument("--batch", nargs="+", type=int, default=[16, 64])
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--seq", type=int, default=512)
@@ -353,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("fwd", B, args.hidden, args.seq, name, spec)
             for name, spec in backward_ablations(B, args.hidden, dtype).items():
                 print("bwd", B, args.hidden, args.seq, name, spec)
+        for pass_ in ("fwd", "bwd"):
+            print(pass_, args.batch[0], args.hidden, args.seq, "both directions: one launch, then two")
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -377,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "barrier": ("Grid barrier alone (µs per step)", barrier_rows),
         "ablations": ("Forward and backward, recurrence only", ablation_rows),
         "host": ("Host: the timeout flag read per call or lazily (layer call, save=False)", host_check_rows),
+        "directions": ("Both directions of a bidirectional layer: one launch or two", direction_rows),
     }
     for part in args.parts:
         title, fn = runs[part]

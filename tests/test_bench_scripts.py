@@ -494,3 +494,22 @@ def test_bench_cpu_kernel_smoke(tmp_path: Path, capsys) -> None:
         ratios = [float(cell) for cell in line.split(" | ")[8:13:2]]  # the three "×" columns
         assert ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios), line
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a smoke test under the interpreter")
+def test_persistent_bench_times_both_directions_in_one_launch_and_in_two(tmp_path: Path) -> None:
+    """persistent_bench's directions part under Triton's interpreter: both directions checked against
+    float64 per direction, then one launch for both and two launches timed, forward and backward."""
+    pytest.importorskip("triton")
+    import json
+
+    import persistent_bench
+
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--batch", "5", "--hidden", "13", "--seq", "4"]
+    assert persistent_bench.main([*argv, "--check-seq", "4", "--parts", "directions"]) == 0
+    (rows,) = json.loads((tmp_path / "persistent_bench.json").read_text())["sections"].values()
+    one, two = "one for both directions", "two, one after the other"
+    assert [(r["pass"], r["launches"], r["programs per launch"]) for r in rows] == [
+        ("fwd", one, 2), ("fwd", two, 1), ("bwd", one, 2), ("bwd", two, 1)
+    ]  # fmt: skip
+    assert all(r["ok"] and r["rel_err"] < 5e-2 and r["ms"] > 0 for r in rows), rows
