@@ -14,7 +14,8 @@
 #                    target sweep (bench_layer: B 16/64/128 x H 256-1024 x T 256/1024, bf16 and
 #                    fp16, fwd+bwd then fwd, against cuDNN bf16 and fp16, input projection included,
 #                    as far as its time budget reaches), the fp32 rows (TF32 on, then off, against
-#                    cuDNN fp32 with the same setting) and the runner comparison
+#                    cuDNN fp32 with the same setting), the variants' overhead (peepholes and
+#                    zoneout over vanilla, B16 H768 T256 bf16) and the runner comparison
 #                    (scripts/runner_compare.py: lstmlab-train's compare preset, lstmlab and
 #                    torch_lstm, fp32 and bf16, bounded steps; recorded as SKIPPED without hydra and
 #                    omegaconf); worst case (every step at its limit) 8.0 minutes; `timeout_s=540`
@@ -137,7 +138,7 @@ fi
 
 if [ "$PLAN" = "persistent" ]; then
     # rc 5 (no test collected) counts as a failure: a GPU check without CUDA tests checks nothing.
-    # limits, seconds: 15 + 25 (setup) + 30 (collection) + 50 + 50 + 30 + 75 + 65 + 30 + 45 + 65 = 480
+    # limits, seconds: 15 + 25 (setup) + 30 (collection) + 50 + 50 + 30 + 65 + 65 + 20 + 40 + 25 + 65 = 480
     step pytest_cuda 50 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider ${IGNORES[@]+"${IGNORES[@]}"} \
         --junitxml="$OUT_DIR/pytest_cuda.xml" tests
     # on the GPU these run the real grid barrier (one launch, several programs), the timeout path and
@@ -151,7 +152,7 @@ if [ "$PLAN" = "persistent" ]; then
     # in the step's time. Rows are written as they finish, and the cheap host rows and the two
     # directions' rows (one launch for both, against two; B = 16, two compiles more) run before the
     # ablations so that a timeout cuts only the ablations' tail
-    step persistent_bench 75 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30 \
+    step persistent_bench 65 "$PY" scripts/persistent_bench.py --out "$OUT_DIR" --warmup-ms 5 --rep-ms 30 \
         --parts barrier host directions ablations
     FP32_SWEEP=(--batch 16 64 --hidden 768 --seq 256 --passes fwd+bwd --dtypes fp32-tf32 fp32
         --impls torch.nn.LSTM lstmlab.LSTM --backends triton_persistent --check-seq 32 --warmup-ms 5 --rep-ms 20)
@@ -160,11 +161,17 @@ if [ "$PLAN" = "persistent" ]; then
         --check-seq 32 --warmup-ms 5 --rep-ms 20)
     step sweep_bf16 65 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes bf16 --time-budget-s 45 \
         --out "$OUT_DIR/sweep_bf16"
-    step sweep_fp16 30 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes fp16 --time-budget-s 15 \
+    step sweep_fp16 20 "$PY" scripts/bench_layer.py "${SWEEP[@]}" --dtypes fp16 --time-budget-s 10 \
         --out "$OUT_DIR/sweep_fp16"
     # fp32 against cuDNN fp32 with the same TF32 setting (fp32-tf32: torch.backends.cudnn.allow_tf32 and
     # matmul TF32 on, which the persistent kernels follow; fp32: both off, true fp32), fwd+bwd
-    step sweep_fp32 45 "$PY" scripts/bench_layer.py "${FP32_SWEEP[@]}" --time-budget-s 30 --out "$OUT_DIR/sweep_fp32"
+    step sweep_fp32 40 "$PY" scripts/bench_layer.py "${FP32_SWEEP[@]}" --time-budget-s 25 --out "$OUT_DIR/sweep_fp32"
+    # the cell variants' overhead over vanilla, re-measured (0.97-1.09x at 9028b0d on the H200,
+    # docs/benchmarks/h200-2026-11-28-variants): the two dearest there, peepholes and zoneout, and
+    # vanilla (its kernels compiled by the bf16 sweep, if it got that far), each checked first
+    step variants 25 "$PY" scripts/bench_layer.py --batch 16 --hidden 768 --seq 256 --dtypes bf16 \
+        --passes fwd+bwd --impls lstmlab.LSTM --backends triton_persistent --variants vanilla V zoneout \
+        --check-seq 32 --warmup-ms 5 --rep-ms 20 --time-budget-s 15 --out "$OUT_DIR/variants"
     step runner_compare 65 "$PY" scripts/runner_compare.py --out "$OUT_DIR/runner" --device cuda --steps 100 \
         --precisions fp32 bf16 --timeout-s 57
     log "=== runner comparison: $(head -1 "$OUT_DIR/runner/runner_compare.md" 2>/dev/null || echo 'no result')"
@@ -190,8 +197,9 @@ if [ "${GPU_CHECK_PACK:-0}" = "1" ]; then
     # everything in one archive; summary.log and the tables stay readable beside it
     tar czf /tmp/gpu_run.tar.gz -C "$OUT_DIR" . &&
         find "$OUT_DIR" -mindepth 1 -maxdepth 1 ! -name summary.log ! -name persistent_bench.md \
-            ! -name sweep_bf16 ! -name sweep_fp16 ! -name sweep_fp32 ! -name runner -exec rm -rf {} + &&
-        find "$OUT_DIR"/sweep_* -type f ! -name results.md -delete 2>/dev/null
+            ! -name sweep_bf16 ! -name sweep_fp16 ! -name sweep_fp32 ! -name variants ! -name runner \
+            -exec rm -rf {} + &&
+        find "$OUT_DIR"/sweep_* "$OUT_DIR"/variants -type f ! -name results.md -delete 2>/dev/null
     if [ -f /tmp/gpu_run.tar.gz ] && [ -d "$OUT_DIR/runner" ]; then  # the runs are in the archive
         find "$OUT_DIR/runner" -mindepth 1 -maxdepth 1 ! -name runner_compare.md -exec rm -rf {} +
     fi

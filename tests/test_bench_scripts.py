@@ -261,7 +261,7 @@ def test_gpu_check_persistent_plan_runs_every_step_within_8_minutes(tmp_path: Pa
 
     summary = run_gpu_check_failing(tmp_path, GPU_CHECK_PLAN="persistent")
     steps = ["pytest_cuda", "pytest_persistent", "pytest_variant_persistent", "persistent_bench"]
-    steps += ["sweep_bf16", "sweep_fp16", "sweep_fp32", "runner_compare"]
+    steps += ["sweep_bf16", "sweep_fp16", "sweep_fp32", "variants", "runner_compare"]
     for step in steps:
         assert f"=== [{step}] rc=1" in summary
     assert "=== runner comparison: no result" in summary
