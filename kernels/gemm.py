@@ -186,16 +186,6 @@ def linear_pair(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))
 
 
-def bmm(a: Tensor, b: Tensor) -> Tensor:
-    """a [2, M, K], b [2, K, N] -> a[d]·b[d] [2, M, N]."""
-    return torch.bmm(a, b)
-
-
-def bmm_tn(a: Tensor, b: Tensor) -> Tensor:
-    """a [2, K, M], b [2, K, N] -> a[d]ᵀ·b[d] [2, M, N]: both directions' weight gradients."""
-    return torch.bmm(a.transpose(1, 2), b)
-
-
 class StepWeight:
     """The weight b [N, K] of the products a·bᵀ of a time loop of ``steps`` steps, a having at most
     ``rows`` rows. When they go to oneDNN, b is prepared once: packed into oneDNN's layout for

@@ -103,12 +103,10 @@ def both_directions(a: LayerInputs | BackwardInputs) -> bool:
     return a.w_hh.dim() == 3
 
 
-def _both_directions_inputs(x: Tensor, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """x [T, B, I] -> [2, T·B, I], direction 1 reading it backwards in time; batch_sizes [T] ->
-    [2, T] (the reverse direction's rows start late and end together: increasing sizes)."""
-    T, B, I = x.shape
-    sizes = None if batch_sizes is None else torch.stack([batch_sizes, batch_sizes.flip(0)])
-    return torch.stack([x, x.flip(0)]).view(2, T * B, I), sizes
+def _both_directions_sizes(batch_sizes: Tensor | None) -> Tensor | None:
+    """batch_sizes [T] -> [2, T]: direction 1 reads the batch backwards in time, so its rows start
+    late and end together (increasing sizes)."""
+    return None if batch_sizes is None else torch.stack([batch_sizes, batch_sizes.flip(0)])
 
 
 def _layer_forward(a: LayerInputs) -> LayerOutputs:
@@ -117,9 +115,10 @@ def _layer_forward(a: LayerInputs) -> LayerOutputs:
     acc = accumulation_dtype(a.x.dtype)
     sizes = a.batch_sizes
     if both_directions(a):  # both directions' input projections in one batched GEMM, one backend call
-        T, B = a.x.shape[:2]
-        x2, sizes = _both_directions_inputs(a.x, a.batch_sizes)  # [2, T·B, I], [2, T]
+        T, B, I = a.x.shape
+        x2 = torch.stack([a.x, a.x.flip(0)]).view(2, T * B, I)  # direction 1 reads x backwards in time
         gx = gemm.linear_pair(x2, a.w_ih, a.bias).view(2, T, B, -1)  # [2, T, B, 4H]
+        sizes = _both_directions_sizes(a.batch_sizes)  # [2, T]
         saved = impl.forward(gx, True, a.h0, a.c0, a.w_hh, None, sizes, a.cell(acc), save=a.save)
     elif own_gx and hasattr(impl, "forward_from_input"):  # the backend fuses the input projection
         saved = impl.forward_from_input(
@@ -238,19 +237,21 @@ def _both_directions_backward(a: BackwardInputs) -> LayerGrads:
     T, B, G = a.gates.shape[-3:]
     I, dtype, acc = a.x.shape[-1], a.hs.dtype, a.cs.dtype
     needs_x, needs_w_ih, needs_bias, needs_w_hh = a.needs[:4]
-    x2, sizes = _both_directions_inputs(a.x, a.batch_sizes)  # [2, T·B, I], [2, T]
+    sizes = _both_directions_sizes(a.batch_sizes)  # [2, T]
+    x_rev = a.x.flip(0).reshape(-1, I) if needs_w_ih else None  # [T·B, I] direction 1's inputs in its order
     args = (a.d_hs, a.d_out_packed, a.d_cn, a.saved(), a.w_hh, None, sizes, a.cell(acc))
     grads = backends.get(a.backend).backward(*args, keep_d_pre=False)
     d_pre = grads.d_pre.view(2, T * B, G)
+    # each direction's products on its own rows, no [2, T·B, ·] copies at the backward's peak;
+    # direction 1 read x backwards
     d_x = d_w_ih = d_bias = d_w_hh = None
     if needs_x:
-        d_x2 = gemm.bmm(d_pre, a.w_ih).view(2, T, B, I)
-        d_x = d_x2[0] + d_x2[1].flip(0)  # direction 1 read x backwards
-    if needs_w_ih or needs_w_hh:  # one product over [x | h_{t−1}], reading ∂L/∂pre once: [2, 4H, I + H]
-        h_prev = a.hs[:, :-1].reshape(2, T * B, -1)
-        d_w = gemm.bmm_tn(d_pre, torch.cat([x2, h_prev], dim=2))
-        d_w_ih = d_w[..., :I].contiguous() if needs_w_ih else None  # no output aliases another
-        d_w_hh = d_w[..., I:].contiguous() if needs_w_hh else None
+        d_x = gemm.mm(d_pre[0], a.w_ih[0]).view(T, B, I)  # [T, B, I]
+        d_x += gemm.mm(d_pre[1], a.w_ih[1]).view(T, B, I).flip(0)
+    if needs_w_ih:
+        d_w_ih = torch.stack([gemm.mm_tn(d_pre[0], a.x.reshape(-1, I)), gemm.mm_tn(d_pre[1], x_rev)])
+    if needs_w_hh:
+        d_w_hh = torch.stack([gemm.mm_tn(d_pre[d], a.hs[d, :-1].reshape(T * B, -1)) for d in (0, 1)])
     if needs_bias:
         d_bias = d_pre.sum(1)  # [2, 4H]
 
@@ -307,7 +308,10 @@ def _layer_backward(a: BackwardInputs) -> LayerGrads:
         if d_w is not None:  # summed by the backend's steps; no output aliases another
             d_w_ih = d_w[:, :I].contiguous() if needs_w_ih else None
             d_w_hh = d_w[:, I:].contiguous() if needs_w_hh else None
-        elif needs_w_ih and d_w_hh_fused:  # one product over both, reading d_pre once: [4H, I + P]
+        elif needs_w_ih and d_w_hh_fused and dev.type == "cpu":
+            # one product over both, reading d_pre once: [4H, I + P] (faster on the CPU, where it was
+            # measured). On a GPU two products read d_pre twice, as many bytes as writing and reading
+            # [x | h], without that [T·B, I + P] buffer at the backward's peak of memory
             x_h = loop.scratch("x_h", T * B, I + P, dtype=dtype, device=dev)
             d_w = gemm.mm_tn(d_pre_rows, torch.cat([x_rows, h_prev_rows()], dim=1, out=x_h))
             d_w_ih, d_w_hh = d_w[:, :I].contiguous(), d_w[:, I:].contiguous()  # no output aliases another
