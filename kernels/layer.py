@@ -232,8 +232,8 @@ class LayerGrads(NamedTuple):
 
 
 def _both_directions_backward(a: BackwardInputs) -> LayerGrads:
-    """Both directions' reverse loops in one backend call, then ∂x, ∂W_ih, ∂W_hh and ∂b of both
-    as batched products (the vanilla cell: no projection, no variant parameters)."""
+    """Both directions' reverse loops in one backend call, then ∂x, ∂W_ih, ∂W_hh and ∂b of each
+    direction from its own rows (the vanilla cell: no projection, no variant parameters)."""
     T, B, G = a.gates.shape[-3:]
     I, dtype, acc = a.x.shape[-1], a.hs.dtype, a.cs.dtype
     needs_x, needs_w_ih, needs_bias, needs_w_hh = a.needs[:4]
