@@ -214,3 +214,51 @@ def test_streaming_only_where_the_grid_cannot_be_resident(backward):
                     assert (cfg.stream_k > 0) == streamed, (dtype, tf32, b, h, sms)
                     if dtype == torch.float32:
                         assert (cfg != plain) == streamed, (tf32, b, h, sms)
+
+
+def test_cuda_check_on_114_sms_compiles_the_streamed_tf32_kernels(monkeypatch):
+    """_cuda_unavailable_reason on a 114-SM H100 PCIe (device facts faked, compiles recorded, on
+    CPU tensors): TF32 at H = 1024 compiles both streamed kernels with their full argument lists and
+    the streaming constexprs (128 forward programs, 64 backward), the backward with maxnreg 255;
+    true fp32 still compiles the 132-SM configuration (128 programs each way)."""
+    limits = {"sms": 114, "regs_per_sm": 65536, "threads_per_sm": 2048, "smem_per_sm": 233472}
+    monkeypatch.setattr(tp, "_device_limits", lambda device: limits | {"smem_per_block": 232448})
+    checked = []
+
+    def compile_problem(kernel, args, meta, programs, device):
+        constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+        assert len(args) + len(constexprs) == len(kernel.arg_names)
+        assert set(constexprs) == set(kernel.arg_names[len(args) :])
+        checked.append((kernel.__name__, programs, meta["N_STREAM"], meta.get("maxnreg")))
+
+    monkeypatch.setattr(tp, "_compile_problem", compile_problem)
+    check = tp._cuda_unavailable_reason.__wrapped__
+    assert check(16, 1024, torch.float32, torch.device("cpu"), 0, "tf32") is None
+    assert checked == [
+        ("lstm_persistent_fwd_kernel", 128, 2, None),
+        ("lstm_persistent_bwd_kernel", 64, 5, 255),
+    ]
+    checked.clear()
+    assert check(16, 1024, torch.float32, torch.device("cpu"), 0, "ieee") is None
+    assert checked == [
+        ("lstm_persistent_fwd_kernel", 128, 0, None),
+        ("lstm_persistent_bwd_kernel", 128, 0, None),
+    ]
+
+
+def test_both_launchers_pass_the_sms_to_pick_config(monkeypatch):
+    """The launchers choose with the device's SMs per direction, as the availability check does, so
+    that on 114 SMs the backward runs the streamed configuration the check compiled."""
+    monkeypatch.setattr(tp, "_sms_per_direction", lambda device, directions: 114 // directions)
+    asked = []
+    pick = tp.pick_config
+
+    def recording_pick(B, H, dtype, backward, tf32=None, sms=None):
+        asked.append((backward, sms))
+        return pick(B, H, dtype, backward, tf32, sms)
+
+    monkeypatch.setattr(tp, "pick_config", recording_pick)
+    inputs = [t.to(DEVICE) for t in reference(seed=7)[0]]
+    _, cs, gates = tp.persistent_forward(*inputs)
+    tp.persistent_backward(torch.zeros(T + 1, B, H), torch.zeros(B, H), gates, cs, inputs[3])
+    assert asked == [(False, 114), (True, 114)]
