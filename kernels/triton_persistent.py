@@ -24,7 +24,9 @@ In 16 bits the dot is W_colsᵀ [U, 4H]·∂L/∂preᵀ [4H, B]: 16 units on the
 (a 3-D dot over SPLIT_K slices, summed); so does fp32 where it compiles (TF32 up to H = 768, FMA at
 B ≤ 16), else it keeps, as fp64 does, the first generation's ∂L/∂pre·W_cols in 16-row chunks (fp32:
 4 above H = 512). fp32's forward takes the whole batch as one tile only where it compiles, else
-16-row batch tiles (fp32_config).
+16-row batch tiles (fp32_config). Where W_hh does not fit on chip at the grid the SMs allow (TF32 at
+H = 1024 on a 114-SM H100 PCIe), the last stream_k K chunks of either kernel are read from L2 every
+step instead of kept (fp32_streamed_config).
 Both directions of a bidirectional layer can run in one launch (BIDIR: grid (P, 2), every tensor
 stacked on a leading [2], a barrier counter per direction). With one chunk ∂L/∂h and ∂L/∂c stay
 in registers and step t's saved gates and c are loaded between the arrive and the wait (with several
@@ -46,7 +48,7 @@ import atexit
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -244,13 +246,18 @@ def _pick(k: tl.constexpr, b_0, b_1, b_2, b_3, b_4, b_5, b_6, b_7):
 @triton.jit
 def _fwd_cell(p_d, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gx, b_c, b_h, b_s, b_pi, b_pf, b_po,
               p_h_next, p_zone_t, p_drop, p_hd_next, p_cnew_t, o_b, m_b, o_u, m_u, H, n_rows, b_poison,
-              U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              UPCAST_DOT: tl.constexpr):  # fmt: skip
-    """One step of one batch tile, transposed (units × batch): the dot over K chunks, gx added after
-    it, the gates, c_t and h_t; stores h_t (and h_t ⊙ m, c̃), which other programs or the caller read.
-    Returns the new c [U, BLOCK_B] acc and h [U, BLOCK_B] (dtype of hs), and i, f, g, o [U, BLOCK_B]."""
+              p_w, o_r, m_r, U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+              N_K: tl.constexpr, N_STREAM: tl.constexpr, STREAM_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+              FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):  # fmt: skip
+    """One step of one batch tile, transposed (units × batch): the dot over K chunks (the last
+    N_STREAM of them read from W_hh in memory, p_w rows o_r, the others held on chip), gx added
+    after it, the gates, c_t and h_t; stores h_t (and h_t ⊙ m, c̃), which other programs or the
+    caller read. Returns the new c [U, BLOCK_B] acc and h [U, BLOCK_B] (dtype of hs), and i, f, g, o
+    [U, BLOCK_B]."""
     tl.static_assert(N_K <= 8, "at most 8 K chunks (MAX_K_CHUNKS)")
+    tl.static_assert(N_STREAM < N_K, "at least one K chunk on chip")
+    N_KEEP: tl.constexpr = N_K - N_STREAM
+    SB: tl.constexpr = BLOCK_K // STREAM_SPLIT  # columns of one slice of a streamed chunk
     acc = b_c.dtype
     b_pre = tl.zeros((4 * U, BLOCK_B), acc)
     # h chunk k + 1 is in flight while chunk k is multiplied, never more: a thread barrier after
@@ -259,10 +266,20 @@ def _fwd_cell(p_d, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gx, b_c, b_
     b_hn = _h_chunk(p_d, 0, o_b, m_b, H, BLOCK_K, SPLIT_K)
     for k in tl.static_range(N_K):
         b_hk = b_hn
-        if k + 1 < N_K:
-            b_hn = _h_chunk(p_d, (k + 1) * BLOCK_K, o_b, m_b, H, BLOCK_K, SPLIT_K)
         b_w = _pick(k, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7)
-        b_pre = _dot_chunk(b_w, b_hk, b_pre, SPLIT_K, DOT_PRECISION, UPCAST_DOT)
+        if k + 1 < N_KEEP:  # (N_KEEP ≤ N_K) a streamed chunk loads its own h slices
+            b_hn = _h_chunk(p_d, (k + 1) * BLOCK_K, o_b, m_b, H, BLOCK_K, SPLIT_K)
+        if k < N_KEEP:
+            b_pre = _dot_chunk(b_w, b_hk, b_pre, SPLIT_K, DOT_PRECISION, UPCAST_DOT)
+        else:  # a chunk not kept on chip: read from L2 every step, for its own dot only (one staging
+            # buffer in shared memory for all of them), in STREAM_SPLIT column slices one after another
+            # so that a [4U, BLOCK_K / STREAM_SPLIT] tile is all a slice holds in registers
+            for j in tl.static_range(STREAM_SPLIT):
+                b_ws = _w_chunk(p_w, o_r, m_r, k * BLOCK_K + j * SB, H, SB, SPLIT_K)
+                b_hs = _h_chunk(p_d, k * BLOCK_K + j * SB, o_b, m_b, H, SB, SPLIT_K)
+                b_pre = _dot_chunk(b_ws, b_hs, b_pre, SPLIT_K, DOT_PRECISION, UPCAST_DOT)
+                if STREAM_SPLIT > 1:
+                    tl.debug_barrier()
         if k + 2 < N_K:
             tl.debug_barrier()
     b_pre += b_gx.to(acc)  # [4U, BLOCK_B]; gx is added after the dot, off its critical path
@@ -341,6 +358,8 @@ def lstm_persistent_fwd_kernel(
     BLOCK_B: tl.constexpr,  # batch rows of one tile, the dot's N
     BLOCK_K: tl.constexpr,  # columns of one K chunk of the dot (N_K chunks cover H, unpadded but the last)
     N_K: tl.constexpr,  # ceil(H / BLOCK_K) ≤ 8 (MAX_K_CHUNKS)
+    N_STREAM: tl.constexpr,  # the last N_STREAM < N_K chunks are read from W_hh every step, not kept on chip
+    STREAM_SPLIT: tl.constexpr,  # each streamed chunk in this many column slices, one after another
     SPLIT_K: tl.constexpr,  # slices of each K chunk side by side, summed (1: one 2-D dot per chunk)
     PACKED: tl.constexpr,
     FLAGS: tl.constexpr,  # variants.py's bits but LAYER_NORM
@@ -371,16 +390,18 @@ def lstm_persistent_fwd_kernel(
     m_uq = o_uq < H
     o_r = o_q * H + o_uq  # [4U] stacked rows of W_hh = columns of gx and gates, gate-major
 
-    # this program's 4U rows of W_hh in N_K chunks of BLOCK_K columns, loaded once, on chip for the
-    # whole sequence (a chunk that does not exist is a copy of the first, never read)
+    # this program's 4U rows of W_hh in N_K chunks of BLOCK_K columns: the first N_K − N_STREAM
+    # loaded once, on chip for the whole sequence (a chunk that does not exist or is streamed is a
+    # copy of the first, never read)
+    N_KEEP: tl.constexpr = N_K - N_STREAM
     b_w0 = _w_chunk(p_w, o_r, m_uq, 0, H, BLOCK_K, SPLIT_K)
-    b_w1 = _w_chunk(p_w, o_r, m_uq, BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 1 else b_w0
-    b_w2 = _w_chunk(p_w, o_r, m_uq, 2 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 2 else b_w0
-    b_w3 = _w_chunk(p_w, o_r, m_uq, 3 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 3 else b_w0
-    b_w4 = _w_chunk(p_w, o_r, m_uq, 4 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 4 else b_w0
-    b_w5 = _w_chunk(p_w, o_r, m_uq, 5 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 5 else b_w0
-    b_w6 = _w_chunk(p_w, o_r, m_uq, 6 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 6 else b_w0
-    b_w7 = _w_chunk(p_w, o_r, m_uq, 7 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_K > 7 else b_w0
+    b_w1 = _w_chunk(p_w, o_r, m_uq, BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 1 else b_w0
+    b_w2 = _w_chunk(p_w, o_r, m_uq, 2 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 2 else b_w0
+    b_w3 = _w_chunk(p_w, o_r, m_uq, 3 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 3 else b_w0
+    b_w4 = _w_chunk(p_w, o_r, m_uq, 4 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 4 else b_w0
+    b_w5 = _w_chunk(p_w, o_r, m_uq, 5 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 5 else b_w0
+    b_w6 = _w_chunk(p_w, o_r, m_uq, 6 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 6 else b_w0
+    b_w7 = _w_chunk(p_w, o_r, m_uq, 7 * BLOCK_K, H, BLOCK_K, SPLIT_K) if N_KEEP > 7 else b_w0
     acc = p_cs.dtype.element_ty
     # tanh(x) = 2σ(2x) − 1: one sigmoid activates all four gates of the stacked tile
     b_s = tl.where(o_q == 2, 2.0, 1.0).to(acc)[:, None]  # [4U, 1]
@@ -424,7 +445,8 @@ def lstm_persistent_fwd_kernel(
             b_c, b_h, b_i, b_f, b_g, b_o = _fwd_cell(
                 p_d_prev, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gx, b_c, b_h, b_s, b_pi, b_pf,
                 b_po, p_h_prev + B * H, p_zone_t, p_drop, p_hd_next, p_cnew_t, o_b, m_b, o_u, m_u, H, n_rows,
-                b_poison, U, BLOCK_B, BLOCK_K, N_K, SPLIT_K, FLAGS, DOT_PRECISION, UPCAST_DOT,
+                b_poison, p_w, o_r, m_uq, U, BLOCK_B, BLOCK_K, N_K, N_STREAM, STREAM_SPLIT, SPLIT_K, FLAGS,
+                DOT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
             if SYNC:  # h_t is stored: arrive now, and wait only after the work no program waits for
                 b_seen = _barrier_arrive(p_sync)
@@ -456,7 +478,8 @@ def lstm_persistent_fwd_kernel(
                 b_cc, b_hc, b_i, b_f, b_g, b_o = _fwd_cell(
                     p_d_prev, b_w0, b_w1, b_w2, b_w3, b_w4, b_w5, b_w6, b_w7, b_gxc, b_cc, b_hc, b_s, b_pi,
                     b_pf, b_po, p_h_prev + B * H, p_zone_t, p_drop, p_hd_next, p_cnew_t, o_bc, m_bc, o_u, m_u,
-                    H, n_rows, b_poison, U, BLOCK_B, BLOCK_K, N_K, SPLIT_K, FLAGS, DOT_PRECISION, UPCAST_DOT,
+                    H, n_rows, b_poison, p_w, o_r, m_uq, U, BLOCK_B, BLOCK_K, N_K, N_STREAM, STREAM_SPLIT,
+                    SPLIT_K, FLAGS, DOT_PRECISION, UPCAST_DOT,
                 )  # fmt: skip
                 _fwd_save(p_gates_t, p_c_next, b_cc, b_i, b_f, b_g, b_o, o_bc, m_bc, o_u, m_u, H, SAVE)
             if SYNC:
@@ -518,14 +541,15 @@ def _bwd_dp_offsets(o_b, G, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_
 
 
 @triton.jit
-def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t, B, H, o_b, o_own, m_own,
+def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t, B, H, o_b, o_own, m_own, p_w, o_u, m_u,
             U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, N_K: tl.constexpr,
-            EVEN_K: tl.constexpr, K_AHEAD: tl.constexpr, SPLIT_K: tl.constexpr, BATCH_N: tl.constexpr,
-            PACKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            N_STREAM: tl.constexpr, EVEN_K: tl.constexpr, K_AHEAD: tl.constexpr, SPLIT_K: tl.constexpr,
+            BATCH_N: tl.constexpr, PACKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
             UPCAST_DOT: tl.constexpr):  # fmt: skip
     """∂L/∂hs[t] of rows o_b, own units, from b_dh = ∂L/∂hs[t + 1] (what carried rows pass on):
     rows that advanced at step t get ∂L/∂pre_t·W_hh instead, from every program's ∂L/∂pre_t
-    (⊙ m with recurrent dropout; + z^h ⊙ ∂L/∂hs[t + 1] with zoneout on h)."""
+    (⊙ m with recurrent dropout; + z^h ⊙ ∂L/∂hs[t + 1] with zoneout on h). b_w: the first
+    N_K − N_STREAM chunks of W_hh's columns o_u, on chip; the others are read from p_w here."""
     t64 = tl.cast(t, tl.int64)
     G = 4 * H
     acc = b_dh.dtype
@@ -545,6 +569,8 @@ def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t, B, H, o_b, o_o
         if i_k < N_K:
             m_k = m_dp if EVEN_K else m_dp & (o_k < G - i_k * BLOCK_K)
             b_dp = b_dp + (tl.load(p_dp + i_k * BLOCK_K, mask=m_k, other=0, cache_modifier=".cg"),)  # noqa: RUF005 (Triton's tuples)
+            if i_k >= N_K - N_STREAM:  # a chunk of W_hh's columns not kept on chip: from L2, every step
+                b_w = b_w + (_bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K, SPLIT_K, BATCH_N),)  # noqa: RUF005
         if i_k == K_AHEAD:
             b_acc = _dot(b_w[0], b_dp[0], acc, DOT_PRECISION, UPCAST_DOT) if BATCH_N else _dot(
                 b_dp[0], b_w[0], acc, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
@@ -553,6 +579,10 @@ def _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t, B, H, o_b, o_o
                 b_acc += _dot(b_w[i_k - K_AHEAD], b_dp[i_k - K_AHEAD], acc, DOT_PRECISION, UPCAST_DOT)
             else:  # [S, BLOCK_B, U]
                 b_acc += _dot(b_dp[i_k - K_AHEAD], b_w[i_k - K_AHEAD], acc, DOT_PRECISION, UPCAST_DOT)
+        if N_STREAM > 0:  # noqa: SIM102
+            if i_k + 1 >= N_K - N_STREAM and i_k + 1 < N_K:
+                # the next streamed chunk's loads stay below this dot (else they are all issued at once)
+                tl.debug_barrier()
     b_rec = b_acc
     if SPLIT_K > 1:
         b_rec = tl.sum(b_rec, axis=0)
@@ -596,6 +626,7 @@ def lstm_persistent_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,  # the 4H contraction walked in N_K chunks of BLOCK_K (a power of two)
     N_K: tl.constexpr,
+    N_STREAM: tl.constexpr,  # the last N_STREAM < N_K chunks of W_hh's columns are read every step, not kept
     EVEN_K: tl.constexpr,  # N_K·BLOCK_K = 4H: no chunk needs a mask on k
     K_AHEAD: tl.constexpr,  # chunks of ∂L/∂pre whose loads are issued ahead of the chunk multiplied
     SPLIT_K: tl.constexpr,  # slices of each chunk, one per warp, summed after the dot (1: a 2-D dot)
@@ -632,9 +663,11 @@ def lstm_persistent_bwd_kernel(
     o_u = i_p * U + tl.arange(0, U)
     m_u = o_u < H
 
-    # the columns of W_hh for this program's units, every gate row: loaded once, N_K chunks
+    # the columns of W_hh for this program's units, every gate row: loaded once, N_K chunks (but the
+    # last N_STREAM, which _grad_h reads every step)
+    tl.static_assert(N_STREAM < N_K, "at least one chunk of W_hh's columns on chip")
     b_w = ()
-    for i_k in tl.static_range(N_K):
+    for i_k in tl.static_range(N_K - N_STREAM):
         b_w = b_w + (_bwd_w_chunk(p_w, o_u, m_u, i_k, H, BLOCK_K, SPLIT_K, BATCH_N),)  # noqa: RUF005
     b_pi, b_pf, b_po = p_peep, p_peep, p_peep  # unread without PEEPHOLES
     if F_PEEPHOLES & FLAGS:  # [1, U] each
@@ -704,8 +737,8 @@ def lstm_persistent_bwd_kernel(
                 b_c_prev = tl.load(p_c_prev + o_own, mask=m_own, other=0).to(acc)
             if t + 1 < T:
                 b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t + 1, B, H, o_b, o_own,
-                               m_own, U, BLOCK_B, BLOCK_K, N_K, EVEN_K, K_AHEAD, SPLIT_K, BATCH_N, PACKED,
-                               FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+                               m_own, p_w, o_u, m_u, U, BLOCK_B, BLOCK_K, N_K, N_STREAM, EVEN_K, K_AHEAD,
+                               SPLIT_K, BATCH_N, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             m_step = (o_b < n_rows)[:, None]  # rows that advance; the others pass ∂L/∂h, ∂L/∂c on
             if FLAGS == 0:
                 b_tanh_c = _tanh(b_c)
@@ -773,8 +806,8 @@ def lstm_persistent_bwd_kernel(
             m_own = (o_b < B)[:, None] & m_u[None, :]
             b_dh = tl.load(p_dh + o_own, mask=m_own, other=0, cache_modifier=".cg")
             b_dh = _grad_h(p_dpre, p_dhs, p_sizes, p_zone, p_drop, b_w, b_dh, t_start, B, H, o_b, o_own,
-                           m_own, U, BLOCK_B, BLOCK_K, N_K, EVEN_K, K_AHEAD, SPLIT_K, BATCH_N, PACKED, FLAGS,
-                           DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+                           m_own, p_w, o_u, m_u, U, BLOCK_B, BLOCK_K, N_K, N_STREAM, EVEN_K, K_AHEAD, SPLIT_K,
+                           BATCH_N, PACKED, FLAGS, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             tl.store(p_dh + o_own, b_dh + b_poison, mask=m_own)
             b_dc = tl.load(p_dc + o_own, mask=m_own, other=0, cache_modifier=".cg")
             tl.store(p_dc + o_own, b_dc + b_poison, mask=m_own)
@@ -801,7 +834,12 @@ class Config:
 
     Backward only: batch_n, the dot computed as W_colsᵀ·∂L/∂preᵀ with the batch on the mma's N side
     ([U, block_b] output) instead of ∂L/∂pre·W_cols ([block_b, U]); k_ahead, the chunks of ∂L/∂pre
-    whose loads are issued ahead of the chunk being multiplied (0: each right before its dot)."""
+    whose loads are issued ahead of the chunk being multiplied (0: each right before its dot).
+
+    stream_k: the last stream_k K chunks of W_hh (forward: of its H columns; backward: of its 4H
+    gate rows) are read from memory (L2) every step instead of kept on chip (0: all kept; at least
+    one is). stream_split (forward only): each streamed chunk is loaded and multiplied in that many
+    column slices one after another, to bound the registers a load takes."""
 
     units: int
     num_warps: int
@@ -810,6 +848,8 @@ class Config:
     block_k: int = 0
     batch_n: bool = False
     k_ahead: int = 0
+    stream_k: int = 0
+    stream_split: int = 1
 
     def programs(self, H: int) -> int:
         return triton.cdiv(H, self.units)
@@ -858,7 +898,7 @@ def pick_config(
     fp32 has its own rule (:func:`fp32_config`); ``tf32``: whether its dots may use TF32 (default:
     what :func:`cudnn_rnn_allows_tf32` says now)."""
     if dtype == torch.float32:
-        return fp32_config(B, H, backward, _dot_precision(dtype, tf32) == "tf32")
+        return fp32_config(B, H, backward, _dot_precision(dtype, tf32) == "tf32", sms)
     if backward:
         return pick_bwd_config(B, H, dtype)
     block_b = fwd_block_b(B)
@@ -922,7 +962,8 @@ def bwd_chunks(H: int, cfg: Config) -> tuple[int, int]:
 def bwd_constexprs(H: int, cfg: Config) -> dict:
     """The backward kernel's shape constexprs for this configuration."""
     block_k, n_k = bwd_chunks(H, cfg)
-    return dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_K=block_k, N_K=n_k, EVEN_K=n_k * block_k == 4 * H,
+    return dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_K=block_k, N_K=n_k, N_STREAM=cfg.stream_k,
+                EVEN_K=n_k * block_k == 4 * H,
                 K_AHEAD=min(cfg.k_ahead, n_k - 1), SPLIT_K=cfg.split_k, BATCH_N=cfg.batch_n)  # fmt: skip
 
 
@@ -930,12 +971,16 @@ def tile_bytes(B: int, H: int, dtype: torch.dtype, cfg: Config, backward: bool) 
     """On-chip bytes of one program's two dot operands, which the compiler stages in shared memory:
     forward W_hh rows [4U, H] (in K chunks, only the last one padded) and one [block_k, block_b] h
     chunk; backward W_hh columns [4H, U] (every chunk, kept for the whole sequence) and one ∂L/∂pre
-    chunk [block_b, block_k] at a time (sizes padded to powers of two, 4H to whole chunks)."""
+    chunk [block_b, block_k] at a time (sizes padded to powers of two, 4H to whole chunks). With
+    cfg.stream_k, only the chunks kept on chip, plus one staging tile of a streamed chunk (the
+    forward's [4U, block_k / stream_split] slice, the backward's [block_k, U] chunk)."""
+    stream = cfg.stream_k > 0
     if backward:
         block_k, n_k = bwd_chunks(H, cfg)
-        return (cfg.units * n_k + cfg.block_b) * block_k * dtype.itemsize
+        return (cfg.units * (n_k - cfg.stream_k + stream) + cfg.block_b) * block_k * dtype.itemsize
     block_k = fwd_block_k(H, cfg)
-    return (4 * cfg.units * triton.cdiv(H, block_k) + cfg.block_b) * block_k * dtype.itemsize
+    kept = 4 * cfg.units * (triton.cdiv(H, block_k) - cfg.stream_k) + cfg.block_b
+    return (kept * block_k + stream * 4 * cfg.units * block_k // cfg.stream_split) * dtype.itemsize
 
 
 def config_problem(
@@ -996,7 +1041,7 @@ def _dot_precision(dtype: torch.dtype, tf32: bool | None = None) -> str:
     return "tf32" if (cudnn_rnn_allows_tf32() if tf32 is None else tf32) else "ieee"
 
 
-def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
+def fp32_config(B: int, H: int, backward: bool, tf32: bool, sms: int | None = None) -> Config:
     """fp32's configuration, from sm_90 compiles with triton 3.6 and 3.9 (0 spills for H ≤ 1024;
     docs/persistent.md, "fp32").
 
@@ -1020,7 +1065,55 @@ def fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     batch spilled at B = 64 from H = 512 (248 bytes unsplit on 8 warps, 456 in 8 slices, 3,016 in 4
     on 4 warps), and 3.6 put a 2-slice split's 8 warps on its 2 slices (duplicated); a [32, 32]
     tile (B = 32) on 8 warps came out duplicated on both versions.
-    Tiles above 16 rows compile with FP32_MAXNREG."""
+    Tiles above 16 rows compile with FP32_MAXNREG.
+
+    ``sms`` (the SMs one direction's grid may hold; None: no limit): where the grid above has more
+    programs than that and two of its programs cannot share an SM's shared memory, so that it
+    cannot be resident (H = 1024 on a 114-SM H100 PCIe), TF32 takes :func:`fp32_streamed_config`;
+    true fp32 keeps the configuration above (no streamed one compiled without spills; the launch
+    check then refuses it)."""
+    cfg = _fp32_config(B, H, backward, tf32)
+    if sms is None or not tf32 or cfg.programs(H) <= sms:
+        return cfg
+    if 2 * (tile_bytes(B, H, torch.float32, cfg, backward) + 1024) <= SMEM_PER_SM:
+        return cfg  # two programs per SM may fit: the compile check on the device decides
+    return fp32_streamed_config(B, H, backward)
+
+
+# An SM's shared memory (Hopper), as resident_programs counts it: 1 KiB per block is reserved.
+SMEM_PER_SM = 233472
+# The streamed backward keeps at most this much of its W_hh columns on chip (the rest streams).
+FP32_STREAM_KEEP_BYTES = 176 << 10
+
+
+def fp32_streamed_config(B: int, H: int, backward: bool) -> Config:
+    """TF32 where W_hh does not fit on chip at the grid the SMs allow (H = 1024 on 114 SMs): some
+    K chunks of W_hh are read from L2 every step (``stream_k``) instead of kept on chip.
+
+    Forward: 8 units on 2 warps in 16-row tiles as for 132 SMs, the fewest streamed 128-column
+    chunks for two programs per SM: 2 of 8 at H = 1024, 112 KiB; each in 8 slices of 16 columns
+    (in 4 slices of 32 triton 3.6 spilled 60 bytes at B = 64). Backward: 16 units (64 programs at
+    H = 1024, one per SM), the second generation's layout (the batch on N, up to 64 rows a tile: 128
+    spilled; 4H in 16 KiB chunks), W_hh's columns [4H, 16] on chip up to FP32_STREAM_KEEP_BYTES, the
+    remaining chunks streamed. Sm_90 numbers: docs/persistent.md."""
+    if not backward:
+        block_k = 128
+        cfg = Config(units=8, num_warps=2, block_b=16, stream_split=8)
+        for stream_k in range(triton.cdiv(H, block_k)):
+            cfg = replace(cfg, stream_k=stream_k)
+            if 2 * (tile_bytes(B, H, torch.float32, cfg, False) + 1024) <= SMEM_PER_SM:
+                break
+        return cfg
+    block_b = min(64, _block(B))  # the whole batch on N spilled at B = 128 (144 bytes, 40 chunks streamed)
+    split_k = 8 if block_b <= 32 else 1  # as _fp32_config: warps on the slices, then on N
+    block_k = max(16 * split_k, min(BWD_CHUNK_BYTES // (block_b * 4), 4 * H & -4 * H))  # 256 rows at B16, 64
+    cfg = Config(units=16, num_warps=8, block_b=block_b, split_k=split_k, block_k=block_k, batch_n=True)
+    block_k, n_k = bwd_chunks(H, cfg)
+    chunk = cfg.units * block_k * 4  # one chunk of W_hh's columns, [block_k, 16] fp32
+    return replace(cfg, stream_k=max(0, n_k - FP32_STREAM_KEEP_BYTES // chunk))
+
+
+def _fp32_config(B: int, H: int, backward: bool, tf32: bool) -> Config:
     if backward:
         block_b = min(128, _block(B))
         if H <= 768 and (tf32 or block_b <= 16):
@@ -1096,6 +1189,7 @@ def _kernel_args_fwd(gx, w_hh, hs, cs, gates, variant, hd, sizes, sync, t_start,
     args += (sizes if sizes is not None else sync, sync, t_start, t_end, T, B, H, spin_limit, n_sync)
     block_k = fwd_block_k(H, cfg)
     meta = dict(U=cfg.units, BLOCK_B=cfg.block_b, BLOCK_K=block_k, N_K=triton.cdiv(H, block_k))
+    meta |= dict(N_STREAM=cfg.stream_k, STREAM_SPLIT=cfg.stream_split)
     meta |= dict(SPLIT_K=cfg.split_k, PACKED=sizes is not None)
     one_chunk = REGISTER_STATE and cfg.block_b >= B
     meta |= dict(FLAGS=flags, SAVE=gates is not None, ONE_CHUNK=one_chunk, SYNC=sync_on, BIDIR=gx.dim() == 4)
@@ -1118,6 +1212,8 @@ def _kernel_args_bwd(d_hs, gates, cs, w_hh, d_pre, d_h, d_c, variant, sizes, syn
 
 def bwd_compile_options(dtype: torch.dtype, cfg: Config, tf32: bool | None = None) -> dict:
     """The backward's compile options: the shared ones and, for the 16-bit layout, the register cap."""
+    if cfg.stream_k:  # streamed chunks (fp32_streamed_config): at BWD_MAXNREG TF32 B16 H1024 spilled
+        return _compile_options(dtype, cfg, tf32) | dict(maxnreg=255)
     return _compile_options(dtype, cfg, tf32) | (dict(maxnreg=BWD_MAXNREG) if cfg.batch_n else {})
 
 
@@ -1369,6 +1465,15 @@ def _check_split_k(cfg: Config, H: int, backward: bool) -> None:
     S = cfg.split_k
     if S < 1 or S & (S - 1) or K // S < 16:
         raise ValueError(f"split_k must be a power of two with {what} ({K}) / split_k ≥ 16, got {cfg}")
+    n_k = bwd_chunks(H, cfg)[1] if backward else triton.cdiv(H, K)
+    if not 0 <= cfg.stream_k < n_k:
+        raise ValueError(f"stream_k must be ≥ 0 and leave one of the {n_k} chunks on chip, got {cfg}")
+    R = cfg.stream_split
+    if R < 1 or R & (R - 1) or (backward and R != 1) or K // R // S < 16:
+        raise ValueError(
+            f"stream_split must be a power of two (1 in the backward) with {what} ({K}) / stream_split / "
+            f"split_k ≥ 16, got {cfg}"
+        )
 
 
 def _check_available(
@@ -1651,7 +1756,7 @@ def persistent_backward(
     d_c.copy_(d_cn)
     if T == 0:
         return d_pre, d_h, d_c
-    cfg = config or pick_config(B, H, dtype, backward=True)
+    cfg = config or pick_config(B, H, dtype, backward=True, sms=_sms_per_direction(device, 1 + len(lead)))
     _check_split_k(cfg, H, backward=True)
     P, n_sync, sync = _grid(T, H, cfg, phantom_programs, device, 1 + len(lead))
 

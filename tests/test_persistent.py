@@ -797,8 +797,9 @@ def compile_kernel(backward, B, H, dt, cfg, flags, bidir):
     else:
         fn = tp.lstm_persistent_fwd_kernel
         block_k = tp.fwd_block_k(H, cfg)
-        const = {"BLOCK_K": block_k, "N_K": -(-H // block_k), "SPLIT_K": cfg.split_k, "SAVE": True,
-                 "ONE_CHUNK": B <= cfg.block_b}
+        const = {"BLOCK_K": block_k, "N_K": -(-H // block_k), "N_STREAM": cfg.stream_k,
+                 "STREAM_SPLIT": cfg.stream_split, "SPLIT_K": cfg.split_k,
+                 "SAVE": True, "ONE_CHUNK": B <= cfg.block_b}
     # what a launch passes
     options = (tp.bwd_compile_options if backward else tp._compile_options)(DTYPES[dt], cfg, TF32.get(dt))
     const |= {"U": cfg.units, "BLOCK_B": cfg.block_b, "PACKED": True, "FLAGS": flags, "SYNC": True}
@@ -877,6 +878,16 @@ HOPPER_SPECS += ["bf16,128,768,fwd,sms114", "bf16,128,1024,fwd,sms114", "fp16,12
 NOT_RESIDENT_ON_114_SMS |= {
     f"{dt},{b},1024,{d}" for dt in ("fp32", "tf32") for b in (16, 64, 128) for d in ("fwd", "bwd")
 }
+# given 114 SMs, TF32 at H = 1024 streams some K chunks of W_hh from L2 every step (fp32_streamed_config):
+# the forward two programs per SM (8 units, 128 programs), the backward one (16 units, 64 programs);
+# true fp32 (FMA) keeps the 132-SM configuration, which does not fit (no streamed one compiled without
+# spills; docs/persistent.md)
+HOPPER_SPECS += [f"tf32,{b},1024,{d},sms114" for b in (16, 64, 128) for d in ("fwd", "bwd")]
+HOPPER_SPECS += ["fp32,16,1024,bwd,sms114"]
+NOT_RESIDENT_ON_114_SMS |= {"fp32,16,1024,bwd,sms114"}
+# the load of a streamed chunk of W_hh in the time loop (names as triton ≥ 3.9 gives them): the
+# forward's slices, the backward's chunks; no kernel without streamed chunks loads W_hh there
+STREAMED_LOAD = {"fwd": "b_ws", "bwd": "b_w"}
 
 
 # What the time loop may load with one batch chunk (B = 16), vanilla cell, packed input: the step's
@@ -1088,6 +1099,7 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             checks["a dot"] = bool(row["dots"])
             checks["the barrier polls with ld.acquire.gpu"] = row["acquire_load"]
             checks["no spills"] = row["spills"] == 0
+            checks["shared memory ≤ 227 KiB per block"] = row["shared"] <= 232448
             checks["resident on 132 SMs as expected"] = (row["programs"] <= row["fit"]) == (
                 spec not in NOT_RESIDENT
             )
@@ -1097,9 +1109,11 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
             sms = int(variant[0][3:]) if variant and variant[0].startswith("sms") else None
             cfg = tp.pick_config(int(b), int(h), SPEC_DTYPES[dt], d == "bwd", SPEC_TF32.get(dt), sms)
             # the ldmatrix reads of the two dot operands from shared memory (per K chunk of either
-            # kernel; none with wgmma, which reads shared memory itself), nothing else
+            # kernel, per slice of a streamed chunk; none with wgmma, which reads shared memory
+            # itself), nothing else
+            dots_per_step = row["k_chunks"] + cfg.stream_k * (cfg.stream_split - 1)
             checks["at most 2 local_loads per K chunk in the time loop"] = (
-                row["loop_local_loads"] <= 2 * row["k_chunks"]
+                row["loop_local_loads"] <= 2 * dots_per_step
             )
             if d == "fwd" and dt != "fp32" and row["units"] == 16:  # M = 4U = 64: one warpgroup's wgmma
                 checks["wgmma (ttng.warp_group_dot)"] = all(dot["wgmma"] for dot in row["dots"])
@@ -1111,6 +1125,10 @@ def test_heuristic_configs_compile_for_hopper_without_spills_and_fit_resident():
                     and n_k * tp.bwd_chunks(int(h), cfg)[0] == 4 * int(h)
                     and all(dot["shape"][-2:] == [cfg.units, cfg.block_b] for dot in row["dots"])
                 )
+            if TRITON_VERSION >= (3, 9):  # W_hh in the time loop exactly where chunks are streamed
+                checks["streamed chunks loaded in the time loop"] = (
+                    STREAMED_LOAD[d] in row["loop_loads"]
+                ) == (cfg.stream_k > 0)
             if b == "16" and dt in ("bf16", "fp16") and not variant and TRITON_VERSION >= (3, 9):
                 checks["only the intended loads in the time loop"] = row["loop_loads"] == LOOP_LOADS[d]
             if d == "bwd" and dt in ("bf16", "fp16") and not variant:  # one batch tile: split barrier
