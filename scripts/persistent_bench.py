@@ -323,22 +323,21 @@ def direction_rows(args, device, emit) -> None:
     d_hs_t = torch.randn(2, T + 1, B, H, device=device, dtype=dtype)
     d_cn_t = torch.randn(2, B, H, device=device)
 
-    def fwd_programs(directions: int) -> int:  # a grid of both directions gives each half the SMs
+    def programs(backward: bool, directions: int) -> int:  # a grid of both directions: half the SMs each
         sms = tp._sms_per_direction(device, directions)
-        return tp.pick_config(B, H, dtype, backward=False, sms=sms).programs(H)
+        return tp.pick_config(B, H, dtype, backward=backward, sms=sms).programs(H)
 
-    P_bwd = tp.pick_config(B, H, dtype, backward=True).programs(H)
     runs = {
-        ("fwd", "one for both directions", 2 * fwd_programs(2), err_fwd): lambda: tp.persistent_forward(
+        ("fwd", "one for both directions", 2 * programs(False, 2), err_fwd): lambda: tp.persistent_forward(
             **timed_both, spin_limit=args.spin_limit
         ),
-        ("fwd", "two, one after the other", fwd_programs(1), err_fwd): lambda: [
+        ("fwd", "two, one after the other", programs(False, 1), err_fwd): lambda: [
             tp.persistent_forward(**t, spin_limit=args.spin_limit) for t in timed
         ],
-        ("bwd", "one for both directions", 2 * P_bwd, err_bwd): lambda: tp.persistent_backward(
+        ("bwd", "one for both directions", 2 * programs(True, 2), err_bwd): lambda: tp.persistent_backward(
             d_hs_t, d_cn_t, gates_both, cs_both, timed_both["w_hh"], spin_limit=args.spin_limit
         ),
-        ("bwd", "two, one after the other", P_bwd, err_bwd): lambda: [
+        ("bwd", "two, one after the other", programs(True, 1), err_bwd): lambda: [
             tp.persistent_backward(d_hs_t[d], d_cn_t[d], saved[d][2], saved[d][1], timed[d]["w_hh"],
                                    spin_limit=args.spin_limit)
             for d in (0, 1)
