@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmlab.backends import check_backend_name, resolve_backend
-from lstmlab.kernels import backends as kernel_backends
+from lstmlab.backends import both_directions_reason, check_backend_name, resolve_backend
 from lstmlab.kernels import lstm_layer, lstm_layer_both_directions, variants
 from lstmlab.kernels.packed import pack, pad
 from lstmlab.kernels.transforms import COMPOSITE, transform_active
@@ -548,7 +547,7 @@ class LSTM(_LSTMBase):
         if self.kernel_flags() or self.proj_size or self.last_backend == COMPOSITE:
             return False
         B, H = x.shape[1], self.hidden_size
-        return kernel_backends.both_directions_reason(backend, x.device, B, H, 0, x.dtype, 0) is None
+        return both_directions_reason(backend, x.device, B, H, 0, x.dtype, 0) is None
 
     def _both_directions(
         self, x: Tensor, layer: int, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None, backend: str
