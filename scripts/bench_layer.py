@@ -7,6 +7,7 @@ not timed. All baselines are timed in the same process and the same run.
     python scripts/bench_layer.py --quick                 # GPU preset, about 3 minutes on an H100
     python scripts/bench_layer.py                         # full default matrix of the device
     python scripts/bench_layer.py --batch 16 64 --hidden 128 256 --seq 100 --passes fwd+bwd
+    python scripts/bench_layer.py --quick --bidirectional   # both directions (cuDNN: no persistent algorithm)
 
 Writes ``results.csv``, ``results.md`` and ``time_<dtype>_<pass>.png`` under ``--out``
 (default ``bench-results/<device-slug>-<YYYY-MM-DD>/`` in the working directory, ignored by git).
@@ -99,6 +100,7 @@ COLUMNS = [
     "input_proj",
     "cudnn_path",
     "layers",
+    "directions",
     "batch",
     "hidden",
     "input_size",
@@ -133,10 +135,16 @@ class Config:
     seq_len: int
     dtype: str
     pass_: str
+    bidirectional: bool = False
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     @property
     def shape(self) -> str:
-        return f"L{self.layers} B{self.batch} H{self.hidden} I{self.input_size} T{self.seq_len}"
+        both = " D2" if self.bidirectional else ""  # D: directions
+        return f"L{self.layers} B{self.batch} H{self.hidden} I{self.input_size} T{self.seq_len}{both}"
 
 
 @dataclass
@@ -204,6 +212,8 @@ def cudnn_expected_path(mode: str, cfg: Config, dtype: torch.dtype, forward: boo
 def cudnn_path_label(mode: str, cfg: Config, device: torch.device) -> str:
     if device.type != "cuda":
         return "n/a (CPU)"
+    if cfg.bidirectional:  # cudnn_expected_path models one direction; the kernels column says what ran
+        return "not modelled for a bidirectional RNN (PERSIST_STATIC needs one direction; see kernels)"
     dtype = DTYPES[cfg.dtype][0]
     props = torch.cuda.get_device_properties(device)
     label = f"fwd {cudnn_expected_path(mode, cfg, dtype, True, props)}"
@@ -287,8 +297,9 @@ def lstmlab_row(
         torch.manual_seed(0)
         options = VARIANTS[variant]
         model = lstmlab.LSTM(
-            cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend, **options
-        )
+            cfg.input_size, cfg.hidden, cfg.layers, device=device, backend=backend,
+            bidirectional=cfg.bidirectional, **options,
+        )  # fmt: skip
         model.load_state_dict(master.state_dict(), strict=variant == "vanilla")
         model.train(cfg.pass_ == "fwd+bwd")  # the masks (zoneout, dropout) exist in training only
         try:  # an explicit path that cannot run this variant is a fact, not a failure
@@ -338,7 +349,9 @@ def build_impls(
     every GEMM engine in ``cpu_gemms``."""
     dtype = DTYPES[cfg.dtype][0]
     torch.manual_seed(0)
-    master = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=device)  # every LSTM's weights
+    master = nn.LSTM(  # every LSTM's weights
+        cfg.input_size, cfg.hidden, cfg.layers, device=device, bidirectional=cfg.bidirectional
+    )
 
     torch_rows = {
         "torch.nn.LSTM": torch_lstm_impl,
@@ -395,7 +408,8 @@ def torch_lstm_fp16_impl(
 def torch_gru_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype) -> Impl:
     """torch.nn.GRU of the same sizes: another function, checked against itself in float64."""
     torch.manual_seed(1)
-    gru = nn.GRU(cfg.input_size, cfg.hidden, cfg.layers, device=device).to(dtype)
+    gru = nn.GRU(cfg.input_size, cfg.hidden, cfg.layers, device=device, bidirectional=cfg.bidirectional)
+    gru = gru.to(dtype)
     return Impl(
         "torch.nn.GRU",
         "included",
@@ -409,8 +423,11 @@ def torch_gru_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: to
     )
 
 
-def cell_loop_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype) -> Impl:
-    """The "vanilla PyTorch" LSTM: a Python loop over nn.LSTMCell."""
+def cell_loop_impl(cfg: Config, device: torch.device, master: nn.LSTM, dtype: torch.dtype) -> Impl | None:
+    """The "vanilla PyTorch" LSTM: a Python loop over nn.LSTMCell (one direction only)."""
+    if cfg.bidirectional:
+        print("  LSTMCell-loop: skipped, it runs one direction")
+        return None
     loop = LSTMCellLoop(master).to(dtype)
     return Impl(
         "LSTMCell-loop",
@@ -451,8 +468,8 @@ def lstmlab_rows(
             yield lstmlab_row(cfg, device, master, dtype, backend, engine, variant)
     if "lstmlab.lstm_layer" in wanted:
         label = f"lstmlab.lstm_layer[{tag}]"
-        if cfg.layers != 1:
-            print(f"  {label}: skipped, excluding the input projection needs --layers 1")
+        if cfg.layers != 1 or cfg.bidirectional:
+            print(f"  {label}: skipped, excluding the input projection needs --layers 1, one direction")
             return
         try:
             yield label, lstm_layer_impl(cfg, device, master, dtype, backend, engine)
@@ -520,7 +537,10 @@ def reference_outputs(
         ref.train(backward)
         forward = lstm_forward(ref)
     else:
-        ref = nn.LSTM(cfg.input_size, cfg.hidden, cfg.layers, device=x.device, dtype=torch.float64)
+        ref = nn.LSTM(
+            cfg.input_size, cfg.hidden, cfg.layers, device=x.device, dtype=torch.float64,
+            bidirectional=cfg.bidirectional,
+        )  # fmt: skip
         ref.load_state_dict(reference_state(impl), strict=True)
         forward = lstm_forward(ref)
     with tf32(False):
@@ -676,6 +696,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="input size I (default: equal to the hidden size)")
     p.add_argument("--layers", type=int, nargs="+", default=[1], help="numbers of layers L (default: 1)")
     p.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="every model bidirectional (shape D2; the LSTMCell loop and the bare layer rows are left out)",
+    )
+    p.add_argument(
         "--backends",
         nargs="+",
         choices=LSTMLAB_BACKENDS,
@@ -743,7 +768,7 @@ def lstmlab_backends(args: argparse.Namespace, device: torch.device) -> tuple[li
 
 def configs(args: argparse.Namespace) -> list[Config]:
     return [
-        Config(layers, b, h, args.input_size or h, t, dt, ps)
+        Config(layers, b, h, args.input_size or h, t, dt, ps, args.bidirectional)
         for dt, ps, layers, t, h, b in itertools.product(
             args.dtypes, args.passes, args.layers, args.seq, args.hidden, args.batch
         )
@@ -805,6 +830,7 @@ def run_config(
     base = {
         "device": str(device),
         "layers": cfg.layers,
+        "directions": cfg.directions,
         "batch": cfg.batch,
         "hidden": cfg.hidden,
         "input_size": cfg.input_size,
@@ -816,7 +842,7 @@ def run_config(
     with tf32(allow_tf32):
         gen = torch.Generator(device="cpu").manual_seed(1234)
         x = torch.randn(cfg.seq_len, cfg.batch, cfg.input_size, generator=gen)
-        gout = torch.randn(cfg.seq_len, cfg.batch, cfg.hidden, generator=gen)
+        gout = torch.randn(cfg.seq_len, cfg.batch, cfg.directions * cfg.hidden, generator=gen)
         x, gout = x.to(device, dtype), gout.to(device, dtype)
         timed = []
         impls = build_impls(cfg, device, backends, set(args.impls), args.cpu_gemm, args.variants)
@@ -969,6 +995,7 @@ def plot_figures(
                 if r[fixed_key] == fixed:
                     lines.setdefault(plot_label(r), []).append((r[x_key], r["median_ms"]))
             title = f"{fixed_key} = {fixed}, T = {t_fix}, L = {l_fix}"
+            title += ", bidirectional" if args.bidirectional else ""
             panels.append(benchlib.Panel(dict(sorted(lines.items())), x_key, "median time (ms)", title))
         figures[f"time_{dt}_{ps.replace('+', '_')}.png"] = (f"{device_name}, {dt}, {ps}", panels)
     return figures

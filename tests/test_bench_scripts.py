@@ -91,6 +91,22 @@ def test_bench_layer_smoke(tmp_path: Path, capsys) -> None:
         assert_failed_untimed(by_impl["lstmlab.lstm_layer"])
 
 
+def test_bench_layer_bidirectional_rows_are_checked_and_timed(tmp_path: Path) -> None:
+    """--bidirectional: every model has both directions (shape D2), each checked against float64
+    on both directions' outputs (a fault in lstmlab's row fails it); the LSTMCell loop and the bare
+    layer function, one direction each, are left out."""
+    argv = [*TINY_LAYER, "--passes", "fwd+bwd", "--layers", "2", "--bidirectional", "--backends", "reference"]
+    argv += ["--inject-fault", "lstmlab.LSTM[reference/auto]", "--out", str(tmp_path)]
+    assert bench_layer.main(argv) == 0
+    _, rows = read_rows(tmp_path / "results.csv")
+    by_impl = {r["impl"]: r for r in rows}
+    assert sorted(by_impl) == ["lstmlab.LSTM", "torch.nn.GRU", "torch.nn.LSTM"]
+    assert {(r["layers"], r["directions"]) for r in rows} == {("2", "2")}
+    assert_timed(by_impl["torch.nn.LSTM"])
+    assert_timed(by_impl["torch.nn.GRU"])
+    assert_failed_untimed(by_impl["lstmlab.LSTM"])
+
+
 @pytest.mark.skipif(gemm.onednn_unavailable_reason() is not None, reason="oneDNN GEMM unavailable")
 def test_bench_layer_one_row_per_cpu_gemm_engine(tmp_path: Path) -> None:
     argv = [*TINY_LAYER, "--passes", "fwd+bwd", "--impls", "torch.nn.LSTM", "lstmlab.LSTM"]
