@@ -76,11 +76,15 @@ def run(model, x, h0, c0, packed):
     return (out, h_n, c_n), torch.autograd.grad(loss, [x, h0, c0, *model.parameters()])
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["full", "packed"])
-def test_one_call_per_layer_runs_both_directions(packed, calls, poisoned_buffers):
+@pytest.mark.parametrize(
+    ("packed", "options"),
+    [(False, {}), (True, {}), (False, {"bias": False})],
+    ids=["full", "packed", "no-bias"],
+)
+def test_one_call_per_layer_runs_both_directions(packed, options, calls, poisoned_buffers):
     """Two layers: one forward and one backward call per layer, both directions each, and the same
     outputs and gradients as the reference running one direction per call."""
-    reference, persistent = twins()
+    reference, persistent = twins(**options)
     x, h0, c0 = inputs()
     want_out, want_grads = run(reference, x, h0, c0, packed)
     got_out, got_grads = run(persistent, x, h0, c0, packed)
