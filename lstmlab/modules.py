@@ -513,10 +513,11 @@ class LSTM(_LSTMBase):
         one layer op per layer and direction, the reverse direction over the time-flipped input (or
         one for both directions, where the backend runs them at once)."""
         D = 2 if self.bidirectional else 1
+        both_at_once = D == 2 and self._both_directions_at_once(x, backend)  # the same for every layer
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            if D == 2 and self._both_directions_at_once(layer_input, backend):
+            if both_at_once:
                 pair = slice(2 * layer, 2 * layer + 2)  # [2, B, H]: this layer's two directions
                 layer_input, h, c = self._both_directions(
                     layer_input, layer, h0[pair], c0[pair], batch_sizes, backend

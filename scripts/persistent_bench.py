@@ -217,6 +217,18 @@ def backward_ablations(B: int, H: int, dtype: torch.dtype) -> dict:
     }
 
 
+def runnable(cfg, pass_: str, B: int, H: int, T: int, dtype: str, name: str, emit) -> bool:
+    """Whether an ablation row's configuration can run this shape; if not (split-K of a 16-column K
+    chunk, at the CPU smoke test's H), a row that says why instead of ending the part."""
+    try:
+        tp._check_split_k(cfg, H, backward=pass_ == "bwd")
+    except ValueError as e:
+        shape = {"pass": pass_, "B": B, "H": H, "T": T, "dtype": dtype}
+        emit(shape | {"change": name, "status": f"not run: {e}"})
+        return False
+    return True
+
+
 def ablation_rows(args, device, emit) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     for B in args.batch:
@@ -238,11 +250,7 @@ def ablation_rows(args, device, emit) -> None:
             registers &= cfg.block_b >= B  # several chunks: no registers across steps
             if cfg.split_k > 1 and cfg.block_b != 16:
                 continue
-            try:  # a row the shape cannot take (split-K x4 of a 16-column K chunk, at the smoke test's H)
-                tp._check_split_k(cfg, H, backward=False)
-            except ValueError as e:
-                emit({"pass": "fwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
-                      "status": f"not run: {e}"})  # fmt: skip
+            if not runnable(cfg, "fwd", B, H, T, args.dtype, name, emit):
                 continue
             if (cfg, acquire, save, registers) in seen:  # e.g. at B > 16 pick_config already runs 8 warps
                 continue
@@ -269,11 +277,7 @@ def ablation_rows(args, device, emit) -> None:
             if (cfg, acquire, registers, split) in seen:
                 continue
             seen.add((cfg, acquire, registers, split))
-            try:  # a row the shape cannot take (the smoke test's H)
-                tp._check_split_k(cfg, H, backward=True)
-            except ValueError as e:
-                emit({"pass": "bwd", "B": B, "H": H, "T": T, "dtype": args.dtype, "change": name,
-                      "status": f"not run: {e}"})  # fmt: skip
+            if not runnable(cfg, "bwd", B, H, T, args.dtype, name, emit):
                 continue
             tp.ACQUIRE_LOAD, tp.REGISTER_STATE, tp.BWD_SPLIT_BARRIER = acquire, registers, split
             grads = tp.persistent_backward(
