@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _utils import rel_err
+from _utils import lstm_inputs, rel_err
 
 triton_persistent = pytest.importorskip("lstmlab.kernels.triton_persistent")
 from lstmlab.kernels.naive import lstm_layer_naive  # noqa: E402
@@ -59,16 +59,8 @@ def make_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def wide_inputs(h: int, seed: int) -> tuple:
-    """(the generator, for later draws; gx [T, B, 4h], h0, c0 [B, h], w_hh [4h, h]) in fp32, for tests
-    at a hidden size other than H."""
-    g = torch.Generator().manual_seed(seed)
-    gx, h0, c0 = (
-        torch.randn(T, B, 4 * h, generator=g),
-        torch.randn(B, h, generator=g),
-        torch.randn(B, h, generator=g),
-    )
-    w_hh = (torch.rand(4 * h, h, generator=g) * 2 - 1) / math.sqrt(h)
-    return g, gx, h0, c0, w_hh
+    """lstm_inputs at this file's T and B, for tests at a hidden size other than H."""
+    return lstm_inputs(T, B, h, seed)
 
 
 def packed_reference(g, gx, h0, c0, w_hh, sizes):

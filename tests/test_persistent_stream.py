@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _utils import rel_err
+from _utils import lstm_inputs, rel_err
 
 tp = pytest.importorskip("lstmlab.kernels.triton_persistent")
 from lstmlab.kernels.naive import lstm_layer_naive  # noqa: E402
@@ -69,13 +69,7 @@ def tf32(request, monkeypatch):
 def reference(seed: int):
     """fp32 inputs, the naive layer's outputs in fp64 on packed SIZES and, for a backward drawn from
     the same generator, d_hs [T + 1, B, H], d_cn and the expected (∂gx, ∂h0, ∂c0)."""
-    g = torch.Generator().manual_seed(seed)
-    gx, h0, c0 = (
-        torch.randn(T, B, 4 * H, generator=g),
-        torch.randn(B, H, generator=g),
-        torch.randn(B, H, generator=g),
-    )
-    w_hh = (torch.rand(4 * H, H, generator=g) * 2 - 1) / math.sqrt(H)
+    g, gx, h0, c0, w_hh = lstm_inputs(T, B, H, seed)
     leaves = [x.double().requires_grad_() for x in (gx, h0, c0)]
     out, _, c_n = lstm_layer_naive(*leaves, w_hh.double(), batch_sizes=torch.tensor(SIZES))
     d_out, d_cn = torch.randn(T, B, H, generator=g), torch.randn(B, H, generator=g)
